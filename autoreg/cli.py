@@ -1,0 +1,199 @@
+"""argv -> calls. The one place that prints and maps errors to exit codes (0 ok, 2 user error, 130 interrupted)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import SimpleITK as sitk
+
+from . import __version__
+from .errors import RegistrationFailed, UserError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+log = logging.getLogger("autoreg")
+
+
+def _out(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _err(text: str) -> None:
+    print(f"autoreg: {text}", file=sys.stderr, flush=True)
+
+
+# --- check -----------------------------------------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .data import load_pair
+    from .fingerprint import fingerprint_dataset, max_shrink
+    from .space import pyramid_plan
+
+    cfg = load_config(args.pair)
+    pairs = [load_pair(p) for p in (*cfg.pairs, *cfg.holdout)]
+    fp = fingerprint_dataset(pairs)
+    _out(f"study {cfg.name}: {len(cfg.pairs)} pair(s)" + (f", {len(cfg.holdout)} holdout" if cfg.holdout else ""))
+    _out(f"stages: {' -> '.join(cfg.stages)}; objective: {'TRE' if cfg.uses_landmarks else 'holdout NMI'}")
+    n_warn = 0
+    for p in fp.pairs:
+        _out(f"\npair {p.name} ({p.dim}D)")
+        for which, info in (("fixed", p.fixed), ("moving", p.moving)):
+            _out(
+                f"  {which:6s} size {_x(info.size)}  spacing {_x(info.spacing, '.4g')}  extent {_x(info.extent, '.4g')}"
+                f"  intensity [{info.intensity_min:.4g}, {info.intensity_max:.4g}] (1-99%: {info.intensity_p01:.4g}"
+                f"..{info.intensity_p99:.4g})"
+            )
+        _out(f"  overlap after initialization: geometry {p.overlap_geometry:.0%}, moments {p.overlap_moments:.0%}")
+        if p.n_landmarks:
+            _out(
+                f"  landmarks: {p.n_landmarks}; mean TRE before registration {p.tre_identity:.4g} (identity), "
+                f"{p.tre_geometry:.4g} (geometry), {p.tre_moments:.4g} (moments)"
+            )
+        else:
+            _out("  landmarks: none (the objective is the holdout metric)")
+        _out(f"  deepest pyramid: shrink {max_shrink(p.fixed.size)} (keeps >= 16 voxels on the shortest axis)")
+        for w in p.warnings:
+            n_warn += 1
+            _out(f"  warning: {w}")
+    plan = pyramid_plan(fp)
+    _out(f"\nthe search may use: {plan}")
+    _out(f"\nok ({n_warn} warning{'s' if n_warn != 1 else ''})")
+    return EXIT_OK
+
+
+def _x(values, spec: str = "d") -> str:
+    return "x".join(format(v, spec) for v in values)
+
+
+# --- apply ------------------------------------------------------------------------------------------------------
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from .data import PairData, load_images, read_image
+    from .landmarks import read_landmarks
+    from .recipe import load_recipe
+    from .registration import register
+    from .scoring import tre
+
+    recipe = load_recipe(args.recipe)
+    if args.threads is not None:
+        recipe = recipe.with_(threads=args.threads)
+    pair = load_images(args.fixed, args.moving)
+    fixed_mask = read_image(Path(args.fixed_mask), source=args.fixed_mask, key="", pixel=sitk.sitkUInt8) if args.fixed_mask else None
+    moving_mask = (
+        read_image(Path(args.moving_mask), source=args.moving_mask, key="", pixel=sitk.sitkUInt8) if args.moving_mask else None
+    )
+    fp = mp = None
+    if bool(args.fixed_landmarks) != bool(args.moving_landmarks):
+        raise UserError("give both --fixed-landmarks and --moving-landmarks, or neither", key="--fixed-landmarks")
+    if args.fixed_landmarks:
+        fp = read_landmarks(args.fixed_landmarks, image=pair.fixed, dim=pair.dim, key="--fixed-landmarks")
+        mp = read_landmarks(args.moving_landmarks, image=pair.moving, dim=pair.dim, key="--moving-landmarks")
+        if len(fp) != len(mp):
+            raise UserError(f"{len(mp)} points but --fixed-landmarks has {len(fp)}", file=args.moving_landmarks)
+    pair = PairData(pair.spec, pair.fixed, pair.moving, fp, mp, _masked(fixed_mask, pair.fixed), _masked(moving_mask, pair.moving))
+    result = register(recipe, pair)
+    out = Path(args.transform_out)
+    try:
+        sitk.WriteTransform(result.transform, str(out))
+    except RuntimeError as err:
+        raise UserError(f"cannot write transform ({str(err).strip().splitlines()[-1]})", file=out) from None
+    _out(f"registered in {result.seconds:.2f} s; transform (fixed -> moving points) written to {out}")
+    for i, stop in enumerate(result.stop_conditions):
+        _out(f"  stage {i} ({recipe.stages[i].transform}): {stop}")
+    if fp is not None and mp is not None:
+        before = tre(sitk.Transform(pair.dim, sitk.sitkIdentity), fp, mp, pair.fixed)
+        after = tre(result.transform, fp, mp, pair.fixed)
+        _out(f"  TRE mean {before.mean:.4g} -> {after.mean:.4g} (median {after.median:.4g}, p90 {after.p90:.4g}, max {after.max:.4g})")
+    if args.image_out:
+        write_warped(pair, result.transform, Path(args.image_out))
+        _out(f"  warped moving image written to {args.image_out}")
+    return EXIT_OK
+
+
+def _masked(mask, image):
+    if mask is None:
+        return None
+    if mask.GetSize() != image.GetSize():
+        raise UserError(f"mask size {mask.GetSize()} differs from its image's {image.GetSize()}", key="--fixed-mask")
+    mask = sitk.Cast(mask > 0, sitk.sitkUInt8)
+    mask.CopyInformation(image)
+    return mask
+
+
+_EIGHT_BIT = {".png", ".jpg", ".jpeg", ".bmp"}
+
+
+def write_warped(pair, transform: sitk.Transform, path: Path) -> None:
+    """The moving image resampled onto the fixed grid (8-bit formats get intensities clamped to 0..255)."""
+    warped = sitk.Resample(pair.moving, pair.fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    if path.suffix.lower() in _EIGHT_BIT:
+        warped = sitk.Cast(sitk.Clamp(warped, sitk.sitkFloat32, 0, 255), sitk.sitkUInt8)
+    try:
+        sitk.WriteImage(warped, str(path))
+    except RuntimeError as err:
+        raise UserError(f"cannot write image ({str(err).strip().splitlines()[-1]})", file=path) from None
+
+
+# --- the parser -----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autoreg", description=__doc__ and "Tune SimpleITK registration recipes.")
+    parser.add_argument("--version", action="version", version=f"autoreg {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check", help="validate PAIR.yaml and its data without tuning")
+    p.add_argument("pair", help="PAIR.yaml")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("apply", help="run a recipe on any image pair")
+    p.add_argument("recipe", help="RECIPE.yaml")
+    p.add_argument("--fixed", required=True)
+    p.add_argument("--moving", required=True)
+    p.add_argument("--transform-out", required=True, help="output transform (.tfm), maps fixed to moving points")
+    p.add_argument("--image-out", help="write the moving image resampled onto the fixed grid")
+    p.add_argument("--fixed-mask")
+    p.add_argument("--moving-mask")
+    p.add_argument("--fixed-landmarks", help="report TRE against these landmarks (any supported format)")
+    p.add_argument("--moving-landmarks")
+    p.add_argument("--threads", type=int, help="override the recipe's ITK thread count")
+    p.set_defaults(func=cmd_apply)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(2, args.verbose)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except UserError as err:
+        _err(f"error: {err}")
+        return EXIT_USER_ERROR
+    except RegistrationFailed as err:
+        _err(f"registration failed: {err.reason}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return EXIT_INTERRUPTED
+
+
+def entry() -> None:  # pragma: no cover - console script
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""The dataset fingerprint: what the data allow, measured once, from which search ranges are derived.
+
+Rules (principles, not tuned to any dataset):
+
+* A pyramid level must keep at least ``MIN_AXIS_VOXELS`` voxels on the image's shortest axis: below that,
+  smoothing and a BSpline grid of even a few cells have nothing left to resolve.
+* The metric must see at least ``MIN_SAMPLES_PER_BIN`` samples per histogram bin at the coarsest level,
+  otherwise the joint histogram is mostly empty ("joint PDF summed to zero"); ``min_sampling_fraction`` turns
+  that into the least sampling percentage for a given shrink factor and bin count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+
+from .data import PairData
+from .scoring import overlap_fraction, tre
+
+MIN_AXIS_VOXELS = 16
+MIN_SAMPLES_PER_BIN = 20
+#: The least number of metric samples regardless of bins (correlation and mean squares have none).
+MIN_SAMPLES = 1000
+ANISOTROPY_WARN = 3.0
+SMALL_OVERLAP_WARN = 0.5
+#: Landmarks closer than this fraction of the extent (or 3 voxels) to an image border are flagged.
+BORDER_FRACTION = 0.02
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    extent: tuple[float, ...]
+    intensity_min: float
+    intensity_p01: float
+    intensity_p99: float
+    intensity_max: float
+
+    @property
+    def voxels(self) -> int:
+        return int(np.prod(self.size))
+
+
+def image_info(image: sitk.Image) -> ImageInfo:
+    a = sitk.GetArrayViewFromImage(image)
+    p01, p99 = np.percentile(a, [1, 99])
+    return ImageInfo(
+        size=tuple(int(n) for n in image.GetSize()),
+        spacing=tuple(float(s) for s in image.GetSpacing()),
+        origin=tuple(float(o) for o in image.GetOrigin()),
+        extent=tuple(float(n * s) for n, s in zip(image.GetSize(), image.GetSpacing())),
+        intensity_min=float(a.min()),
+        intensity_p01=float(p01),
+        intensity_p99=float(p99),
+        intensity_max=float(a.max()),
+    )
+
+
+def max_shrink(size: tuple[int, ...]) -> int:
+    """The largest shrink factor that keeps ``MIN_AXIS_VOXELS`` on the shortest axis."""
+    return max(1, int(min(size) // MIN_AXIS_VOXELS))
+
+
+def level_voxels(size: tuple[int, ...], shrink: int) -> int:
+    return int(np.prod([max(1, n // shrink) for n in size]))
+
+
+def min_sampling_fraction(size: tuple[int, ...], shrink: int, bins: int | None) -> float:
+    """The least sampling fraction giving the metric enough samples at a level shrunk by ``shrink``."""
+    need = max(MIN_SAMPLES, MIN_SAMPLES_PER_BIN * (bins or 0))
+    return min(1.0, need / level_voxels(size, shrink))
+
+
+@dataclass(frozen=True)
+class PairFingerprint:
+    name: str
+    dim: int
+    fixed: ImageInfo
+    moving: ImageInfo
+    max_shrink: int
+    overlap_geometry: float
+    overlap_moments: float
+    n_landmarks: int = 0
+    tre_identity: float | None = None
+    tre_geometry: float | None = None
+    tre_moments: float | None = None
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _centered(pair: PairData, how) -> sitk.Transform:
+    return sitk.CenteredTransformInitializer(pair.fixed, pair.moving, sitk.AffineTransform(pair.dim), how)
+
+
+def fingerprint_pair(pair: PairData) -> PairFingerprint:
+    """Measure one pair: geometry, intensities, overlap and TRE after each initializer, warnings."""
+    fixed, moving = image_info(pair.fixed), image_info(pair.moving)
+    geo = _centered(pair, sitk.CenteredTransformInitializerFilter.GEOMETRY)
+    mom = _centered(pair, sitk.CenteredTransformInitializerFilter.MOMENTS)
+    ov_geo = overlap_fraction(geo, pair.fixed, pair.moving, pair.fixed_mask)
+    ov_mom = overlap_fraction(mom, pair.fixed, pair.moving, pair.fixed_mask)
+    warnings: list[str] = []
+    for which, info in (("fixed", fixed), ("moving", moving)):
+        ratio = max(info.spacing) / min(info.spacing)
+        if ratio > ANISOTROPY_WARN:
+            warnings.append(
+                f"{which} spacing {info.spacing} is anisotropic ({ratio:.1f}:1); shrink factors apply to every axis"
+            )
+        if info.intensity_p99 <= info.intensity_p01:
+            warnings.append(f"{which} image is nearly constant (1st and 99th intensity percentiles are equal)")
+    ext_ratio = np.asarray(fixed.extent) / np.asarray(moving.extent)
+    if np.any(ext_ratio > 3) or np.any(ext_ratio < 1 / 3):
+        warnings.append(
+            f"physical extents differ a lot (fixed {_fmt(fixed.extent)} vs moving {_fmt(moving.extent)}): "
+            "check that both images use the same unit"
+        )
+    if max(ov_geo, ov_mom) < SMALL_OVERLAP_WARN:
+        warnings.append(
+            f"small overlap after initialization (geometry {ov_geo:.0%}, moments {ov_mom:.0%}): "
+            "check origins and directions"
+        )
+    tre_id = tre_geo = tre_mom = None
+    n = 0
+    if pair.has_landmarks:
+        assert pair.fixed_points is not None and pair.moving_points is not None
+        n = len(pair.fixed_points)
+        identity = sitk.Transform(pair.dim, sitk.sitkIdentity)
+        tre_id = tre(identity, pair.fixed_points, pair.moving_points, pair.fixed).mean
+        tre_geo = tre(geo, pair.fixed_points, pair.moving_points, pair.fixed).mean
+        tre_mom = tre(mom, pair.fixed_points, pair.moving_points, pair.fixed).mean
+        near = _near_border(pair.fixed_points, pair.fixed)
+        if near:
+            warnings.append(f"{len(near)} fixed landmark(s) lie near the image border (first: point {near[0] + 1})")
+        if n < pair.dim + 1:
+            warnings.append(f"only {n} landmarks: too few to tell an affine error from noise")
+    return PairFingerprint(
+        name=pair.name,
+        dim=pair.dim,
+        fixed=fixed,
+        moving=moving,
+        max_shrink=max_shrink(fixed.size),
+        overlap_geometry=ov_geo,
+        overlap_moments=ov_mom,
+        n_landmarks=n,
+        tre_identity=tre_id,
+        tre_geometry=tre_geo,
+        tre_moments=tre_mom,
+        warnings=tuple(warnings),
+    )
+
+
+def _near_border(points: np.ndarray, image: sitk.Image) -> list[int]:
+    size = np.asarray(image.GetSize(), float)
+    margin = np.maximum(3.0, BORDER_FRACTION * size)
+    out = []
+    for i, p in enumerate(points):
+        idx = np.asarray(image.TransformPhysicalPointToContinuousIndex(tuple(float(c) for c in p)))
+        if np.any(idx < margin - 0.5) or np.any(idx > size - 0.5 - margin):
+            out.append(i)
+    return out
+
+
+def _fmt(v) -> str:
+    return "x".join(f"{x:g}" for x in v)
+
+
+@dataclass(frozen=True)
+class DatasetFingerprint:
+    """All pairs of a study; ranges use the most restrictive pair so that no setting is impossible for any."""
+
+    pairs: tuple[PairFingerprint, ...]
+
+    @property
+    def dim(self) -> int:
+        return self.pairs[0].dim
+
+    @property
+    def max_shrink(self) -> int:
+        return min(p.max_shrink for p in self.pairs)
+
+    @property
+    def smallest_size(self) -> tuple[int, ...]:
+        return min((p.fixed.size for p in self.pairs), key=lambda s: int(np.prod(s)))
+
+    @property
+    def min_extent_voxels(self) -> int:
+        return min(min(p.fixed.size) for p in self.pairs)
+
+    def as_dict(self) -> dict:
+        return {"pairs": [p.as_dict() for p in self.pairs], "max_shrink": self.max_shrink}
+
+
+def fingerprint_dataset(pairs: list[PairData]) -> DatasetFingerprint:
+    return DatasetFingerprint(tuple(fingerprint_pair(p) for p in pairs))

@@ -144,7 +144,138 @@ def write_warped(pair, transform: sitk.Transform, path: Path) -> None:
         raise UserError(f"cannot write image ({str(err).strip().splitlines()[-1]})", file=path) from None
 
 
+# --- tune / export -------------------------------------------------------------------------------------------
+
+DEFAULT_TRIALS = 50
+
+
+def _open_study_args(args: argparse.Namespace):
+    from .config import load_config
+    from .study import storage_spec, study_dir
+
+    cfg = load_config(args.pair)
+    directory = study_dir(cfg, args.study_dir)
+    return cfg, directory, storage_spec(cfg, directory, args.storage)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    from .data import load_pair
+    from .fingerprint import fingerprint_dataset, provenance
+    from .progress import ProgressMonitor, snapshot
+    from .space import build_space
+    from .study import baseline_trial, best_trial, create_or_load, reap_stale_trials, write_study_info
+    from .workers import WorkerPlan, run_worker, threads_per_worker
+
+    cfg, directory, spec = _open_study_args(args)
+    if args.trials is not None and args.trials < 1:
+        raise UserError("expected a positive number of trials", key="--trials")
+    if args.jobs is not None and args.jobs < 1:
+        raise UserError("expected at least one job", key="--jobs")
+    if args.seed is not None:
+        from dataclasses import replace
+
+        cfg = replace(cfg, seed=args.seed)
+    pairs = [load_pair(p) for p in cfg.pairs]
+    fp = fingerprint_dataset(pairs)
+    space = build_space(cfg, fp)
+    prov = provenance(pairs, fp)
+    write_study_info(directory, cfg, spec, prov)
+    study = create_or_load(cfg, spec, space, prov)
+    reaped = reap_stale_trials(study)
+    if reaped:
+        _out(f"{len(reaped)} trial(s) left RUNNING by a dead worker were failed and queued again: {reaped}")
+    target = args.trials if args.trials is not None else (None if args.timeout else DEFAULT_TRIALS)
+    jobs = args.jobs or os.cpu_count() or 1
+    threads = 1 if cfg.deterministic else threads_per_worker(jobs)
+    plan = WorkerPlan(
+        pair_file=str(cfg.path),
+        storage=spec,
+        study_name=cfg.name,
+        lock_path=str(directory / "trials.lock"),
+        n_trials=target,
+        deadline=(time.time() + args.timeout) if args.timeout else None,
+        seed=cfg.seed,
+        threads=threads,
+        prune=cfg.prune,
+    )
+    before = snapshot(study)
+    if not args.quiet:
+        _out(
+            f"study {cfg.name}: {before.finished} trial(s) so far; storage {spec.display}; "
+            f"{jobs} worker(s) x {threads} ITK thread(s)"
+        )
+    emit = (lambda line: None) if args.quiet else _out
+    t0 = time.monotonic()
+    interrupted = False
+    try:
+        with ProgressMonitor(study, emit, target=target, timeout=args.timeout):
+            _launch(plan, jobs, study)
+    except KeyboardInterrupt:
+        interrupted = True
+    snap = snapshot(study)
+    best, base = best_trial(study), baseline_trial(study)
+    metric = study.user_attrs.get("objective", "score")
+    _out(
+        f"{'interrupted' if interrupted else 'done'}: {snap.finished} trials ({snap.complete} complete, {snap.failed} failed, "
+        f"{snap.pruned} pruned), {time.monotonic() - t0:.1f} s this run"
+    )
+    _out(f"best {metric}: {best.value:.4g} (trial {best.number})" if best else "best: no completed trial yet")
+    if base is not None:
+        _out(
+            f"baseline (SimpleITK-notebooks default) {metric}: "
+            + (f"{base.value:.4g}" if base.value is not None else f"failed ({base.user_attrs.get('fail_reason', base.state.name)})")
+        )
+    _out(f"study: {directory} (storage {spec.display})")
+    if interrupted:
+        _out("finished trials are kept; run the same command again to continue")
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def _launch(plan, jobs: int, study) -> None:
+    """Run the workers; a worker that dies is replaced after its RUNNING trial is failed and queued again."""
+    from joblib import Parallel, delayed
+    from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+    from .study import reap_stale_trials
+    from .workers import run_worker
+
+    if jobs == 1:
+        run_worker(plan, 0)
+        return
+    for attempt in range(4):
+        try:
+            Parallel(n_jobs=jobs, backend="loky")(delayed(run_worker)(plan, i + attempt * jobs) for i in range(jobs))
+            return
+        except TerminatedWorkerError as err:
+            reaped = reap_stale_trials(study)
+            log.warning("a worker died (%s); failed and re-queued trials %s", str(err).splitlines()[0], reaped)
+    raise UserError("workers keep dying (out of memory?); see the failed trials", key="--jobs")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_best
+
+    cfg, directory, spec = _open_study_args(args)
+    text, trial = export_best(cfg, spec, fmt=args.format)
+    out = Path(args.output)
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"cannot write ({err.strerror})", file=out) from None
+    _out(f"trial {trial.number} (score {trial.value:.4g}) written to {out} as {args.format}")
+    return EXIT_OK
+
+
 # --- the parser -----------------------------------------------------------------------------------------------
+
+
+def _study_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--study-dir", help="folder of the study's files (default: studies/<name>)")
+    p.add_argument("--storage", help="Optuna storage URL (e.g. postgresql://...) instead of the journal file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +283,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"autoreg {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("tune", help="create or resume the study and run trials")
+    p.add_argument("pair", help="PAIR.yaml")
+    p.add_argument("--trials", type=int, help=f"total trials in the study, all workers together (default {DEFAULT_TRIALS} without --timeout)")
+    p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    p.add_argument("--jobs", type=int, help="worker processes (default: all cores)")
+    p.add_argument("--seed", type=int, help="study seed (overrides PAIR.yaml's 'seed')")
+    _study_args(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no live progress, only the summary")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("export", help="write the best trial as a recipe")
+    p.add_argument("pair", help="PAIR.yaml")
+    _study_args(p)
+    p.add_argument("-o", "--output", required=True, help="RECIPE.yaml (or recipe.py with --format python)")
+    p.add_argument("--format", choices=("yaml", "python"), default="yaml")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("check", help="validate PAIR.yaml and its data without tuning")
     p.add_argument("pair", help="PAIR.yaml")
@@ -177,6 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(2, args.verbose)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    import optuna
+
+    optuna.logging.set_verbosity(logging.WARNING if args.verbose < 2 else logging.INFO)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -80,6 +80,8 @@ class _PairFile(_Strict):
     enqueue: list[str] | None = None
     deterministic: bool = False
     prune: bool = True
+    #: A trial's registrations stop (and the trial fails) after this many seconds.
+    trial_timeout: float = Field(300.0, gt=0)
 
     @field_validator("name")
     @classmethod
@@ -150,6 +152,7 @@ class StudyConfig:
     enqueue: tuple[Path, ...] = ()
     deterministic: bool = False
     prune: bool = True
+    trial_timeout: float = 300.0
 
     @property
     def uses_landmarks(self) -> bool:
@@ -228,10 +231,16 @@ def parse_pair_file(data: Any, path: Path) -> StudyConfig:
     holdout = tuple(
         _pair_spec(p, base, f"holdout[{i}]", f"holdout{i}", source) for i, p in enumerate(raw.holdout or [])
     )
-    names = [p.name for p in (*pairs, *holdout)]
-    dup = next((n for n in names if names.count(n) > 1), None)
-    if dup is not None:
-        raise UserError(f"pair name '{dup}' is used twice", file=source, key="pairs")
+    seen: dict[str, PairSpec] = {}
+    for spec in (*pairs, *holdout):
+        if spec.name in seen:
+            first = seen[spec.name].key_of("name") if seen[spec.name].key else "name"
+            raise UserError(
+                f"pair name '{spec.name}' is already used by {first}; names must be unique",
+                file=source,
+                key=spec.key_of("name"),
+            )
+        seen[spec.name] = spec
 
     objective = Objective(**raw.objective.model_dump())
     if objective.kind == "tre":
@@ -251,6 +260,7 @@ def parse_pair_file(data: Any, path: Path) -> StudyConfig:
         enqueue=tuple(_resolve(base, e) for e in raw.enqueue or []),
         deterministic=raw.deterministic,
         prune=raw.prune,
+        trial_timeout=raw.trial_timeout,
     )
 
 

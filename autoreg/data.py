@@ -103,6 +103,16 @@ def outside_points(points: np.ndarray, image: sitk.Image, tolerance: float = _IN
     return out
 
 
+def _read_points(path: Path, image: sitk.Image, dim: int, *, source: str, key: str) -> np.ndarray:
+    """``read_landmarks``, its errors re-worded to name PAIR.yaml and the key first, then the landmark file."""
+    try:
+        return read_landmarks(path, image=image, dim=dim, key=key)
+    except UserError as err:
+        if not source:
+            raise
+        raise UserError(f"{err.file or path}: {err.detail}", file=source, key=key) from None
+
+
 def load_pair(spec: PairSpec) -> PairData:
     """Load and check one pair; cached so a worker process reads each file once."""
     return _load_pair_cached(spec)
@@ -124,8 +134,8 @@ def _load_pair_cached(spec: PairSpec) -> PairData:
     if spec.has_landmarks:
         assert spec.fixed_landmarks is not None and spec.moving_landmarks is not None
         kf, km = spec.key_of("landmarks.fixed"), spec.key_of("landmarks.moving")
-        fixed_points = read_landmarks(spec.fixed_landmarks, image=fixed, dim=dim, key=kf)
-        moving_points = read_landmarks(spec.moving_landmarks, image=moving, dim=dim, key=km)
+        fixed_points = _read_points(spec.fixed_landmarks, fixed, dim, source=src, key=kf)
+        moving_points = _read_points(spec.moving_landmarks, moving, dim, source=src, key=km)
         if len(fixed_points) != len(moving_points):
             raise UserError(
                 f"{len(moving_points)} points but landmarks.fixed has {len(fixed_points)}; row i must match row i",
@@ -163,3 +173,14 @@ def load_images(fixed: str | Path, moving: str | Path) -> PairData:
             f"fixed image is {f.GetDimension()}D but moving image is {m.GetDimension()}D", file=str(moving)
         )
     return PairData(spec, f, m)
+
+
+def file_digest(path: Path, length: int = 16) -> str:
+    """A short SHA-256 of a file's bytes: which data a recipe was tuned on, without the data."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]

@@ -198,3 +198,21 @@ class DatasetFingerprint:
 
 def fingerprint_dataset(pairs: list[PairData]) -> DatasetFingerprint:
     return DatasetFingerprint(tuple(fingerprint_pair(p) for p in pairs))
+
+
+def provenance(pairs: list[PairData], fp: DatasetFingerprint) -> dict:
+    """What a recipe was tuned on, small enough to store with it: per pair, files (with digests) and geometry."""
+    from .data import file_digest
+
+    out = []
+    for pair, p in zip(pairs, fp.pairs):
+        out.append(
+            {
+                "name": pair.name,
+                "fixed": {"file": pair.spec.fixed.name, "sha256": file_digest(pair.spec.fixed), "size": list(p.fixed.size), "spacing": list(p.fixed.spacing)},
+                "moving": {"file": pair.spec.moving.name, "sha256": file_digest(pair.spec.moving), "size": list(p.moving.size), "spacing": list(p.moving.spacing)},
+                "landmarks": p.n_landmarks,
+                "tre_before": p.tre_identity,
+            }
+        )
+    return {"dim": fp.dim, "pairs": out}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -58,7 +59,9 @@ class RegistrationResult:
     seconds: float = 0.0
 
 
-LevelCallback = Callable[[LevelRecord], None]
+#: Called at the end of every pyramid level with its record and a getter of the whole transform so far (in the
+#: data's physical frame); it may raise ``RegistrationPruned`` to stop the registration.
+LevelCallback = Callable[[LevelRecord, Callable[[], sitk.Transform]], None]
 
 # --- frame normalisation -----------------------------------------------------------------------------------
 
@@ -352,15 +355,18 @@ def register(
     *,
     level_callback: LevelCallback | None = None,
     seed: int | None = None,
+    time_limit: float | None = None,
 ) -> RegistrationResult:
     """Run ``recipe`` on ``pair``; raises ``RegistrationFailed`` with a short reason, or ``RegistrationPruned``
-    when ``level_callback`` raised it. ``seed`` overrides the recipe's sampling seed."""
+    when ``level_callback`` raised it. ``seed`` overrides the recipe's sampling seed; past ``time_limit`` seconds
+    the registration stops at its next iteration and fails with reason 'time limit'."""
     t0 = time.perf_counter()
     frame = _Frame(pair)
     seed = recipe.seed if seed is None else seed
     with itk_threads(recipe.effective_threads):
         try:
-            result = _run(recipe, frame, seed, level_callback)
+            deadline = None if time_limit is None else time.monotonic() + time_limit
+            result = _run(recipe, frame, seed, level_callback, deadline)
         except RegistrationPruned:
             raise
         except RegistrationFailed:
@@ -455,7 +461,8 @@ def _rotation_search(recipe: Recipe, frame: _Frame, state: _Linear, stage: Stage
     return best
 
 
-def _run(recipe: Recipe, frame: _Frame, seed: int, level_callback: LevelCallback | None) -> RegistrationResult:
+def _run(recipe: Recipe, frame: _Frame, seed: int, level_callback: LevelCallback | None,
+         deadline: float | None = None) -> RegistrationResult:
     linear = initial_linear(recipe, frame, seed)
     initial = linear.as_affine()
     result = RegistrationResult(transform=initial, initial_transform=initial)
@@ -490,13 +497,16 @@ def _run(recipe: Recipe, frame: _Frame, seed: int, level_callback: LevelCallback
             rm.SetMovingInitialTransform(moving_initial)
         rm.SetInitialTransform(optimized, inPlace=True)
 
-        tracker = _LevelTracker(rm, stage, index, frame, optimized, moving_initial, level_callback)
+        tracker = _LevelTracker(rm, stage, index, frame, optimized, moving_initial, level_callback, deadline)
+        _install_quiet_stop()
         tracker.attach()
         try:
             rm.Execute(frame.fixed, frame.moving)
         except RuntimeError:
             if tracker.pruned is not None:
                 raise tracker.pruned from None
+            if tracker.timed_out:
+                raise RegistrationFailed("time limit", f"stopped in stage {index} level {tracker.level}") from None
             raise
         stop = rm.GetOptimizerStopConditionDescription()
         tracker.finish(stop)
@@ -522,10 +532,28 @@ def _compose(transforms: list[sitk.Transform]) -> sitk.Transform:
     return comp
 
 
+class _StopExecute(Exception):
+    """Raised inside an observer to stop ``Execute`` (it surfaces as RuntimeError); the reason is kept aside."""
+
+
+def _quiet_stop_hook(default_hook):
+    def hook(kind, value, tb):  # SWIG prints callback exceptions through sys.excepthook: keep ours silent
+        if not issubclass(kind, _StopExecute):
+            default_hook(kind, value, tb)
+
+    hook.autoreg = True  # type: ignore[attr-defined]
+    return hook
+
+
+def _install_quiet_stop() -> None:
+    if not getattr(sys.excepthook, "autoreg", False):
+        sys.excepthook = _quiet_stop_hook(sys.excepthook)
+
+
 class _LevelTracker:
     """Observers that turn SimpleITK's events into one ``LevelRecord`` per pyramid level."""
 
-    def __init__(self, rm, stage: Stage, index: int, frame: _Frame, optimized, moving_initial, callback):
+    def __init__(self, rm, stage: Stage, index: int, frame: _Frame, optimized, moving_initial, callback, deadline=None):
         self.rm, self.stage, self.index, self.frame = rm, stage, index, frame
         self.optimized, self.moving_initial, self.callback = optimized, moving_initial, callback
         self.records: list[LevelRecord] = []
@@ -534,6 +562,8 @@ class _LevelTracker:
         self.iterations = 0
         self.metric_value = float("nan")
         self.pruned: RegistrationPruned | None = None
+        self.deadline = deadline
+        self.timed_out = False
 
     def attach(self) -> None:
         self.rm.AddCommand(sitk.sitkMultiResolutionIterationEvent, self._on_level)
@@ -542,6 +572,9 @@ class _LevelTracker:
     def _on_iteration(self) -> None:
         self.iterations = self.rm.GetOptimizerIteration() + 1
         self.metric_value = self.rm.GetMetricValue()
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.timed_out = True
+            raise _StopExecute()
 
     def _on_level(self) -> None:
         # Fires at the start of each level: the optimizer position is still the previous level's end.
@@ -575,11 +608,15 @@ class _LevelTracker:
         self.records.append(rec)
         if self.callback is not None:
             try:
-                self.callback(rec)
+                self.callback(rec, lambda: unscale_transform(tx, self.frame.k))
             except RegistrationPruned as err:
                 self.pruned = err
-                raise
+                raise _StopExecute() from None
 
     def finish(self, stop: str) -> None:
         final = _compose([self.moving_initial, self.optimized]) if self.moving_initial is not None else self.optimized
-        self._close(final, stop)
+        try:
+            self._close(final, stop)
+        except _StopExecute:
+            assert self.pruned is not None
+            raise self.pruned from None

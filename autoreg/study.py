@@ -1,0 +1,249 @@
+"""Study storage and lifecycle: where a study lives, creating or resuming it, its sampler and pruner, the baseline
+and user recipes enqueued first, trials left RUNNING by dead workers failed and retried.
+
+Storage is named by a string that travels to worker processes (never a storage object):
+
+* default: ``JournalStorage(JournalFileBackend(<study dir>/journal.log))``, a file that many local processes share
+  safely (SQLite is not safe here, see DESIGN.md);
+* ``--storage URL``: ``postgresql://...``/``mysql://...`` (RDB, with heartbeats: a killed worker's trial is failed and
+  retried by Optuna), ``sqlite:///...`` (one process only), ``redis://...`` (journal), or a path to a journal file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+from .config import StudyConfig
+from .errors import UserError
+from .objective import RECIPE_ATTR, ROLE_ATTR
+from .recipe import load_recipe, recipe_to_dict
+from .space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+JOURNAL_NAME = "journal.log"
+HEARTBEAT_INTERVAL_S = 30
+GRACE_PERIOD_S = 120
+
+
+def study_dir(cfg: StudyConfig, override: str | Path | None = None) -> Path:
+    """``--study-dir`` or ``studies/<name>`` (relative to the current directory)."""
+    return Path(override) if override else Path("studies") / cfg.name
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    """A storage as a picklable string, and whether it is this machine's default journal file."""
+
+    url: str
+    local_journal: bool
+
+    @property
+    def display(self) -> str:
+        return redact(self.url)
+
+
+def storage_spec(cfg: StudyConfig, directory: Path, url: str | None) -> StorageSpec:
+    if url:
+        return StorageSpec(url, local_journal=not _is_url(url))
+    return StorageSpec(str((directory / JOURNAL_NAME).resolve()), local_journal=True)
+
+
+def _is_url(text: str) -> bool:
+    return "://" in text
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced, safe to print."""
+    if not _is_url(url):
+        return url
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not an SQLAlchemy URL (redis://user:pw@host)
+        head, sep, tail = url.partition("://")
+        if "@" in tail:
+            cred, at, host = tail.rpartition("@")
+            user = cred.split(":", 1)[0]
+            return f"{head}{sep}{user}:***@{host}"
+        return url
+
+
+def open_storage(spec: StorageSpec) -> optuna.storages.BaseStorage:
+    """Build the storage in this process (workers call it themselves)."""
+    url = spec.url
+    try:
+        if url.startswith(("postgresql", "mysql", "sqlite", "oracle", "mssql")):
+            heartbeat = not url.startswith("sqlite")
+            return RDBStorage(
+                url,
+                heartbeat_interval=HEARTBEAT_INTERVAL_S if heartbeat else None,
+                grace_period=GRACE_PERIOD_S if heartbeat else None,
+                failed_trial_callback=RetryFailedTrialCallback(max_retry=1) if heartbeat else None,
+            )
+        if url.startswith("redis://"):
+            from optuna.storages.journal import JournalRedisBackend
+
+            return JournalStorage(JournalRedisBackend(url))
+        if _is_url(url):
+            raise UserError(f"unsupported storage URL scheme (got {redact(url)})", key="--storage")
+        path = Path(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    except UserError:
+        raise
+    except ImportError as err:
+        raise UserError(f"storage {redact(url)} needs a driver that is not installed ({err.name})", key="--storage") from None
+    except Exception as err:  # noqa: BLE001 - connection refused, bad credentials...
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot open storage {redact(url)} ({redact(msg)[:200]})", key="--storage") from None
+
+
+def make_sampler(seed: int, worker: int) -> optuna.samplers.BaseSampler:
+    """TPE over the conditional space; the constant liar keeps parallel workers from proposing the same point."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=seed * 1000 + worker,
+            n_startup_trials=10,
+            multivariate=True,
+            group=True,
+            constant_liar=True,
+        )
+
+
+def make_pruner(enabled: bool) -> optuna.pruners.BasePruner:
+    """Prune a trial whose coarse-level score is worse than three quarters of the others' at the same step."""
+    if not enabled:
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.PercentilePruner(75.0, n_startup_trials=8, n_warmup_steps=0)
+
+
+def create_or_load(
+    cfg: StudyConfig, spec: StorageSpec, space: SearchSpace, fingerprint: dict[str, Any]
+) -> optuna.Study:
+    """Create the study (enqueueing the default recipe and the user's) or load it to continue."""
+    storage = open_storage(spec)
+    try:
+        optuna.load_study(study_name=cfg.name, storage=storage)
+        study = optuna.load_study(study_name=cfg.name, storage=storage, pruner=make_pruner(cfg.prune))
+        created = False
+    except KeyError:
+        study = optuna.create_study(
+            study_name=cfg.name, storage=storage, direction="minimize", pruner=make_pruner(cfg.prune)
+        )
+        created = True
+    if created:
+        study.set_user_attr("pair_file", str(cfg.path))
+        study.set_user_attr("stages", list(cfg.stages))
+        study.set_user_attr("objective", "tre_mean" if cfg.uses_landmarks else "holdout_loss")
+        study.set_user_attr("seed", cfg.seed)
+        study.set_user_attr("fingerprint", fingerprint)
+        study.set_user_attr("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(["tre_mean" if cfg.uses_landmarks else "holdout_loss"])
+        baseline = space.baseline_recipe(seed=cfg.seed)
+        study.enqueue_trial(
+            space.baseline_params(), user_attrs={RECIPE_ATTR: recipe_to_dict(baseline), ROLE_ATTR: "baseline"}
+        )
+        for path in cfg.enqueue:
+            recipe = load_recipe(path)
+            study.enqueue_trial({}, user_attrs={RECIPE_ATTR: recipe_to_dict(recipe), ROLE_ATTR: f"user:{path.name}"})
+    else:
+        stages = study.user_attrs.get("stages")
+        if stages is not None and list(stages) != list(cfg.stages):
+            raise UserError(
+                f"the study '{cfg.name}' was tuned with stages {stages}; use another name for other stages",
+                file=cfg.path,
+                key="stages",
+            )
+    return study
+
+
+def load_existing(cfg: StudyConfig, spec: StorageSpec) -> optuna.Study:
+    """The study for export/report/dashboard; a clear error when it was never tuned."""
+    if spec.local_journal and not Path(spec.url).exists():
+        raise UserError(f"no study found at {spec.display} (run 'autoreg tune {cfg.path}' first)", file=cfg.path, key="name")
+    storage = open_storage(spec)
+    try:
+        return optuna.load_study(study_name=cfg.name, storage=storage)
+    except KeyError:
+        raise UserError(f"no study named '{cfg.name}' in {spec.display}", file=cfg.path, key="name") from None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_stale_trials(study: optuna.Study, *, live_pids: set[int] = frozenset()) -> list[int]:
+    """Fail RUNNING trials whose worker on this host is gone, and enqueue each again; returns their numbers.
+
+    Journal storage has no heartbeats, so a killed worker's trial would stay RUNNING forever. RDB storages get
+    the same from Optuna's heartbeat and ``RetryFailedTrialCallback``.
+    """
+    host = socket.gethostname()
+    reaped = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker", "")
+        whost, _, pid = worker.rpartition(":")
+        if whost != host or not pid.isdigit():
+            continue
+        if int(pid) in live_pids or (_pid_alive(int(pid)) and int(pid) != os.getpid()):
+            continue
+        storage = study._storage  # noqa: SLF001 - Optuna has no public call to fail another process's trial
+        storage.set_trial_user_attr(t._trial_id, "fail_reason", "worker died (trial left RUNNING)")  # noqa: SLF001
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # noqa: SLF001
+        attrs = {k: v for k, v in t.user_attrs.items() if k in (RECIPE_ATTR, ROLE_ATTR)}
+        if t.user_attrs.get(ROLE_ATTR) is None:
+            attrs.pop(RECIPE_ATTR, None)  # a suggested trial is replayed from its params
+        attrs["retry_of"] = t.number
+        study.enqueue_trial(t.params, user_attrs=attrs)
+        reaped.append(t.number)
+    return reaped
+
+
+def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get(ROLE_ATTR) == "baseline" and t.state == TrialState.COMPLETE:
+            return t
+    return next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(ROLE_ATTR) == "baseline"), None)
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    return min(done, key=lambda t: (t.value, t.number)) if done else None
+
+
+def write_study_info(directory: Path, cfg: StudyConfig, spec: StorageSpec, fingerprint: dict[str, Any]) -> None:
+    """A small human-readable JSON next to the journal: what this study is, on which data."""
+    directory.mkdir(parents=True, exist_ok=True)
+    info = {
+        "name": cfg.name,
+        "pair_file": str(cfg.path),
+        "stages": list(cfg.stages),
+        "storage": spec.display,
+        "objective": "tre_mean" if cfg.uses_landmarks else "holdout_loss",
+        "fingerprint": fingerprint,
+    }
+    (directory / "study.json").write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")

@@ -100,7 +100,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
         mp = read_landmarks(args.moving_landmarks, image=pair.moving, dim=pair.dim, key="--moving-landmarks")
         if len(fp) != len(mp):
             raise UserError(f"{len(mp)} points but --fixed-landmarks has {len(fp)}", file=args.moving_landmarks)
-    pair = PairData(pair.spec, pair.fixed, pair.moving, fp, mp, _masked(fixed_mask, pair.fixed), _masked(moving_mask, pair.moving))
+    pair = PairData(pair.spec, pair.fixed, pair.moving, fp, mp, _masked(fixed_mask, pair.fixed, "--fixed-mask"),
+                    _masked(moving_mask, pair.moving, "--moving-mask"))
     result = register(recipe, pair)
     out = Path(args.transform_out)
     try:
@@ -120,11 +121,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _masked(mask, image):
+def _masked(mask, image, option: str):
     if mask is None:
         return None
     if mask.GetSize() != image.GetSize():
-        raise UserError(f"mask size {mask.GetSize()} differs from its image's {image.GetSize()}", key="--fixed-mask")
+        raise UserError(f"mask size {mask.GetSize()} differs from its image's {image.GetSize()}", key=option)
     mask = sitk.Cast(mask > 0, sitk.sitkUInt8)
     mask.CopyInformation(image)
     return mask
@@ -328,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import optuna
 
     optuna.logging.set_verbosity(logging.WARNING if args.verbose < 2 else logging.INFO)
+    # ITK writes its warnings straight to stderr; failures reach the user through exceptions instead.
+    sitk.ProcessObject.SetGlobalWarningDisplay(args.verbose >= 2)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -271,6 +271,8 @@ def load_config(path: str | Path) -> StudyConfig:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError("file not found", file=path) from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"not a UTF-8 text file (byte {err.start}); expected YAML", file=path) from None
     except OSError as err:
         raise UserError(f"cannot read ({err.strerror})", file=path) from None
     try:

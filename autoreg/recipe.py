@@ -235,6 +235,10 @@ def load_recipe(path) -> Recipe:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError("recipe file not found", file=path) from None
+    except UnicodeDecodeError:
+        raise UserError("not a text file (expected a YAML recipe)", file=path) from None
     except OSError as err:
         raise UserError(f"cannot read recipe ({err.strerror})", file=path) from None
     return recipe_from_yaml(text, source=str(path))

@@ -87,6 +87,7 @@ def unscale_transform(tx: sitk.Transform, k: float) -> sitk.Transform:
     if k == 1.0:
         return tx
     inv = 1.0 / k
+    tx = tx.Downcast()
     name = tx.GetName()
     if name == "CompositeTransform":
         comp = sitk.CompositeTransform(tx)
@@ -270,7 +271,11 @@ def bspline_mesh(stage: Stage, fixed: sitk.Image, k: float = 1.0) -> list[int]:
         return mesh
     assert grid.control_point_spacing is not None
     # In the normalised frame a fixed voxel is ~1 unit (exactly 1 for isotropic data).
-    spacing = grid.control_point_spacing * (k if grid.spacing_units == "mm" else 1.0 / frame_scale(fixed) * k)
+    # ``fixed`` is already in the normalised frame: a voxel measures 1 / frame_scale(fixed) (1 for isotropic data).
+    if grid.spacing_units == "mm":
+        spacing = grid.control_point_spacing * k
+    else:
+        spacing = grid.control_point_spacing / frame_scale(fixed)
     extent = [n * s for n, s in zip(fixed.GetSize(), fixed.GetSpacing())]
     return [max(1, int(round(e / spacing))) for e in extent]
 
@@ -279,7 +284,8 @@ def bspline_mesh(stage: Stage, fixed: sitk.Image, k: float = 1.0) -> list[int]:
 
 _REASONS = [
     (re.compile(r"joint pdf summed to zero", re.I), "joint PDF summed to zero"),
-    (re.compile(r"samples map outside moving image|no valid points|all samples map outside", re.I),
+    (re.compile(r"samples map outside moving image|no valid points|all samples map outside|"
+                r"must have 1 or more points", re.I),
      "too few samples inside the moving image (little overlap or too sparse sampling)"),
     (re.compile(r"bad_alloc|out of memory|failed to allocate|MemoryError", re.I), "out of memory"),
     (re.compile(r"not positive definite|singular", re.I), "singular matrix"),

@@ -108,6 +108,7 @@ def run_worker(plan: WorkerPlan, worker_index: int) -> int:
         pruner=make_pruner(plan.prune),
     )
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(plan.threads)
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # a trial's problems are recorded on the trial
     objective = Objective(cfg, pairs, space, threads=plan.threads, prune=plan.prune)
     done = 0
     while True:

@@ -1,0 +1,185 @@
+"""Shared fixtures: the real data folder, synthetic pairs written as a PAIR.yaml, and the CLI run in-process."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import yaml
+
+from autoreg.config import PairSpec
+from autoreg.data import PairData
+from autoreg.recipe import Recipe
+from autoreg.synthetic import SyntheticPair, make_pair, write_pair
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+#: Small sizes keep every registration in the suite well under a second.
+SIZE = {2: (64, 64), 3: (32, 32, 32)}
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The folder of real pairs with landmarks (``../shared/data``); the test is skipped where it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"../shared/data not present: {SHARED_DATA} holds the real pairs with landmarks")
+    return SHARED_DATA
+
+
+@functools.lru_cache(maxsize=None)
+def synthetic_pair(
+    dim: int = 2,
+    transform: str = "rigid",
+    *,
+    seed: int = 0,
+    size: tuple[int, ...] | None = None,
+    multimodal: bool = False,
+    n_landmarks: int = 20,
+    magnitude: float = 1.0,
+) -> SyntheticPair:
+    """``make_pair`` cached per process (the pairs are immutable in use: tests copy before changing them)."""
+    return make_pair(
+        size or SIZE[dim], transform=transform, seed=seed, multimodal=multimodal, n_landmarks=n_landmarks,
+        magnitude=magnitude,
+    )
+
+
+def pair_data(pair: SyntheticPair, *, spacing: float | None = None, landmarks: bool = True) -> PairData:
+    """A ``PairData`` straight from a synthetic pair (no files); ``spacing`` rescales both grids and the landmarks.
+
+    The synthetic images have spacing 1 and origin 0, so with spacing ``s`` the same voxels sit at ``s`` times the
+    physical coordinates: voxel-unit results must not change.
+    """
+    fixed, moving = pair.fixed, pair.moving
+    fixed_points, moving_points = pair.fixed_points, pair.moving_points
+    if spacing is not None:
+        assert np.allclose(fixed.GetSpacing(), 1.0) and np.allclose(fixed.GetOrigin(), 0.0)
+        fixed, moving = sitk.Image(fixed), sitk.Image(moving)
+        fixed.SetSpacing((spacing,) * fixed.GetDimension())
+        moving.SetSpacing((spacing,) * moving.GetDimension())
+        fixed_points, moving_points = fixed_points * spacing, moving_points * spacing
+    spec = PairSpec(name="synthetic", fixed=Path("fixed.nii.gz"), moving=Path("moving.nii.gz"))
+    if not landmarks:
+        return PairData(spec, fixed, moving)
+    return PairData(spec, fixed, moving, np.array(fixed_points), np.array(moving_points))
+
+
+PairYamlFactory = Callable[..., Path]
+
+
+@pytest.fixture
+def pair_yaml(tmp_path: Path) -> PairYamlFactory:
+    """Write a synthetic pair and a PAIR.yaml pointing at it; return the yaml's path.
+
+    ``make(dim=2, transform="rigid", stages=("rigid",), extra=None, landmarks=True, folder="data", name="syn",
+    seed=0, size=None, multimodal=False)``: 2D pairs are PNG, 3D pairs nii.gz; paths in the yaml are relative to
+    it. ``extra`` is merged into the top level of the yaml (a value of ``None`` deletes that key).
+    """
+
+    def make(
+        dim: int = 2,
+        transform: str = "rigid",
+        stages: Sequence[str] = ("rigid",),
+        extra: dict[str, Any] | None = None,
+        *,
+        landmarks: bool = True,
+        folder: str = "data",
+        name: str = "syn",
+        seed: int = 0,
+        size: tuple[int, ...] | None = None,
+        multimodal: bool = False,
+    ) -> Path:
+        pair = synthetic_pair(dim, transform, seed=seed, size=size, multimodal=multimodal)
+        target = tmp_path / folder
+        paths = write_pair(pair, target, fmt="png" if dim == 2 else "nii.gz")
+        doc: dict[str, Any] = {
+            "name": name,
+            "fixed": paths["fixed"].name,
+            "moving": paths["moving"].name,
+        }
+        if landmarks:
+            doc["landmarks"] = {
+                "fixed": paths["fixed_landmarks"].name,
+                "moving": paths["moving_landmarks"].name,
+            }
+        doc["stages"] = list(stages)
+        for key, value in (extra or {}).items():
+            if value is None:
+                doc.pop(key, None)
+            else:
+                doc[key] = value
+        path = target / "PAIR.yaml"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+        return path
+
+    return make
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def err_lines(self) -> list[str]:
+        return [line for line in self.err.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
+    """``run_cli("check", path)``: ``autoreg.cli.main`` in-process, with its exit code, stdout and stderr."""
+    from autoreg.cli import main
+
+    def run(*argv: Any) -> CliResult:
+        capsys.readouterr()  # drop anything printed before
+        code = main([str(a) for a in argv])
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+def quick_recipe(
+    stages: Sequence[str],
+    dim: int,
+    *,
+    strategy: str = "none",
+    percentage: float = 1.0,
+    shrink: tuple[int, ...] = (2, 1),
+    sigmas: tuple[float, ...] = (1.0, 0.0),
+    iterations: int = 300,
+    learning_rate: float = 2.0,
+    bspline_iterations: int = 30,
+    mesh: int = 4,
+    bins: int = 24,
+    **top: Any,
+) -> Recipe:
+    """A recipe that works on the small synthetic pairs: the default recipe with every stage updated.
+
+    Mattes MI with ``bins`` bins (50 is too many for a few thousand samples); linear stages: regular-step gradient
+    descent (its learning rate is re-estimated once per level, as in the default); BSpline stages: LBFGSB on a
+    ``mesh``-cell grid. Sigmas are in voxels, so the recipe means the same on any spacing. ``top`` replaces
+    top-level fields (seed, deterministic...).
+    """
+    from autoreg.recipe import BSplineGrid, Metric, Optimizer, Pyramid, Sampling, default_recipe
+
+    base = default_recipe(stages, dim)
+    pyramid = Pyramid(shrink_factors=shrink, smoothing_sigmas=sigmas, sigma_units="voxel")
+    sampling = Sampling(strategy=strategy, percentage=percentage)
+    updated = []
+    for stage in base.stages:
+        update: dict[str, Any] = {"sampling": sampling, "pyramid": pyramid, "metric": Metric(kind="mattes", bins=bins)}
+        if stage.transform == "bspline":
+            update["optimizer"] = Optimizer(kind="lbfgsb", iterations=bspline_iterations)
+            update["bspline"] = BSplineGrid(mesh_size=(mesh,) * dim)
+        else:
+            update["optimizer"] = Optimizer(kind="regular_step_gd", learning_rate=learning_rate, iterations=iterations)
+        updated.append(stage.model_copy(update=update))
+    # model_copy does not validate: validate the whole recipe once more
+    return Recipe.model_validate({**base.model_dump(), "stages": [s.model_dump() for s in updated], **top})

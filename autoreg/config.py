@@ -80,8 +80,9 @@ class _PairFile(_Strict):
     enqueue: list[str] | None = None
     deterministic: bool = False
     prune: bool = True
-    #: A trial's registrations stop (and the trial fails) after this many seconds.
-    trial_timeout: float = Field(300.0, gt=0)
+    #: A trial's registrations stop (and the trial fails) after this many seconds; default: 30x the default
+    #: recipe's runtime on the same data, at least 60 s (600 s until that is known).
+    trial_timeout: float | None = Field(None, gt=0)
 
     @field_validator("name")
     @classmethod
@@ -152,7 +153,7 @@ class StudyConfig:
     enqueue: tuple[Path, ...] = ()
     deterministic: bool = False
     prune: bool = True
-    trial_timeout: float = 300.0
+    trial_timeout: float | None = None
 
     @property
     def uses_landmarks(self) -> bool:

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 #: Trial user attributes that carry a whole recipe (enqueued baseline, user starting points, every trial's own).
 RECIPE_ATTR = "recipe"
 ROLE_ATTR = "role"
+AUTO_TIMEOUT_FACTOR = 30.0
+AUTO_TIMEOUT_MIN_S = 60.0
+AUTO_TIMEOUT_UNKNOWN_S = 600.0
 
 
 def trial_seed(study_seed: int, trial_number: int) -> int:
@@ -85,6 +88,20 @@ class Objective:
         self.use_landmarks = cfg.uses_landmarks
         self.n_stages = len(cfg.stages)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self._baseline_runtime: float | None = None
+
+    def time_limit(self, trial: optuna.Trial) -> float:
+        """The configured trial timeout, or 30x the baseline's runtime (at least 60 s; 600 s until it is known)."""
+        if self.cfg.trial_timeout is not None:
+            return self.cfg.trial_timeout
+        if self._baseline_runtime is None:
+            for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+                if t.user_attrs.get(ROLE_ATTR) == "baseline" and "runtime_s" in t.user_attrs:
+                    self._baseline_runtime = float(t.user_attrs["runtime_s"])
+                    break
+        if self._baseline_runtime is None:
+            return AUTO_TIMEOUT_UNKNOWN_S
+        return max(AUTO_TIMEOUT_MIN_S, AUTO_TIMEOUT_FACTOR * self._baseline_runtime)
 
     def recipe_for(self, trial: optuna.Trial) -> Recipe:
         seed = trial_seed(self.cfg.seed, trial.number)
@@ -140,13 +157,15 @@ class Objective:
         repeats = self.cfg.objective.repeats
         per_repeat: list[float] = []
         per_pair: dict[str, dict[str, Any]] = {}
+        limit = self.time_limit(trial)
+        trial.set_user_attr("time_limit_s", limit)
         try:
             for r in range(repeats):
                 seed = recipe.seed + r * 104_729
                 values = []
                 for i, pair in enumerate(self.pairs):
                     cb = self._level_callback(trial, i, pair, levels) if r == 0 else None
-                    left = self.cfg.trial_timeout - (time.perf_counter() - t0)
+                    left = limit - (time.perf_counter() - t0)
                     ps, _ = score_pair(recipe, pair, self.use_landmarks, seed=seed, level_callback=cb,
                                        folding=r == 0, time_limit=max(left, 0.001))
                     value = ps.value

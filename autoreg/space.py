@@ -8,8 +8,9 @@ narrow or drop it by the same name, and can also fix any other recipe field (``s
 Ranges follow from the fingerprint (see ``fingerprint`` for the rules):
 
 * the coarsest shrink never leaves fewer than 16 voxels on the shortest axis of the smallest pair;
-* the sampling fraction is raised, per trial, to what the coarsest level needs for the chosen histogram bins,
-  and the finest level never samples more than ``MAX_SAMPLES`` voxels (cost, not accuracy, beyond that);
+* the sampling fraction never samples more than ``MAX_SAMPLES`` voxels at full resolution (cost, not accuracy,
+  beyond that); per trial it is raised to what full resolution needs for the chosen histogram bins, and the
+  coarsest shrink is lowered until that fraction still leaves the coarsest level enough samples;
 * BSpline control points are spaced between ``1/32`` and ``1/2`` of the shortest extent (at least 4 voxels), so
   the grid always has 2 to 32 cells per axis and stays inside the image.
 """
@@ -208,23 +209,26 @@ class SearchSpace:
         s = f"stage{i}"
         levels = int(get(f"{s}.pyramid.levels"))
         coarsest = int(get(f"{s}.pyramid.coarsest_shrink")) if levels > 1 else 1
-        shrinks = shrink_schedule(coarsest, levels)
         factor = float(get(f"{s}.pyramid.sigma_factor")) if levels > 1 else 0.0
         last = float(get(f"{s}.pyramid.sigma_last"))
-        sigmas = tuple(round(factor * f, 6) for f in shrinks[:-1]) + (round(last, 6),)
-        pyramid = Pyramid(shrink_factors=shrinks, smoothing_sigmas=sigmas, sigma_units="voxel")
 
         metric_kind = get(f"{s}.metric.kind")
-        bins = int(get(f"{s}.metric.bins")) if metric_kind in ("mattes", "joint_hist_mi") else 50
+        histogram = metric_kind in ("mattes", "joint_hist_mi")
+        bins = int(get(f"{s}.metric.bins")) if histogram else 50
         # ITK's ANTS neighbourhood correlation is built for dense evaluation: sampled, it was 10-60x slower here.
         strategy = "none" if metric_kind == "ants_nc" else get(f"{s}.sampling.strategy")
         percentage = 1.0
         if strategy != "none":
+            size = self.fingerprint.smallest_size
             raw = float(get(f"{s}.sampling.percentage"))
-            need = min_sampling_fraction(
-                self.fingerprint.smallest_size, shrinks[0], bins if metric_kind in ("mattes", "joint_hist_mi") else None
-            )
-            percentage = round(min(1.0, max(raw, need)), 6)
+            # enough samples at full resolution for the chosen bins (cheap: a few thousand) ...
+            percentage = round(min(1.0, max(raw, min_sampling_fraction(size, 1, bins if histogram else None))), 6)
+            # ... and no level so coarse that this fraction leaves too few ("joint PDF summed to zero")
+            while coarsest > 1 and min_sampling_fraction(size, coarsest, bins if histogram else None) > percentage:
+                coarsest -= 1
+        shrinks = shrink_schedule(coarsest, min(levels, coarsest))
+        sigmas = tuple(round(factor * f, 6) for f in shrinks[:-1]) + (round(last, 6),)
+        pyramid = Pyramid(shrink_factors=shrinks, smoothing_sigmas=sigmas, sigma_units="voxel")
 
         opt_kind = get(f"{s}.optimizer.kind")
         opt: dict[str, Any] = {"kind": opt_kind, "iterations": int(get(f"{s}.optimizer.iterations"))}

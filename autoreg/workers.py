@@ -111,8 +111,11 @@ def run_worker(plan: WorkerPlan, worker_index: int) -> int:
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # a trial's problems are recorded on the trial
     objective = Objective(cfg, pairs, space, threads=plan.threads, prune=plan.prune)
     done = 0
+    parent = os.getppid()
     while True:
         if plan.deadline is not None and time.time() >= plan.deadline:
+            break
+        if os.getppid() != parent:  # whoever launched this worker is gone: stop rather than run on unseen
             break
         with budget_lock(plan.lock_path):
             if plan.n_trials is not None:

@@ -16,6 +16,7 @@ import SimpleITK as sitk
 from .config import PairSpec
 from .errors import UserError
 from .landmarks import read_landmarks
+from .registration import as_scalar_float
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,8 @@ def read_image(path: Path, *, source: str, key: str, pixel=sitk.sitkFloat32) -> 
         raise UserError(f"{path} is {image.GetDimension()}D; expected a 2D or 3D image", file=source, key=key)
     ncomp = image.GetNumberOfComponentsPerPixel()
     if ncomp > 1:
-        channels = [sitk.Cast(sitk.VectorIndexSelectionCast(image, i), sitk.sitkFloat32) for i in range(ncomp)]
-        if ncomp in (3, 4):  # RGB(A): ITU-R BT.601 luminance, as the histology data were prepared
-            image = channels[0] * 0.299 + channels[1] * 0.587 + channels[2] * 0.114
-        else:
-            image = sum(channels[1:], channels[0]) / float(ncomp)
         log.info("%s has %d components; registering its luminance", path, ncomp)
+        image = as_scalar_float(image)
     if min(image.GetSize()) < 4:
         raise UserError(f"{path} has size {image.GetSize()}; every axis needs at least 4 voxels", file=source, key=key)
     return sitk.Cast(image, pixel)

@@ -19,19 +19,5 @@ class UserError(Exception):
         super().__init__(": ".join([*parts, message]))
 
 
-class RegistrationFailed(Exception):
-    """A registration that could not run to its end (SimpleITK raised); ``reason`` is short and groupable."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-
-
-class RegistrationPruned(Exception):
-    """Raised through a level callback to stop a hopeless registration at a coarse level."""
-
-    def __init__(self, stage: int, level: int):
-        self.stage = stage
-        self.level = level
-        super().__init__(f"pruned after stage {stage} level {level}")
+# The engine's own exceptions live with the engine (it imports nothing of autoreg); re-exported here.
+from .registration import RegistrationFailed, RegistrationPruned  # noqa: E402,F401

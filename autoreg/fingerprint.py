@@ -20,9 +20,9 @@ from .data import PairData
 from .scoring import overlap_fraction, tre
 
 MIN_AXIS_VOXELS = 16
-MIN_SAMPLES_PER_BIN = 20
+MIN_SAMPLES_PER_BIN = 10
 #: The least number of metric samples regardless of bins (correlation and mean squares have none).
-MIN_SAMPLES = 1000
+MIN_SAMPLES = 256
 ANISOTROPY_WARN = 3.0
 SMALL_OVERLAP_WARN = 0.5
 #: Landmarks closer than this fraction of the extent (or 3 voxels) to an image border are flagged.
@@ -69,10 +69,18 @@ def level_voxels(size: tuple[int, ...], shrink: int) -> int:
     return int(np.prod([max(1, n // shrink) for n in size]))
 
 
+def samples_needed(bins: int | None) -> int:
+    return max(MIN_SAMPLES, MIN_SAMPLES_PER_BIN * (bins or 0))
+
+
 def min_sampling_fraction(size: tuple[int, ...], shrink: int, bins: int | None) -> float:
-    """The least sampling fraction giving the metric enough samples at a level shrunk by ``shrink``."""
-    need = max(MIN_SAMPLES, MIN_SAMPLES_PER_BIN * (bins or 0))
-    return min(1.0, need / level_voxels(size, shrink))
+    """The least sampling fraction giving the metric enough samples at a level shrunk by ``shrink`` (capped at 1)."""
+    return min(1.0, samples_needed(bins) / level_voxels(size, shrink))
+
+
+def enough_samples(size: tuple[int, ...], shrink: int, bins: int | None, fraction: float) -> bool:
+    """Whether sampling ``fraction`` of a level shrunk by ``shrink`` gives the metric enough samples."""
+    return fraction * level_voxels(size, shrink) >= samples_needed(bins)
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
+from .registration import threads_of
 
 RECIPE_FORMAT = 1
 
 TransformKind = Literal["translation", "rigid", "similarity", "affine", "bspline"]
 #: Stages must not decrease in freedom: a rigid stage after an affine one would throw freedom away.
 TRANSFORM_RANK = {"translation": 0, "rigid": 1, "similarity": 2, "affine": 3, "bspline": 4}
-LINEAR_KINDS = ("translation", "rigid", "similarity", "affine")
+from .registration import LINEAR_KINDS  # noqa: E402  (the engine owns the list of linear kinds)
 Unit = Literal["mm", "voxel"]
 
 
@@ -154,7 +155,7 @@ class Recipe(_Frozen):
 
     @property
     def effective_threads(self) -> int:
-        return 1 if self.deterministic else self.threads
+        return threads_of(self)
 
     def with_(self, **changes: Any) -> Recipe:
         """A copy with top-level fields replaced, validated again."""

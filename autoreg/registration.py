@@ -19,14 +19,51 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
 
-from .data import PairData
-from .errors import RegistrationFailed, RegistrationPruned
-from .recipe import LINEAR_KINDS, Recipe, Stage
+if TYPE_CHECKING:  # this module imports nothing of autoreg: `export --format python` ships its source as is
+    from .data import PairData
+    from .recipe import Recipe, Stage
+
+LINEAR_KINDS = ("translation", "rigid", "similarity", "affine")
+
+
+class RegistrationFailed(Exception):
+    """A registration that could not run to its end (SimpleITK raised); ``reason`` is short and groupable."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class RegistrationPruned(Exception):
+    """Raised through a level callback to stop a hopeless registration at a coarse level."""
+
+    def __init__(self, stage: int, level: int):
+        self.stage = stage
+        self.level = level
+        super().__init__(f"pruned after stage {stage} level {level}")
+
+
+def threads_of(recipe: Any) -> int:
+    """ITK threads a recipe asks for: 1 when deterministic, else its ``threads`` (0: ITK's default)."""
+    return 1 if recipe.deterministic else int(recipe.threads)
+
+
+def as_scalar_float(image: sitk.Image) -> sitk.Image:
+    """The image as float32 scalars; colour (RGB/RGBA) becomes ITU-R BT.601 luminance, other vectors their mean."""
+    ncomp = image.GetNumberOfComponentsPerPixel()
+    if ncomp > 1:
+        channels = [sitk.Cast(sitk.VectorIndexSelectionCast(image, i), sitk.sitkFloat32) for i in range(ncomp)]
+        if ncomp in (3, 4):
+            image = channels[0] * 0.299 + channels[1] * 0.587 + channels[2] * 0.114
+        else:
+            image = sum(channels[1:], channels[0]) / float(ncomp)
+    return sitk.Cast(image, sitk.sitkFloat32)
 
 log = logging.getLogger(__name__)
 
@@ -369,7 +406,7 @@ def register(
     t0 = time.perf_counter()
     frame = _Frame(pair)
     seed = recipe.seed if seed is None else seed
-    with itk_threads(recipe.effective_threads):
+    with itk_threads(threads_of(recipe)):
         try:
             deadline = None if time_limit is None else time.monotonic() + time_limit
             result = _run(recipe, frame, seed, level_callback, deadline)
@@ -490,8 +527,8 @@ def _run(recipe: Recipe, frame: _Frame, seed: int, level_callback: LevelCallback
         rm.SetShrinkFactorsPerLevel(list(stage.pyramid.shrink_factors))
         rm.SetSmoothingSigmasPerLevel(sigmas)
         rm.SetSmoothingSigmasAreSpecifiedInPhysicalUnits(physical)
-        if recipe.effective_threads > 0:
-            rm.SetNumberOfThreads(recipe.effective_threads)
+        if threads_of(recipe) > 0:
+            rm.SetNumberOfThreads(threads_of(recipe))
         _configure_optimizer(rm, stage)
 
         if stage.transform in LINEAR_KINDS:

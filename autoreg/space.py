@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from .config import SearchOverride, StudyConfig
 from .errors import UserError
-from .fingerprint import DatasetFingerprint, level_voxels, min_sampling_fraction
+from .fingerprint import DatasetFingerprint, enough_samples, level_voxels, min_sampling_fraction
 from .recipe import (
     LINEAR_KINDS,
     BSplineGrid,
@@ -217,15 +217,16 @@ class SearchSpace:
         bins = int(get(f"{s}.metric.bins")) if histogram else 50
         # ITK's ANTS neighbourhood correlation is built for dense evaluation: sampled, it was 10-60x slower here.
         strategy = "none" if metric_kind == "ants_nc" else get(f"{s}.sampling.strategy")
+        size = self.fingerprint.smallest_size
+        metric_bins = bins if histogram else None
         percentage = 1.0
         if strategy != "none":
-            size = self.fingerprint.smallest_size
             raw = float(get(f"{s}.sampling.percentage"))
             # enough samples at full resolution for the chosen bins (cheap: a few thousand) ...
-            percentage = round(min(1.0, max(raw, min_sampling_fraction(size, 1, bins if histogram else None))), 6)
-            # ... and no level so coarse that this fraction leaves too few ("joint PDF summed to zero")
-            while coarsest > 1 and min_sampling_fraction(size, coarsest, bins if histogram else None) > percentage:
-                coarsest -= 1
+            percentage = round(min(1.0, max(raw, min_sampling_fraction(size, 1, metric_bins))), 6)
+        # ... and no level so coarse that this fraction leaves too few ("joint PDF summed to zero")
+        while coarsest > 1 and not enough_samples(size, coarsest, metric_bins, percentage):
+            coarsest -= 1
         shrinks = shrink_schedule(coarsest, min(levels, coarsest))
         sigmas = tuple(round(factor * f, 6) for f in shrinks[:-1]) + (round(last, 6),)
         pyramid = Pyramid(shrink_factors=shrinks, smoothing_sigmas=sigmas, sigma_units="voxel")

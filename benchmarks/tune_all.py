@@ -1,0 +1,81 @@
+"""Issue 3's benchmark: tune every pair of ../shared/data with its fitting stages and compare with the default.
+
+    python benchmarks/tune_all.py [--trials 60] [--jobs 2] [--only SUBSTRING]
+
+Per pair and stage list: mean TRE of the default recipe (trial 0) and of the best after N trials, failed and pruned
+counts, and the trial at which the best came within 10 % of its final value. Results also go to
+benchmarks/results/tune_all.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import studyinfo  # noqa: E402
+from common import PAIR_STAGES, REPO, machine, require_shared_data, stamp, write_pair_yaml  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--trials", type=int, default=60)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--only", default="", help="run only pairs whose name contains this")
+    ap.add_argument("--stages", default="", help="run only this stage list, e.g. affine+bspline")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = ap.parse_args()
+    require_shared_data()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "tune_all.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    print(f"# tune_all: {args.trials} trials, --jobs {args.jobs} ({stamp()}, {machine()})")
+    header = f"{'pair':34s} {'stages':15s} {'default':>8s} {'tuned':>8s} {'ratio':>6s} {'fail':>4s} {'prune':>5s} {'@10%':>5s} {'min':>6s}"
+    print(header)
+    for name, stage_lists in PAIR_STAGES.items():
+        if args.only not in name:
+            continue
+        for stages in stage_lists:
+            if args.stages and "+".join(stages) != args.stages:
+                continue
+            pair = write_pair_yaml(out / "pairs", name, stages)
+            study_dir = out / "studies" / pair.stem
+            if study_dir.exists():
+                import shutil
+
+                shutil.rmtree(study_dir)
+            t0 = time.perf_counter()
+            proc = subprocess.run(
+                [sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", str(args.trials),
+                 "--jobs", str(args.jobs), "--seed", "0", "--study-dir", str(study_dir), "-q"],
+                capture_output=True, text=True,
+            )
+            wall = time.perf_counter() - t0
+            if proc.returncode != 0:
+                print(f"{name:34s} {'+'.join(stages):15s} tune failed: {proc.stderr.strip().splitlines()[-1:]}")
+                continue
+            fig = studyinfo.figures(studyinfo.load(study_dir, pair.stem))
+            fig["wall_s"] = wall
+            fig["trials_per_min"] = fig["trials"] / wall * 60
+            results[f"{name}:{'+'.join(stages)}"] = fig
+            results_path.write_text(json.dumps(results, indent=2))
+            base = fig["baseline"]
+            ratio = f"{fig['best'] / base:.3f}" if base and fig["best"] is not None else "-"
+            print(
+                f"{name:34s} {'+'.join(stages):15s} {_f(base):>8s} {_f(fig['best']):>8s} {ratio:>6s} "
+                f"{fig['failed']:>4d} {fig['pruned']:>5d} {str(fig['within_10pct_at_trial']):>5s} {wall / 60:>6.1f}",
+                flush=True,
+            )
+
+
+def _f(v) -> str:
+    return "FAIL" if v is None else f"{v:.3g}"
+
+
+if __name__ == "__main__":
+    main()

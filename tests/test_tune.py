@@ -1,0 +1,718 @@
+"""``autoreg tune`` / ``export`` end to end: real SimpleITK registrations on small synthetic pairs.
+
+Every study lives in ``tmp_path`` (``--study-dir``). The CLI runs in-process through ``autoreg.cli.main`` except
+where a process must die (SIGKILL, Ctrl-C): those run ``python -m autoreg.cli`` in a subprocess.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pytest
+import SimpleITK as sitk
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+
+from autoreg.cli import main
+from autoreg.config import load_config
+from autoreg.data import load_pair
+from autoreg.fingerprint import fingerprint_dataset
+from autoreg.objective import trial_seed
+from autoreg.recipe import default_recipe, recipe_from_dict, recipe_from_yaml, recipe_to_dict
+from autoreg.scoring import tre
+from autoreg.space import build_space
+from autoreg.synthetic import make_pair, write_pair
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: Any single trial of these tests is cut off here (a pathological recipe must not stall the suite).
+TRIAL_TIMEOUT = 30.0
+#: A subprocess that has not reached the state we wait for by then is a failure, not a hang.
+SUBPROCESS_WAIT_S = 120.0
+
+_PAIR_CACHE: dict[tuple, Any] = {}
+
+
+# --- helpers ----------------------------------------------------------------------------------------------------
+
+
+def _pair(size: tuple[int, ...], seed: int, transform: str = "affine"):
+    key = (size, seed, transform)
+    if key not in _PAIR_CACHE:
+        _PAIR_CACHE[key] = make_pair(size, transform=transform, seed=seed)
+    return _PAIR_CACHE[key]
+
+
+def write_study_files(
+    folder: Path,
+    *,
+    name: str = "syn",
+    stages: tuple[str, ...] = ("affine",),
+    size: tuple[int, ...] = (64, 64),
+    seed: int = 1,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """A synthetic pair (PNG + landmark CSVs) and a PAIR.yaml next to it; returns the yaml's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = write_pair(_pair(size, seed), folder)
+    doc: dict[str, Any] = {
+        "name": name,
+        "fixed": paths["fixed"].name,
+        "moving": paths["moving"].name,
+        "landmarks": {"fixed": paths["fixed_landmarks"].name, "moving": paths["moving_landmarks"].name},
+        "stages": list(stages),
+        "trial_timeout": TRIAL_TIMEOUT,
+    }
+    doc.update(extra or {})
+    path = folder / "PAIR.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def err_lines(self) -> list[str]:
+        return [ln for ln in self.err.splitlines() if ln.strip()]
+
+
+def cli(*argv: Any) -> Run:
+    """``autoreg.cli.main`` in-process with stdout/stderr captured (usable from module-scoped fixtures too)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return Run(code, out.getvalue(), err.getvalue())
+
+
+def tune(pair: Path, study_dir: Path, *args: Any) -> Run:
+    return cli("tune", pair, "--study-dir", study_dir, *args)
+
+
+def load_study(study_dir: Path, name: str = "syn") -> optuna.Study:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    journal = study_dir / "journal.log"
+    assert journal.is_file(), f"no journal at {journal}"
+    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(journal))))
+
+
+def trials_of(study_dir: Path, name: str = "syn") -> list[FrozenTrial]:
+    return load_study(study_dir, name).get_trials(deepcopy=False)
+
+
+def suggested(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """Trials whose recipe came from the search space (not the baseline, a user recipe or a retry)."""
+    return [t for t in trials if t.user_attrs.get("role") is None and "retry_of" not in t.user_attrs]
+
+
+def stripped(recipe_dict: dict) -> dict:
+    """A recipe without what a trial sets itself (seed, threads, provenance)."""
+    return {k: v for k, v in recipe_dict.items() if k not in ("seed", "threads", "provenance")}
+
+
+# --- one study shared by several tests ----------------------------------------------------------------------
+
+
+@dataclass
+class Tuned:
+    pair: Path
+    study_dir: Path
+    run: Run
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory: pytest.TempPathFactory) -> Tuned:
+    """``tune --trials 8 --jobs 1 --seed 3`` on a 64x64 affine pair, run once for the module."""
+    root = tmp_path_factory.mktemp("tuned")
+    pair = write_study_files(root / "data")
+    study_dir = root / "study"
+    run = tune(pair, study_dir, "--trials", 8, "--jobs", 1, "--seed", 3)
+    return Tuned(pair, study_dir, run)
+
+
+@pytest.fixture(scope="module")
+def resumed(tuned: Tuned, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[FrozenTrial], Run, list[FrozenTrial]]:
+    """A copy of the tuned study continued with ``--trials 12``: (trials before, the run, trials after)."""
+    assert tuned.run.code == 0, tuned.run.err
+    study_dir = tmp_path_factory.mktemp("resumed") / "study"
+    shutil.copytree(tuned.study_dir, study_dir)
+    before = trials_of(study_dir)
+    run = tune(tuned.pair, study_dir, "--trials", 12, "--jobs", 1, "--seed", 3, "-q")
+    return before, run, trials_of(study_dir)
+
+
+# --- 1. a study: storage, trial count, baseline, summary ---------------------------------------------------
+
+
+def test_tune_runs_the_requested_trials_in_a_journal(tuned: Tuned) -> None:
+    assert tuned.run.code == 0, tuned.run.err
+    journal = tuned.study_dir / "journal.log"
+    assert journal.is_file() and journal.stat().st_size > 0
+    study = load_study(tuned.study_dir)
+    trials = study.get_trials(deepcopy=False)
+    assert [t.number for t in trials] == list(range(8))
+    assert all(t.state.is_finished() for t in trials)
+    assert study.user_attrs["objective"] == "tre_mean"
+    assert study.user_attrs["seed"] == 3
+    assert study.user_attrs["stages"] == ["affine"]
+
+
+def test_trial_zero_is_the_default_recipe(tuned: Tuned) -> None:
+    first = trials_of(tuned.study_dir)[0]
+    assert first.user_attrs["role"] == "baseline"
+    assert first.state == TrialState.COMPLETE
+    expected = recipe_to_dict(default_recipe(["affine"], 2))
+    assert stripped(first.user_attrs["recipe"]) == stripped(expected)
+    assert first.user_attrs["recipe"]["seed"] == first.user_attrs["seed"]
+
+
+@pytest.mark.xfail(
+    reason="BUG: --seed reaches the sampler and the study's user attrs, but run_worker reloads PAIR.yaml, so the "
+    "Objective derives every trial's registration seed from PAIR.yaml's seed (0), not from --seed",
+    strict=True,
+)
+def test_seed_option_sets_the_registration_seeds(tuned: Tuned) -> None:
+    assert load_study(tuned.study_dir).user_attrs["seed"] == 3
+    for t in trials_of(tuned.study_dir):
+        assert t.user_attrs["seed"] == trial_seed(3, t.number), f"trial {t.number}"
+
+
+def test_tune_summary_names_best_baseline_and_study(tuned: Tuned) -> None:
+    trials = trials_of(tuned.study_dir)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = min(complete, key=lambda t: (t.value, t.number))
+    out = tuned.run.out
+    assert f"best tre_mean: {best.value:.4g} (trial {best.number})" in out
+    assert f"baseline (SimpleITK-notebooks default) tre_mean: {trials[0].value:.4g}" in out
+    assert f"study: {tuned.study_dir}" in out
+    assert "done: 8 trials" in out
+    assert "Traceback" not in tuned.run.err
+
+
+def test_rerun_continues_the_same_study_to_the_new_total(resumed) -> None:
+    before, run, after = resumed
+    assert run.code == 0, run.err
+    assert len(before) == 8
+    assert [t.number for t in after] == list(range(12))
+    assert all(t.state.is_finished() for t in after)
+    for old, new in zip(before, after):  # the first eight are kept as they were
+        assert (new.state, new.value, new.params) == (old.state, old.value, old.params)
+    assert sum(t.user_attrs.get("role") == "baseline" for t in after) == 1  # no second baseline
+    assert "done: 12 trials" in run.out
+
+
+@pytest.mark.xfail(
+    reason="BUG: a resumed run re-seeds the sampler with seed*1000+worker, so its startup trials replay the params "
+    "of trials 1, 2, ... already evaluated (study.make_sampler / workers.run_worker)",
+    strict=False,
+)
+def test_rerun_explores_new_points(resumed) -> None:
+    before, _, after = resumed
+    old = [t.params for t in suggested(before)]
+    new = [t.params for t in suggested(after[len(before):])]
+    assert new
+    assert not [p for p in new if p in old]
+
+
+# --- 2. what a trial records ---------------------------------------------------------------------------------
+
+
+def test_complete_trials_record_scores_levels_and_worker(tuned: Tuned) -> None:
+    complete = [t for t in trials_of(tuned.study_dir) if t.state == TrialState.COMPLETE]
+    assert len(complete) >= 4
+    worker = f"{socket.gethostname()}:{os.getpid()}"  # --jobs 1 runs in this process
+    for t in complete:
+        a = t.user_attrs
+        for key in ("tre_mean", "tre_median", "tre_p90", "tre_max", "runtime_s", "levels", "seed", "worker",
+                    "recipe", "pairs"):
+            assert key in a, f"trial {t.number} lacks {key}"
+        assert a["tre_mean"] == pytest.approx(t.value, rel=1e-12)
+        assert 0 <= a["tre_median"] <= a["tre_p90"] <= a["tre_max"]
+        assert a["tre_mean"] <= a["tre_max"]
+        assert a["runtime_s"] > 0
+        assert isinstance(a["seed"], int) and a["seed"] == a["recipe"]["seed"]
+        assert a["worker"] == worker
+        recipe = recipe_from_dict(a["recipe"])
+        levels = a["levels"]
+        assert isinstance(levels, list)
+        assert len(levels) == sum(len(s.pyramid.shrink_factors) for s in recipe.stages)
+        for lvl in levels:
+            assert {"stage", "level", "shrink", "iterations", "tre_mean", "pair"} <= set(lvl)
+            assert math.isfinite(lvl["tre_mean"])
+        assert levels[-1]["stop_condition"]
+        assert set(a["pairs"]) == {"syn"}
+        stats = a["pairs"]["syn"]
+        assert stats["tre_mean"] == pytest.approx(t.value, rel=1e-12)
+        assert stats["stop_conditions"] and all(isinstance(s, str) for s in stats["stop_conditions"])
+
+
+def test_stored_recipe_is_replayed_by_its_params(tuned: Tuned) -> None:
+    """``FixedTrial(trial.params)`` through ``space.suggest`` gives back the recipe the trial stored."""
+    cfg = load_config(tuned.pair)
+    space = build_space(cfg, fingerprint_dataset([load_pair(p) for p in cfg.pairs]))
+    trials = suggested(trials_of(tuned.study_dir))
+    assert len(trials) >= 5
+    for t in trials:
+        stored = t.user_attrs["recipe"]
+        replay = space.suggest(optuna.trial.FixedTrial(t.params, t.number), seed=t.user_attrs["seed"])
+        replay = replay.with_(threads=stored["threads"])
+        assert recipe_to_dict(replay) == stored, f"trial {t.number}"
+
+
+def test_value_is_the_mean_over_pairs(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for i, seed in enumerate((1, 2)):
+        write_pair(_pair((64, 64), seed), data / f"p{i}")
+    doc = {
+        "name": "two",
+        "pairs": [
+            {"name": f"p{i}", "fixed": f"p{i}/fixed.png", "moving": f"p{i}/moving.png",
+             "landmarks": {"fixed": f"p{i}/fixed_landmarks.csv", "moving": f"p{i}/moving_landmarks.csv"}}
+            for i in range(2)
+        ],
+        "stages": ["affine"],
+        "trial_timeout": TRIAL_TIMEOUT,
+    }
+    pair = data / "PAIR.yaml"
+    pair.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    run = tune(pair, tmp_path / "study", "--trials", 3, "--jobs", 1, "-q")
+    assert run.code == 0, run.err
+    complete = [t for t in trials_of(tmp_path / "study", "two") if t.state == TrialState.COMPLETE]
+    assert complete
+    for t in complete:
+        per = t.user_attrs["pairs"]
+        assert set(per) == {"p0", "p1"}
+        assert per["p0"]["tre_mean"] != per["p1"]["tre_mean"]
+        mean = (per["p0"]["tre_mean"] + per["p1"]["tre_mean"]) / 2
+        assert t.value == pytest.approx(mean, rel=1e-12)
+        assert t.user_attrs["tre_mean"] == pytest.approx(mean, rel=1e-12)
+        assert {lvl["pair"] for lvl in t.user_attrs["levels"]} == {"p0", "p1"}
+
+
+# --- 3. failures are recorded and the study goes on ----------------------------------------------------------
+
+_TOO_SPARSE = """\
+stages:
+  - transform: affine
+    metric: {kind: mattes, bins: 50}
+    sampling: {strategy: random, percentage: 0.0005}
+    pyramid: {shrink_factors: [4, 1], smoothing_sigmas: [1.0, 0.0], sigma_units: voxel}
+"""
+
+
+def test_a_failing_user_recipe_is_recorded_and_the_study_goes_on(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "sparse.yaml").write_text(_TOO_SPARSE, encoding="utf-8")
+    pair = write_study_files(data, extra={"enqueue": ["sparse.yaml"]})
+    run = tune(pair, tmp_path / "study", "--trials", 4, "--jobs", 1, "-q")
+    assert run.code == 0, run.err
+    trials = trials_of(tmp_path / "study")
+    assert len(trials) == 4
+    user = trials[1]
+    assert user.user_attrs["role"] == "user:sparse.yaml"
+    assert user.state == TrialState.FAIL
+    reason = user.user_attrs["fail_reason"]
+    assert isinstance(reason, str) and 0 < len(reason) <= 200 and "\n" not in reason
+    assert "Traceback" not in reason
+    assert "1 failed" in run.out
+    others = [t for t in trials if t.number != 1]
+    assert all(t.state == TrialState.COMPLETE for t in others), [(t.number, t.state) for t in others]
+
+
+def test_a_trial_timeout_fails_trials_not_the_study(tmp_path: Path) -> None:
+    pair = write_study_files(tmp_path / "data", extra={"trial_timeout": 0.001})
+    run = tune(pair, tmp_path / "study", "--trials", 3, "--jobs", 1, "-q")
+    assert run.code == 0, run.err
+    trials = trials_of(tmp_path / "study")
+    assert len(trials) == 3
+    assert all(t.state == TrialState.FAIL for t in trials)
+    for t in trials:
+        assert t.user_attrs["fail_reason"] == "time limit"
+    assert "best: no completed trial yet" in run.out
+    assert "baseline (SimpleITK-notebooks default) tre_mean: failed (time limit)" in run.out
+    # nothing to export yet: one clear line, exit 2
+    exp = cli("export", pair, "--study-dir", tmp_path / "study", "-o", tmp_path / "best.yaml")
+    assert exp.code == 2
+    assert len(exp.err_lines) == 1 and "no completed trial" in exp.err
+    assert not (tmp_path / "best.yaml").exists()
+
+
+@pytest.mark.xfail(
+    reason="BUG: Objective.recipe_for calls space.suggest for every trial, also for an enqueued user recipe, so that "
+    "trial stores random params unrelated to the recipe it ran (TPE learns the recipe's score at those params; "
+    "export's provenance.params is wrong if it wins)",
+    strict=True,
+)
+def test_user_recipe_trial_params_describe_its_recipe(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    recipe = default_recipe(["affine"], 2).with_(stages=[{
+        "transform": "affine", "sampling": {"strategy": "regular", "percentage": 0.5},
+        "pyramid": {"shrink_factors": [2, 1], "smoothing_sigmas": [1.0, 0.0], "sigma_units": "voxel"},
+    }])
+    (data / "mine.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe)), encoding="utf-8")
+    pair = write_study_files(data, extra={"enqueue": ["mine.yaml"]})
+    run = tune(pair, tmp_path / "study", "--trials", 2, "--jobs", 1, "-q")
+    assert run.code == 0, run.err
+    user = trials_of(tmp_path / "study")[1]
+    assert user.user_attrs["role"] == "user:mine.yaml"
+    stage = user.user_attrs["recipe"]["stages"][0]
+    ran = {"initializer.kind": "geometry", "stage0.metric.kind": stage["metric"]["kind"],
+           "stage0.sampling.strategy": stage["sampling"]["strategy"], "stage0.optimizer.kind": stage["optimizer"]["kind"]}
+    contradicting = {k: (user.params[k], v) for k, v in ran.items() if k in user.params and user.params[k] != v}
+    assert not contradicting
+
+
+# --- 4. search-space overrides --------------------------------------------------------------------------------
+
+
+def test_search_overrides_fix_narrow_and_drop(tmp_path: Path) -> None:
+    search = {
+        "stage0.metric.kind": "mattes",
+        "stage0.optimizer.iterations": {"low": 20, "high": 30},
+        "stage0.metric.bins": "drop",
+    }
+    pair = write_study_files(tmp_path / "data", extra={"search": search})
+    run = tune(pair, tmp_path / "study", "--trials", 6, "--jobs", 1, "-q")
+    assert run.code == 0, run.err
+    trials = trials_of(tmp_path / "study")
+    assert len(trials) == 6
+    sugg = suggested(trials)
+    assert len(sugg) == 5
+    for t in sugg:
+        assert "stage0.metric.kind" not in t.params and "stage0.metric.bins" not in t.params
+        assert 20 <= t.params["stage0.optimizer.iterations"] <= 30
+        stage = t.user_attrs["recipe"]["stages"][0]
+        assert stage["metric"]["kind"] == "mattes"
+        assert stage["metric"]["bins"] == 50  # dropped: the space's default
+        assert 20 <= stage["optimizer"]["iterations"] <= 30
+    # the baseline stays the SimpleITK default recipe whatever the overrides
+    assert stripped(trials[0].user_attrs["recipe"]) == stripped(recipe_to_dict(default_recipe(["affine"], 2)))
+
+
+_MISSPELT_FIELD = pytest.mark.xfail(
+    reason="BUG: a fixed value under a misspelt recipe-field path (stage0.metric.binz) passes SearchSpace's check; "
+    "every trial, the baseline too, then fails as 'invalid recipe' and tune exits 0",
+    strict=True,
+)
+
+
+@pytest.mark.parametrize(
+    "key", [pytest.param("stage0.metric.binz", marks=_MISSPELT_FIELD), "stage1.metric.bins", "pyramid.levels", "foo"]
+)
+def test_unknown_search_key_is_a_user_error(tmp_path: Path, key: str) -> None:
+    pair = write_study_files(tmp_path / "data", extra={"search": {key: 32}})
+    run = tune(pair, tmp_path / "study", "--trials", 2, "--jobs", 1, "-q")
+    assert run.code == 2, (run.out, run.err)
+    assert len(run.err_lines) == 1, run.err
+    assert f"search.{key}" in run.err and str(pair) in run.err
+    assert "Traceback" not in run.err
+
+
+# --- 5. parallel workers ------------------------------------------------------------------------------------
+
+
+def test_two_jobs_share_the_budget_exactly(tmp_path: Path) -> None:
+    pair = write_study_files(tmp_path / "data")
+    run = tune(pair, tmp_path / "study", "--trials", 10, "--jobs", 2)
+    assert run.code == 0, run.err
+    trials = trials_of(tmp_path / "study")
+    assert [t.number for t in trials] == list(range(10))
+    assert all(t.state.is_finished() for t in trials)
+    workers = {t.user_attrs["worker"] for t in trials}
+    hosts = {w.rpartition(":")[0] for w in workers}
+    pids = {int(w.rpartition(":")[2]) for w in workers}
+    assert hosts == {socket.gethostname()}
+    assert len(pids) == 2, workers
+    assert os.getpid() not in pids
+    assert "2 worker(s) x 1 ITK thread(s)" in run.out
+    assert all(t.user_attrs.get("threads") == 1 for t in trials)
+
+
+# --- 6. crash safety -------------------------------------------------------------------------------------------
+
+
+def _spawn_tune(pair: Path, study_dir: Path, log_dir: Path, trials: int = 500) -> subprocess.Popen:
+    """``python -m autoreg.cli tune`` in its own process; Ctrl-C restored (a background shell ignores it)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    out = open(log_dir / "stdout.txt", "ab")
+    err = open(log_dir / "stderr.txt", "ab")
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", str(trials), "--jobs", "1",
+             "--study-dir", str(study_dir)],
+            stdout=out, stderr=err, cwd=log_dir, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+    finally:
+        out.close()
+        err.close()
+
+
+def _wait_for_running(proc: subprocess.Popen, study_dir: Path, name: str, min_finished: int) -> None:
+    """Poll the journal until >= ``min_finished`` trials are finished and one is RUNNING inside its registration.
+
+    A trial has its recipe (all params suggested, ``threads`` recorded) just before its registration starts; a
+    short pause after that puts the signal inside SimpleITK rather than inside a journal write.
+    """
+    deadline = time.monotonic() + SUBPROCESS_WAIT_S
+    pid = f":{proc.pid}"
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"tune exited early with {proc.returncode}"
+        if (study_dir / "journal.log").is_file():
+            try:
+                trials = trials_of(study_dir, name)
+            except KeyError:  # the study is not created yet
+                trials = []
+            finished = sum(t.state.is_finished() for t in trials)
+            running = [
+                t for t in trials
+                if t.state == TrialState.RUNNING and t.user_attrs.get("worker", "").endswith(pid)
+                and "threads" in t.user_attrs
+            ]
+            if finished >= min_finished and running:
+                time.sleep(0.2)
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"no RUNNING trial after {min_finished} finished within {SUBPROCESS_WAIT_S} s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def _slow_pair(folder: Path, extra: dict[str, Any] | None = None) -> Path:
+    # 96x96: a trial lasts long enough to be caught RUNNING, and the retry stays cheap.
+    return write_study_files(folder, name="crash", size=(96, 96), seed=5, extra=extra)
+
+
+#: Suggested trials that spend their time inside the registration's ``Execute`` (dense ANTS correlation at full
+#: resolution; no rotation search, whose ``Execute`` has no Python callbacks).
+_ITK_BOUND = {"search": {"stage0.metric.kind": "ants_nc", "stage0.pyramid.levels": 1,
+                         "initializer.rotation_search": False,
+                         "stage0.optimizer.iterations": {"low": 300, "high": 500}}}
+
+
+def test_sigkill_leaves_a_trial_that_the_next_run_fails_and_retries(tmp_path: Path) -> None:
+    pair = _slow_pair(tmp_path / "data")
+    study_dir = tmp_path / "study"
+    killed: FrozenTrial | None = None
+    for _attempt in range(3):  # the kill may land between two trials: then try again on the same study
+        proc = _spawn_tune(pair, study_dir, tmp_path / "logs")
+        try:
+            _wait_for_running(proc, study_dir, "crash", min_finished=2)
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(timeout=30) == -signal.SIGKILL
+        finally:
+            _stop(proc)
+        running = [t for t in trials_of(study_dir, "crash") if t.state == TrialState.RUNNING]
+        if running:
+            assert len(running) == 1
+            killed = running[0]
+            break
+    assert killed is not None, "the worker was never killed in the middle of a trial"
+    assert killed.user_attrs["worker"] == f"{socket.gethostname()}:{proc.pid}"
+    before = trials_of(study_dir, "crash")
+    finished_before = [t for t in before if t.state.is_finished()]
+    assert len(finished_before) >= 2
+
+    total = len(before) + 2  # room for the retry and one more
+    run = tune(pair, study_dir, "--trials", total, "--jobs", 1, "-q")
+    assert run.code == 0, run.err
+    assert f"trial(s) left RUNNING by a dead worker were failed and queued again: [{killed.number}]" in run.out
+
+    after = trials_of(study_dir, "crash")
+    assert len(after) == total
+    assert not [t.number for t in after if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    by_number = {t.number: t for t in after}
+    for old in finished_before:  # nothing finished was lost or changed
+        new = by_number[old.number]
+        assert (new.state, new.value, new.params) == (old.state, old.value, old.params)
+    dead = by_number[killed.number]
+    assert dead.state == TrialState.FAIL
+    assert "worker died" in dead.user_attrs["fail_reason"]
+    retries = [t for t in after if t.user_attrs.get("retry_of") == killed.number]
+    assert len(retries) == 1
+    retry = retries[0]
+    assert retry.state.is_finished() and retry.number > killed.number
+    assert retry.params == killed.params
+    assert retry.user_attrs["worker"] == f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _kept(before: list[FrozenTrial], after: list[FrozenTrial]) -> None:
+    by_number = {t.number: t for t in after}
+    for old in before:
+        if old.state.is_finished():
+            new = by_number[old.number]
+            assert (new.state, new.value) == (old.state, old.value)
+
+
+def test_ctrl_c_exits_130_and_leaves_nothing_running(tmp_path: Path) -> None:
+    """Ctrl-C (repeated, as a user does until the prompt comes back): exit 130, completed trials kept."""
+    pair = _slow_pair(tmp_path / "data")
+    study_dir = tmp_path / "study"
+    proc = _spawn_tune(pair, study_dir, tmp_path / "logs")
+    try:
+        _wait_for_running(proc, study_dir, "crash", min_finished=2)
+        before = trials_of(study_dir, "crash")
+        deadline = time.monotonic() + SUBPROCESS_WAIT_S
+        while proc.poll() is None and time.monotonic() < deadline:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+        assert proc.poll() is not None, "tune did not stop on Ctrl-C"
+        assert proc.returncode == 130
+    finally:
+        _stop(proc)
+    out = (tmp_path / "logs" / "stdout.txt").read_text()
+    err = (tmp_path / "logs" / "stderr.txt").read_text()
+    assert "interrupted:" in out and "finished trials are kept" in out
+    after = trials_of(study_dir, "crash")
+    assert not [t.number for t in after if t.state == TrialState.RUNNING]
+    _kept(before, after)
+    assert any(t.user_attrs.get("fail_reason") == "interrupted" for t in after)
+
+
+@pytest.mark.xfail(
+    reason="BUG: Ctrl-C during a registration raises KeyboardInterrupt inside SimpleITK's Python command callback; "
+    "ITK turns it into RuntimeError('There was an error executing the Python Callable'), the trial is recorded as "
+    "FAIL with that reason and the study goes on (registration._LevelTracker / register)",
+    strict=False,
+)
+def test_one_ctrl_c_during_a_registration_stops_tune(tmp_path: Path) -> None:
+    pair = _slow_pair(tmp_path / "data", _ITK_BOUND)
+    study_dir = tmp_path / "study"
+    proc = _spawn_tune(pair, study_dir, tmp_path / "logs")
+    try:
+        _wait_for_running(proc, study_dir, "crash", min_finished=1)
+        before = trials_of(study_dir, "crash")
+        proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            now = trials_of(study_dir, "crash")
+            swallowed = [t for t in now if "Python Callable" in str(t.user_attrs.get("fail_reason", ""))]
+            assert not swallowed, f"Ctrl-C recorded as a failed trial: {swallowed[0].user_attrs['fail_reason']}"
+            assert len(now) <= len(before) + 1, "tune went on with new trials after Ctrl-C"
+            time.sleep(0.1)
+        assert proc.returncode == 130
+    finally:
+        _stop(proc)
+    assert "Traceback" not in (tmp_path / "logs" / "stderr.txt").read_text()
+    after = trials_of(study_dir, "crash")
+    assert not [t.number for t in after if t.state == TrialState.RUNNING]
+    _kept(before, after)
+    assert not [t.number for t in after if "Python Callable" in str(t.user_attrs.get("fail_reason", ""))]
+    assert len(after) <= len(before) + 1
+
+
+# --- 7. export and apply -----------------------------------------------------------------------------------------
+
+
+def test_export_writes_the_best_recipe_with_provenance(tuned: Tuned, tmp_path: Path) -> None:
+    out = tmp_path / "best.yaml"
+    run = cli("export", tuned.pair, "--study-dir", tuned.study_dir, "-o", out)
+    assert run.code == 0, run.err
+    study = load_study(tuned.study_dir)
+    best = min((t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: (t.value, t.number))
+    assert f"trial {best.number}" in run.out
+    recipe = recipe_from_yaml(out.read_text(encoding="utf-8"), source=str(out))
+    prov = recipe.provenance
+    assert prov is not None
+    assert set(prov["versions"]) >= {"autoreg", "SimpleITK", "optuna"}
+    assert prov["versions"]["optuna"] == optuna.__version__
+    assert prov["study"] == "syn"
+    assert prov["trial"] == best.number
+    assert prov["score"] == best.value
+    fp = prov["fingerprint"]
+    assert fp["dim"] == 2 and len(fp["pairs"]) == 1
+    assert fp["pairs"][0]["fixed"]["sha256"]
+    assert stripped(recipe_to_dict(recipe.with_(provenance=None))) == stripped(best.user_attrs["recipe"])
+    assert recipe.seed == best.user_attrs["seed"]
+
+    # apply on the tuning pair reproduces the study's score
+    data = tuned.pair.parent
+    tfm = tmp_path / "t.tfm"
+    applied = cli("apply", out, "--fixed", data / "fixed.png", "--moving", data / "moving.png", "--transform-out", tfm)
+    assert applied.code == 0, applied.err
+    transform = sitk.ReadTransform(str(tfm))
+    fixed = sitk.ReadImage(str(data / "fixed.png"))
+    fixed_points = np.loadtxt(data / "fixed_landmarks.csv", delimiter=",", skiprows=1)
+    moving_points = np.loadtxt(data / "moving_landmarks.csv", delimiter=",", skiprows=1)
+    score = tre(transform, fixed_points, moving_points, fixed).mean
+    assert score == pytest.approx(best.value, rel=1e-6)
+
+
+def test_export_before_tune_is_a_user_error(tmp_path: Path) -> None:
+    pair = write_study_files(tmp_path / "data")
+    run = cli("export", pair, "--study-dir", tmp_path / "nothing", "-o", tmp_path / "best.yaml")
+    assert run.code == 2
+    assert len(run.err_lines) == 1, run.err
+    assert "autoreg tune" in run.err
+    assert not (tmp_path / "best.yaml").exists()
+
+
+# --- 8. determinism of the search -------------------------------------------------------------------------------
+
+
+def test_same_seed_same_trial_params(tuned: Tuned, tmp_path: Path) -> None:
+    run = tune(tuned.pair, tmp_path / "again", "--trials", 5, "--jobs", 1, "--seed", 3, "-q")
+    assert run.code == 0, run.err
+    first = trials_of(tuned.study_dir)[:5]
+    again = trials_of(tmp_path / "again")
+    assert [t.params for t in again] == [t.params for t in first]
+    assert [t.user_attrs["seed"] for t in again] == [t.user_attrs["seed"] for t in first]
+
+    other = tune(tuned.pair, tmp_path / "other", "--trials", 2, "--jobs", 1, "--seed", 4, "-q")
+    assert other.code == 0, other.err
+    assert trials_of(tmp_path / "other")[1].params != first[1].params
+
+
+# --- 10. real data -----------------------------------------------------------------------------------------------
+
+
+def test_tune_on_real_brain_pair_beats_or_ties_the_baseline(tmp_path: Path) -> None:
+    folder = SHARED_DATA / "itk_brain_pd_shift13x17"
+    if not folder.is_dir():
+        pytest.skip(f"real data not present: {folder} (../shared/data holds the real pairs with landmarks)")
+    doc = {
+        "name": "brain",
+        "fixed": str(folder / "fixed.png"),
+        "moving": str(folder / "moving.png"),
+        "landmarks": {"fixed": str(folder / "fixed_landmarks.csv"), "moving": str(folder / "moving_landmarks.csv")},
+        "stages": ["rigid"],
+        "trial_timeout": TRIAL_TIMEOUT,
+    }
+    pair = tmp_path / "PAIR.yaml"
+    pair.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    run = tune(pair, tmp_path / "study", "--trials", 6, "--jobs", 1, "-q")
+    assert run.code == 0, run.err
+    trials = trials_of(tmp_path / "study", "brain")
+    assert len(trials) == 6
+    base = trials[0]
+    assert base.user_attrs["role"] == "baseline" and base.state == TrialState.COMPLETE
+    best = min((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    assert best.value <= base.value
+    assert best.value < 21.40  # better than no registration at all (13, 17) px

@@ -261,7 +261,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_best
 
     cfg, directory, spec = _open_study_args(args)
-    text, trial = export_best(cfg, spec, fmt=args.format)
+    if args.repeats < 0:
+        raise UserError("expected 0 or more repeats", key="--repeats")
+    text, trial = export_best(cfg, spec, fmt=args.format, repeats=args.repeats)
     out = Path(args.output)
     try:
         out.write_text(text, encoding="utf-8")
@@ -269,6 +271,48 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError(f"cannot write ({err.strerror})", file=out) from None
     _out(f"trial {trial.number} (score {trial.value:.4g}) written to {out} as {args.format}")
     return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from .config import load_config
+    from .data import load_pair
+    from .evaluate import evaluate
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    cfg = load_config(args.pair)
+    if args.repeats < 1:
+        raise UserError("expected at least one repeat", key="--repeats")
+    specs = list(cfg.holdout) if args.holdout_only else [*cfg.pairs, *cfg.holdout]
+    if not specs:
+        raise UserError("no holdout pairs in the file", file=cfg.path, key="holdout")
+    pairs = [load_pair(p) for p in specs]
+    ev = evaluate(recipe, pairs, repeats=args.repeats, use_landmarks=cfg.uses_landmarks, deterministic=args.deterministic)
+    tuned_on = {p.get("name") for p in ((recipe.provenance or {}).get("fingerprint") or {}).get("pairs", [])}
+    mode = "deterministic (1 thread, the recipe's seed)" if args.deterministic else "sampling seeds varied"
+    _out(f"{ev.metric} of {args.recipe} over {args.repeats} repeat(s), {mode}")
+    _out(f"{'pair':32s} {'mean':>9s} {'std':>9s} {'min':>9s} {'max':>9s}  notes")
+    for p, spec in zip(ev.pairs, specs):
+        sp = p.spread
+        notes = []
+        if spec in cfg.holdout:
+            notes.append("holdout")
+        if p.name in tuned_on:
+            notes.append("tuned on")
+        if p.failures:
+            notes.append(f"{len(p.failures)} failed: {'; '.join(sorted(set(p.failures)))}")
+        _out(f"{p.name:32s} {_num(sp['mean'])} {_num(sp['std'])} {_num(sp['min'])} {_num(sp['max'])}  {', '.join(notes)}")
+    o = ev.overall
+    _out(f"{'overall (mean over pairs)':32s} {_num(o['mean'])} {_num(o['std'])} {_num(o['min'])} {_num(o['max'])}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(ev.as_dict(), indent=2), encoding="utf-8")
+    return EXIT_FAILED if any(p.failures for p in ev.pairs) else EXIT_OK
+
+
+def _num(v) -> str:
+    return f"{v:9.4g}" if v is not None else f"{'-':>9s}"
 
 
 # --- the parser -----------------------------------------------------------------------------------------------
@@ -300,7 +344,18 @@ def build_parser() -> argparse.ArgumentParser:
     _study_args(p)
     p.add_argument("-o", "--output", required=True, help="RECIPE.yaml (or recipe.py with --format python)")
     p.add_argument("--format", choices=("yaml", "python"), default="yaml")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="re-run the best recipe this many times under other seeds and store the spread (0: skip)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="score a recipe on pairs, repeated to show its run-to-run spread")
+    p.add_argument("recipe", help="RECIPE.yaml")
+    p.add_argument("pair", help="PAIR.yaml whose pairs (and holdout pairs) to score")
+    p.add_argument("--repeats", type=int, default=1, help="runs per pair under different sampling seeds")
+    p.add_argument("--deterministic", action="store_true", help="one thread and the recipe's own seed: repeats must be identical")
+    p.add_argument("--holdout-only", action="store_true", help="only the pairs under 'holdout:'")
+    p.add_argument("--json", help="also write the figures as JSON")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("check", help="validate PAIR.yaml and its data without tuning")
     p.add_argument("pair", help="PAIR.yaml")

@@ -45,9 +45,25 @@ def best_recipe(study: optuna.Study, spec: StorageSpec, *, source: str) -> tuple
     return recipe.with_(provenance=provenance_of(study, trial, spec)), trial
 
 
-def export_best(cfg: StudyConfig, spec: StorageSpec, *, fmt: str = "yaml") -> tuple[str, optuna.trial.FrozenTrial]:
+def measured_spread(recipe: Recipe, cfg: StudyConfig, repeats: int) -> dict[str, Any]:
+    """The recipe re-run ``repeats`` times on the pairs it was tuned on under other sampling seeds."""
+    from .data import load_pair
+    from .evaluate import evaluate
+
+    ev = evaluate(recipe, [load_pair(p) for p in cfg.pairs], repeats=repeats, use_landmarks=cfg.uses_landmarks)
+    d = ev.as_dict()
+    return {"repeats": repeats, "metric": d["metric"], "overall": d["overall"],
+            "pairs": {k: {kk: v[kk] for kk in ("mean", "std", "min", "max")} for k, v in d["pairs"].items()}}
+
+
+def export_best(cfg: StudyConfig, spec: StorageSpec, *, fmt: str = "yaml", repeats: int = 0
+                ) -> tuple[str, optuna.trial.FrozenTrial]:
     study = load_existing(cfg, spec)
     recipe, trial = best_recipe(study, spec, source=str(cfg.path))
+    if repeats > 0:
+        prov = dict(recipe.provenance or {})
+        prov["spread"] = measured_spread(recipe, cfg, repeats)
+        recipe = recipe.with_(provenance=prov)
     if fmt == "yaml":
         return recipe_to_yaml(recipe), trial
     from .script import recipe_to_script

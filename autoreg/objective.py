@@ -41,6 +41,11 @@ def trial_seed(study_seed: int, trial_number: int) -> int:
     return int((study_seed * 1_000_003 + trial_number * 7919 + 17) % (2**31 - 2))
 
 
+def repeat_seed(seed: int, repeat: int) -> int:
+    """The sampling seed of repeat ``repeat`` of a recipe whose seed is ``seed`` (repeat 0 is the recipe's own)."""
+    return int((seed + repeat * 104_729) % (2**31 - 2))
+
+
 @dataclass
 class PairScore:
     value: float
@@ -161,7 +166,7 @@ class Objective:
         trial.set_user_attr("time_limit_s", limit)
         try:
             for r in range(repeats):
-                seed = recipe.seed + r * 104_729
+                seed = repeat_seed(recipe.seed, r)
                 values = []
                 for i, pair in enumerate(self.pairs):
                     cb = self._level_callback(trial, i, pair, levels) if r == 0 else None

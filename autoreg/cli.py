@@ -229,11 +229,27 @@ def cmd_tune(args: argparse.Namespace) -> int:
             f"baseline (SimpleITK-notebooks default) {metric}: "
             + (f"{base.value:.4g}" if base.value is not None else f"failed ({base.user_attrs.get('fail_reason', base.state.name)})")
         )
+    if best is not None and cfg.holdout and not interrupted:
+        _report_holdout(cfg, best)
     _out(f"study: {directory} (storage {spec.display})")
     if interrupted:
         _out("finished trials are kept; run the same command again to continue")
         return EXIT_INTERRUPTED
     return EXIT_OK
+
+
+def _report_holdout(cfg, best) -> None:
+    """The best recipe on the pairs listed under 'holdout:' (never tuned on): how well it generalises."""
+    from .data import load_pair
+    from .evaluate import evaluate
+    from .objective import RECIPE_ATTR
+    from .recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(best.user_attrs[RECIPE_ATTR], source=f"trial {best.number}")
+    ev = evaluate(recipe, [load_pair(p) for p in cfg.holdout], use_landmarks=cfg.uses_landmarks)
+    for p in ev.pairs:
+        value = f"{p.values[0]:.4g}" if p.values else f"failed ({p.failures[0]})"
+        _out(f"holdout {p.name}: {ev.metric} {value}")
 
 
 def _launch(plan, jobs: int, study) -> None:

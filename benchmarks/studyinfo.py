@@ -30,6 +30,16 @@ def figures(study: optuna.Study) -> dict:
             if running <= 1.1 * best:
                 within = t.number
                 break
+    within_gain = None  # first trial whose best-so-far closed 90 % of the gap between the baseline and the best
+    base_value = baseline.value if baseline is not None and baseline.value is not None else None
+    if best is not None and base_value is not None and base_value > best:
+        running = float("inf")
+        for t, v in zip(trials, values):
+            if v is not None:
+                running = min(running, v)
+            if running <= best + 0.1 * (base_value - best):
+                within_gain = t.number
+                break
     reasons: dict[str, int] = {}
     for t in trials:
         if t.state == TrialState.FAIL:
@@ -52,6 +62,7 @@ def figures(study: optuna.Study) -> dict:
         "baseline": baseline.value if baseline is not None else None,
         "baseline_state": baseline.state.name if baseline is not None else None,
         "within_10pct_at_trial": within,
+        "within_10pct_of_gain_at_trial": within_gain,
         "span_s": span,
         "registration_s": sum(t.user_attrs.get("runtime_s", 0.0) for t in trials),
     }

@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="run only pairs whose name contains this")
     ap.add_argument("--stages", default="", help="run only this stage list, e.g. affine+bspline")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--report", action="store_true", help="only print the table from the studies already run")
     args = ap.parse_args()
     require_shared_data()
     out = Path(args.out)
@@ -35,8 +36,7 @@ def main() -> None:
     results_path = out / "tune_all.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     print(f"# tune_all: {args.trials} trials, --jobs {args.jobs} ({stamp()}, {machine()})")
-    header = f"{'pair':34s} {'stages':15s} {'default':>8s} {'tuned':>8s} {'ratio':>6s} {'fail':>4s} {'prune':>5s} {'@10%':>5s} {'min':>6s}"
-    print(header)
+    print(HEADER)
     for name, stage_lists in PAIR_STAGES.items():
         if args.only not in name:
             continue
@@ -45,6 +45,12 @@ def main() -> None:
                 continue
             pair = write_pair_yaml(out / "pairs", name, stages)
             study_dir = out / "studies" / pair.stem
+            key = f"{name}:{'+'.join(stages)}"
+            if args.report:
+                if study_dir.exists() and key in results:
+                    fig = {**results[key], **studyinfo.figures(studyinfo.load(study_dir, pair.stem))}
+                    print(row(name, stages, fig))
+                continue
             if study_dir.exists():
                 import shutil
 
@@ -62,15 +68,25 @@ def main() -> None:
             fig = studyinfo.figures(studyinfo.load(study_dir, pair.stem))
             fig["wall_s"] = wall
             fig["trials_per_min"] = fig["trials"] / wall * 60
-            results[f"{name}:{'+'.join(stages)}"] = fig
+            results[key] = fig
             results_path.write_text(json.dumps(results, indent=2))
-            base = fig["baseline"]
-            ratio = f"{fig['best'] / base:.3f}" if base and fig["best"] is not None else "-"
-            print(
-                f"{name:34s} {'+'.join(stages):15s} {_f(base):>8s} {_f(fig['best']):>8s} {ratio:>6s} "
-                f"{fig['failed']:>4d} {fig['pruned']:>5d} {str(fig['within_10pct_at_trial']):>5s} {wall / 60:>6.1f}",
-                flush=True,
-            )
+            print(row(name, stages, fig), flush=True)
+
+
+HEADER = (
+    f"{'pair':34s} {'stages':15s} {'default':>8s} {'tuned':>9s} {'ratio':>6s} {'fail':>4s} {'prune':>5s} "
+    f"{'@10%':>5s} {'@gain':>5s} {'t/min':>6s} {'min':>6s}"
+)
+
+
+def row(name: str, stages: list[str], fig: dict) -> str:
+    base = fig["baseline"]
+    ratio = f"{fig['best'] / base:.3f}" if base and fig["best"] is not None else "-"
+    return (
+        f"{name:34s} {'+'.join(stages):15s} {_f(base):>8s} {_f(fig['best']):>9s} {ratio:>6s} "
+        f"{fig['failed']:>4d} {fig['pruned']:>5d} {str(fig['within_10pct_at_trial']):>5s} "
+        f"{str(fig.get('within_10pct_of_gain_at_trial')):>5s} {fig['trials_per_min']:>6.1f} {fig['wall_s'] / 60:>6.1f}"
+    )
 
 
 def _f(v) -> str:

@@ -160,15 +160,10 @@ def _open_study_args(args: argparse.Namespace):
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    import os
-    import time
-
     from .data import load_pair
     from .fingerprint import fingerprint_dataset, provenance
-    from .progress import ProgressMonitor, snapshot
     from .space import build_space
-    from .study import baseline_trial, best_trial, create_or_load, reap_stale_trials, write_study_info
-    from .workers import WorkerPlan, run_worker, threads_per_worker
+    from .study import TuneLock, create_or_load, write_study_info
 
     cfg, directory, spec = _open_study_args(args)
     if args.trials is not None and args.trials < 1:
@@ -185,7 +180,19 @@ def cmd_tune(args: argparse.Namespace) -> int:
     prov = provenance(pairs, fp)
     write_study_info(directory, cfg, spec, prov)
     study = create_or_load(cfg, spec, space, prov)
-    reaped = reap_stale_trials(study)
+    with TuneLock(directory) as alone:
+        return _tune(args, cfg, directory, spec, study, alone)
+
+
+def _tune(args, cfg, directory, spec, study, alone: bool) -> int:
+    import os
+    import time
+
+    from .progress import ProgressMonitor, snapshot
+    from .study import baseline_trial, best_trial, reap_stale_trials
+    from .workers import StopRequest, WorkerPlan, threads_per_worker
+
+    reaped = reap_stale_trials(study, alone=alone and spec.local_journal)
     if reaped:
         _out(f"{len(reaped)} trial(s) left RUNNING by a dead worker were failed and queued again: {reaped}")
     target = args.trials if args.trials is not None else (None if args.timeout else DEFAULT_TRIALS)
@@ -201,6 +208,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         seed=cfg.seed,
         threads=threads,
         prune=cfg.prune,
+        stop_file=str(directory / f"stop.{os.getpid()}"),
     )
     before = snapshot(study)
     if not args.quiet:
@@ -210,12 +218,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
         )
     emit = (lambda line: None) if args.quiet else _out
     t0 = time.monotonic()
+    stop = StopRequest(plan.stop_file)
+    stop.install()
     interrupted = False
     try:
         with ProgressMonitor(study, emit, target=target, timeout=args.timeout):
-            _launch(plan, jobs, study)
-    except KeyboardInterrupt:
+            _launch(plan, jobs, study, stop)
+    except KeyboardInterrupt:  # a second Ctrl-C
         interrupted = True
+    finally:
+        stop.uninstall()
+        Path(plan.stop_file).unlink(missing_ok=True)
+    interrupted = interrupted or stop()
     snap = snapshot(study)
     best, base = best_trial(study), baseline_trial(study)
     metric = study.user_attrs.get("objective", "score")
@@ -252,7 +266,7 @@ def _report_holdout(cfg, best) -> None:
         _out(f"holdout {p.name}: {ev.metric} {value}")
 
 
-def _launch(plan, jobs: int, study) -> None:
+def _launch(plan, jobs: int, study, stop) -> None:
     """Run the workers; a worker that dies is replaced after its RUNNING trial is failed and queued again."""
     from joblib import Parallel, delayed
     from joblib.externals.loky.process_executor import TerminatedWorkerError
@@ -261,13 +275,15 @@ def _launch(plan, jobs: int, study) -> None:
     from .workers import run_worker
 
     if jobs == 1:
-        run_worker(plan, 0)
+        run_worker(plan, 0, stop)
         return
     for attempt in range(4):
         try:
             Parallel(n_jobs=jobs, backend="loky")(delayed(run_worker)(plan, i + attempt * jobs) for i in range(jobs))
             return
         except TerminatedWorkerError as err:
+            if stop():
+                return
             reaped = reap_stale_trials(study)
             log.warning("a worker died (%s); failed and re-queued trials %s", str(err).splitlines()[0], reaped)
     raise UserError("workers keep dying (out of memory?); see the failed trials", key="--jobs")
@@ -331,6 +347,39 @@ def _num(v) -> str:
     return f"{v:9.4g}" if v is not None else f"{'-':>9s}"
 
 
+# --- report / dashboard -----------------------------------------------------------------------------------------
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report, render_html
+
+    cfg, directory, spec = _open_study_args(args)
+    data = build_report(cfg, spec, directory)
+    out = Path(args.output)
+    try:
+        out.write_text(render_html(data), encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"cannot write ({err.strerror})", file=out) from None
+    c = data.counts
+    best = f"best {data.objective} {data.best.value:.4g} (trial {data.best.number})" if data.best else "no completed trial yet"
+    _out(f"report of {cfg.name} ({c.get('COMPLETE', 0)} complete, {c.get('PRUNED', 0)} pruned, {c.get('FAIL', 0)} failed; "
+         f"{best}) written to {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return EXIT_OK
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from .dashboard import dashboard_url, serve
+
+    cfg, directory, spec = _open_study_args(args)
+    _out(f"optuna-dashboard for study {cfg.name} (storage {spec.display}) at {dashboard_url(args.host, args.port)}; "
+         "Ctrl-C stops it")
+    try:
+        serve(cfg, spec, directory, host=args.host, port=args.port)
+    except KeyboardInterrupt:
+        _out("dashboard stopped")
+    return EXIT_OK
+
+
 # --- the parser -----------------------------------------------------------------------------------------------
 
 
@@ -372,6 +421,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout-only", action="store_true", help="only the pairs under 'holdout:'")
     p.add_argument("--json", help="also write the figures as JSON")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="write an offline HTML report of the study")
+    p.add_argument("pair", help="PAIR.yaml")
+    _study_args(p)
+    p.add_argument("-o", "--output", required=True, help="report.html")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("dashboard", help="serve optuna-dashboard over the study's storage")
+    p.add_argument("pair", help="PAIR.yaml")
+    _study_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("check", help="validate PAIR.yaml and its data without tuning")
     p.add_argument("pair", help="PAIR.yaml")

@@ -53,9 +53,10 @@ class PairScore:
 
 
 def score_pair(recipe: Recipe, pair: PairData, use_landmarks: bool, *, seed: int, level_callback=None,
-               folding: bool = False, time_limit: float | None = None) -> tuple[PairScore, Any]:
+               folding: bool = False, time_limit: float | None = None, should_stop=None) -> tuple[PairScore, Any]:
     """Register one pair and score it: mean TRE with landmarks, else the holdout loss (2 - NMI)."""
-    result = register(recipe, pair, seed=seed, level_callback=level_callback, time_limit=time_limit)
+    result = register(recipe, pair, seed=seed, level_callback=level_callback, time_limit=time_limit,
+                      should_stop=should_stop)
     stats: dict[str, Any] = {"runtime_s": round(result.seconds, 4), "stop_conditions": result.stop_conditions}
     if use_landmarks:
         t = tre(result.transform, pair.fixed_points, pair.moving_points, pair.fixed)
@@ -94,6 +95,10 @@ class Objective:
         self.n_stages = len(cfg.stages)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self._baseline_runtime: float | None = None
+        #: Polled at every optimizer iteration: true once the user asked to stop (Ctrl-C).
+        self.should_stop = None
+        #: The last trial's transform per pair (first repeat): the worker stores pictures of an improving trial.
+        self.last_transforms: dict[str, sitk.Transform] = {}
 
     def time_limit(self, trial: optuna.Trial) -> float:
         """The configured trial timeout, or 30x the baseline's runtime (at least 60 s; 600 s until it is known)."""
@@ -110,9 +115,13 @@ class Objective:
 
     def recipe_for(self, trial: optuna.Trial) -> Recipe:
         seed = trial_seed(self.cfg.seed, trial.number)
-        suggested = self.space.suggest(trial, seed=seed)
         attached = trial.user_attrs.get(RECIPE_ATTR)
-        recipe = recipe_from_dict(attached, source=f"trial {trial.number}") if attached else suggested
+        # an enqueued recipe (the baseline, a user's) runs as it is and records no search parameters, so the
+        # sampler never credits its score to a point of the space it did not run
+        if attached:
+            recipe = recipe_from_dict(attached, source=f"trial {trial.number}")
+        else:
+            recipe = self.space.suggest(trial, seed=seed)
         changes: dict[str, Any] = {"seed": seed, "provenance": None}
         if self.cfg.deterministic:
             changes["deterministic"] = True
@@ -150,6 +159,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         t0 = time.perf_counter()
+        self.last_transforms = {}
         trial.set_user_attr("worker", self.worker)
         try:
             recipe = self.recipe_for(trial)
@@ -171,8 +181,10 @@ class Objective:
                 for i, pair in enumerate(self.pairs):
                     cb = self._level_callback(trial, i, pair, levels) if r == 0 else None
                     left = limit - (time.perf_counter() - t0)
-                    ps, _ = score_pair(recipe, pair, self.use_landmarks, seed=seed, level_callback=cb,
-                                       folding=r == 0, time_limit=max(left, 0.001))
+                    ps, result = score_pair(recipe, pair, self.use_landmarks, seed=seed, level_callback=cb,
+                                            folding=r == 0, time_limit=max(left, 0.001), should_stop=self.should_stop)
+                    if r == 0:
+                        self.last_transforms[pair.name] = result.transform
                     value = ps.value
                     if self.cfg.objective.folding_penalty > 0:
                         value += self.cfg.objective.folding_penalty * 100.0 * ps.stats.get("folding_fraction", 0.0)

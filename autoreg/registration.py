@@ -399,17 +399,19 @@ def register(
     level_callback: LevelCallback | None = None,
     seed: int | None = None,
     time_limit: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> RegistrationResult:
     """Run ``recipe`` on ``pair``; raises ``RegistrationFailed`` with a short reason, or ``RegistrationPruned``
     when ``level_callback`` raised it. ``seed`` overrides the recipe's sampling seed; past ``time_limit`` seconds
-    the registration stops at its next iteration and fails with reason 'time limit'."""
+    the registration stops at its next iteration and fails with reason 'time limit'; when ``should_stop()`` turns
+    true (Ctrl-C) it stops likewise with reason 'interrupted'."""
     t0 = time.perf_counter()
     frame = _Frame(pair)
     seed = recipe.seed if seed is None else seed
     with itk_threads(threads_of(recipe)):
         try:
             deadline = None if time_limit is None else time.monotonic() + time_limit
-            result = _run(recipe, frame, seed, level_callback, deadline)
+            result = _run(recipe, frame, seed, level_callback, deadline, should_stop)
         except RegistrationPruned:
             raise
         except RegistrationFailed:
@@ -505,7 +507,7 @@ def _rotation_search(recipe: Recipe, frame: _Frame, state: _Linear, stage: Stage
 
 
 def _run(recipe: Recipe, frame: _Frame, seed: int, level_callback: LevelCallback | None,
-         deadline: float | None = None) -> RegistrationResult:
+         deadline: float | None = None, should_stop: Callable[[], bool] | None = None) -> RegistrationResult:
     linear = initial_linear(recipe, frame, seed)
     initial = linear.as_affine()
     result = RegistrationResult(transform=initial, initial_transform=initial)
@@ -540,7 +542,8 @@ def _run(recipe: Recipe, frame: _Frame, seed: int, level_callback: LevelCallback
             rm.SetMovingInitialTransform(moving_initial)
         rm.SetInitialTransform(optimized, inPlace=True)
 
-        tracker = _LevelTracker(rm, stage, index, frame, optimized, moving_initial, level_callback, deadline)
+        tracker = _LevelTracker(rm, stage, index, frame, optimized, moving_initial, level_callback, deadline,
+                                should_stop)
         _install_quiet_stop()
         tracker.attach()
         try:
@@ -550,6 +553,8 @@ def _run(recipe: Recipe, frame: _Frame, seed: int, level_callback: LevelCallback
                 raise tracker.pruned from None
             if tracker.timed_out:
                 raise RegistrationFailed("time limit", f"stopped in stage {index} level {tracker.level}") from None
+            if tracker.interrupted:
+                raise RegistrationFailed("interrupted", f"stopped in stage {index} level {tracker.level}") from None
             raise
         stop = rm.GetOptimizerStopConditionDescription()
         tracker.finish(stop)
@@ -596,7 +601,8 @@ def _install_quiet_stop() -> None:
 class _LevelTracker:
     """Observers that turn SimpleITK's events into one ``LevelRecord`` per pyramid level."""
 
-    def __init__(self, rm, stage: Stage, index: int, frame: _Frame, optimized, moving_initial, callback, deadline=None):
+    def __init__(self, rm, stage: Stage, index: int, frame: _Frame, optimized, moving_initial, callback, deadline=None,
+                 should_stop=None):
         self.rm, self.stage, self.index, self.frame = rm, stage, index, frame
         self.optimized, self.moving_initial, self.callback = optimized, moving_initial, callback
         self.records: list[LevelRecord] = []
@@ -607,6 +613,8 @@ class _LevelTracker:
         self.pruned: RegistrationPruned | None = None
         self.deadline = deadline
         self.timed_out = False
+        self.should_stop = should_stop
+        self.interrupted = False
 
     def attach(self) -> None:
         self.rm.AddCommand(sitk.sitkMultiResolutionIterationEvent, self._on_level)
@@ -617,6 +625,9 @@ class _LevelTracker:
         self.metric_value = self.rm.GetMetricValue()
         if self.deadline is not None and time.monotonic() > self.deadline:
             self.timed_out = True
+            raise _StopExecute()
+        if self.should_stop is not None and self.should_stop():
+            self.interrupted = True
             raise _StopExecute()
 
     def _on_level(self) -> None:

@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pydantic import ValidationError
+
 from .config import SearchOverride, StudyConfig
 from .errors import UserError
 from .fingerprint import DatasetFingerprint, enough_samples, level_voxels, min_sampling_fraction
@@ -87,6 +89,41 @@ class SearchSpace:
             raise UserError(
                 f"unknown search parameter (searched: {', '.join(sorted(known))})", file=self.source, key=f"search.{key}"
             )
+        self._check_overrides()
+
+    def _check_overrides(self) -> None:
+        """Fixed values and choices must be possible; recipe-field overrides must make a valid recipe."""
+        dims = {d.name: d for d in self.dims()}
+        for key, ov in self.overrides.items():
+            d = dims.get(key)
+            if d is None or ov.drop:
+                continue
+            values = list(ov.choices) if ov.choices is not None else ([ov.value] if ov.fixed else [])
+            for v in values:
+                if d.choices is not None and v not in d.choices:
+                    raise UserError(f"{v!r} is not one of {list(d.choices)}", file=self.source, key=f"search.{key}")
+                if d.choices is None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                    raise UserError(f"expected a number, got {v!r}", file=self.source, key=f"search.{key}")
+            if d.choices is not None and ov.choices is None and not ov.fixed and (ov.low is not None or ov.high is not None):
+                raise UserError("low/high given for a parameter with choices", file=self.source, key=f"search.{key}")
+        fixed_params = [k for k, ov in self.overrides.items() if k in dims and ov.fixed]
+        if fixed_params:
+            try:  # the fixed values must make a valid recipe (e.g. bins >= 4)
+                self.suggest(_DefaultsTrial(dims))
+            except ValidationError as err:
+                raise UserError(
+                    f"fixed values make an invalid recipe: {err.errors()[0]['msg']}",
+                    file=self.source, key=f"search.{fixed_params[0]}" if len(fixed_params) == 1 else "search",
+                ) from None
+        for key, ov in self.overrides.items():
+            if key in dims or not ov.fixed:
+                continue
+            try:
+                self._apply_field_overrides(self.baseline_recipe(), only=key)
+            except UserError as err:
+                raise UserError(err.detail, file=self.source, key=f"search.{key}") from None
+            except (KeyError, IndexError, TypeError):
+                raise UserError("no such recipe field", file=self.source, key=f"search.{key}") from None
 
     # --- the ranges, derived from the fingerprint -----------------------------------------------------------
 
@@ -223,7 +260,7 @@ class SearchSpace:
         if strategy != "none":
             raw = float(get(f"{s}.sampling.percentage"))
             # enough samples at full resolution for the chosen bins (cheap: a few thousand) ...
-            percentage = round(min(1.0, max(raw, min_sampling_fraction(size, 1, metric_bins))), 6)
+            percentage = min(1.0, math.ceil(max(raw, min_sampling_fraction(size, 1, metric_bins)) * 1e6) / 1e6)
         # ... and no level so coarse that this fraction leaves too few ("joint PDF summed to zero")
         while coarsest > 1 and not enough_samples(size, coarsest, metric_bins, percentage):
             coarsest -= 1
@@ -262,9 +299,9 @@ class SearchSpace:
             bspline=grid,
         )
 
-    def _apply_field_overrides(self, recipe: Recipe) -> Recipe:
+    def _apply_field_overrides(self, recipe: Recipe, only: str | None = None) -> Recipe:
         names = self.parameter_names()
-        extra = {k: v for k, v in self.overrides.items() if k not in names and v.fixed}
+        extra = {k: v for k, v in self.overrides.items() if k not in names and v.fixed and only in (None, k)}
         if not extra:
             return recipe
         data = recipe_to_dict(recipe)
@@ -308,6 +345,23 @@ class SearchSpace:
     def baseline_recipe(self, seed: int = 0) -> Recipe:
         """The SimpleITK-notebooks default recipe for these stages (trial 0 of every study)."""
         return default_recipe(self.stages, self.dim, seed=seed)
+
+
+class _DefaultsTrial:
+    """Answers every ``suggest_*`` with the parameter's default: to check fixed overrides without a study."""
+
+    def __init__(self, dims: dict[str, Dim]):
+        self.dims = dims
+
+    def suggest_int(self, name, low, high, **_):
+        return int(self.dims[name].default)
+
+    def suggest_float(self, name, low, high, **_):
+        return float(self.dims[name].default)
+
+    def suggest_categorical(self, name, choices):
+        d = self.dims[name].default
+        return d if d in choices else choices[0]
 
 
 def shrink_schedule(coarsest: int, levels: int) -> tuple[int, ...]:

@@ -39,6 +39,68 @@ HEARTBEAT_INTERVAL_S = 30
 GRACE_PERIOD_S = 120
 
 
+class FlockJournalLock:
+    """The journal's inter-process lock as an ``fcntl.flock``: the kernel releases it when its holder dies, so a
+    worker killed while writing never leaves a stale lock file behind (Optuna's file locks wait 30 s for that).
+    Duck-typed to Optuna's ``BaseJournalFileLock`` (``acquire``/``release``)."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+        self._fh = None
+
+    def acquire(self) -> bool:
+        import fcntl
+
+        fh = open(self.path, "a+")
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        self._fh = fh
+        return True
+
+    def release(self) -> None:
+        import fcntl
+
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
+
+
+def journal_lock(journal: Path):
+    try:
+        import fcntl  # noqa: F401
+    except ImportError:  # pragma: no cover - Windows: Optuna's own lock
+        return None
+    return FlockJournalLock(journal.with_name(journal.name + ".flock"))
+
+
+class TuneLock:
+    """Held (shared) by every ``autoreg tune`` of a study on this machine for its whole run; whoever gets it
+    exclusively at start knows no other tune runs, so every RUNNING trial it finds is stale."""
+
+    def __init__(self, directory: Path):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / "tune.lock"
+        self._fh = None
+
+    def __enter__(self) -> bool:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover
+            return False
+        self._fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            alone = True
+        except OSError:
+            alone = False
+        fcntl.flock(self._fh, fcntl.LOCK_SH)
+        return alone
+
+    def __exit__(self, *exc) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+
 def study_dir(cfg: StudyConfig, override: str | Path | None = None) -> Path:
     """``--study-dir`` or ``studies/<name>`` (relative to the current directory)."""
     return Path(override) if override else Path("studies") / cfg.name
@@ -103,7 +165,7 @@ def open_storage(spec: StorageSpec) -> optuna.storages.BaseStorage:
             raise UserError(f"unsupported storage URL scheme (got {redact(url)})", key="--storage")
         path = Path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        return JournalStorage(JournalFileBackend(str(path), lock_obj=journal_lock(path)))
     except UserError:
         raise
     except ImportError as err:
@@ -113,12 +175,15 @@ def open_storage(spec: StorageSpec) -> optuna.storages.BaseStorage:
         raise UserError(f"cannot open storage {redact(url)} ({redact(msg)[:200]})", key="--storage") from None
 
 
-def make_sampler(seed: int, worker: int) -> optuna.samplers.BaseSampler:
-    """TPE over the conditional space; the constant liar keeps parallel workers from proposing the same point."""
+def make_sampler(seed: int, worker: int, resumed_at: int = 0) -> optuna.samplers.BaseSampler:
+    """TPE over the conditional space; the constant liar keeps parallel workers from proposing the same point.
+
+    The sampler's seed depends on the study seed, the worker and how many trials the study held when the worker
+    started, so a resumed study does not replay the random start-up points it already tried."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(
-            seed=seed * 1000 + worker,
+            seed=(seed * 1_000_003 + worker * 7919 + resumed_at) % (2**31 - 1),
             n_startup_trials=10,
             multivariate=True,
             group=True,
@@ -158,9 +223,7 @@ def create_or_load(
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(["tre_mean" if cfg.uses_landmarks else "holdout_loss"])
         baseline = space.baseline_recipe(seed=cfg.seed)
-        study.enqueue_trial(
-            space.baseline_params(), user_attrs={RECIPE_ATTR: recipe_to_dict(baseline), ROLE_ATTR: "baseline"}
-        )
+        study.enqueue_trial({}, user_attrs={RECIPE_ATTR: recipe_to_dict(baseline), ROLE_ATTR: "baseline"})
         for path in cfg.enqueue:
             recipe = load_recipe(path)
             study.enqueue_trial({}, user_attrs={RECIPE_ATTR: recipe_to_dict(recipe), ROLE_ATTR: f"user:{path.name}"})
@@ -196,21 +259,23 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def reap_stale_trials(study: optuna.Study, *, live_pids: set[int] = frozenset()) -> list[int]:
+def reap_stale_trials(study: optuna.Study, *, live_pids: set[int] = frozenset(), alone: bool = False) -> list[int]:
     """Fail RUNNING trials whose worker on this host is gone, and enqueue each again; returns their numbers.
 
     Journal storage has no heartbeats, so a killed worker's trial would stay RUNNING forever. RDB storages get
-    the same from Optuna's heartbeat and ``RetryFailedTrialCallback``.
+    the same from Optuna's heartbeat and ``RetryFailedTrialCallback``. ``alone``: no other ``autoreg tune`` uses
+    this study (see ``TuneLock``), so every RUNNING trial is stale, even one killed before it named its worker.
     """
     host = socket.gethostname()
     reaped = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker", "")
         whost, _, pid = worker.rpartition(":")
-        if whost != host or not pid.isdigit():
-            continue
-        if int(pid) in live_pids or (_pid_alive(int(pid)) and int(pid) != os.getpid()):
-            continue
+        if not alone:
+            if whost != host or not pid.isdigit():
+                continue
+            if int(pid) in live_pids or (_pid_alive(int(pid)) and int(pid) != os.getpid()):
+                continue
         storage = study._storage  # noqa: SLF001 - Optuna has no public call to fail another process's trial
         storage.set_trial_user_attr(t._trial_id, "fail_reason", "worker died (trial left RUNNING)")  # noqa: SLF001
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # noqa: SLF001

@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -21,6 +22,7 @@ import optuna
 import SimpleITK as sitk
 from optuna.trial import TrialState
 
+from .artifacts import ArtifactRecorder
 from .config import load_config
 from .data import load_pair
 from .fingerprint import fingerprint_dataset
@@ -44,6 +46,7 @@ class WorkerPlan:
     seed: int
     threads: int
     prune: bool
+    stop_file: str | None = None  # created by the launching tune on Ctrl-C: workers stop after their trial
 
 
 def threads_per_worker(jobs: int, cores: int | None = None) -> int:
@@ -92,30 +95,83 @@ class _Heartbeat:
             self.thread.join(timeout=5)
 
 
-def run_worker(plan: WorkerPlan, worker_index: int) -> int:
-    """Run trials until the budget is spent; returns how many this worker ran."""
+class StopRequest:
+    """Ctrl-C as a request, not an exception: the running registration stops at its next iteration, its trial is
+    recorded FAIL 'interrupted', and no new trial starts. (A KeyboardInterrupt raised inside SimpleITK's callbacks
+    or Optuna's journal lock would be swallowed or leave the journal locked.) A second Ctrl-C interrupts at once."""
+
+    def __init__(self, stop_file: str | None = None):
+        self.event = threading.Event()
+        self.stop_file = stop_file
+        self._checked = 0.0
+        self._previous = None
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def uninstall(self) -> None:
+        if self._previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.event.set()
+        if self.stop_file:
+            Path(self.stop_file).touch()
+
+    def __call__(self) -> bool:
+        """True once a stop was asked for here or, for workers, by the launching process (its stop file)."""
+        if not self.event.is_set() and self.stop_file and time.monotonic() - self._checked > 0.5:
+            self._checked = time.monotonic()
+            if os.path.exists(self.stop_file):
+                self.event.set()
+        return self.event.is_set()
+
+
+def run_worker(plan: WorkerPlan, worker_index: int, stop: StopRequest | None = None) -> int:
+    """Run trials until the budget is spent, the time is up or a stop is requested; returns how many it ran."""
+    own_stop = stop is None
+    stop = stop or StopRequest(plan.stop_file)
+    if own_stop:
+        stop.install()
+    try:
+        return _run_trials(plan, worker_index, stop)
+    finally:
+        if own_stop:
+            stop.uninstall()
+
+
+def _run_trials(plan: WorkerPlan, worker_index: int, stop: StopRequest) -> int:
     logging.getLogger("optuna").setLevel(logging.WARNING)
-    cfg = load_config(plan.pair_file)
+    cfg = replace(load_config(plan.pair_file), seed=plan.seed)
     pairs = [load_pair(p) for p in cfg.pairs]
     space = build_space(cfg, fingerprint_dataset(pairs))
     storage = open_storage(plan.storage)
     if hasattr(storage, "get_heartbeat_interval") and storage.get_heartbeat_interval():
         optuna.storages.fail_stale_trials(optuna.load_study(study_name=plan.study_name, storage=storage))
+    resumed_at = len(optuna.load_study(study_name=plan.study_name, storage=storage).get_trials(deepcopy=False))
     study = optuna.load_study(
         study_name=plan.study_name,
         storage=storage,
-        sampler=make_sampler(plan.seed, worker_index),
+        sampler=make_sampler(plan.seed, worker_index, resumed_at),
         pruner=make_pruner(plan.prune),
     )
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(plan.threads)
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # a trial's problems are recorded on the trial
     objective = Objective(cfg, pairs, space, threads=plan.threads, prune=plan.prune)
+    objective.should_stop = stop
+    recorder = ArtifactRecorder(Path(plan.lock_path).parent)  # the study folder: <study dir>/artifacts
     done = 0
     parent = os.getppid()
     while True:
         if plan.deadline is not None and time.time() >= plan.deadline:
             break
         if os.getppid() != parent:  # whoever launched this worker is gone: stop rather than run on unseen
+            break
+        if stop():
             break
         with budget_lock(plan.lock_path):
             if plan.n_trials is not None:
@@ -124,13 +180,16 @@ def run_worker(plan: WorkerPlan, worker_index: int) -> int:
                 if n - waiting >= plan.n_trials:
                     break
             trial = study.ask()
-        run_one(study, trial, objective)
+            trial.set_user_attr("worker", objective.worker)  # before anything can stop us: names who runs it
+        run_one(study, trial, objective, recorder)
         done += 1
     return done
 
 
-def run_one(study: optuna.Study, trial: optuna.Trial, objective: Objective) -> None:
-    """One trial through ask/tell; Ctrl-C marks it FAIL (never left RUNNING) and propagates."""
+def run_one(study: optuna.Study, trial: optuna.Trial, objective: Objective,
+            recorder: ArtifactRecorder | None = None) -> None:
+    """One trial through ask/tell; Ctrl-C marks it FAIL (never left RUNNING) and propagates. An improving trial's
+    pictures are stored by ``recorder`` before ``tell`` (a finished trial takes no more artifacts)."""
     beat = _Heartbeat(study._storage, trial._trial_id)  # noqa: SLF001 - heartbeats need the trial id
     try:
         value = objective(trial)
@@ -148,4 +207,6 @@ def run_one(study: optuna.Study, trial: optuna.Trial, objective: Objective) -> N
     if value is None or math.isnan(value):
         study.tell(trial, state=TrialState.FAIL)
     else:
+        if recorder is not None:
+            recorder.record_if_improved(study, trial, value, objective.pairs, objective.last_transforms)
         study.tell(trial, value)

@@ -185,11 +185,6 @@ def test_trial_zero_is_the_default_recipe(tuned: Tuned) -> None:
     assert first.user_attrs["recipe"]["seed"] == first.user_attrs["seed"]
 
 
-@pytest.mark.xfail(
-    reason="BUG: --seed reaches the sampler and the study's user attrs, but run_worker reloads PAIR.yaml, so the "
-    "Objective derives every trial's registration seed from PAIR.yaml's seed (0), not from --seed",
-    strict=True,
-)
 def test_seed_option_sets_the_registration_seeds(tuned: Tuned) -> None:
     assert load_study(tuned.study_dir).user_attrs["seed"] == 3
     for t in trials_of(tuned.study_dir):
@@ -220,11 +215,6 @@ def test_rerun_continues_the_same_study_to_the_new_total(resumed) -> None:
     assert "done: 12 trials" in run.out
 
 
-@pytest.mark.xfail(
-    reason="BUG: a resumed run re-seeds the sampler with seed*1000+worker, so its startup trials replay the params "
-    "of trials 1, 2, ... already evaluated (study.make_sampler / workers.run_worker)",
-    strict=False,
-)
 def test_rerun_explores_new_points(resumed) -> None:
     before, _, after = resumed
     old = [t.params for t in suggested(before)]
@@ -357,12 +347,6 @@ def test_a_trial_timeout_fails_trials_not_the_study(tmp_path: Path) -> None:
     assert not (tmp_path / "best.yaml").exists()
 
 
-@pytest.mark.xfail(
-    reason="BUG: Objective.recipe_for calls space.suggest for every trial, also for an enqueued user recipe, so that "
-    "trial stores random params unrelated to the recipe it ran (TPE learns the recipe's score at those params; "
-    "export's provenance.params is wrong if it wins)",
-    strict=True,
-)
 def test_user_recipe_trial_params_describe_its_recipe(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
@@ -410,15 +394,10 @@ def test_search_overrides_fix_narrow_and_drop(tmp_path: Path) -> None:
     assert stripped(trials[0].user_attrs["recipe"]) == stripped(recipe_to_dict(default_recipe(["affine"], 2)))
 
 
-_MISSPELT_FIELD = pytest.mark.xfail(
-    reason="BUG: a fixed value under a misspelt recipe-field path (stage0.metric.binz) passes SearchSpace's check; "
-    "every trial, the baseline too, then fails as 'invalid recipe' and tune exits 0",
-    strict=True,
-)
 
 
 @pytest.mark.parametrize(
-    "key", [pytest.param("stage0.metric.binz", marks=_MISSPELT_FIELD), "stage1.metric.bins", "pyramid.levels", "foo"]
+    "key", ["stage0.metric.binz", "stage1.metric.bins", "pyramid.levels", "foo"]
 )
 def test_unknown_search_key_is_a_user_error(tmp_path: Path, key: str) -> None:
     pair = write_study_files(tmp_path / "data", extra={"search": {key: 32}})
@@ -605,13 +584,6 @@ def test_interrupt_in_a_trial_fails_it_and_exits_130(tuned: Tuned, tmp_path: Pat
     _kept(before, trials)
 
 
-@pytest.mark.xfail(
-    reason="BUG: Ctrl-C raises KeyboardInterrupt wherever the main thread is: inside a registration it is swallowed "
-    "(see below, a second press is needed); between study.ask() and the objective it leaves the new trial RUNNING "
-    "without a 'worker' attr (never reaped); inside Optuna's journal lock release it becomes FileNotFoundError, a "
-    "traceback and exit 1. Seen in about 1 run in 10 of this test.",
-    strict=False,
-)
 def test_ctrl_c_exits_130_and_leaves_nothing_running(tmp_path: Path) -> None:
     """Ctrl-C, pressed again while nothing happens (as a user does): exit 130, nothing RUNNING, completed kept."""
     pair = _slow_pair(tmp_path / "data")
@@ -641,12 +613,6 @@ def test_ctrl_c_exits_130_and_leaves_nothing_running(tmp_path: Path) -> None:
     _kept(before, after)
 
 
-@pytest.mark.xfail(
-    reason="BUG: Ctrl-C during a registration raises KeyboardInterrupt inside SimpleITK's Python command callback; "
-    "ITK turns it into RuntimeError('There was an error executing the Python Callable'), the trial is recorded as "
-    "FAIL with that reason and the study goes on (registration._LevelTracker / register)",
-    strict=False,
-)
 def test_one_ctrl_c_during_a_registration_stops_tune(tmp_path: Path) -> None:
     pair = _slow_pair(tmp_path / "data", _ITK_BOUND)
     study_dir = tmp_path / "study"

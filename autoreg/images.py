@@ -1,0 +1,195 @@
+"""Pictures of an alignment: fixed against (warped) moving as a checkerboard and a colour overlay, as PNG bytes.
+
+2D pairs give one view; 3D pairs three orthogonal slices through the landmarks' centre (the image centre without
+landmarks). Each view is resampled onto a square-pixel grid in the fixed image's physical frame, so anisotropic
+voxels look right and the moving image is sampled through the transform directly (no full 3D warp). Intensities are
+windowed per image between percentiles, so modalities of any range show.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+log = logging.getLogger(__name__)
+
+#: Longest side of one view in pixels: big enough to judge edges, small enough for an HTML report.
+VIEW_PIXELS = 320
+#: Intensity window (percentiles) for display.
+WINDOW_PERCENTILES = (1.0, 99.0)
+#: Checkerboard squares along the longest side of a view.
+CHECKER_SQUARES = 8
+#: Grey gap between panels.
+GAP_PIXELS = 4
+
+_AXIS_NAMES = {0: "sagittal", 1: "coronal", 2: "axial"}
+
+
+@dataclass(frozen=True)
+class View:
+    """One 2D view: fixed and moving intensities (floats on the same grid), and its name."""
+
+    name: str
+    fixed: np.ndarray
+    moving: np.ndarray
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """Encode an (h, w, 3) uint8 array as PNG (zlib only: no temporary files, no imaging library)."""
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an (h, w, 3) array, got shape {rgb.shape}")
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+
+
+def window(values: np.ndarray, reference: np.ndarray | None = None,
+           percentiles: Sequence[float] = WINDOW_PERCENTILES) -> np.ndarray:
+    """Scale to 0..1 between the percentiles of ``reference`` (default: the values), clipped."""
+    ref = values if reference is None else reference
+    ref = ref[np.isfinite(ref)]
+    if ref.size == 0:
+        return np.zeros_like(values, dtype=float)
+    lo, hi = np.percentile(ref, percentiles)
+    if hi <= lo:
+        hi = lo + 1.0
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+
+
+def landmark_centre(image: sitk.Image, points: np.ndarray | None) -> tuple[float, ...]:
+    """The landmarks' mean (physical); the image's centre when there are none."""
+    if points is not None and len(points):
+        return tuple(float(c) for c in np.mean(np.asarray(points, dtype=float), axis=0))
+    centre_index = [(s - 1) / 2.0 for s in image.GetSize()]
+    return tuple(image.TransformContinuousIndexToPhysicalPoint(centre_index))
+
+
+def _pixel_size(fixed: sitk.Image) -> float:
+    """One pixel size for every view of an image (physical units): its longest extent spans ``VIEW_PIXELS``."""
+    size = np.asarray(fixed.GetSize(), dtype=float)
+    spacing = np.asarray(fixed.GetSpacing(), dtype=float)
+    return max(float(np.max((size - 1) * spacing)), 1e-12) / (VIEW_PIXELS - 1)
+
+
+def _plane_grid(fixed: sitk.Image, normal_axis: int | None, centre_index: Sequence[float]) -> sitk.Image:
+    """A one-voxel-thick (3D) or flat (2D) grid with square pixels covering the fixed image's plane."""
+    dim = fixed.GetDimension()
+    size = np.asarray(fixed.GetSize(), dtype=float)
+    spacing = np.asarray(fixed.GetSpacing(), dtype=float)
+    pixel = _pixel_size(fixed)
+    new_size, new_spacing, start = [], [], []
+    for a in range(dim):
+        if a == normal_axis:
+            new_size.append(1)
+            new_spacing.append(spacing[a])
+            start.append(float(centre_index[a]))
+        else:
+            new_size.append(int(np.floor((size[a] - 1) * spacing[a] / pixel + 1e-6)) + 1)
+            new_spacing.append(pixel)
+            start.append(0.0)
+    grid = sitk.Image([int(n) for n in new_size], sitk.sitkFloat32)
+    grid.SetSpacing([float(s) for s in new_spacing])
+    grid.SetDirection(fixed.GetDirection())
+    grid.SetOrigin(fixed.TransformContinuousIndexToPhysicalPoint(start))
+    return grid
+
+
+def _sample(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform) -> np.ndarray:
+    """``image`` seen through ``transform`` on ``grid``, as a 2D float array (NaN outside the image)."""
+    out = sitk.Resample(image, grid, transform, sitk.sitkLinear, float("nan"), sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(out).squeeze()
+
+
+def views(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform | None = None,
+          points: np.ndarray | None = None) -> list[View]:
+    """Fixed and moving-through-``transform`` (fixed -> moving points; identity if None) on matching 2D grids."""
+    dim = fixed.GetDimension()
+    transform = transform if transform is not None else sitk.Transform(dim, sitk.sitkIdentity)
+    identity = sitk.Transform(dim, sitk.sitkIdentity)
+    if dim == 2:
+        grid = _plane_grid(fixed, None, (0.0, 0.0))
+        return [View("", _sample(fixed, grid, identity), _sample(moving, grid, transform))]
+    centre = fixed.TransformPhysicalPointToContinuousIndex(landmark_centre(fixed, points))
+    centre = [float(np.clip(c, 0, s - 1)) for c, s in zip(centre, fixed.GetSize())]
+    out = []
+    for normal in (2, 1, 0):
+        grid = _plane_grid(fixed, normal, centre)
+        f, m = _sample(fixed, grid, identity), _sample(moving, grid, transform)
+        if normal != 2:  # rows run along the third index axis: put its end (superior in LPS) on top
+            f, m = np.flipud(f), np.flipud(m)
+        out.append(View(_AXIS_NAMES[normal], f, m))
+    return out
+
+
+def _display(view: View, fixed_ref: np.ndarray, moving_ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    f = np.nan_to_num(window(view.fixed, fixed_ref), nan=0.0)
+    m = np.nan_to_num(window(view.moving, moving_ref), nan=0.0)
+    return f, m
+
+
+def checkerboard(f: np.ndarray, m: np.ndarray, squares: int = CHECKER_SQUARES) -> np.ndarray:
+    """Alternate squares of fixed and moving (grey, 0..1 in, uint8 RGB out): edges must continue across squares."""
+    tile = max(4, int(round(max(f.shape) / squares)))
+    yy, xx = np.indices(f.shape)
+    use_fixed = ((yy // tile) + (xx // tile)) % 2 == 0
+    grey = np.where(use_fixed, f, m)
+    return np.repeat((grey * 255.0 + 0.5).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def colour_overlay(f: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Fixed in magenta, moving in green: aligned structures turn grey/white, misaligned ones coloured."""
+    rgb = np.stack([f, m, f], axis=-1)
+    return (rgb * 255.0 + 0.5).astype(np.uint8)
+
+
+def _grid_of(panels: list[list[np.ndarray]]) -> np.ndarray:
+    """Rows of RGB panels (rows may differ in size) on a dark grey canvas."""
+    heights = [max(p.shape[0] for p in row) for row in panels]
+    widths = [sum(p.shape[1] for p in row) + GAP_PIXELS * (len(row) - 1) for row in panels]
+    canvas = np.full((sum(heights) + GAP_PIXELS * (len(panels) - 1), max(widths), 3), 40, dtype=np.uint8)
+    y = 0
+    for row, h in zip(panels, heights):
+        x = 0
+        for p in row:
+            canvas[y:y + p.shape[0], x:x + p.shape[1]] = p
+            x += p.shape[1] + GAP_PIXELS
+        y += h + GAP_PIXELS
+    return canvas
+
+
+def comparison_rgb(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform | None = None,
+                   points: np.ndarray | None = None) -> np.ndarray:
+    """One RGB picture: per view (1 in 2D, axial/coronal/sagittal in 3D) a checkerboard and a colour overlay."""
+    fixed_ref = sitk.GetArrayViewFromImage(fixed)
+    moving_ref = sitk.GetArrayViewFromImage(moving)
+    fixed_ref, moving_ref = _subsample(fixed_ref), _subsample(moving_ref)
+    rows = []
+    for view in views(fixed, moving, transform, points):
+        f, m = _display(view, fixed_ref, moving_ref)
+        rows.append([checkerboard(f, m), colour_overlay(f, m)])
+    return _grid_of(rows)
+
+
+def comparison_png(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform | None = None,
+                   points: np.ndarray | None = None) -> bytes:
+    """``comparison_rgb`` encoded as PNG."""
+    return png_bytes(comparison_rgb(fixed, moving, transform, points))
+
+
+def _subsample(values: np.ndarray, limit: int = 1_000_000) -> np.ndarray:
+    """At most about ``limit`` voxels for the percentile window (exact enough, fast on big volumes)."""
+    flat = np.asarray(values).ravel()
+    step = max(1, flat.size // limit)
+    return flat[::step]

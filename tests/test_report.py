@@ -1,0 +1,319 @@
+"""The offline report and the artifacts behind it: real registrations on small synthetic pairs, one real pair."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import csv
+import io
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pytest
+import SimpleITK as sitk
+import yaml
+from plotly.offline import get_plotlyjs
+from optuna.distributions import FloatDistribution
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState, create_trial
+
+from autoreg.artifacts import ArtifactRecorder, artifact_store, trial_artifacts
+from autoreg.cli import main
+from autoreg.images import GAP_PIXELS, VIEW_PIXELS, comparison_rgb, landmark_centre, png_bytes, views
+from autoreg.report import render_html, report_data, step_labels
+from autoreg.scoring import tre
+from autoreg.synthetic import make_pair, write_pair
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TRIAL_TIMEOUT = 30.0
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+def cli(*argv: Any) -> Run:
+    """``autoreg.cli.main`` in-process with its output captured (usable from module-scoped fixtures)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return Run(code, out.getvalue(), err.getvalue())
+
+
+def write_pair_yaml(folder: Path, *, size: tuple[int, ...] = (96, 96), name: str = "syn", seed: int = 0,
+                    stages: tuple[str, ...] = ("affine",)) -> Path:
+    """A synthetic affine pair with landmarks and its PAIR.yaml; returns the yaml's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = write_pair(make_pair(size, transform="affine", seed=seed), folder, fmt="png" if len(size) == 2 else "nii.gz")
+    doc = {
+        "name": name,
+        "fixed": paths["fixed"].name,
+        "moving": paths["moving"].name,
+        "landmarks": {"fixed": paths["fixed_landmarks"].name, "moving": paths["moving_landmarks"].name},
+        "stages": list(stages),
+        "trial_timeout": TRIAL_TIMEOUT,
+    }
+    path = folder / "PAIR.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def open_study(study_dir: Path, name: str = "syn") -> optuna.Study:
+    journal = study_dir / "journal.log"
+    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(journal))))
+
+
+@dataclass
+class Reported:
+    pair: Path
+    study_dir: Path
+    html_path: Path
+    tune: Run
+    report: Run
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory: pytest.TempPathFactory) -> Reported:
+    """A 96x96 affine pair tuned for 10 trials in one worker, and its report."""
+    root = tmp_path_factory.mktemp("report")
+    pair = write_pair_yaml(root / "data")
+    study_dir = root / "study"
+    run = cli("tune", pair, "--trials", 10, "--jobs", 1, "--study-dir", study_dir, "-q")
+    out = root / "report.html"
+    rep = cli("report", pair, "--study-dir", study_dir, "-o", out)
+    return Reported(pair, study_dir, out, run, rep)
+
+
+def _improvers(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of the completed trials that beat every earlier completed one (one worker: completion order)."""
+    best, out = np.inf, set()
+    for t in sorted(trials, key=lambda t: t.datetime_complete or t.datetime_start):
+        if t.state == TrialState.COMPLETE and t.value is not None and t.value < best:
+            best = t.value
+            out.add(t.number)
+    return out
+
+
+# --- artifacts ----------------------------------------------------------------------------------------------------
+
+
+def test_improving_trials_and_only_they_store_transform_picture_and_tre(reported: Reported) -> None:
+    assert reported.tune.code == 0, reported.tune.err
+    study = open_study(reported.study_dir)
+    trials = study.get_trials()
+    improvers = _improvers(trials)
+    assert 0 in improvers  # the default recipe is the first completed trial
+    for t in trials:
+        names = set(trial_artifacts(study, t))
+        if t.number in improvers:
+            assert names == {"transform-syn.tfm", "alignment-syn.png", "tre-syn.csv"}, t.number
+        else:
+            assert names == set(), t.number
+
+
+def test_stored_transform_and_tre_csv_reproduce_the_trial_score(reported: Reported, tmp_path: Path) -> None:
+    from autoreg.config import load_config
+    from autoreg.data import load_pair
+
+    study = open_study(reported.study_dir)
+    best = study.best_trial
+    store = artifact_store(reported.study_dir)
+    files = trial_artifacts(study, best)
+    for name, artifact_id in files.items():
+        with store.open_reader(artifact_id) as fh:
+            (tmp_path / name).write_bytes(fh.read())
+    pair = load_pair(load_config(reported.pair).pairs[0])
+    tx = sitk.ReadTransform(str(tmp_path / "transform-syn.tfm"))
+    assert tre(tx, pair.fixed_points, pair.moving_points, pair.fixed).mean == pytest.approx(best.value, rel=1e-6)
+    with open(tmp_path / "tre-syn.csv", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(pair.fixed_points)
+    assert list(rows[0]) == ["landmark", "fixed_x", "fixed_y", "moving_x", "moving_y", "tre_before", "tre_after"]
+    assert np.mean([float(r["tre_after"]) for r in rows]) == pytest.approx(best.value, rel=1e-4)
+    assert np.mean([float(r["tre_before"]) for r in rows]) > best.value
+    png = sitk.ReadImage(str(tmp_path / "alignment-syn.png"))
+    assert png.GetNumberOfComponentsPerPixel() == 3 and min(png.GetSize()) >= 100
+
+
+def test_recorder_skips_non_improving_values_and_never_raises(reported: Reported, tmp_path: Path) -> None:
+    copy = tmp_path / "study"
+    shutil.copytree(reported.study_dir, copy)
+    study = open_study(copy)
+    recorder = ArtifactRecorder(copy)
+    trial = study.ask()
+    try:
+        assert recorder.record_if_improved(study, trial, study.best_value + 1.0, [], {"syn": sitk.Transform(2, sitk.sitkIdentity)}) == []
+        assert recorder.record_if_improved(study, trial, float("nan"), [], {"syn": sitk.Transform()}) == []
+        # an improving value with a broken pair object: logged, not raised
+        assert recorder.record_if_improved(study, trial, -1.0, [object()], {"syn": sitk.Transform()}) == []  # type: ignore[list-item]
+    finally:
+        study.tell(trial, state=TrialState.FAIL)
+
+
+# --- the report file ------------------------------------------------------------------------------------------------
+
+
+def test_report_is_one_offline_file_with_every_section(reported: Reported) -> None:
+    assert reported.report.code == 0, reported.report.err
+    assert str(reported.html_path) in reported.report.out
+    text = reported.html_path.read_text(encoding="utf-8")
+    plotly_js = get_plotlyjs()
+    assert text.count(plotly_js) == 1 and text.count("* plotly.js v") == 1  # inlined once
+    ours = text.replace(plotly_js, "")
+    assert not re.search(r"<script[^>]+src=", ours)
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", ours)  # nothing loaded from the network
+    for div in ("history", "intermediate", "importances", "slices", "tre-0"):
+        assert f'id="{div}"' in text, div
+    assert "default recipe" in text
+    images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', ours)
+    assert len(images) == 2  # before and after
+    assert all(base64.b64decode(i).startswith(PNG_SIGNATURE) for i in images)
+    assert "autoreg_recipe: 1" in text and "Best recipe" in text
+    assert "stored with trial" in text  # the transform came from the artifacts, not a new registration
+
+
+def test_report_data_matches_the_study(reported: Reported) -> None:
+    study = open_study(reported.study_dir)
+    data = report_data(study, pair_names=["syn"])
+    assert data.best is not None and data.best.value == pytest.approx(study.best_value)
+    assert data.baseline is not None and data.baseline.number == 0 and data.baseline.role == "baseline"
+    assert sum(data.counts.values()) == len(study.trials) == 10
+    assert data.stages == ["affine"]
+    steps = {s for t in data.trials for s in t.intermediate}
+    assert steps and steps <= set(data.step_labels)
+    assert data.step_labels[0] == "stage 0 affine · coarsest level"
+    assert data.importances is not None and all(v >= 0 for v in data.importances.values())
+
+
+def test_failed_and_pruned_trials_are_grouped_by_reason() -> None:
+    study = optuna.create_study(study_name="groups", direction="minimize")
+    dist = {"x": FloatDistribution(0, 1)}
+    study.add_trial(create_trial(params={"x": 0.5}, distributions=dist, value=3.0, user_attrs={"role": "baseline"}))
+    for reason in ("joint PDF summed to zero", "joint PDF summed to zero", "time limit"):
+        study.add_trial(create_trial(state=TrialState.FAIL, params={"x": 0.1}, distributions=dist,
+                                     user_attrs={"fail_reason": reason}))
+    study.add_trial(create_trial(state=TrialState.PRUNED, params={"x": 0.9}, distributions=dist,
+                                 intermediate_values={0: 9.0}, user_attrs={"pruned_at": "stage 0 level 0"}))
+    data = report_data(study)
+    assert [(g.state, g.reason, g.trials) for g in data.groups] == [
+        ("FAIL", "joint PDF summed to zero", (1, 2)),
+        ("FAIL", "time limit", (3,)),
+        ("PRUNED", "pruned at stage 0 level 0", (4,)),
+    ]
+    assert data.importances is None and "at least 2 completed trials" in (data.importance_note or "")
+    text = render_html(data)
+    assert "joint PDF summed to zero" in text and "at least 2 completed trials" in text
+
+
+def test_every_text_is_escaped() -> None:
+    evil = "<img src=x onerror=alert(1)>"
+    study = optuna.create_study(study_name=f"s{evil}", direction="minimize")
+    study.set_user_attr("stages", [evil])
+    dist = {evil: FloatDistribution(0, 1)}
+    for i, v in enumerate((2.0, 1.0, 3.0)):
+        study.add_trial(create_trial(params={evil: i / 3}, distributions=dist, value=v, intermediate_values={0: v + 1},
+                                     user_attrs={"fail_reason": evil}))
+    study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"fail_reason": f"</script>{evil}"}))
+    text = render_html(report_data(study, pair_names=[evil, "b"]))
+    assert evil not in text and "</script><img" not in text
+    assert html_escaped(evil) in text
+
+
+def html_escaped(s: str) -> str:
+    import html
+
+    return html.escape(s)
+
+
+def test_report_before_tune_is_one_clear_error(tmp_path: Path) -> None:
+    pair = write_pair_yaml(tmp_path / "data", size=(48, 48))
+    run = cli("report", pair, "--study-dir", tmp_path / "none", "-o", tmp_path / "r.html")
+    assert run.code == 2
+    lines = [ln for ln in run.err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "no study found" in lines[0] and "autoreg tune" in lines[0]
+    assert not (tmp_path / "r.html").exists()
+
+
+# --- images -----------------------------------------------------------------------------------------------------
+
+
+def test_png_bytes_round_trip_through_simpleitk(tmp_path: Path) -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, size=(17, 23, 3), dtype=np.uint8)
+    path = tmp_path / "x.png"
+    path.write_bytes(png_bytes(rgb))
+    back = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    np.testing.assert_array_equal(back, rgb)
+
+
+def test_3d_pictures_are_three_slices_through_the_landmarks_centre() -> None:
+    pair = make_pair((40, 36, 32), transform="affine", seed=0)
+    fixed = sitk.Image(pair.fixed)
+    fixed.SetSpacing((1.0, 1.0, 2.0))  # anisotropic: views must still have square pixels
+    moving = sitk.Image(pair.moving)
+    moving.SetSpacing((1.0, 1.0, 2.0))
+    vs = views(fixed, moving, None, pair.fixed_points)
+    assert [v.name for v in vs] == ["axial", "coronal", "sagittal"]
+    # one pixel size for all views (the z extent, 31 x 2 mm, spans VIEW_PIXELS), square pixels in each
+    pixel = 62.0 / (VIEW_PIXELS - 1)
+    along = {"x": int(39 / pixel) + 1, "y": int(35 / pixel) + 1, "z": VIEW_PIXELS}
+    assert vs[0].fixed.shape == (along["y"], along["x"])
+    assert vs[1].fixed.shape == (along["z"], along["x"])
+    assert vs[2].fixed.shape == (along["z"], along["y"])
+    for v in vs:
+        assert v.fixed.shape == v.moving.shape and np.isfinite(v.fixed).all()
+    centre = landmark_centre(fixed, pair.fixed_points)
+    np.testing.assert_allclose(centre, np.mean(pair.fixed_points, axis=0))
+    rgb = comparison_rgb(fixed, moving, None, pair.fixed_points)
+    assert rgb.ndim == 3 and rgb.shape[2] == 3
+    assert rgb.shape[0] == sum(v.fixed.shape[0] for v in vs) + 2 * GAP_PIXELS
+    assert rgb.shape[1] == max(2 * v.fixed.shape[1] for v in vs) + GAP_PIXELS
+
+
+def test_colour_overlay_of_identical_images_is_grey() -> None:
+    pair = make_pair((64, 64), transform="affine", seed=2)
+    rgb = comparison_rgb(pair.fixed, pair.fixed)
+    overlay = rgb[:, rgb.shape[1] // 2 + 4:]  # right panel
+    assert np.abs(overlay[..., 0].astype(int) - overlay[..., 1]).max() <= 1
+    moved = comparison_rgb(pair.fixed, pair.moving)[:, rgb.shape[1] // 2 + 4:]
+    assert np.abs(moved[..., 0].astype(int) - moved[..., 1]).max() > 100  # misaligned: colour shows
+
+
+# --- a real pair ------------------------------------------------------------------------------------------------
+
+
+def test_report_on_a_real_brain_pair(tmp_path: Path) -> None:
+    folder = SHARED_DATA / "itk_brain_t1_pd_shift13x17"
+    if not folder.is_dir():
+        pytest.skip(f"real data not present: {folder} (../shared/data holds the real pairs with landmarks)")
+    doc = {
+        "name": "brain",
+        "fixed": str(folder / "fixed.png"),
+        "moving": str(folder / "moving.png"),
+        "landmarks": {"fixed": str(folder / "fixed_landmarks.csv"), "moving": str(folder / "moving_landmarks.csv")},
+        "stages": ["rigid"],
+        "trial_timeout": TRIAL_TIMEOUT,
+    }
+    pair = tmp_path / "PAIR.yaml"
+    pair.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    run = cli("tune", pair, "--trials", 4, "--jobs", 1, "--study-dir", tmp_path / "study", "-q")
+    assert run.code == 0, run.err
+    out = tmp_path / "brain.html"
+    rep = cli("report", pair, "--study-dir", tmp_path / "study", "-o", out)
+    assert rep.code == 0, rep.err
+    text = out.read_text(encoding="utf-8")
+    assert len(re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', text)) == 2
+    assert text.count("<tr>") >= 91 + 1  # one row per landmark in the TRE table (91 landmarks)
+    study = open_study(tmp_path / "study", "brain")
+    data = report_data(study, pair_names=["brain"])
+    assert data.best is not None and data.baseline is not None
+    assert data.best.value <= data.baseline.value

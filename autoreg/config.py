@@ -80,8 +80,8 @@ class _PairFile(_Strict):
     enqueue: list[str] | None = None
     deterministic: bool = False
     prune: bool = True
-    #: A trial's registrations stop (and the trial fails) after this many seconds; default: 30x the default
-    #: recipe's runtime on the same data, at least 60 s (600 s until that is known).
+    #: A trial's registrations stop (and the trial fails) after this many seconds; default: 20x the default
+    #: recipe's runtime on the same data, at least 10 s (600 s until that is known).
     trial_timeout: float | None = Field(None, gt=0)
 
     @field_validator("name")

@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 #: Trial user attributes that carry a whole recipe (enqueued baseline, user starting points, every trial's own).
 RECIPE_ATTR = "recipe"
 ROLE_ATTR = "role"
-AUTO_TIMEOUT_FACTOR = 30.0
-AUTO_TIMEOUT_MIN_S = 60.0
+AUTO_TIMEOUT_FACTOR = 20.0
+AUTO_TIMEOUT_MIN_S = 10.0
 AUTO_TIMEOUT_UNKNOWN_S = 600.0
 
 
@@ -101,7 +101,7 @@ class Objective:
         self.last_transforms: dict[str, sitk.Transform] = {}
 
     def time_limit(self, trial: optuna.Trial) -> float:
-        """The configured trial timeout, or 30x the baseline's runtime (at least 60 s; 600 s until it is known)."""
+        """The configured trial timeout, or 20x the baseline's runtime (at least 10 s; 600 s until it is known)."""
         if self.cfg.trial_timeout is not None:
             return self.cfg.trial_timeout
         if self._baseline_runtime is None:

@@ -1,0 +1,36 @@
+"""Storage URLs: passwords never printed, unreachable or unsupported storages fail with one clear line."""
+
+from __future__ import annotations
+
+import pytest
+
+from autoreg.study import redact
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("postgresql://alice:s3cret@db.example:5432/studies", "postgresql://alice:***@db.example:5432/studies"),
+        ("mysql+pymysql://bob:hunter2@127.0.0.1/optuna", "mysql+pymysql://bob:***@127.0.0.1/optuna"),
+        ("redis://carol:pa55@127.0.0.1:6379/0", "redis://carol:***@127.0.0.1:6379/0"),
+        ("sqlite:///tmp/x.db", "sqlite:///tmp/x.db"),
+        ("/some/where/journal.log", "/some/where/journal.log"),
+    ],
+)
+def test_redact_hides_passwords(url: str, shown: str) -> None:
+    assert redact(url) == shown
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://alice:s3cret@127.0.0.1:1/studies",  # nothing listens on port 1 (or no driver installed)
+        "ftp://alice:s3cret@127.0.0.1/x",  # not a storage
+    ],
+)
+def test_bad_storage_is_one_line_without_the_password(url: str, pair_yaml, run_cli, tmp_path) -> None:
+    result = run_cli("tune", pair_yaml(), "--trials", "1", "--storage", url, "--study-dir", tmp_path / "s", "-q")
+    assert result.code == 2
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and "--storage" in lines[0], result.err
+    assert "s3cret" not in result.err + result.out

@@ -241,7 +241,8 @@ def _tune(args, cfg, directory, spec, study, alone: bool) -> int:
     if base is not None:
         _out(
             f"baseline (SimpleITK-notebooks default) {metric}: "
-            + (f"{base.value:.4g}" if base.value is not None else f"failed ({base.user_attrs.get('fail_reason', base.state.name)})")
+            + (f"{base.value:.4g}" if base.value is not None else
+               f"{base.state.name.lower()} ({base.user_attrs.get('fail_reason') or base.user_attrs.get('pruned_at', '')})")
         )
     if best is not None and cfg.holdout and not interrupted:
         _report_holdout(cfg, best)

@@ -200,6 +200,12 @@ class Objective:
             raise optuna.TrialPruned(str(err)) from None
         except RegistrationFailed as err:
             trial.set_user_attr("levels", levels)
+            if err.reason == "time limit":
+                # stopped for cost, like a pruned trial: PRUNED lets the sampler learn to avoid such settings,
+                # where a FAIL would be ignored by it
+                trial.set_user_attr("runtime_s", round(time.perf_counter() - t0, 4))
+                trial.set_user_attr("pruned_at", f"time limit {limit:.3g} s")
+                raise optuna.TrialPruned("time limit") from None
             return self._fail(trial, err.reason, err.detail, t0)
         except MemoryError as err:
             return self._fail(trial, "out of memory", str(err), t0)

@@ -329,17 +329,18 @@ def test_a_failing_user_recipe_is_recorded_and_the_study_goes_on(tmp_path: Path)
     assert all(t.state == TrialState.COMPLETE for t in others), [(t.number, t.state) for t in others]
 
 
-def test_a_trial_timeout_fails_trials_not_the_study(tmp_path: Path) -> None:
+def test_a_trial_timeout_prunes_trials_not_the_study(tmp_path: Path) -> None:
+    """Time-limited trials are PRUNED (the sampler learns from them; it ignores FAILed ones), with the reason."""
     pair = write_study_files(tmp_path / "data", extra={"trial_timeout": 0.001})
     run = tune(pair, tmp_path / "study", "--trials", 3, "--jobs", 1, "-q")
     assert run.code == 0, run.err
     trials = trials_of(tmp_path / "study")
     assert len(trials) == 3
-    assert all(t.state == TrialState.FAIL for t in trials)
+    assert all(t.state == TrialState.PRUNED for t in trials)
     for t in trials:
-        assert t.user_attrs["fail_reason"] == "time limit"
+        assert t.user_attrs["pruned_at"] == "time limit 0.001 s"
     assert "best: no completed trial yet" in run.out
-    assert "baseline (SimpleITK-notebooks default) tre_mean: failed (time limit)" in run.out
+    assert "baseline (SimpleITK-notebooks default) tre_mean: pruned (time limit 0.001 s)" in run.out
     # nothing to export yet: one clear line, exit 2
     exp = cli("export", pair, "--study-dir", tmp_path / "study", "-o", tmp_path / "best.yaml")
     assert exp.code == 2

@@ -369,15 +369,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from .dashboard import dashboard_url, serve
+    from .dashboard import dashboard_url, make_dashboard_server, serve_until_stopped
 
     cfg, directory, spec = _open_study_args(args)
+    server = make_dashboard_server(cfg, spec, directory, host=args.host, port=args.port)
     _out(f"optuna-dashboard for study {cfg.name} (storage {spec.display}) at {dashboard_url(args.host, args.port)}; "
          "Ctrl-C stops it")
-    try:
-        serve(cfg, spec, directory, host=args.host, port=args.port)
-    except KeyboardInterrupt:
-        _out("dashboard stopped")
+    serve_until_stopped(server)
+    _out("dashboard stopped")
     return EXIT_OK
 
 

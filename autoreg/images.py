@@ -8,16 +8,13 @@ windowed per image between percentiles, so modalities of any range show.
 
 from __future__ import annotations
 
-import logging
-import struct
-import zlib
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
-
-log = logging.getLogger(__name__)
 
 #: Longest side of one view in pixels: big enough to judge edges, small enough for an HTML report.
 VIEW_PIXELS = 320
@@ -41,18 +38,14 @@ class View:
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
-    """Encode an (h, w, 3) uint8 array as PNG (zlib only: no temporary files, no imaging library)."""
+    """Encode an (h, w, 3) uint8 array as PNG with SimpleITK's PNG writer (through a temporary file)."""
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an (h, w, 3) array, got shape {rgb.shape}")
-    h, w, _ = rgb.shape
-    raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "image.png"
+        sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(path))
+        return path.read_bytes()
 
 
 def window(values: np.ndarray, reference: np.ndarray | None = None,

@@ -19,7 +19,6 @@ from unittest import mock
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, stamp  # noqa: E402
 
-import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
 from autoreg import registration  # noqa: E402

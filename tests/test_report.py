@@ -192,6 +192,8 @@ def test_report_data_matches_the_study(reported: Reported) -> None:
     steps = {s for t in data.trials for s in t.intermediate}
     assert steps and steps <= set(data.step_labels)
     assert data.step_labels[0] == "stage 0 affine · coarsest level"
+    # several pairs and stages: step = (pair * n_stages + stage) * 2 + {0: coarsest level, 1: end}
+    assert step_labels(["rigid", "bspline"], ["a", "b"])[7] == "b · stage 1 bspline · end"
     assert data.importances is not None and all(v >= 0 for v in data.importances.values())
 
 
@@ -233,6 +235,47 @@ def html_escaped(s: str) -> str:
     import html
 
     return html.escape(s)
+
+
+def test_report_without_stored_artifacts_registers_the_best_recipe_again(reported: Reported, tmp_path: Path) -> None:
+    copy = tmp_path / "study"
+    shutil.copytree(reported.study_dir, copy)
+    shutil.rmtree(copy / "artifacts")  # a study tuned before artifacts existed, or files removed
+    out = tmp_path / "r.html"
+    run = cli("report", reported.pair, "--study-dir", copy, "-o", out)
+    assert run.code == 0, run.err
+    text = out.read_text(encoding="utf-8")
+    assert "recipe registered again (no stored transform)" in text
+    assert len(re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', text)) == 2
+    assert 'id="tre-0"' in text
+
+
+def test_report_of_a_holdout_study_has_pictures_but_no_landmark_table(tmp_path: Path) -> None:
+    pair = write_pair_yaml(tmp_path / "data", size=(64, 64), name="hold")
+    doc = yaml.safe_load(pair.read_text(encoding="utf-8"))
+    del doc["landmarks"]
+    pair.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    assert cli("tune", pair, "--trials", 3, "--jobs", 1, "--study-dir", tmp_path / "study", "-q").code == 0
+    out = tmp_path / "r.html"
+    run = cli("report", pair, "--study-dir", tmp_path / "study", "-o", out)
+    assert run.code == 0, run.err
+    text = out.read_text(encoding="utf-8")
+    assert 'id="tre-0"' not in text and "No landmarks" in text
+    assert len(re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', text)) == 2
+    study = open_study(tmp_path / "study", "hold")
+    assert set(trial_artifacts(study, study.trials[0])) == {"transform-hold.tfm", "alignment-hold.png"}
+
+
+def test_3d_study_stores_three_slice_pictures(tmp_path: Path) -> None:
+    pair = write_pair_yaml(tmp_path / "data", size=(32, 32, 32), name="vol", stages=("rigid",))
+    assert cli("tune", pair, "--trials", 2, "--jobs", 1, "--study-dir", tmp_path / "study", "-q").code == 0
+    study = open_study(tmp_path / "study", "vol")
+    files = trial_artifacts(study, study.trials[0])
+    with artifact_store(tmp_path / "study").open_reader(files["alignment-vol.png"]) as fh:
+        (tmp_path / "a.png").write_bytes(fh.read())
+    rgb = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a.png")))
+    # three rows (axial, coronal, sagittal) of square 320-pixel views, two panels each, 4-pixel gaps
+    assert rgb.shape == (3 * VIEW_PIXELS + 2 * GAP_PIXELS, 2 * VIEW_PIXELS + GAP_PIXELS, 3)
 
 
 def test_report_before_tune_is_one_clear_error(tmp_path: Path) -> None:

@@ -2,9 +2,9 @@
 
     python benchmarks/parallel.py [--pair cima_lunglesion3_he_ki67] [--stages affine] [--trials 24]
 
-A first study at --jobs 1 draws N recipes; a second study at --jobs 2 runs exactly those recipes (enqueued), with
-pruning off in both, so both do the same registrations and the ratio of their trials per minute is the parallel
-speed-up (efficiency = speed-up / 2).
+A first study (--jobs 1, one ITK thread) draws N recipes; the others run exactly those recipes (enqueued), with
+pruning off in all, so all do the same registrations: --jobs 2 with one thread each (parallel efficiency =
+speed-up / 2), and --jobs 1 with all cores as ITK threads (what a single process gets from threads alone).
 """
 
 from __future__ import annotations
@@ -36,6 +36,26 @@ def tune(pair: Path, study_dir: Path, trials: int, jobs: int) -> float:
     return time.perf_counter() - t0
 
 
+def measure(out: Path, name: str, stages: list[str], trials: int, jobs: int, one_thread: bool,
+            recipes: list[str] | None) -> tuple[dict, float, list[str]]:
+    """One study; the first one draws recipes, the others replay exactly those (enqueued, same trial numbers)."""
+    extra = {"prune": False, "deterministic": one_thread}
+    if recipes:
+        extra["enqueue"] = recipes
+    label = f"jobs{jobs}-{'1thread' if one_thread else 'threads'}"
+    pair = write_pair_yaml(out / label, name, stages, **extra)
+    wall = tune(pair, out / f"study-{label}", trials, jobs)
+    study = studyinfo.load(out / f"study-{label}", pair.stem)
+    drawn = []
+    if recipes is None:
+        for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)[1:]:  # trial 0 is enqueued anyway
+            path = out / "recipes" / f"trial{t.number:03d}.yaml"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_recipe(recipe_from_dict(t.user_attrs["recipe"]), path)
+            drawn.append(str(path))
+    return studyinfo.figures(study), wall, drawn
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--pair", default="cima_lunglesion3_he_ki67")
@@ -44,26 +64,20 @@ def main() -> None:
     args = ap.parse_args()
     require_shared_data()
     out = REPO / "benchmarks" / "results" / "parallel"
+    shutil.rmtree(out, ignore_errors=True)
     stages = args.stages.split("+")
-    first = write_pair_yaml(out, args.pair, stages, prune=False)
-    wall1 = tune(first, out / "jobs1", args.trials, 1)
-    study1 = studyinfo.load(out / "jobs1", first.stem)
-    recipes = []
-    for t in sorted(study1.get_trials(deepcopy=False), key=lambda t: t.number)[1:]:  # trial 0 is re-enqueued anyway
-        path = out / "recipes" / f"trial{t.number:03d}.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_recipe(recipe_from_dict(t.user_attrs["recipe"]), path)
-        recipes.append(str(path))
-    second = write_pair_yaml(out / "replay", args.pair, stages, prune=False, enqueue=recipes)
-    wall2 = tune(second, out / "jobs2", args.trials, 2)
-    f1 = studyinfo.figures(study1)
-    f2 = studyinfo.figures(studyinfo.load(out / "jobs2", second.stem))
-    tpm1, tpm2 = f1["trials"] / wall1 * 60, f2["trials"] / wall2 * 60
-    print(f"# parallel: {args.pair} [{args.stages}], {args.trials} identical recipes ({stamp()}, {machine()})")
-    print(f"jobs 1: {f1['trials']} trials in {wall1:.1f} s = {tpm1:.2f} trials/min (registrations {f1['registration_s']:.1f} s)")
-    print(f"jobs 2: {f2['trials']} trials in {wall2:.1f} s = {tpm2:.2f} trials/min (registrations {f2['registration_s']:.1f} s)")
-    print(f"speed-up jobs2/jobs1 = {tpm2 / tpm1:.2f}; parallel efficiency = {tpm2 / tpm1 / 2:.2f}")
-    print(f"process overhead at jobs 1: wall / sum of registration time = {wall1 / f1['registration_s']:.3f}")
+    f1, w1, recipes = measure(out, args.pair, stages, args.trials, 1, True, None)
+    f2, w2, _ = measure(out, args.pair, stages, args.trials, 2, True, recipes)
+    ft, wt, _ = measure(out, args.pair, stages, args.trials, 1, False, recipes)
+    print(f"# parallel: {args.pair} [{args.stages}], {args.trials} identical recipes, pruning off ({stamp()}, {machine()})")
+    for label, f, w in (("jobs 1 x 1 ITK thread ", f1, w1), ("jobs 2 x 1 ITK thread ", f2, w2),
+                        ("jobs 1 x all ITK threads", ft, wt)):
+        print(f"{label}: {f['trials']} trials in {w:6.1f} s = {f['trials'] / w * 60:6.2f} trials/min "
+              f"(sum of registration time {f['registration_s']:.1f} s)")
+    tpm1, tpm2, tpmt = (f["trials"] / w for f, w in ((f1, w1), (f2, w2), (ft, wt)))
+    print(f"speed-up jobs 2 / jobs 1 (1 thread each) = {tpm2 / tpm1:.2f}; parallel efficiency = {tpm2 / tpm1 / 2:.2f}")
+    print(f"jobs 2 x 1 thread against jobs 1 x all threads (same cores) = {tpm2 / tpmt:.2f}")
+    print(f"per-trial overhead at jobs 1: wall / sum of registration time = {w1 / f1['registration_s']:.3f}")
 
 
 if __name__ == "__main__":

@@ -26,12 +26,15 @@ SECONDS = re.compile(r"registered in ([\d.]+) s")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=3, help="runs per pair (sampling seeds 0..K-1)")
+    ap.add_argument("--only", default="", help="only pairs whose name contains this")
     args = ap.parse_args()
     require_shared_data()
     print(f"# baseline: SimpleITK-notebooks default recipe via `autoreg apply` ({stamp()}, {machine()})")
     print(f"{'pair':36s} {'stages':16s} {'TRE before':>10s} {'TRE after (mean of runs)':>26s} {'s/reg':>7s}  failures")
     with tempfile.TemporaryDirectory() as tmp:
         for name, stage_lists in PAIR_STAGES.items():
+            if args.only not in name:
+                continue
             files = pair_files(name)
             dim = 3 if files["fixed"].name.endswith(".nii.gz") else 2
             for stages in stage_lists:

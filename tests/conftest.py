@@ -23,6 +23,20 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SIZE = {2: (64, 64), 3: (32, 32, 32)}
 
 
+def real_pair_yaml(folder: Path, path: Path, *, name: str, stages: Sequence[str], **extra: Any) -> Path:
+    """Write a PAIR.yaml (absolute paths) for one pair folder of ../shared/data; ``extra`` adds top-level keys."""
+    doc = {
+        "name": name,
+        "fixed": str(folder / "fixed.png"),
+        "moving": str(folder / "moving.png"),
+        "landmarks": {"fixed": str(folder / "fixed_landmarks.csv"), "moving": str(folder / "moving_landmarks.csv")},
+        "stages": list(stages),
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The folder of real pairs with landmarks (``../shared/data``); the test is skipped where it is absent."""

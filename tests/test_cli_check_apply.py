@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import yaml
 
 from autoreg.config import load_config
 from autoreg.data import load_images, load_pair
@@ -16,7 +15,7 @@ from autoreg.recipe import default_recipe, save_recipe
 from autoreg.registration import register
 from autoreg.scoring import transform_points
 
-from conftest import quick_recipe
+from conftest import real_pair_yaml, quick_recipe
 
 
 def _assert_one_line_error(result, code: int, *fragments: str) -> str:
@@ -70,15 +69,7 @@ def test_check_3d_without_landmarks(pair_yaml, run_cli) -> None:
 
 def test_check_a_real_pair(shared_data: Path, tmp_path: Path, run_cli) -> None:
     folder = shared_data / "itk_brain_pd_shift13x17"
-    doc = {
-        "name": "itk_brain_pd",
-        "fixed": str(folder / "fixed.png"),
-        "moving": str(folder / "moving.png"),
-        "landmarks": {"fixed": str(folder / "fixed_landmarks.csv"), "moving": str(folder / "moving_landmarks.csv")},
-        "stages": ["translation"],
-    }
-    path = tmp_path / "PAIR.yaml"
-    path.write_text(yaml.safe_dump(doc))
+    path = real_pair_yaml(folder, tmp_path / "PAIR.yaml", name="itk_brain_pd", stages=["translation"])
     result = run_cli("check", path)
     assert result.code == 0, result.err
     _assert_fingerprint(result.out, "221x257", "221x257")

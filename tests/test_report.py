@@ -30,6 +30,8 @@ from autoreg.report import render_html, report_data, step_labels
 from autoreg.scoring import tre
 from autoreg.synthetic import make_pair, write_pair
 
+from conftest import real_pair_yaml
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TRIAL_TIMEOUT = 30.0
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -338,16 +340,7 @@ def test_report_on_a_real_brain_pair(tmp_path: Path) -> None:
     folder = SHARED_DATA / "itk_brain_t1_pd_shift13x17"
     if not folder.is_dir():
         pytest.skip(f"real data not present: {folder} (../shared/data holds the real pairs with landmarks)")
-    doc = {
-        "name": "brain",
-        "fixed": str(folder / "fixed.png"),
-        "moving": str(folder / "moving.png"),
-        "landmarks": {"fixed": str(folder / "fixed_landmarks.csv"), "moving": str(folder / "moving_landmarks.csv")},
-        "stages": ["rigid"],
-        "trial_timeout": TRIAL_TIMEOUT,
-    }
-    pair = tmp_path / "PAIR.yaml"
-    pair.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    pair = real_pair_yaml(folder, tmp_path / "PAIR.yaml", name="brain", stages=["rigid"], trial_timeout=TRIAL_TIMEOUT)
     run = cli("tune", pair, "--trials", 4, "--jobs", 1, "--study-dir", tmp_path / "study", "-q")
     assert run.code == 0, run.err
     out = tmp_path / "brain.html"

@@ -38,6 +38,8 @@ from autoreg.scoring import tre
 from autoreg.space import build_space
 from autoreg.synthetic import make_pair, write_pair
 
+from conftest import real_pair_yaml
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 #: Any single trial of these tests is cut off here (a pathological recipe must not stall the suite).
 TRIAL_TIMEOUT = 30.0
@@ -709,16 +711,7 @@ def test_tune_on_real_brain_pair_beats_or_ties_the_baseline(tmp_path: Path) -> N
     folder = SHARED_DATA / "itk_brain_pd_shift13x17"
     if not folder.is_dir():
         pytest.skip(f"real data not present: {folder} (../shared/data holds the real pairs with landmarks)")
-    doc = {
-        "name": "brain",
-        "fixed": str(folder / "fixed.png"),
-        "moving": str(folder / "moving.png"),
-        "landmarks": {"fixed": str(folder / "fixed_landmarks.csv"), "moving": str(folder / "moving_landmarks.csv")},
-        "stages": ["rigid"],
-        "trial_timeout": TRIAL_TIMEOUT,
-    }
-    pair = tmp_path / "PAIR.yaml"
-    pair.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    pair = real_pair_yaml(folder, tmp_path / "PAIR.yaml", name="brain", stages=["rigid"], trial_timeout=TRIAL_TIMEOUT)
     run = tune(pair, tmp_path / "study", "--trials", 6, "--jobs", 1, "-q")
     assert run.code == 0, run.err
     trials = trials_of(tmp_path / "study", "brain")

@@ -175,9 +175,9 @@ def _run_trials(plan: WorkerPlan, worker_index: int, stop: StopRequest) -> int:
             break
         with budget_lock(plan.lock_path):
             if plan.n_trials is not None:
-                n = len(study.get_trials(deepcopy=False))
-                waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-                if n - waiting >= plan.n_trials:
+                # one read of the storage: every trial but the queued (WAITING) ones counts towards the budget
+                started = sum(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
+                if started >= plan.n_trials:
                     break
             trial = study.ask()
             trial.set_user_attr("worker", objective.worker)  # before anything can stop us: names who runs it

@@ -49,6 +49,10 @@ def figures(study: optuna.Study) -> dict:
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
     span = (max(ends) - min(starts)).total_seconds() if starts and ends else None
     best_trial = min((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value, default=None)
+    within_s = _seconds_until(trials, starts, lambda best_so_far: best is not None and best_so_far <= 1.1 * best)
+    within_gain_s = _seconds_until(
+        trials, starts,
+        lambda best_so_far: within_gain is not None and best_so_far <= best + 0.1 * (base_value - best))
     return {
         "trials": len(trials),
         "complete": states.count(TrialState.COMPLETE),
@@ -63,6 +67,23 @@ def figures(study: optuna.Study) -> dict:
         "baseline_state": baseline.state.name if baseline is not None else None,
         "within_10pct_at_trial": within,
         "within_10pct_of_gain_at_trial": within_gain,
+        "within_10pct_s": within_s,
+        "within_10pct_of_gain_s": within_gain_s,
         "span_s": span,
         "registration_s": sum(t.user_attrs.get("runtime_s", 0.0) for t in trials),
     }
+
+
+def _seconds_until(trials, starts, reached) -> float | None:
+    """Wall time from the study's first trial start until the best value so far, taken in order of completion
+    (workers finish out of number order), first satisfies ``reached``."""
+    if not starts:
+        return None
+    done = sorted((t for t in trials if t.state == TrialState.COMPLETE and t.datetime_complete and t.value is not None),
+                  key=lambda t: t.datetime_complete)
+    running = float("inf")
+    for t in done:
+        running = min(running, t.value)
+        if reached(running):
+            return (t.datetime_complete - min(starts)).total_seconds()
+    return None

@@ -1,6 +1,7 @@
 """Issue 3's benchmark: tune every pair of ../shared/data with its fitting stages and compare with the default.
 
-    python benchmarks/tune_all.py [--trials 60] [--jobs 2] [--only SUBSTRING]
+    python benchmarks/tune_all.py [--trials 60] [--jobs 2] [--only SUBSTRING] [--stages affine+bspline]
+                                  [--timeout-3d SECONDS] [--report]
 
 Per pair and stage list: mean TRE of the default recipe (trial 0) and of the best after N trials, failed and pruned
 counts, and the trial at which the best came within 10 % of its final value. Results also go to
@@ -18,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import studyinfo  # noqa: E402
-from common import PAIR_STAGES, REPO, machine, require_shared_data, stamp, write_pair_yaml  # noqa: E402
+from common import PAIR_STAGES, REPO, machine, pair_files, require_shared_data, stamp, write_pair_yaml  # noqa: E402
 
 
 def main() -> None:
@@ -29,6 +30,8 @@ def main() -> None:
     ap.add_argument("--stages", default="", help="run only this stage list, e.g. affine+bspline")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--report", action="store_true", help="only print the table from the studies already run")
+    ap.add_argument("--timeout-3d", type=int, default=0,
+                    help="tune --timeout for the 3D pair (0: none); its trials take minutes each on 2 cores")
     args = ap.parse_args()
     require_shared_data()
     out = Path(args.out)
@@ -55,10 +58,11 @@ def main() -> None:
                 import shutil
 
                 shutil.rmtree(study_dir)
+            limit = ["--timeout", str(args.timeout_3d)] if args.timeout_3d and is_3d(name) else []
             t0 = time.perf_counter()
             proc = subprocess.run(
                 [sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", str(args.trials),
-                 "--jobs", str(args.jobs), "--seed", "0", "--study-dir", str(study_dir), "-q"],
+                 "--jobs", str(args.jobs), "--seed", "0", "--study-dir", str(study_dir), "-q", *limit],
                 capture_output=True, text=True,
             )
             wall = time.perf_counter() - t0
@@ -71,6 +75,10 @@ def main() -> None:
             results[key] = fig
             results_path.write_text(json.dumps(results, indent=2))
             print(row(name, stages, fig), flush=True)
+
+
+def is_3d(name: str) -> bool:
+    return pair_files(name)["fixed"].name.endswith(".nii.gz")
 
 
 HEADER = (

@@ -1,9 +1,15 @@
-"""What pruning saves (issue 3 item 5, issue 6 item 3): the same study with pruning on and off.
+"""What pruning saves (issue 3 item 5, issue 6 item 3), measured on the same recipes.
 
-    python benchmarks/pruning.py [--pair cima_lunglesion3_he_ki67] [--stages affine] [--trials 40]
+    python benchmarks/pruning.py [--pair cima_lunglesion3_he_ki67] [--stages affine] [--trials 30]
 
-Both studies use --jobs 1 and the same seed, so they start from the same trials; they part ways at the first
-pruned trial (the sampler sees it). Reports the registration seconds spent, the wall time and the best TRE.
+1. ``free``: a study with no pruning and no per-trial time limit draws N recipes and runs every one to the end.
+2. ``pruner``: the same N recipes replayed (enqueued, same trial numbers, so the same seeds) with the pruner on and
+   still no time limit: what the per-level pruner alone saves.
+3. ``default``: the same recipes with autoreg's defaults: pruner and the automatic per-trial time limit.
+
+All with --jobs 1 and one ITK thread, so a replayed trial does exactly the registration of the free one until it
+is stopped. Reported: registration seconds (sum over trials) against the free run, and the best TRE each run keeps
+(equal when the best recipe was never stopped).
 """
 
 from __future__ import annotations
@@ -19,35 +25,54 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import studyinfo  # noqa: E402
 from common import REPO, machine, require_shared_data, stamp, write_pair_yaml  # noqa: E402
 
+from autoreg.recipe import recipe_from_dict, save_recipe  # noqa: E402
+
+NO_LIMIT_S = 1e6
+
+
+def run(out: Path, label: str, name: str, stages: list[str], trials: int, **extra) -> dict:
+    pair = write_pair_yaml(out / label, name, stages, deterministic=True, **extra)
+    study_dir = out / f"study-{label}"
+    shutil.rmtree(study_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", str(trials),
+                    "--jobs", "1", "--seed", "0", "--study-dir", str(study_dir), "-q"], check=True,
+                   capture_output=True, text=True)
+    study = studyinfo.load(study_dir, pair.stem)
+    fig = studyinfo.figures(study)
+    fig["wall_s"] = time.perf_counter() - t0
+    fig["study"] = study
+    return fig
+
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pair", default="cima_lunglesion3_he_ki67")
     ap.add_argument("--stages", default="affine")
-    ap.add_argument("--trials", type=int, default=40)
+    ap.add_argument("--trials", type=int, default=30)
     args = ap.parse_args()
     require_shared_data()
     out = REPO / "benchmarks" / "results" / "pruning"
-    rows = {}
-    for prune in (True, False):
-        label = "on" if prune else "off"
-        pair = write_pair_yaml(out / label, args.pair, args.stages.split("+"), prune=prune)
-        study_dir = out / f"study-{label}"
-        shutil.rmtree(study_dir, ignore_errors=True)
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", str(args.trials),
-                        "--jobs", "1", "--seed", "0", "--study-dir", str(study_dir), "-q"], check=True,
-                       capture_output=True, text=True)
-        fig = studyinfo.figures(studyinfo.load(study_dir, pair.stem))
-        fig["wall_s"] = time.perf_counter() - t0
-        rows[label] = fig
-    print(f"# pruning: {args.pair} [{args.stages}], {args.trials} trials, --jobs 1 ({stamp()}, {machine()})")
-    for label, f in rows.items():
-        print(f"pruning {label:3s}: best {f['best']:.4g} (trial {f['best_trial']}), pruned {f['pruned']}, failed "
-              f"{f['failed']}, registration time {f['registration_s']:.1f} s, wall {f['wall_s']:.1f} s")
-    on, off = rows["on"], rows["off"]
-    print(f"registration time with/without pruning = {on['registration_s'] / off['registration_s']:.3f}; "
-          f"wall = {on['wall_s'] / off['wall_s']:.3f}; best TRE with/without = {on['best'] / off['best']:.3f}")
+    shutil.rmtree(out, ignore_errors=True)
+    stages = args.stages.split("+")
+    free = run(out, "free", args.pair, stages, args.trials, prune=False, trial_timeout=NO_LIMIT_S)
+    recipes = []
+    for t in sorted(free["study"].get_trials(deepcopy=False), key=lambda t: t.number)[1:]:  # trial 0: the baseline
+        path = out / "recipes" / f"trial{t.number:03d}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe_from_dict(t.user_attrs["recipe"]), path)
+        recipes.append(str(path))
+    pruner = run(out, "pruner", args.pair, stages, args.trials, prune=True, trial_timeout=NO_LIMIT_S, enqueue=recipes)
+    default = run(out, "default", args.pair, stages, args.trials, prune=True, enqueue=recipes)
+    print(f"# pruning: {args.pair} [{args.stages}], the same {args.trials} recipes three ways, --jobs 1, 1 thread "
+          f"({stamp()}, {machine()})")
+    for label, f in (("no pruning, no time limit", free), ("pruner, no time limit", pruner),
+                     ("pruner + time limit (default)", default)):
+        print(f"{label:30s}: best {f['best']:.4g} (trial {f['best_trial']}), stopped {f['pruned']}, failed "
+              f"{f['failed']}, registration {f['registration_s']:7.1f} s = {f['registration_s'] / free['registration_s']:.3f} "
+              f"of the free run, wall {f['wall_s']:.1f} s")
+    print(f"best TRE kept: pruner {pruner['best'] / free['best']:.3f}, default {default['best'] / free['best']:.3f} "
+          f"of the free run's best")
 
 
 if __name__ == "__main__":

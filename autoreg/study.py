@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
@@ -151,12 +151,14 @@ def open_storage(spec: StorageSpec) -> optuna.storages.BaseStorage:
     try:
         if url.startswith(("postgresql", "mysql", "sqlite", "oracle", "mssql")):
             heartbeat = not url.startswith("sqlite")
-            return RDBStorage(
-                url,
-                heartbeat_interval=HEARTBEAT_INTERVAL_S if heartbeat else None,
-                grace_period=GRACE_PERIOD_S if heartbeat else None,
-                failed_trial_callback=RetryFailedTrialCallback(max_retry=1) if heartbeat else None,
-            )
+            with warnings.catch_warnings():  # heartbeats are 'experimental' in Optuna 5 but the documented way
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(
+                    url,
+                    heartbeat_interval=HEARTBEAT_INTERVAL_S if heartbeat else None,
+                    grace_period=GRACE_PERIOD_S if heartbeat else None,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1) if heartbeat else None,
+                )
         if url.startswith("redis://"):
             from optuna.storages.journal import JournalRedisBackend
 
@@ -168,8 +170,10 @@ def open_storage(spec: StorageSpec) -> optuna.storages.BaseStorage:
         return JournalStorage(JournalFileBackend(str(path), lock_obj=journal_lock(path)))
     except UserError:
         raise
-    except ImportError as err:
-        raise UserError(f"storage {redact(url)} needs a driver that is not installed ({err.name})", key="--storage") from None
+    except ImportError as err:  # SQLAlchemy's missing DB-API module is the cause of Optuna's ImportError
+        driver = getattr(err.__cause__, "name", None) or err.name or "its database driver"
+        hint = "; pip install 'autoreg[postgres]'" if url.startswith("postgresql") else ""
+        raise UserError(f"storage {redact(url)} needs {driver}, which is not installed{hint}", key="--storage") from None
     except Exception as err:  # noqa: BLE001 - connection refused, bad credentials...
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot open storage {redact(url)} ({redact(msg)[:200]})", key="--storage") from None

@@ -25,6 +25,16 @@ PAIR_STAGES: dict[str, list[list[str]]] = {
 HISTOLOGY = [n for n in PAIR_STAGES if n.startswith(("birl_", "cima_"))]
 
 
+def selected(only: str = "", stages: str = ""):
+    """(pair name, stage list) for every pair whose name contains ``only`` and stage list ``stages`` (a+b form)."""
+    for name, stage_lists in PAIR_STAGES.items():
+        if only not in name:
+            continue
+        for st in stage_lists:
+            if not stages or "+".join(st) == stages:
+                yield name, st
+
+
 def require_shared_data() -> Path:
     """The data folder, or exit 0 with a clear message: benchmarks skip where ../shared/data is absent."""
     if not SHARED_DATA.is_dir():

@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HISTOLOGY, PAIR_STAGES, REPO, machine, pair_files, require_shared_data, stamp, write_pair_yaml  # noqa: E402
+from common import (HISTOLOGY, PAIR_STAGES, REPO, machine, pair_files, require_shared_data, selected, stamp,  # noqa: E402
+                    write_pair_yaml)
 
 RESULTS = REPO / "benchmarks" / "results"
 TOOLS = ("default", "elastix", "ants", "autoreg", "generalise")
@@ -211,18 +212,13 @@ def main() -> None:
     import peer_tools
 
     print(f"# peers ({stamp()}, {machine()}, {args.threads} threads per registration; {peer_tools.versions()})")
-    for name, stage_lists in PAIR_STAGES.items():
-        if args.only not in name:
-            continue
-        for stages in stage_lists:
-            if args.stages and "+".join(stages) != args.stages:
-                continue
-            key = f"{name}:{'+'.join(stages)}"
-            for tool in args.tools.split(","):
-                row = run_isolated(tool, name, stages, args.threads, args.timeout)
-                results.setdefault(key, {})[tool] = row
-                path.write_text(json.dumps(results, indent=2))
-                print(table({key: {tool: row}}).splitlines()[1], flush=True)
+    for name, stages in selected(args.only, args.stages):
+        key = f"{name}:{'+'.join(stages)}"
+        for tool in args.tools.split(","):
+            row = run_isolated(tool, name, stages, args.threads, args.timeout)
+            results.setdefault(key, {})[tool] = row
+            path.write_text(json.dumps(results, indent=2))
+            print(table({key: {tool: row}}).splitlines()[1], flush=True)
 
 
 if __name__ == "__main__":

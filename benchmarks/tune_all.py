@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import studyinfo  # noqa: E402
-from common import PAIR_STAGES, REPO, machine, pair_files, require_shared_data, stamp, write_pair_yaml  # noqa: E402
+from common import REPO, machine, pair_files, require_shared_data, selected, stamp, write_pair_yaml  # noqa: E402
 
 
 def main() -> None:
@@ -40,41 +40,36 @@ def main() -> None:
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     print(f"# tune_all: {args.trials} trials, --jobs {args.jobs} ({stamp()}, {machine()})")
     print(HEADER)
-    for name, stage_lists in PAIR_STAGES.items():
-        if args.only not in name:
+    for name, stages in selected(args.only, args.stages):
+        pair = write_pair_yaml(out / "pairs", name, stages)
+        study_dir = out / "studies" / pair.stem
+        key = f"{name}:{'+'.join(stages)}"
+        if args.report:
+            if study_dir.exists() and key in results:
+                fig = {**results[key], **studyinfo.figures(studyinfo.load(study_dir, pair.stem))}
+                print(row(name, stages, fig))
             continue
-        for stages in stage_lists:
-            if args.stages and "+".join(stages) != args.stages:
-                continue
-            pair = write_pair_yaml(out / "pairs", name, stages)
-            study_dir = out / "studies" / pair.stem
-            key = f"{name}:{'+'.join(stages)}"
-            if args.report:
-                if study_dir.exists() and key in results:
-                    fig = {**results[key], **studyinfo.figures(studyinfo.load(study_dir, pair.stem))}
-                    print(row(name, stages, fig))
-                continue
-            if study_dir.exists():
-                import shutil
+        if study_dir.exists():
+            import shutil
 
-                shutil.rmtree(study_dir)
-            limit = ["--timeout", str(args.timeout_3d)] if args.timeout_3d and is_3d(name) else []
-            t0 = time.perf_counter()
-            proc = subprocess.run(
-                [sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", str(args.trials),
-                 "--jobs", str(args.jobs), "--seed", "0", "--study-dir", str(study_dir), "-q", *limit],
-                capture_output=True, text=True,
-            )
-            wall = time.perf_counter() - t0
-            if proc.returncode != 0:
-                print(f"{name:34s} {'+'.join(stages):15s} tune failed: {proc.stderr.strip().splitlines()[-1:]}")
-                continue
-            fig = studyinfo.figures(studyinfo.load(study_dir, pair.stem))
-            fig["wall_s"] = wall
-            fig["trials_per_min"] = fig["trials"] / wall * 60
-            results[key] = fig
-            results_path.write_text(json.dumps(results, indent=2))
-            print(row(name, stages, fig), flush=True)
+            shutil.rmtree(study_dir)
+        limit = ["--timeout", str(args.timeout_3d)] if args.timeout_3d and is_3d(name) else []
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", str(args.trials),
+             "--jobs", str(args.jobs), "--seed", "0", "--study-dir", str(study_dir), "-q", *limit],
+            capture_output=True, text=True,
+        )
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            print(f"{name:34s} {'+'.join(stages):15s} tune failed: {proc.stderr.strip().splitlines()[-1:]}")
+            continue
+        fig = studyinfo.figures(studyinfo.load(study_dir, pair.stem))
+        fig["wall_s"] = wall
+        fig["trials_per_min"] = fig["trials"] / wall * 60
+        results[key] = fig
+        results_path.write_text(json.dumps(results, indent=2))
+        print(row(name, stages, fig), flush=True)
 
 
 def is_3d(name: str) -> bool:

@@ -100,10 +100,16 @@ class Objective:
         #: The last trial's transform per pair (first repeat): the worker stores pictures of an improving trial.
         self.last_transforms: dict[str, sitk.Transform] = {}
 
-    def time_limit(self, trial: optuna.Trial) -> float:
-        """The configured trial timeout, or 20x the baseline's runtime (at least 10 s; 600 s until it is known)."""
+    def time_limit(self, trial: optuna.Trial) -> float | None:
+        """The configured trial timeout, or 20x the baseline's runtime (at least 10 s; 600 s until it is known).
+
+        Without a configured timeout the baseline itself has no limit: it is what the limit is measured from, and
+        the default recipe on a large 3D pair can need more than the 600 s that cover the trials started before
+        it is known."""
         if self.cfg.trial_timeout is not None:
             return self.cfg.trial_timeout
+        if trial.user_attrs.get(ROLE_ATTR) == "baseline":
+            return None
         if self._baseline_runtime is None:
             for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
                 if t.user_attrs.get(ROLE_ATTR) == "baseline" and "runtime_s" in t.user_attrs:
@@ -180,9 +186,9 @@ class Objective:
                 values = []
                 for i, pair in enumerate(self.pairs):
                     cb = self._level_callback(trial, i, pair, levels) if r == 0 else None
-                    left = limit - (time.perf_counter() - t0)
+                    left = None if limit is None else max(limit - (time.perf_counter() - t0), 0.001)
                     ps, result = score_pair(recipe, pair, self.use_landmarks, seed=seed, level_callback=cb,
-                                            folding=r == 0, time_limit=max(left, 0.001), should_stop=self.should_stop)
+                                            folding=r == 0, time_limit=left, should_stop=self.should_stop)
                     if r == 0:
                         self.last_transforms[pair.name] = result.transform
                     value = ps.value

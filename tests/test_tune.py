@@ -350,6 +350,24 @@ def test_a_trial_timeout_prunes_trials_not_the_study(tmp_path: Path) -> None:
     assert not (tmp_path / "best.yaml").exists()
 
 
+def test_the_baseline_has_no_automatic_time_limit(tmp_path: Path, monkeypatch) -> None:
+    """The automatic limit is measured from the baseline: the baseline itself is never cut (a 3D default recipe
+    can outlast the 600 s given to trials started before the baseline's runtime is known)."""
+    import autoreg.objective as objective
+
+    monkeypatch.setattr(objective, "AUTO_TIMEOUT_UNKNOWN_S", 0.001)
+    monkeypatch.setattr(objective, "AUTO_TIMEOUT_FACTOR", 1e-6)
+    monkeypatch.setattr(objective, "AUTO_TIMEOUT_MIN_S", 0.001)
+    pair = write_study_files(tmp_path / "data", extra={"trial_timeout": None})
+    run = tune(pair, tmp_path / "study", "--trials", 3, "--jobs", 1, "-q")
+    assert run.code == 0, run.err
+    trials = trials_of(tmp_path / "study")
+    assert trials[0].user_attrs["role"] == "baseline" and trials[0].state == TrialState.COMPLETE
+    assert trials[0].user_attrs["time_limit_s"] is None
+    assert [t.state for t in trials[1:]] == [TrialState.PRUNED] * 2
+    assert all(t.user_attrs["pruned_at"] == "time limit 0.001 s" for t in trials[1:])
+
+
 def test_user_recipe_trial_params_describe_its_recipe(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()

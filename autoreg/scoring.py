@@ -141,8 +141,10 @@ def folding_fraction(tx: sitk.Transform, fixed: sitk.Image) -> float:
         fixed.GetSpacing(),
         fixed.GetDirection(),
     )
-    jac = sitk.GetArrayViewFromImage(sitk.DisplacementFieldJacobianDeterminant(field))
-    return float((jac <= 0).mean())
+    # keep the image alive while its array view is read: a view of a temporary reads freed memory, which
+    # segfaulted on a 182x218x182 brain (the freed buffer had been returned to the system)
+    det = sitk.DisplacementFieldJacobianDeterminant(field)
+    return float((sitk.GetArrayViewFromImage(det) <= 0).mean())
 
 
 def has_deformable(tx: sitk.Transform) -> bool:

@@ -166,6 +166,18 @@ def test_smooth_bspline_does_not_fold() -> None:
     assert folding_fraction(tx, image) == 0.0
 
 
+def test_folding_of_a_large_3d_grid_reads_a_live_buffer() -> None:
+    """The Jacobian image must outlive its array view: a view of a temporary read freed memory, which segfaulted
+    (whole worker processes died) once the buffer was large enough to go back to the system, as a 3D brain's is."""
+    image = _image((120, 120, 120))  # 6.9 MB of determinants: allocated and freed with mmap/munmap
+    tx = _bspline(image)
+    params = np.zeros(tx.GetNumberOfParameters())
+    params[len(params) // 2] = 500.0  # one huge coefficient: some voxels fold
+    tx.SetParameters(params.tolist())
+    for _ in range(3):
+        assert 0.0 < folding_fraction(tx, image) < 0.5
+
+
 def test_has_deformable() -> None:
     image = _image((16, 16))
     affine = sitk.AffineTransform(2)

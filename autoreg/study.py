@@ -264,7 +264,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def reap_stale_trials(study: optuna.Study, *, live_pids: set[int] = frozenset(), alone: bool = False) -> list[int]:
-    """Fail RUNNING trials whose worker on this host is gone, and enqueue each again; returns their numbers.
+    """Fail RUNNING trials whose worker on this host is gone, and enqueue each again once; returns their numbers.
 
     Journal storage has no heartbeats, so a killed worker's trial would stay RUNNING forever. RDB storages get
     the same from Optuna's heartbeat and ``RetryFailedTrialCallback``. ``alone``: no other ``autoreg tune`` uses
@@ -281,14 +281,20 @@ def reap_stale_trials(study: optuna.Study, *, live_pids: set[int] = frozenset(),
             if int(pid) in live_pids or (_pid_alive(int(pid)) and int(pid) != os.getpid()):
                 continue
         storage = study._storage  # noqa: SLF001 - Optuna has no public call to fail another process's trial
-        storage.set_trial_user_attr(t._trial_id, "fail_reason", "worker died (trial left RUNNING)")  # noqa: SLF001
+        again = "retry_of" in t.user_attrs
+        # a retry whose worker died too is not queued a third time: a recipe that crashes its worker would
+        # otherwise crash every retry (and, with loky, the other workers' trials with it)
+        reason = "worker died again (a retry; not queued again)" if again else "worker died (trial left RUNNING)"
+        storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)  # noqa: SLF001
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # noqa: SLF001
+        reaped.append(t.number)
+        if again:
+            continue
         attrs = {k: v for k, v in t.user_attrs.items() if k in (RECIPE_ATTR, ROLE_ATTR)}
         if t.user_attrs.get(ROLE_ATTR) is None:
             attrs.pop(RECIPE_ATTR, None)  # a suggested trial is replayed from its params
         attrs["retry_of"] = t.number
         study.enqueue_trial(t.params, user_attrs=attrs)
-        reaped.append(t.number)
     return reaped
 
 

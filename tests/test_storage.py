@@ -34,3 +34,32 @@ def test_bad_storage_is_one_line_without_the_password(url: str, pair_yaml, run_c
     lines = result.err.strip().splitlines()
     assert len(lines) == 1 and "--storage" in lines[0], result.err
     assert "s3cret" not in result.err + result.out
+
+
+def test_a_dead_worker_s_trial_is_retried_once_not_forever() -> None:
+    """A recipe that kills its worker must not kill every retry of itself: the first death is retried, a retry's
+    death is final."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from autoreg.study import reap_stale_trials
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    dead = "no-such-host-ever:1"
+    first = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    first.set_user_attr("worker", dead)
+    assert reap_stale_trials(study, alone=True) == [first.number]
+    trials = study.get_trials(deepcopy=False)
+    assert trials[first.number].state == TrialState.FAIL
+    retry = [t for t in trials if t.state == TrialState.WAITING]
+    assert len(retry) == 1 and retry[0].user_attrs["retry_of"] == first.number
+
+    again = study.ask()  # the retry runs, and its worker dies too
+    assert again.number == retry[0].number
+    again.set_user_attr("worker", dead)
+    assert reap_stale_trials(study, alone=True) == [again.number]
+    after = study.get_trials(deepcopy=False)
+    assert after[again.number].state == TrialState.FAIL
+    assert "not queued again" in after[again.number].user_attrs["fail_reason"]
+    assert not [t for t in after if t.state in (TrialState.WAITING, TrialState.RUNNING)]

@@ -73,7 +73,9 @@ def tuning(tune: dict) -> str:
     out = ["| pair | stages | trials | default | tuned | tuned / default | failed | pruned | within 10 % at trial "
            "| within 10 % after | 90 % of the gain after | trials/min | wall min |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for key, f in tune.items():
+    order = [f"{n}:{'+'.join(st)}" for n, sts in PAIR_STAGES.items() for st in sts]
+    for key in sorted(tune, key=lambda k: order.index(k) if k in order else len(order)):
+        f = tune[key]
         name, stages = key.split(":")
         ratio = f["best"] / f["baseline"] if f.get("best") is not None and f.get("baseline") else None
         out.append(

@@ -181,6 +181,8 @@ class SearchSpace:
                 out += [
                     Dim(f"{s}.optimizer.kind", choices=("lbfgsb", "lbfgs2", "gradient_descent"), default="lbfgsb"),
                     Dim(f"{s}.bspline.control_point_spacing", low=clo, high=chi, log=True, default=min(chi, max(clo, self.fingerprint.min_extent_voxels / 8))),
+                    # coarse-to-fine grid over the pyramid (asked with >= 2 levels and an optimizer that can follow it)
+                    Dim(f"{s}.bspline.refine", choices=(False, True), default=False),
                     Dim(f"{s}.optimizer.gradient_tolerance", low=1e-7, high=1e-3, log=True, default=1e-5),
                 ]
             else:
@@ -298,7 +300,9 @@ class SearchSpace:
             if opt_kind in ("lbfgsb", "lbfgs2"):
                 opt["gradient_tolerance"] = float(get(f"{s}.optimizer.gradient_tolerance"))
             scales = "none" if opt_kind in ("lbfgsb", "lbfgs2") else "physical_shift"
-            grid = BSplineGrid(control_point_spacing=round(float(get(f"{s}.bspline.control_point_spacing")), 4), spacing_units="voxel")
+            refine = bool(get(f"{s}.bspline.refine")) if len(shrinks) > 1 and opt_kind != "lbfgsb" else False
+            grid = BSplineGrid(control_point_spacing=round(float(get(f"{s}.bspline.control_point_spacing")), 4),
+                               spacing_units="voxel", refine=refine)
         else:
             scales = get(f"{s}.scales")
             grid = None

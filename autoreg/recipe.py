@@ -20,6 +20,7 @@ RECIPE_FORMAT = 1
 TransformKind = Literal["translation", "rigid", "similarity", "affine", "bspline"]
 #: Stages must not decrease in freedom: a rigid stage after an affine one would throw freedom away.
 TRANSFORM_RANK = {"translation": 0, "rigid": 1, "similarity": 2, "affine": 3, "bspline": 4}
+from .registration import LINEAR_KINDS  # noqa: E402  (the engine owns the list of linear kinds)
 Unit = Literal["mm", "voxel"]
 
 

@@ -103,6 +103,9 @@ class BSplineGrid(_Frozen):
     control_point_spacing: float | None = Field(None, gt=0)
     spacing_units: Unit = "voxel"
     order: Literal[3] = 3
+    #: Coarse to fine grid (as elastix's grid schedule, SimpleITK's ``scaleFactors``): the grid starts with 2^(L-1)
+    #: times fewer cells and doubles at each of the stage's L pyramid levels, reaching the grid above at the finest.
+    refine: bool = False
 
     @model_validator(mode="after")
     def _one_of(self) -> BSplineGrid:
@@ -130,6 +133,9 @@ class Stage(_Frozen):
             raise ValueError("a bspline stage needs a 'bspline' grid (mesh_size or control_point_spacing)")
         if self.transform != "bspline" and self.bspline is not None:
             raise ValueError(f"'bspline' grid given for a {self.transform} stage")
+        if self.bspline is not None and self.bspline.refine and self.optimizer.kind == "lbfgsb":
+            # ITK's LBFGSB keeps the first level's scales and stops when the grid grows
+            raise ValueError("bspline.refine needs an optimizer other than lbfgsb (its scales cannot follow the grid)")
         return self
 
 

@@ -317,6 +317,20 @@ def bspline_mesh(stage: Stage, fixed: sitk.Image, k: float = 1.0) -> list[int]:
     return [max(1, int(round(e / spacing))) for e in extent]
 
 
+def bspline_schedule(stage: Stage, fixed: sitk.Image, k: float = 1.0) -> tuple[list[int], list[int] | None]:
+    """The grid a BSpline stage starts from and, with ``refine``, the per-level scale factors that double it.
+
+    Without refinement: the stage's mesh, no factors. With it, over L levels: the mesh divided by 2^(L-1) (at least
+    one cell per axis) and factors 1, 2, ..., 2^(L-1), so the finest level has the stage's grid, rounded up to a
+    multiple of 2^(L-1)."""
+    mesh = bspline_mesh(stage, fixed, k)
+    levels = len(stage.pyramid.shrink_factors)
+    if stage.bspline is None or not stage.bspline.refine or levels < 2:
+        return mesh, None
+    step = 2 ** (levels - 1)
+    return [max(1, -(-m // step)) for m in mesh], [2**level for level in range(levels)]
+
+
 # --- failure reasons -----------------------------------------------------------------------------------------
 
 _REASONS = [
@@ -533,14 +547,19 @@ def _run(recipe: Recipe, frame: _Frame, seed: int, level_callback: LevelCallback
             rm.SetNumberOfThreads(threads_of(recipe))
         _configure_optimizer(rm, stage)
 
+        factors = None
         if stage.transform in LINEAR_KINDS:
             optimized = linear.as_kind(stage.transform)
             moving_initial = None
         else:
-            optimized = sitk.BSplineTransformInitializer(frame.fixed, bspline_mesh(stage, frame.fixed, frame.k), order=3)
+            mesh, factors = bspline_schedule(stage, frame.fixed, frame.k)
+            optimized = sitk.BSplineTransformInitializer(frame.fixed, mesh, order=3)
             moving_initial = _compose([current_linear, *deformables])
             rm.SetMovingInitialTransform(moving_initial)
-        rm.SetInitialTransform(optimized, inPlace=True)
+        if stage.transform not in LINEAR_KINDS and factors is not None:
+            rm.SetInitialTransformAsBSpline(optimized, inPlace=True, scaleFactors=factors)
+        else:
+            rm.SetInitialTransform(optimized, inPlace=True)
 
         tracker = _LevelTracker(rm, stage, index, frame, optimized, moving_initial, level_callback, deadline,
                                 should_stop)

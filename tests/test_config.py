@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -247,7 +247,7 @@ def test_pairs_list_with_masks(tmp_path: Path, pair_yaml, run_cli) -> None:
 
 
 def test_paths_are_relative_to_the_yaml_folder(tmp_path: Path, pair_yaml, run_cli, monkeypatch) -> None:
-    path = pair_yaml(folder="deep/inside")
+    pair_yaml(folder="deep/inside")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)

@@ -83,6 +83,39 @@ def test_affine_bspline_composite_round_trips_through_tfm(tmp_path: Path, spacin
     np.testing.assert_allclose(transform_points(back, points), transform_points(tx, points), rtol=0, atol=1e-6)
 
 
+def _refining(mesh: int, levels: tuple[int, ...], optimizer: str = "gradient_descent"):
+    from autoreg.recipe import Optimizer, Pyramid
+
+    recipe = quick_recipe(["affine", "bspline"], 2, mesh=mesh, deterministic=True)
+    stages = list(recipe.stages)
+    stages[1] = stages[1].model_copy(update={
+        "bspline": BSplineGrid(mesh_size=(mesh, mesh), refine=True),
+        "optimizer": Optimizer(kind=optimizer, iterations=40, estimate_learning_rate="once"),
+        "scales": "physical_shift",
+        "pyramid": Pyramid(shrink_factors=levels, smoothing_sigmas=(0.0,) * len(levels), sigma_units="voxel"),
+    })
+    return recipe.model_validate({**recipe.model_dump(), "stages": [s.model_dump() for s in stages]})
+
+
+def test_bspline_grid_refinement_starts_coarse_and_ends_on_the_stage_grid() -> None:
+    pair = pair_data(synthetic_pair(2, "bspline"))
+    levels: list[LevelRecord] = []
+    result = register(_refining(8, (4, 2, 1)), pair, level_callback=lambda rec, get_tx: levels.append((rec, get_tx())))
+    bspline = sitk.CompositeTransform(result.transform).GetNthTransform(1)
+    assert bspline.GetName() == "BSplineTransform"
+    assert sitk.BSplineTransform(bspline).GetTransformDomainMeshSize() == (8, 8)  # 2 cells, doubled twice
+    meshes = [sitk.BSplineTransform(sitk.CompositeTransform(tx).GetNthTransform(1)).GetTransformDomainMeshSize()
+              for rec, tx in levels if rec.stage == 1]
+    assert meshes == [(2, 2), (4, 4), (8, 8)]  # each level's record sees that level's grid
+    # one thread: the same numbers every run; the coarse 2x2 grid overshoots, the finer levels recover
+    assert [rec.tre_mean for rec, _ in levels if rec.stage == 1][-1] < 0.5 * _tre(IDENTITY[2], pair)
+
+
+def test_bspline_refinement_is_refused_with_lbfgsb() -> None:
+    with pytest.raises(ValueError, match="refine needs an optimizer other than lbfgsb"):
+        _refining(8, (2, 1), optimizer="lbfgsb")
+
+
 # --- (d) determinism --------------------------------------------------------------------------------------------
 
 

@@ -110,7 +110,7 @@ def _everything_recipe(initializer: Initializer) -> Recipe:
         ),
         Stage(
             transform="bspline",
-            bspline=BSplineGrid(control_point_spacing=8, spacing_units="voxel"),
+            bspline=BSplineGrid(control_point_spacing=8, spacing_units="voxel", refine=True),
         ),
     )
     return Recipe(

@@ -268,6 +268,9 @@ def test_only_parameters_of_the_drawn_branch_are_asked(fp_name: str, stages: tup
             if opt in ("lbfgsb", "lbfgs2"):
                 assert not mine & {f"{s}.optimizer.learning_rate", f"{s}.optimizer.estimate_learning_rate",
                                    f"{s}.optimizer.convergence_window_size"}
+            elif kind == "bspline":  # gradient descent on a BSpline grid always estimates its step
+                assert not mine & {f"{s}.optimizer.learning_rate", f"{s}.optimizer.estimate_learning_rate"}
+                assert stage.optimizer.estimate_learning_rate == "once"
             elif p[f"{s}.optimizer.estimate_learning_rate"] == "once":
                 assert f"{s}.optimizer.learning_rate" not in mine
             if opt != "regular_step_gd":
@@ -275,6 +278,11 @@ def test_only_parameters_of_the_drawn_branch_are_asked(fp_name: str, stages: tup
             if kind == "bspline":
                 branches.add("bspline")
                 assert f"{s}.bspline.control_point_spacing" in mine
+                asked = f"{s}.bspline.refine" in mine
+                assert asked == (len(stage.pyramid.shrink_factors) > 1 and opt != "lbfgsb")
+                assert stage.bspline.refine == (asked and p[f"{s}.bspline.refine"])
+                if stage.bspline.refine:
+                    branches.add("bspline refine")
                 assert f"{s}.scales" not in mine
             else:
                 assert not [k for k in mine if "bspline" in k or "gradient_tolerance" in k]

@@ -181,8 +181,6 @@ class SearchSpace:
                 out += [
                     Dim(f"{s}.optimizer.kind", choices=("lbfgsb", "lbfgs2", "gradient_descent"), default="lbfgsb"),
                     Dim(f"{s}.bspline.control_point_spacing", low=clo, high=chi, log=True, default=min(chi, max(clo, self.fingerprint.min_extent_voxels / 8))),
-                    # coarse-to-fine grid over the pyramid (asked with >= 2 levels and an optimizer that can follow it)
-                    Dim(f"{s}.bspline.refine", choices=(False, True), default=False),
                     Dim(f"{s}.optimizer.gradient_tolerance", low=1e-7, high=1e-3, log=True, default=1e-5),
                 ]
             else:
@@ -300,9 +298,10 @@ class SearchSpace:
             if opt_kind in ("lbfgsb", "lbfgs2"):
                 opt["gradient_tolerance"] = float(get(f"{s}.optimizer.gradient_tolerance"))
             scales = "none" if opt_kind in ("lbfgsb", "lbfgs2") else "physical_shift"
-            refine = bool(get(f"{s}.bspline.refine")) if len(shrinks) > 1 and opt_kind != "lbfgsb" else False
+            # the coarse-to-fine grid (bspline.refine) is not searched: on ki67 it gave no better best after 30 trials
+            # (14.24 against 13.42 px) for much longer trials; it stays a recipe field (enqueue or apply a recipe with it)
             grid = BSplineGrid(control_point_spacing=round(float(get(f"{s}.bspline.control_point_spacing")), 4),
-                               spacing_units="voxel", refine=refine)
+                               spacing_units="voxel")
         else:
             scales = get(f"{s}.scales")
             grid = None

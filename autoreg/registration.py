@@ -556,7 +556,7 @@ def _run(recipe: Recipe, frame: _Frame, seed: int, level_callback: LevelCallback
             optimized = sitk.BSplineTransformInitializer(frame.fixed, mesh, order=3)
             moving_initial = _compose([current_linear, *deformables])
             rm.SetMovingInitialTransform(moving_initial)
-        if stage.transform not in LINEAR_KINDS and factors is not None:
+        if factors is not None:  # a BSpline stage that refines its grid
             rm.SetInitialTransformAsBSpline(optimized, inPlace=True, scaleFactors=factors)
         else:
             rm.SetInitialTransform(optimized, inPlace=True)

@@ -267,7 +267,8 @@ def reap_stale_trials(study: optuna.Study, *, live_pids: set[int] = frozenset(),
     """Fail RUNNING trials whose worker on this host is gone, and enqueue each again once; returns their numbers.
 
     Journal storage has no heartbeats, so a killed worker's trial would stay RUNNING forever. RDB storages get
-    the same from Optuna's heartbeat and ``RetryFailedTrialCallback``. ``alone``: no other ``autoreg tune`` uses
+    the same from Optuna's heartbeat and ``RetryHeartbeatStaleTrialCallback`` for workers on other hosts.
+    ``alone``: no other ``autoreg tune`` uses
     this study (see ``TuneLock``), so every RUNNING trial is stale, even one killed before it named its worker.
     """
     host = socket.gethostname()

@@ -73,6 +73,21 @@ def write_pair_yaml(folder: Path, name: str, stages: list[str], **extra) -> Path
     return path
 
 
+def tune(pair: Path, study_dir: Path, trials: int, jobs: int, *extra: str, check: bool = True):
+    """``autoreg tune PAIR --trials N --jobs J --seed 0 --study-dir DIR -q [extra]`` in a subprocess; returns the
+    completed process and its wall seconds (a failure raises unless ``check`` is false)."""
+    import subprocess
+    import time
+
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", str(trials), "--jobs", str(jobs),
+         "--seed", "0", "--study-dir", str(study_dir), "-q", *extra],
+        check=check, capture_output=True, text=True,
+    )
+    return proc, time.perf_counter() - t0
+
+
 def machine() -> str:
     return f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 

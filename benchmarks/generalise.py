@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import studyinfo  # noqa: E402
-from common import HISTOLOGY, REPO, machine, pair_files, require_shared_data, stamp  # noqa: E402
+from common import HISTOLOGY, REPO, machine, pair_files, require_shared_data, stamp, tune  # noqa: E402
 
 from autoreg.config import load_config  # noqa: E402
 from autoreg.data import load_pair  # noqa: E402
@@ -59,9 +58,7 @@ def main() -> None:
         pair_yaml.write_text(yaml.safe_dump(doc, sort_keys=False))
         study_dir = out / "studies" / name
         shutil.rmtree(study_dir, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "autoreg.cli", "tune", str(pair_yaml), "--trials", str(args.trials),
-                        "--jobs", str(args.jobs), "--seed", "0", "--study-dir", str(study_dir), "-q"],
-                       check=True, capture_output=True, text=True)
+        tune(pair_yaml, study_dir, args.trials, args.jobs)
         study = studyinfo.load(study_dir, name)
         best = studyinfo.figures(study)
         best_trial = min((t for t in study.get_trials(deepcopy=False) if t.value is not None), key=lambda t: t.value)

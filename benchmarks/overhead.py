@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import studyinfo  # noqa: E402
-from common import REPO, machine, pair_files, require_shared_data, stamp, write_pair_yaml  # noqa: E402
+from common import REPO, machine, pair_files, require_shared_data, stamp, tune, write_pair_yaml  # noqa: E402
 
 from autoreg.config import load_config  # noqa: E402
 from autoreg.data import load_pair  # noqa: E402
@@ -98,11 +97,7 @@ def main() -> None:
     save_recipe(recipe, path)
     pair_yaml = write_pair_yaml(out, args.pair, ["affine"], prune=False, deterministic=True,
                                 enqueue=[str(path)] * (args.trials - 1))
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "autoreg.cli", "tune", str(pair_yaml), "--trials", str(args.trials),
-                    "--jobs", "1", "--seed", "0", "--study-dir", str(out / "study"), "-q"],
-                   check=True, capture_output=True, text=True)
-    t_tune = time.perf_counter() - t0
+    _, t_tune = tune(pair_yaml, out / "study", args.trials, 1)
     study = studyinfo.load(out / "study", pair_yaml.stem)
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     tre_tune = [t.value for t in trials]

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import studyinfo  # noqa: E402
 from common import REPO, machine, require_shared_data, stamp, write_pair_yaml  # noqa: E402
+from common import tune as run_tune  # noqa: E402
 
 from autoreg.recipe import recipe_from_dict, save_recipe  # noqa: E402
 
@@ -27,13 +26,7 @@ from autoreg.recipe import recipe_from_dict, save_recipe  # noqa: E402
 def tune(pair: Path, study_dir: Path, trials: int, jobs: int) -> float:
     if study_dir.exists():
         shutil.rmtree(study_dir)
-    t0 = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", str(trials), "--jobs", str(jobs),
-         "--seed", "0", "--study-dir", str(study_dir), "-q"],
-        check=True, capture_output=True, text=True,
-    )
-    return time.perf_counter() - t0
+    return run_tune(pair, study_dir, trials, jobs)[1]
 
 
 def measure(out: Path, name: str, stages: list[str], trials: int, jobs: int, one_thread: bool,

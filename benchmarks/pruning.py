@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import studyinfo  # noqa: E402
-from common import REPO, machine, require_shared_data, stamp, write_pair_yaml  # noqa: E402
+from common import REPO, machine, require_shared_data, stamp, tune, write_pair_yaml  # noqa: E402
 
 from autoreg.recipe import recipe_from_dict, save_recipe  # noqa: E402
 
@@ -34,13 +32,10 @@ def run(out: Path, label: str, name: str, stages: list[str], trials: int, **extr
     pair = write_pair_yaml(out / label, name, stages, deterministic=True, **extra)
     study_dir = out / f"study-{label}"
     shutil.rmtree(study_dir, ignore_errors=True)
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", str(trials),
-                    "--jobs", "1", "--seed", "0", "--study-dir", str(study_dir), "-q"], check=True,
-                   capture_output=True, text=True)
+    _, wall = tune(pair, study_dir, trials, 1)
     study = studyinfo.load(study_dir, pair.stem)
     fig = studyinfo.figures(study)
-    fig["wall_s"] = time.perf_counter() - t0
+    fig["wall_s"] = wall
     fig["study"] = study
     return fig
 

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import studyinfo  # noqa: E402
-from common import REPO, machine, pair_files, require_shared_data, selected, stamp, write_pair_yaml  # noqa: E402
+from common import REPO, machine, pair_files, require_shared_data, selected, stamp, tune, write_pair_yaml  # noqa: E402
 
 
 def main() -> None:
@@ -54,13 +52,7 @@ def main() -> None:
 
             shutil.rmtree(study_dir)
         limit = ["--timeout", str(args.timeout_3d)] if args.timeout_3d and is_3d(name) else []
-        t0 = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", str(args.trials),
-             "--jobs", str(args.jobs), "--seed", "0", "--study-dir", str(study_dir), "-q", *limit],
-            capture_output=True, text=True,
-        )
-        wall = time.perf_counter() - t0
+        proc, wall = tune(pair, study_dir, args.trials, args.jobs, *limit, check=False)
         if proc.returncode != 0:
             print(f"{name:34s} {'+'.join(stages):15s} tune failed: {proc.stderr.strip().splitlines()[-1:]}")
             continue

@@ -160,9 +160,7 @@ def _open_study_args(args: argparse.Namespace):
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from .data import load_pair
-    from .fingerprint import fingerprint_dataset, provenance
-    from .space import build_space
+    from .pipeline import Pipeline
     from .study import TuneLock, create_or_load, write_study_info
 
     cfg, directory, spec = _open_study_args(args)
@@ -170,16 +168,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise UserError("expected a positive number of trials", key="--trials")
     if args.jobs is not None and args.jobs < 1:
         raise UserError("expected at least one job", key="--jobs")
-    if args.seed is not None:
-        from dataclasses import replace
-
-        cfg = replace(cfg, seed=args.seed)
-    pairs = [load_pair(p) for p in cfg.pairs]
-    fp = fingerprint_dataset(pairs)
-    space = build_space(cfg, fp)
-    prov = provenance(pairs, fp)
-    write_study_info(directory, cfg, spec, prov)
-    study = create_or_load(cfg, spec, space, prov)
+    pipe = Pipeline(cfg, seed=args.seed)
+    cfg = pipe.cfg
+    write_study_info(directory, cfg, spec, pipe.provenance)
+    study = create_or_load(cfg, spec, pipe.space, pipe.provenance)
     with TuneLock(directory) as alone:
         return _tune(args, cfg, directory, spec, study, alone)
 
@@ -189,7 +181,7 @@ def _tune(args, cfg, directory, spec, study, alone: bool) -> int:
     import time
 
     from .progress import ProgressMonitor, snapshot
-    from .study import baseline_trial, best_trial, reap_stale_trials
+    from .study import best_and_baseline_of, reap_stale_trials
     from .workers import StopRequest, WorkerPlan, threads_per_worker
 
     reaped = reap_stale_trials(study, alone=alone and spec.local_journal)
@@ -231,7 +223,7 @@ def _tune(args, cfg, directory, spec, study, alone: bool) -> int:
         Path(plan.stop_file).unlink(missing_ok=True)
     interrupted = interrupted or stop()
     snap = snapshot(study)
-    best, base = best_trial(study), baseline_trial(study)
+    best, base = best_and_baseline_of(study)
     metric = study.user_attrs.get("objective", "score")
     _out(
         f"{'interrupted' if interrupted else 'done'}: {snap.finished} trials ({snap.complete} complete, {snap.failed} failed, "
@@ -241,8 +233,7 @@ def _tune(args, cfg, directory, spec, study, alone: bool) -> int:
     if base is not None:
         _out(
             f"baseline (SimpleITK-notebooks default) {metric}: "
-            + (f"{base.value:.4g}" if base.value is not None else
-               f"{base.state.name.lower()} ({base.user_attrs.get('fail_reason') or base.user_attrs.get('pruned_at', '')})")
+            + (f"{base.value:.4g}" if base.value is not None else f"{base.state.lower()} ({base.fail_reason or base.pruned_at or ''})")
         )
     if best is not None and cfg.holdout and not interrupted:
         _report_holdout(cfg, best)
@@ -255,13 +246,12 @@ def _tune(args, cfg, directory, spec, study, alone: bool) -> int:
 
 def _report_holdout(cfg, best) -> None:
     """The best recipe on the pairs listed under 'holdout:' (never tuned on): how well it generalises."""
-    from .data import load_pair
     from .evaluate import evaluate
-    from .objective import RECIPE_ATTR
+    from .pipeline import Pipeline
     from .recipe import recipe_from_dict
 
-    recipe = recipe_from_dict(best.user_attrs[RECIPE_ATTR], source=f"trial {best.number}")
-    ev = evaluate(recipe, [load_pair(p) for p in cfg.holdout], use_landmarks=cfg.uses_landmarks)
+    recipe = recipe_from_dict(best.recipe, source=f"trial {best.number}")
+    ev = evaluate(recipe, Pipeline(cfg).holdout_pairs, use_landmarks=cfg.uses_landmarks)
     for p in ev.pairs:
         value = f"{p.values[0]:.4g}" if p.values else f"failed ({p.failures[0]})"
         _out(f"holdout {p.name}: {ev.metric} {value}")
@@ -309,19 +299,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from .config import load_config
-    from .data import load_pair
     from .evaluate import evaluate
+    from .pipeline import Pipeline
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
-    cfg = load_config(args.pair)
+    pipe = Pipeline.load(args.pair)
+    cfg = pipe.cfg
     if args.repeats < 1:
         raise UserError("expected at least one repeat", key="--repeats")
     specs = list(cfg.holdout) if args.holdout_only else [*cfg.pairs, *cfg.holdout]
     if not specs:
         raise UserError("no holdout pairs in the file", file=cfg.path, key="holdout")
-    pairs = [load_pair(p) for p in specs]
+    pairs = pipe.holdout_pairs if args.holdout_only else [*pipe.pairs, *pipe.holdout_pairs]
     ev = evaluate(recipe, pairs, repeats=args.repeats, use_landmarks=cfg.uses_landmarks, deterministic=args.deterministic)
     tuned_on = {p.get("name") for p in ((recipe.provenance or {}).get("fingerprint") or {}).get("pairs", [])}
     mode = "deterministic (1 thread, the recipe's seed)" if args.deterministic else "sampling seeds varied"

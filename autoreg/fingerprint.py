@@ -197,6 +197,12 @@ class DatasetFingerprint:
         return min((p.fixed.size for p in self.pairs), key=lambda s: int(np.prod(s)))
 
     @property
+    def voxel_size(self) -> float:
+        """Geometric mean spacing of the smallest pair's fixed image: the unit of the engine's normalised frame."""
+        pair = min(self.pairs, key=lambda p: int(np.prod(p.fixed.size)))
+        return float(np.exp(np.mean(np.log(pair.fixed.spacing))))
+
+    @property
     def min_extent_voxels(self) -> int:
         return min(min(p.fixed.size) for p in self.pairs)
 

@@ -25,12 +25,10 @@ from .recipe import Recipe, recipe_from_dict, recipe_to_dict
 from .registration import LevelRecord, register
 from .scoring import folding_fraction, has_deformable, holdout_metric, tre
 from .space import SearchSpace
+from .trial import BASELINE, read, records, write
 
 log = logging.getLogger(__name__)
 
-#: Trial user attributes that carry a whole recipe (enqueued baseline, user starting points, every trial's own).
-RECIPE_ATTR = "recipe"
-ROLE_ATTR = "role"
 AUTO_TIMEOUT_FACTOR = 20.0
 AUTO_TIMEOUT_MIN_S = 10.0
 AUTO_TIMEOUT_UNKNOWN_S = 600.0
@@ -108,12 +106,12 @@ class Objective:
         it is known."""
         if self.cfg.trial_timeout is not None:
             return self.cfg.trial_timeout
-        if trial.user_attrs.get(ROLE_ATTR) == "baseline":
+        if read(trial, "role") == BASELINE:
             return None
         if self._baseline_runtime is None:
-            for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-                if t.user_attrs.get(ROLE_ATTR) == "baseline" and "runtime_s" in t.user_attrs:
-                    self._baseline_runtime = float(t.user_attrs["runtime_s"])
+            for t in records(trial.study, states=(optuna.trial.TrialState.COMPLETE,)):
+                if t.role == BASELINE and t.runtime_s is not None:
+                    self._baseline_runtime = t.runtime_s
                     break
         if self._baseline_runtime is None:
             return AUTO_TIMEOUT_UNKNOWN_S
@@ -121,7 +119,7 @@ class Objective:
 
     def recipe_for(self, trial: optuna.Trial) -> Recipe:
         seed = trial_seed(self.cfg.seed, trial.number)
-        attached = trial.user_attrs.get(RECIPE_ATTR)
+        attached = read(trial, "recipe")
         # an enqueued recipe (the baseline, a user's) runs as it is and records no search parameters, so the
         # sampler never credits its score to a point of the space it did not run
         if attached:
@@ -166,20 +164,18 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         t0 = time.perf_counter()
         self.last_transforms = {}
-        trial.set_user_attr("worker", self.worker)
+        write(trial, worker=self.worker)
         try:
             recipe = self.recipe_for(trial)
         except Exception as err:  # a bad enqueued recipe or override: record, never stop the study
             return self._fail(trial, "invalid recipe", str(err), t0)
-        trial.set_user_attr(RECIPE_ATTR, recipe_to_dict(recipe))
-        trial.set_user_attr("seed", recipe.seed)
-        trial.set_user_attr("threads", recipe.effective_threads)
+        write(trial, recipe=recipe_to_dict(recipe), seed=recipe.seed, threads=recipe.effective_threads)
         levels: list[dict] = []
         repeats = self.cfg.objective.repeats
         per_repeat: list[float] = []
         per_pair: dict[str, dict[str, Any]] = {}
         limit = self.time_limit(trial)
-        trial.set_user_attr("time_limit_s", limit)
+        write(trial, time_limit_s=limit)
         try:
             for r in range(repeats):
                 seed = repeat_seed(recipe.seed, r)
@@ -200,17 +196,15 @@ class Objective:
                     per_pair[pair.name].setdefault("repeat_values", []).append(value)
                 per_repeat.append(float(np.mean(values)))
         except RegistrationPruned as err:
-            trial.set_user_attr("levels", levels)
-            trial.set_user_attr("runtime_s", round(time.perf_counter() - t0, 4))
-            trial.set_user_attr("pruned_at", f"stage {err.stage} level {err.level}")
+            write(trial, levels=levels, runtime_s=round(time.perf_counter() - t0, 4),
+                  pruned_at=f"stage {err.stage} level {err.level}")
             raise optuna.TrialPruned(str(err)) from None
         except RegistrationFailed as err:
-            trial.set_user_attr("levels", levels)
+            write(trial, levels=levels)
             if err.reason == "time limit":
                 # stopped for cost, like a pruned trial: PRUNED lets the sampler learn to avoid such settings,
                 # where a FAIL would be ignored by it
-                trial.set_user_attr("runtime_s", round(time.perf_counter() - t0, 4))
-                trial.set_user_attr("pruned_at", f"time limit {limit:.3g} s")
+                write(trial, runtime_s=round(time.perf_counter() - t0, 4), pruned_at=f"time limit {limit:.3g} s")
                 raise optuna.TrialPruned("time limit") from None
             return self._fail(trial, err.reason, err.detail, t0)
         except MemoryError as err:
@@ -219,21 +213,14 @@ class Objective:
             return self._fail(trial, f"{type(err).__name__}: {err}"[:200], traceback.format_exc()[-2000:], t0)
 
         value = aggregate(per_repeat, self.cfg.objective.aggregate, self.cfg.objective.std_weight)
-        trial.set_user_attr("levels", levels)
-        trial.set_user_attr("pairs", per_pair)
-        trial.set_user_attr("runtime_s", round(time.perf_counter() - t0, 4))
+        write(trial, levels=levels, pairs=per_pair, runtime_s=round(time.perf_counter() - t0, 4))
         if repeats > 1:
-            trial.set_user_attr("repeat_scores", per_repeat)
-            trial.set_user_attr("score_std", float(np.std(per_repeat, ddof=1)))
-        summary = _summary(per_pair, self.use_landmarks)
-        for k, v in summary.items():
-            trial.set_user_attr(k, v)
+            write(trial, repeat_scores=per_repeat, score_std=float(np.std(per_repeat, ddof=1)))
+        write(trial, **_summary(per_pair, self.use_landmarks))
         return value
 
     def _fail(self, trial: optuna.Trial, reason: str, detail: str, t0: float) -> float:
-        trial.set_user_attr("fail_reason", reason)
-        trial.set_user_attr("fail_detail", detail[-2000:])
-        trial.set_user_attr("runtime_s", round(time.perf_counter() - t0, 4))
+        write(trial, fail_reason=reason, fail_detail=detail[-2000:], runtime_s=round(time.perf_counter() - t0, 4))
         log.info("trial %d failed: %s", trial.number, reason)
         return float("nan")
 

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import optuna
-from optuna.trial import TrialState
 
-from .objective import ROLE_ATTR
+from .trial import best_and_baseline, records
 
 
 @dataclass(frozen=True)
@@ -29,23 +28,19 @@ class Snapshot:
 
 
 def snapshot(study: optuna.Study) -> Snapshot:
-    trials = study.get_trials(deepcopy=False)
-    by = {s: 0 for s in TrialState}
-    best = baseline = None
+    trials = records(study)
+    by: dict[str, int] = {}
     for t in trials:
-        by[t.state] += 1
-        if t.state == TrialState.COMPLETE and t.value is not None:
-            best = t.value if best is None else min(best, t.value)
-            if t.user_attrs.get(ROLE_ATTR) == "baseline":
-                baseline = t.value
+        by[t.state] = by.get(t.state, 0) + 1
+    best, baseline = best_and_baseline(trials)
     return Snapshot(
-        total=len(trials) - by[TrialState.WAITING],
-        complete=by[TrialState.COMPLETE],
-        failed=by[TrialState.FAIL],
-        pruned=by[TrialState.PRUNED],
-        running=by[TrialState.RUNNING],
-        best=best,
-        baseline=baseline,
+        total=len(trials) - by.get("WAITING", 0),
+        complete=by.get("COMPLETE", 0),
+        failed=by.get("FAIL", 0),
+        pruned=by.get("PRUNED", 0),
+        running=by.get("RUNNING", 0),
+        best=best.value if best is not None else None,
+        baseline=baseline.value if baseline is not None else None,
     )
 
 

@@ -1,41 +1,58 @@
 """The recipe as data: every setting of a SimpleITK registration, versioned, immutable, YAML round-trippable.
 
-A recipe is what a study tunes and what ``autoreg export`` writes. It holds no file paths and no image data,
-so one recipe runs on any pair (``autoreg apply``). Lengths carry their unit (``mm`` or ``voxel`` of the fixed
-image); the engine converts them into its normalised frame (see ``registration``).
+Format 2 (``autoreg_recipe: 2``). The transform, metric and optimizer of a stage are models keyed on ``kind`` (pydantic
+discriminated unions); each holds only the settings its SimpleITK call uses, named as SimpleITK names its keyword
+arguments (in snake case: ``numberOfIterations`` is ``number_of_iterations``), so a recipe says exactly what runs and
+a setting that its kind ignores is refused. Version-1 recipes are upgraded on load (``upgrade_v1``) to the recipe
+that runs identically.
+
+A recipe holds no file paths and no image data, so one recipe runs on any pair (``autoreg apply``). Lengths carry their
+unit (``mm`` or ``voxel`` of the fixed image); the engine converts them into its normalised frame (``registration``).
+The model defaults are the SimpleITK-notebooks defaults, so ``default_recipe`` (trial 0 of every study) is written once,
+here.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+import yaml
+
 from .errors import UserError
-from .registration import threads_of
+from .registration import LINEAR_KINDS, threads_of
 
-RECIPE_FORMAT = 1
+RECIPE_FORMAT = 2
 
-TransformKind = Literal["translation", "rigid", "similarity", "affine", "bspline"]
-#: Stages must not decrease in freedom: a rigid stage after an affine one would throw freedom away.
-TRANSFORM_RANK = {"translation": 0, "rigid": 1, "similarity": 2, "affine": 3, "bspline": 4}
-from .registration import LINEAR_KINDS  # noqa: E402  (the engine owns the list of linear kinds)
+#: Stages must not lose freedom: a rigid stage after an affine one would throw freedom away. ``deformable`` is a study
+#: stage only (the search picks ``bspline`` or ``displacement`` per trial); recipes hold the concrete kind.
+TRANSFORM_RANK = {"translation": 0, "rigid": 1, "similarity": 2, "affine": 3, "bspline": 4, "displacement": 4,
+                  "deformable": 4}
+DEFORMABLE_KINDS = ("bspline", "displacement")
 Unit = Literal["mm", "voxel"]
+Estimate = Literal["never", "once", "each_iteration"]
+Scales = Literal["physical_shift", "index_shift", "jacobian", "none"]
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+# --- initializer -------------------------------------------------------------------------------------------------
+
+
 class RotationSearch(_Frozen):
-    """Exhaustive search of the rotation before the first rigid-kind stage (large rotations defeat gradients)."""
+    """A grid search of rotation (and shift) before the first rigid-kind stage: large rotations defeat gradients."""
 
     max_angle_deg: float = Field(180.0, gt=0, le=180)
     step_deg: float = Field(15.0, gt=0, le=90)
     #: Shift search as a fraction of the fixed extent on each side (0: rotations only).
     max_shift_fraction: float = Field(0.0, ge=0, le=0.5)
     shift_steps: int = Field(0, ge=0, le=10)
+    #: Metric evaluations allowed; a grid larger than this is coarsened to fit. None: the whole grid (version 1).
+    max_evaluations: int | None = Field(None, ge=1)
 
 
 class Initializer(_Frozen):
@@ -45,41 +62,224 @@ class Initializer(_Frozen):
     rotation_search: RotationSearch | None = None
 
 
-class Metric(_Frozen):
-    kind: Literal["mattes", "correlation", "ants_nc", "mean_squares", "joint_hist_mi"] = "mattes"
-    bins: int = Field(50, ge=4, le=512)
-    #: Neighbourhood radius of ANTS neighborhood correlation, in voxels.
+# --- transforms ---------------------------------------------------------------------------------------------------
+
+
+class LinearTransform(_Frozen):
+    kind: Literal["translation", "rigid", "similarity", "affine"]
+
+
+class BSplineTransform(_Frozen):
+    """A BSpline grid: mesh cells per axis, or a control-point spacing (mm or fixed voxels)."""
+
+    kind: Literal["bspline"] = "bspline"
+    mesh_size: tuple[int, ...] | None = None
+    control_point_spacing: float | None = Field(None, gt=0)
+    spacing_units: Unit = "voxel"
+    order: Literal[3] = 3
+    #: Coarse to fine grid (as elastix's grid schedule, SimpleITK's ``scaleFactors``): the grid starts with 2^(L-1)
+    #: times fewer cells and doubles at each of the stage's L pyramid levels, reaching the grid above at the finest.
+    refine: bool = False
+
+    @model_validator(mode="after")
+    def _one_of(self) -> BSplineTransform:
+        if (self.mesh_size is None) == (self.control_point_spacing is None):
+            raise ValueError("give exactly one of mesh_size and control_point_spacing")
+        if self.mesh_size is not None and any(m < 1 for m in self.mesh_size):
+            raise ValueError("mesh_size entries must be >= 1")
+        return self
+
+
+class DisplacementTransform(_Frozen):
+    """A dense displacement field with local support (``sitk.DisplacementFieldTransform``), Gaussian-regularised.
+
+    ``grid_spacing`` sets the field's resolution; the variances (``SetSmoothingGaussianOnUpdate``) are in voxels of
+    that grid, so they mean the same at any image spacing. Defaults after SimpleITK-notebooks 66 (demons_registration).
+    """
+
+    kind: Literal["displacement"] = "displacement"
+    grid_spacing: float = Field(1.0, gt=0)
+    spacing_units: Unit = "voxel"
+    variance_for_update_field: float = Field(0.0, ge=0)
+    variance_for_total_field: float = Field(2.0, ge=0)
+
+
+Transform = Annotated[Union[LinearTransform, BSplineTransform, DisplacementTransform], Field(discriminator="kind")]
+
+
+# --- metrics ------------------------------------------------------------------------------------------------------
+
+
+class _Metric(_Frozen):
+    #: ITK's metrics precompute the images' gradients (True) or take central differences at each sample (False:
+    #: cheaper when few voxels are sampled; the gradient image costs a full pass over the level's voxels).
+    use_fixed_image_gradient_filter: bool = True
+    use_moving_image_gradient_filter: bool = True
+
+
+class MattesMutualInformation(_Metric):
+    kind: Literal["mattes"] = "mattes"
+    number_of_histogram_bins: int = Field(50, ge=4, le=512)
+
+
+class JointHistogramMutualInformation(_Metric):
+    kind: Literal["joint_hist_mi"] = "joint_hist_mi"
+    number_of_histogram_bins: int = Field(20, ge=4, le=512)
+    variance_for_joint_pdf_smoothing: float = Field(1.5, gt=0)
+
+
+class ANTSNeighborhoodCorrelation(_Metric):
+    kind: Literal["ants_nc"] = "ants_nc"
+    #: Neighbourhood radius in voxels.
     radius: int = Field(2, ge=1, le=10)
-    #: Parzen smoothing variance of the joint-histogram MI metric.
-    variance: float = Field(1.5, gt=0)
+
+
+class Correlation(_Metric):
+    kind: Literal["correlation"] = "correlation"
+
+
+class MeanSquares(_Metric):
+    kind: Literal["mean_squares"] = "mean_squares"
+
+
+Metric = Annotated[
+    Union[MattesMutualInformation, JointHistogramMutualInformation, ANTSNeighborhoodCorrelation, Correlation,
+          MeanSquares],
+    Field(discriminator="kind"),
+]
+HISTOGRAM_METRICS = ("mattes", "joint_hist_mi")
+
+
+# --- sampling -----------------------------------------------------------------------------------------------------
 
 
 class Sampling(_Frozen):
+    """Which voxels of each level the metric samples: all (``none``), or a percentage of them, or a number of points.
+
+    ``points`` is per pyramid level and capped by the level's voxels, so a trial's cost no longer grows with the image
+    size (elastix samples 2,048 points whatever the image size); ``percentage`` is ITK's own rule.
+    """
+
     strategy: Literal["none", "regular", "random"] = "random"
-    percentage: float = Field(0.01, gt=0, le=1)
+    percentage: float | None = Field(None, gt=0, le=1)
+    points: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _amount(self) -> Sampling:
+        given = (self.percentage is not None) + (self.points is not None)
+        if self.strategy == "none" and given:
+            raise ValueError("sampling 'none' uses every voxel: remove percentage and points")
+        if self.strategy != "none" and given != 1:
+            raise ValueError(f"sampling '{self.strategy}' needs exactly one of percentage and points")
+        return self
 
 
-class Optimizer(_Frozen):
-    kind: Literal["gradient_descent", "regular_step_gd", "lbfgsb", "lbfgs2", "cg_line_search"] = "gradient_descent"
+# --- optimizers ---------------------------------------------------------------------------------------------------
+
+
+class GradientDescent(_Frozen):
+    kind: Literal["gradient_descent"] = "gradient_descent"
     learning_rate: float = Field(1.0, gt=0)
-    estimate_learning_rate: Literal["never", "once", "each_iteration"] = "once"
-    iterations: int = Field(100, ge=1, le=100000)
+    number_of_iterations: int = Field(100, ge=1, le=100000)
     convergence_minimum_value: float = Field(1e-6, gt=0)
     convergence_window_size: int = Field(10, ge=2)
-    #: Regular-step gradient descent: smallest step, relaxation and gradient tolerance.
-    minimum_step: float = Field(1e-4, gt=0)
+    estimate_learning_rate: Estimate = "once"
+    #: 0: ITK's default (one voxel's shift).
+    maximum_step_size_in_physical_units: float = Field(0.0, ge=0)
+    scales: Scales = "physical_shift"
+
+
+class RegularStepGradientDescent(_Frozen):
+    kind: Literal["regular_step_gd"] = "regular_step_gd"
+    learning_rate: float = Field(1.0, gt=0)
+    min_step: float = Field(1e-4, gt=0)
+    number_of_iterations: int = Field(100, ge=1, le=100000)
     relaxation_factor: float = Field(0.5, gt=0, lt=1)
-    gradient_tolerance: float = Field(1e-5, gt=0)
-    #: LBFGS-B / LBFGS2.
-    max_corrections: int = Field(5, ge=1, le=100)
-    max_function_evaluations: int = Field(1000, ge=1)
+    gradient_magnitude_tolerance: float = Field(1e-4, gt=0)
+    estimate_learning_rate: Estimate = "once"
+    maximum_step_size_in_physical_units: float = Field(0.0, ge=0)
+    scales: Scales = "physical_shift"
+
+
+class ConjugateGradientLineSearch(_Frozen):
+    kind: Literal["cg_line_search"] = "cg_line_search"
+    learning_rate: float = Field(1.0, gt=0)
+    number_of_iterations: int = Field(100, ge=1, le=100000)
+    convergence_minimum_value: float = Field(1e-6, gt=0)
+    convergence_window_size: int = Field(10, ge=2)
+    line_search_lower_limit: float = Field(0.0, ge=0)
+    line_search_upper_limit: float = Field(5.0, gt=0)
+    line_search_epsilon: float = Field(0.01, gt=0)
+    line_search_maximum_iterations: int = Field(20, ge=1)
+    estimate_learning_rate: Estimate = "once"
+    maximum_step_size_in_physical_units: float = Field(0.0, ge=0)
+    scales: Scales = "physical_shift"
+
+
+class LBFGSB(_Frozen):
+    """ITK's LBFGSB ignores optimizer scales (it warns and sets them to one), so it has none."""
+
+    kind: Literal["lbfgsb"] = "lbfgsb"
+    gradient_convergence_tolerance: float = Field(1e-5, gt=0)
+    number_of_iterations: int = Field(100, ge=1, le=100000)
+    maximum_number_of_corrections: int = Field(5, ge=1, le=100)
+    maximum_number_of_function_evaluations: int = Field(1000, ge=1)
     cost_function_convergence_factor: float = Field(1e7, gt=0)
+
+
+class LBFGS2(_Frozen):
+    kind: Literal["lbfgs2"] = "lbfgs2"
+    solution_accuracy: float = Field(1e-5, gt=0)
+    #: 0: until convergence.
+    number_of_iterations: int = Field(100, ge=0, le=100000)
+    hessian_approximate_accuracy: int = Field(6, ge=1, le=100)
+    delta_convergence_distance: int = Field(0, ge=0)
+    delta_convergence_tolerance: float = Field(1e-5, ge=0)
+    line_search_maximum_evaluations: int = Field(40, ge=1)
+    scales: Scales = "none"
+
+
+Optimizer = Annotated[
+    Union[GradientDescent, RegularStepGradientDescent, ConjugateGradientLineSearch, LBFGSB, LBFGS2],
+    Field(discriminator="kind"),
+]
+#: Optimizers that take a fixed or estimated learning rate, and a refining BSpline grid (LBFGSB keeps its first
+#: level's bounds and stops when the grid grows).
+GRADIENT_DESCENT_KINDS = ("gradient_descent", "regular_step_gd", "cg_line_search")
+
+
+
+
+def kinds_of(union: Any) -> tuple[str, ...]:
+    """The ``kind`` values of a discriminated union of models, in declaration order."""
+    members = get_args(get_args(union)[0])
+    return tuple(k for m in members for k in get_args(m.model_fields["kind"].annotation))
+
+
+def model_of(union: Any, kind: str) -> type[BaseModel]:
+    """The model of ``union`` whose ``kind`` is ``kind``."""
+    for m in get_args(get_args(union)[0]):
+        if kind in get_args(m.model_fields["kind"].annotation):
+            return m
+    raise KeyError(kind)
+
+
+TRANSFORM_KINDS = kinds_of(Transform)
+METRIC_KINDS = kinds_of(Metric)
+OPTIMIZER_KINDS = kinds_of(Optimizer)
+
+
+# --- pyramid, stage, recipe ---------------------------------------------------------------------------------------
 
 
 class Pyramid(_Frozen):
     shrink_factors: tuple[int, ...] = (4, 2, 1)
     smoothing_sigmas: tuple[float, ...] = (2.0, 1.0, 0.0)
     sigma_units: Unit = "mm"
+    #: True: both images are smoothed and shrunk once per level and worker, and each level registers on them. False:
+    #: ITK's own pyramid, which smooths both full-resolution images and computes their gradient at every level and
+    #: shrinks only the sampling grid (version 1; seconds per level on a large 3D volume).
+    shrink_images: bool = False
 
     @model_validator(mode="after")
     def _levels_agree(self) -> Pyramid:
@@ -96,56 +296,45 @@ class Pyramid(_Frozen):
         return self
 
 
-class BSplineGrid(_Frozen):
-    """The control-point grid: either mesh cells per axis, or a control-point spacing (mm or fixed voxels)."""
-
-    mesh_size: tuple[int, ...] | None = None
-    control_point_spacing: float | None = Field(None, gt=0)
-    spacing_units: Unit = "voxel"
-    order: Literal[3] = 3
-    #: Coarse to fine grid (as elastix's grid schedule, SimpleITK's ``scaleFactors``): the grid starts with 2^(L-1)
-    #: times fewer cells and doubles at each of the stage's L pyramid levels, reaching the grid above at the finest.
-    refine: bool = False
-
-    @model_validator(mode="after")
-    def _one_of(self) -> BSplineGrid:
-        if (self.mesh_size is None) == (self.control_point_spacing is None):
-            raise ValueError("give exactly one of mesh_size and control_point_spacing")
-        if self.mesh_size is not None and any(m < 1 for m in self.mesh_size):
-            raise ValueError("mesh_size entries must be >= 1")
-        return self
+def _default_sampling() -> Sampling:
+    return Sampling(strategy="random", percentage=0.01)
 
 
 class Stage(_Frozen):
-    transform: TransformKind
-    metric: Metric = Metric()
-    sampling: Sampling = Sampling()
+    transform: Transform
+    metric: Metric = Field(default_factory=MattesMutualInformation)
+    sampling: Sampling = Field(default_factory=_default_sampling)
     interpolator: Literal["linear", "nearest", "bspline"] = "linear"
-    optimizer: Optimizer = Optimizer()
-    scales: Literal["physical_shift", "index_shift", "jacobian", "none"] = "physical_shift"
+    optimizer: Optimizer = Field(default_factory=GradientDescent)
     pyramid: Pyramid = Pyramid()
-    bspline: BSplineGrid | None = None
     use_masks: bool = True
 
+    @field_validator("transform", mode="before")
+    @classmethod
+    def _short_form(cls, value: Any) -> Any:
+        """``transform: rigid`` is short for ``transform: {kind: rigid}``."""
+        return {"kind": value} if isinstance(value, str) else value
+
     @model_validator(mode="after")
-    def _bspline_grid(self) -> Stage:
-        if self.transform == "bspline" and self.bspline is None:
-            raise ValueError("a bspline stage needs a 'bspline' grid (mesh_size or control_point_spacing)")
-        if self.transform != "bspline" and self.bspline is not None:
-            raise ValueError(f"'bspline' grid given for a {self.transform} stage")
-        if self.bspline is not None and self.bspline.refine and self.optimizer.kind == "lbfgsb":
-            # ITK's LBFGSB keeps the first level's scales and stops when the grid grows
-            raise ValueError("bspline.refine needs an optimizer other than lbfgsb (its scales cannot follow the grid)")
+    def _fits(self) -> Stage:
+        t = self.transform
+        if isinstance(t, BSplineTransform) and t.refine and self.optimizer.kind not in GRADIENT_DESCENT_KINDS:
+            raise ValueError(f"transform.refine needs a gradient-descent optimizer, not {self.optimizer.kind} "
+                             "(its bounds and memory cannot follow a growing grid)")
         return self
+
+    @property
+    def kind(self) -> str:
+        return self.transform.kind
 
 
 class Recipe(_Frozen):
     """Everything needed to reproduce one registration, and where it came from."""
 
-    autoreg_recipe: Literal[1] = RECIPE_FORMAT
+    autoreg_recipe: Literal[2] = RECIPE_FORMAT
     initializer: Initializer = Initializer()
     stages: tuple[Stage, ...]
-    #: Seed of the metric sampling; stage i samples with ``seed + i``.
+    #: Seed of the metric sampling; stage i samples with ``seed + i + 1`` (0 would mean the wall clock to SimpleITK).
     seed: int = Field(0, ge=0, lt=2**31)
     #: ITK threads of the registration; 0 means ITK's default (all cores).
     threads: int = Field(0, ge=0)
@@ -156,19 +345,32 @@ class Recipe(_Frozen):
     @field_validator("stages")
     @classmethod
     def _stage_order(cls, stages: tuple[Stage, ...]) -> tuple[Stage, ...]:
-        check_stage_order([s.transform for s in stages])
+        kinds = [s.kind for s in stages]
+        check_stage_order(kinds)
         return stages
 
     @property
     def effective_threads(self) -> int:
         return threads_of(self)
 
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(s.kind for s in self.stages)
+
     def with_(self, **changes: Any) -> Recipe:
         """A copy with top-level fields replaced, validated again."""
         return Recipe.model_validate({**self.model_dump(), **changes})
 
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        """Read a recipe file of any supported version (SPEC's ``autoreg.Recipe.load``)."""
+        return load_recipe(path)
 
-def check_stage_order(kinds: list[str]) -> None:
+    def save(self, path: str | Path) -> None:
+        save_recipe(self, path)
+
+
+def check_stage_order(kinds: list[str] | tuple[str, ...]) -> None:
     """Raise ValueError for an empty list, an unknown kind or a stage that loses freedom after another."""
     if not kinds:
         raise ValueError("at least one stage is needed")
@@ -177,26 +379,19 @@ def check_stage_order(kinds: list[str]) -> None:
             raise ValueError(f"unknown stage '{kind}' (expected one of {', '.join(TRANSFORM_RANK)})")
     for a, b in zip(kinds, kinds[1:]):
         if TRANSFORM_RANK[b] < TRANSFORM_RANK[a]:
-            raise ValueError(f"stage '{b}' after '{a}' loses freedom (expected order: {' < '.join(TRANSFORM_RANK)})")
+            order = " < ".join(k for k in TRANSFORM_RANK if k in ("translation", "rigid", "similarity", "affine")) + \
+                " < bspline | displacement"
+            raise ValueError(f"stage '{b}' after '{a}' loses freedom (expected order: {order})")
 
 
 def default_stage(kind: str, dim: int) -> Stage:
-    """The SimpleITK-notebooks default for one stage: the baseline every study starts from."""
+    """The SimpleITK-notebooks default for one stage: the model defaults; BSpline: mesh 8 per axis and LBFGSB."""
     if kind == "bspline":
-        return Stage(
-            transform="bspline",
-            bspline=BSplineGrid(mesh_size=(8,) * dim),
-            optimizer=Optimizer(
-                kind="lbfgsb",
-                iterations=100,
-                gradient_tolerance=1e-5,
-                max_corrections=5,
-                max_function_evaluations=1000,
-                cost_function_convergence_factor=1e7,
-            ),
-            scales="none",
-        )
-    return Stage(transform=kind)
+        return Stage(transform=BSplineTransform(mesh_size=(8,) * dim), optimizer=LBFGSB())
+    if kind == "displacement":
+        return Stage(transform=DisplacementTransform(), optimizer=GradientDescent(number_of_iterations=20),
+                     pyramid=Pyramid(smoothing_sigmas=(8.0, 4.0, 0.0)))
+    return Stage(transform=LinearTransform(kind=kind))
 
 
 def default_recipe(stages: list[str] | tuple[str, ...], dim: int, *, seed: int = 0) -> Recipe:
@@ -205,14 +400,97 @@ def default_recipe(stages: list[str] | tuple[str, ...], dim: int, *, seed: int =
     return Recipe(stages=tuple(default_stage(k, dim) for k in stages), seed=seed)
 
 
-# --- YAML ------------------------------------------------------------------------------------------------
+# --- version 1 ----------------------------------------------------------------------------------------------------
+
+#: Version-1 optimizer fields -> their format-2 names, per kind (fields a kind ignored are dropped).
+_V1_OPTIMIZER = {
+    "gradient_descent": {"learning_rate": "learning_rate", "iterations": "number_of_iterations",
+                         "convergence_minimum_value": "convergence_minimum_value",
+                         "convergence_window_size": "convergence_window_size",
+                         "estimate_learning_rate": "estimate_learning_rate"},
+    "regular_step_gd": {"learning_rate": "learning_rate", "minimum_step": "min_step", "iterations": "number_of_iterations",
+                        "relaxation_factor": "relaxation_factor", "gradient_tolerance": "gradient_magnitude_tolerance",
+                        "estimate_learning_rate": "estimate_learning_rate"},
+    "cg_line_search": {"learning_rate": "learning_rate", "iterations": "number_of_iterations",
+                       "convergence_minimum_value": "convergence_minimum_value",
+                       "convergence_window_size": "convergence_window_size",
+                       "estimate_learning_rate": "estimate_learning_rate"},
+    "lbfgsb": {"gradient_tolerance": "gradient_convergence_tolerance", "iterations": "number_of_iterations",
+               "max_corrections": "maximum_number_of_corrections",
+               "max_function_evaluations": "maximum_number_of_function_evaluations",
+               "cost_function_convergence_factor": "cost_function_convergence_factor"},
+    # version 1 passed max_corrections as the Hessian accuracy and gradient_tolerance as the solution accuracy
+    "lbfgs2": {"gradient_tolerance": "solution_accuracy", "iterations": "number_of_iterations",
+               "max_corrections": "hessian_approximate_accuracy"},
+}
+#: Version-1 defaults of the fields above (a v1 file may leave them out).
+_V1_OPTIMIZER_DEFAULTS = {"learning_rate": 1.0, "estimate_learning_rate": "once", "iterations": 100,
+                          "convergence_minimum_value": 1e-6, "convergence_window_size": 10, "minimum_step": 1e-4,
+                          "relaxation_factor": 0.5, "gradient_tolerance": 1e-5, "max_corrections": 5,
+                          "max_function_evaluations": 1000, "cost_function_convergence_factor": 1e7}
+_V1_METRIC = {"mattes": {"bins": "number_of_histogram_bins"},
+              "joint_hist_mi": {"bins": "number_of_histogram_bins", "variance": "variance_for_joint_pdf_smoothing"},
+              "ants_nc": {"radius": "radius"}, "correlation": {}, "mean_squares": {}}
+_V1_METRIC_DEFAULTS = {"bins": 50, "variance": 1.5, "radius": 2}
+
+
+def upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 recipe as the format-2 recipe that runs identically (structure only; validation follows)."""
+    out = {k: v for k, v in data.items() if k not in ("autoreg_recipe", "stages")}
+    out["autoreg_recipe"] = RECIPE_FORMAT
+    stages = data.get("stages")
+    if not isinstance(stages, (list, tuple)):
+        return {**out, "stages": stages}
+    out["stages"] = [_upgrade_stage_v1(s) if isinstance(s, dict) else s for s in stages]
+    return out
+
+
+def _upgrade_stage_v1(stage: dict[str, Any]) -> dict[str, Any]:
+    kind = stage.get("transform")
+    transform: dict[str, Any] = {"kind": kind}
+    if isinstance(stage.get("bspline"), dict):
+        transform.update(stage["bspline"])
+    metric_in = dict(stage.get("metric") or {})
+    mkind = metric_in.get("kind", "mattes")
+    metric = {"kind": mkind}
+    for old, new in _V1_METRIC.get(mkind, {}).items():
+        metric[new] = metric_in.get(old, _V1_METRIC_DEFAULTS[old])
+    sampling_in = dict(stage.get("sampling") or {})
+    strategy = sampling_in.get("strategy", "random")
+    sampling = {"strategy": strategy}
+    if strategy != "none":
+        sampling["percentage"] = sampling_in.get("percentage", 0.01)
+    opt_in = dict(stage.get("optimizer") or {})
+    okind = opt_in.get("kind", "gradient_descent")
+    optimizer = {"kind": okind}
+    for old, new in _V1_OPTIMIZER.get(okind, {}).items():
+        optimizer[new] = opt_in.get(old, _V1_OPTIMIZER_DEFAULTS[old])
+    if okind not in ("lbfgsb",):  # version 1 set the scales on every optimizer; LBFGSB ignores them
+        optimizer["scales"] = stage.get("scales", "physical_shift")
+    out = {"transform": transform, "metric": metric, "sampling": sampling, "optimizer": optimizer,
+           "pyramid": {**(stage.get("pyramid") or {}), "shrink_images": False}}
+    for key in ("interpolator", "use_masks"):
+        if key in stage:
+            out[key] = stage[key]
+    return out
+
+
+# --- YAML -----------------------------------------------------------------------------------------------------------
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
-    data = recipe.model_dump(mode="json", exclude_none=False)
-    if data.get("provenance") is None:
-        data.pop("provenance", None)
-    return data
+    """Plain data, settings that are not given (None) left out, each model's ``kind`` first."""
+    return _kind_first(recipe.model_dump(mode="json", exclude_none=True))
+
+
+def _kind_first(value: Any) -> Any:
+    if isinstance(value, dict):
+        ordered = {"kind": value["kind"]} if "kind" in value else {}
+        ordered.update((k, _kind_first(v)) for k, v in value.items() if k != "kind")
+        return ordered
+    if isinstance(value, list):
+        return [_kind_first(v) for v in value]
+    return value
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
@@ -220,8 +498,15 @@ def recipe_to_yaml(recipe: Recipe) -> str:
 
 
 def recipe_from_dict(data: Any, *, source: str = "recipe") -> Recipe:
+    """Validate a recipe of any supported version; problems are one line naming ``source`` and the key."""
     if not isinstance(data, dict):
         raise UserError("expected a mapping with 'stages'", file=source)
+    version = data.get("autoreg_recipe", RECIPE_FORMAT)
+    if version == 1:
+        data = upgrade_v1(data)
+    elif version != RECIPE_FORMAT:
+        raise UserError(f"unknown recipe format {version!r} (this autoreg reads 1 and 2)", file=source,
+                        key="autoreg_recipe")
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
@@ -236,9 +521,7 @@ def recipe_from_yaml(text: str, *, source: str = "recipe") -> Recipe:
     return recipe_from_dict(data, source=source)
 
 
-def load_recipe(path) -> Recipe:
-    from pathlib import Path
-
+def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -251,9 +534,7 @@ def load_recipe(path) -> Recipe:
     return recipe_from_yaml(text, source=str(path))
 
 
-def save_recipe(recipe: Recipe, path) -> None:
-    from pathlib import Path
-
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
     Path(path).write_text(recipe_to_yaml(recipe), encoding="utf-8")
 
 
@@ -274,18 +555,36 @@ def dotted(loc: tuple[Any, ...]) -> str:
     return out
 
 
+#: Parts of a validation error's location that name a union member, not a key the user wrote.
+_UNION_TAGS = ("function-", "tagged-union[")
+
+
 def user_error_from_validation(err: ValidationError, source: str) -> UserError:
     """The first validation problem as one line naming the file and the key."""
     first = err.errors()[0]
-    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    key = dotted(loc) or None
+    loc = list(first["loc"])
     kind = first["type"]
+    # a discriminated union puts the member's tag (its 'kind') into the location: drop it, keep the user's keys
+    tag = None
+    for i, part in enumerate(loc):
+        if isinstance(part, str) and i > 0 and _is_union_member(part):
+            tag = part
+    loc = [p for p in loc if not (isinstance(p, str) and (p.startswith(_UNION_TAGS) or p == tag))]
+    key = dotted(tuple(loc)) or None
     if kind == "extra_forbidden":
-        msg = "unknown key"
+        msg = f"not a setting of {tag!r}" if tag else "unknown key"
     elif kind == "missing":
         msg = "required key is missing"
+    elif kind in ("union_tag_invalid", "union_tag_not_found"):
+        ctx = first.get("ctx") or {}
+        expected = ctx.get("expected_tags", "")
+        msg = f"expected 'kind' to be one of {expected}" + (f" (got {ctx['tag']!r})" if "tag" in ctx else "")
     else:
         msg = first["msg"].removeprefix("Value error, ")
         if "input" in first and kind.startswith(("literal", "int", "float", "bool", "string")):
             msg += f" (got {first['input']!r})"
     return UserError(msg, file=source, key=key)
+
+
+def _is_union_member(part: str) -> bool:
+    return part in (*TRANSFORM_KINDS, *METRIC_KINDS, *OPTIMIZER_KINDS)

@@ -225,67 +225,114 @@ def _estimate(rm: sitk.ImageRegistrationMethod, how: str):
     return {"never": rm.Never, "once": rm.Once, "each_iteration": rm.EachIteration}[how]
 
 
-def _configure_metric(rm: sitk.ImageRegistrationMethod, stage: Stage) -> None:
-    m = stage.metric
+def _configure_metric(rm: sitk.ImageRegistrationMethod, m: Any) -> None:
+    """The stage's metric, with SimpleITK's keyword arguments of the same names as the recipe's settings."""
     if m.kind == "mattes":
-        rm.SetMetricAsMattesMutualInformation(numberOfHistogramBins=m.bins)
-    elif m.kind == "correlation":
-        rm.SetMetricAsCorrelation()
+        rm.SetMetricAsMattesMutualInformation(numberOfHistogramBins=m.number_of_histogram_bins)
+    elif m.kind == "joint_hist_mi":
+        rm.SetMetricAsJointHistogramMutualInformation(
+            numberOfHistogramBins=m.number_of_histogram_bins,
+            varianceForJointPDFSmoothing=m.variance_for_joint_pdf_smoothing,
+        )
     elif m.kind == "ants_nc":
         rm.SetMetricAsANTSNeighborhoodCorrelation(radius=m.radius)
+    elif m.kind == "correlation":
+        rm.SetMetricAsCorrelation()
     elif m.kind == "mean_squares":
         rm.SetMetricAsMeanSquares()
-    elif m.kind == "joint_hist_mi":
-        rm.SetMetricAsJointHistogramMutualInformation(numberOfHistogramBins=m.bins, varianceForJointPDFSmoothing=m.variance)
+    else:
+        raise ValueError(f"unknown metric {m.kind!r}")
+    rm.SetMetricUseFixedImageGradientFilter(bool(m.use_fixed_image_gradient_filter))
+    rm.SetMetricUseMovingImageGradientFilter(bool(m.use_moving_image_gradient_filter))
 
 
-def _configure_optimizer(rm: sitk.ImageRegistrationMethod, stage: Stage) -> None:
-    o = stage.optimizer
+def _configure_optimizer(rm: sitk.ImageRegistrationMethod, o: Any) -> None:
+    """The stage's optimizer and, for the kinds that use them, its parameter scales."""
     if o.kind == "gradient_descent":
         rm.SetOptimizerAsGradientDescent(
             learningRate=o.learning_rate,
-            numberOfIterations=o.iterations,
+            numberOfIterations=o.number_of_iterations,
             convergenceMinimumValue=o.convergence_minimum_value,
             convergenceWindowSize=o.convergence_window_size,
             estimateLearningRate=_estimate(rm, o.estimate_learning_rate),
+            maximumStepSizeInPhysicalUnits=o.maximum_step_size_in_physical_units,
         )
     elif o.kind == "regular_step_gd":
         rm.SetOptimizerAsRegularStepGradientDescent(
             learningRate=o.learning_rate,
-            minStep=o.minimum_step,
-            numberOfIterations=o.iterations,
+            minStep=o.min_step,
+            numberOfIterations=o.number_of_iterations,
             relaxationFactor=o.relaxation_factor,
-            gradientMagnitudeTolerance=o.gradient_tolerance,
+            gradientMagnitudeTolerance=o.gradient_magnitude_tolerance,
             estimateLearningRate=_estimate(rm, o.estimate_learning_rate),
-        )
-    elif o.kind == "lbfgsb":
-        rm.SetOptimizerAsLBFGSB(
-            gradientConvergenceTolerance=o.gradient_tolerance,
-            numberOfIterations=o.iterations,
-            maximumNumberOfCorrections=o.max_corrections,
-            maximumNumberOfFunctionEvaluations=o.max_function_evaluations,
-            costFunctionConvergenceFactor=o.cost_function_convergence_factor,
-        )
-    elif o.kind == "lbfgs2":
-        rm.SetOptimizerAsLBFGS2(
-            solutionAccuracy=o.gradient_tolerance,
-            numberOfIterations=o.iterations,
-            hessianApproximateAccuracy=o.max_corrections,
+            maximumStepSizeInPhysicalUnits=o.maximum_step_size_in_physical_units,
         )
     elif o.kind == "cg_line_search":
         rm.SetOptimizerAsConjugateGradientLineSearch(
             learningRate=o.learning_rate,
-            numberOfIterations=o.iterations,
+            numberOfIterations=o.number_of_iterations,
             convergenceMinimumValue=o.convergence_minimum_value,
             convergenceWindowSize=o.convergence_window_size,
+            lineSearchLowerLimit=o.line_search_lower_limit,
+            lineSearchUpperLimit=o.line_search_upper_limit,
+            lineSearchEpsilon=o.line_search_epsilon,
+            lineSearchMaximumIterations=o.line_search_maximum_iterations,
             estimateLearningRate=_estimate(rm, o.estimate_learning_rate),
+            maximumStepSizeInPhysicalUnits=o.maximum_step_size_in_physical_units,
         )
-    if stage.scales == "physical_shift":
+    elif o.kind == "lbfgsb":
+        rm.SetOptimizerAsLBFGSB(
+            gradientConvergenceTolerance=o.gradient_convergence_tolerance,
+            numberOfIterations=o.number_of_iterations,
+            maximumNumberOfCorrections=o.maximum_number_of_corrections,
+            maximumNumberOfFunctionEvaluations=o.maximum_number_of_function_evaluations,
+            costFunctionConvergenceFactor=o.cost_function_convergence_factor,
+        )
+    elif o.kind == "lbfgs2":
+        rm.SetOptimizerAsLBFGS2(
+            solutionAccuracy=o.solution_accuracy,
+            numberOfIterations=o.number_of_iterations,
+            hessianApproximateAccuracy=o.hessian_approximate_accuracy,
+            deltaConvergenceDistance=o.delta_convergence_distance,
+            deltaConvergenceTolerance=o.delta_convergence_tolerance,
+            lineSearchMaximumEvaluations=o.line_search_maximum_evaluations,
+        )
+    else:
+        raise ValueError(f"unknown optimizer {o.kind!r}")
+    scales = getattr(o, "scales", "none")
+    if scales == "physical_shift":
         rm.SetOptimizerScalesFromPhysicalShift()
-    elif stage.scales == "index_shift":
+    elif scales == "index_shift":
         rm.SetOptimizerScalesFromIndexShift()
-    elif stage.scales == "jacobian":
+    elif scales == "jacobian":
         rm.SetOptimizerScalesFromJacobian()
+
+
+def level_sizes(image: sitk.Image, shrink_factors) -> list[tuple[int, ...]]:
+    """The grid size of each pyramid level (ITK's shrink: ``max(1, n // s)`` voxels per axis)."""
+    return [tuple(max(1, n // s) for n in image.GetSize()) for s in shrink_factors]
+
+
+def sampling_fractions(sampling: Any, sizes: list[tuple[int, ...]]) -> list[float]:
+    """The fraction of each level's voxels the metric samples: the percentage, or ``points`` capped by the level."""
+    if sampling.strategy == "none":
+        return [1.0] * len(sizes)
+    points = getattr(sampling, "points", None)
+    if points is None:
+        return [float(sampling.percentage)] * len(sizes)
+    return [min(1.0, points / float(np.prod(size))) for size in sizes]
+
+
+def _configure_sampling(rm: sitk.ImageRegistrationMethod, stage: Any, fixed: sitk.Image, seed: int) -> None:
+    s = stage.sampling
+    rm.SetMetricSamplingStrategy({"none": rm.NONE, "regular": rm.REGULAR, "random": rm.RANDOM}[s.strategy])
+    if s.strategy == "none":
+        return
+    if getattr(s, "points", None) is None:
+        rm.SetMetricSamplingPercentage(s.percentage, seed)
+    else:
+        fractions = sampling_fractions(s, level_sizes(fixed, stage.pyramid.shrink_factors))
+        rm.SetMetricSamplingPercentagePerLevel(fractions, seed)
 
 
 def _sigmas(stage: Stage, k: float) -> tuple[list[float], bool]:
@@ -297,16 +344,14 @@ def _sigmas(stage: Stage, k: float) -> tuple[list[float], bool]:
 
 def bspline_mesh(stage: Stage, fixed: sitk.Image, k: float = 1.0) -> list[int]:
     """Mesh cells per axis: given, or the fixed extent divided by the control-point spacing."""
-    grid = stage.bspline
-    assert grid is not None
-    if grid.mesh_size is not None:
+    grid = stage.transform
+    if getattr(grid, "mesh_size", None) is not None:
         mesh = list(grid.mesh_size)
         if len(mesh) == 1:
             mesh = mesh * fixed.GetDimension()
         if len(mesh) != fixed.GetDimension():
             raise RegistrationFailed("bad bspline mesh", f"mesh_size has {len(mesh)} entries for a {fixed.GetDimension()}D image")
         return mesh
-    assert grid.control_point_spacing is not None
     # In the normalised frame a fixed voxel is ~1 unit (exactly 1 for isotropic data).
     # ``fixed`` is already in the normalised frame: a voxel measures 1 / frame_scale(fixed) (1 for isotropic data).
     if grid.spacing_units == "mm":
@@ -325,7 +370,7 @@ def bspline_schedule(stage: Stage, fixed: sitk.Image, k: float = 1.0) -> tuple[l
     multiple of 2^(L-1)."""
     mesh = bspline_mesh(stage, fixed, k)
     levels = len(stage.pyramid.shrink_factors)
-    if stage.bspline is None or not stage.bspline.refine or levels < 2:
+    if not getattr(stage.transform, "refine", False) or levels < 2:
         return mesh, None
     step = 2 ** (levels - 1)
     return [max(1, -(-m // step)) for m in mesh], [2**level for level in range(levels)]
@@ -470,8 +515,8 @@ def initial_linear(recipe: Recipe, frame: _Frame, seed: int) -> _Linear:
         )
         tx = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(dim), how)
         state = _Linear.of(tx)
-    first_linear = next((s for s in recipe.stages if s.transform in LINEAR_KINDS), None)
-    if init.rotation_search is not None and first_linear is not None and first_linear.transform != "translation":
+    first_linear = next((s for s in recipe.stages if s.transform.kind in LINEAR_KINDS), None)
+    if init.rotation_search is not None and first_linear is not None and first_linear.transform.kind != "translation":
         state = _rotation_search(recipe, frame, state, first_linear, seed)
     return state
 
@@ -498,7 +543,7 @@ def _rotation_search(recipe: Recipe, frame: _Frame, state: _Linear, stage: Stage
     else:
         shift_steps, shift_scale = 0, 1.0
     rm = sitk.ImageRegistrationMethod()
-    _configure_metric(rm, stage)
+    _configure_metric(rm, stage.metric)
     rm.SetMetricSamplingStrategy(rm.NONE)
     rm.SetInterpolator(sitk.sitkLinear)
     if stage.use_masks and frame.fixed_mask is not None:
@@ -529,11 +574,8 @@ def _run(recipe: Recipe, frame: _Frame, seed: int, level_callback: LevelCallback
     deformables: list[sitk.Transform] = []
     for index, stage in enumerate(recipe.stages):
         rm = sitk.ImageRegistrationMethod()
-        _configure_metric(rm, stage)
-        strategy = {"none": rm.NONE, "regular": rm.REGULAR, "random": rm.RANDOM}[stage.sampling.strategy]
-        rm.SetMetricSamplingStrategy(strategy)
-        if stage.sampling.strategy != "none":
-            rm.SetMetricSamplingPercentage(stage.sampling.percentage, itk_seed(seed, index))
+        _configure_metric(rm, stage.metric)
+        _configure_sampling(rm, stage, frame.fixed, itk_seed(seed, index))
         rm.SetInterpolator(_INTERPOLATORS[stage.interpolator])
         if stage.use_masks and frame.fixed_mask is not None:
             rm.SetMetricFixedMask(frame.fixed_mask)
@@ -545,11 +587,11 @@ def _run(recipe: Recipe, frame: _Frame, seed: int, level_callback: LevelCallback
         rm.SetSmoothingSigmasAreSpecifiedInPhysicalUnits(physical)
         if threads_of(recipe) > 0:
             rm.SetNumberOfThreads(threads_of(recipe))
-        _configure_optimizer(rm, stage)
+        _configure_optimizer(rm, stage.optimizer)
 
         factors = None
-        if stage.transform in LINEAR_KINDS:
-            optimized = linear.as_kind(stage.transform)
+        if stage.transform.kind in LINEAR_KINDS:
+            optimized = linear.as_kind(stage.transform.kind)
             moving_initial = None
         else:
             mesh, factors = bspline_schedule(stage, frame.fixed, frame.k)
@@ -580,7 +622,7 @@ def _run(recipe: Recipe, frame: _Frame, seed: int, level_callback: LevelCallback
         result.levels.extend(tracker.records)
         result.stop_conditions.append(stop)
 
-        if stage.transform in LINEAR_KINDS:
+        if stage.transform.kind in LINEAR_KINDS:
             linear = _Linear.of(optimized)
             current_linear = optimized
         else:
@@ -669,7 +711,7 @@ class _LevelTracker:
         rec = LevelRecord(
             stage=self.index,
             level=lvl,
-            transform=self.stage.transform,
+            transform=self.stage.transform.kind,
             shrink=p.shrink_factors[lvl],
             sigma=p.smoothing_sigmas[lvl],
             iterations=self.iterations,

@@ -22,14 +22,14 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import optuna
 import SimpleITK as sitk
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from . import __version__
 from .artifacts import artifact_store, load_transform, tre_rows
 from .data import PairData
 from .images import comparison_png
-from .objective import RECIPE_ATTR, ROLE_ATTR
 from .recipe import recipe_from_dict, recipe_to_yaml
+from .trial import TrialRecord, best_and_baseline, records
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +42,6 @@ MAX_INTERMEDIATE_LINES = 200
 
 
 # --- the data ----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TrialPoint:
-    """What the report needs of one trial."""
-
-    number: int
-    state: str
-    value: float | None
-    role: str
-    runtime_s: float | None
-    params: dict[str, Any]
-    intermediate: dict[int, float]
-    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -95,10 +81,10 @@ class ReportData:
     objective: str
     stages: list[str]
     pair_names: list[str]
-    trials: list[TrialPoint]
+    trials: list[TrialRecord]
     counts: dict[str, int]
-    baseline: TrialPoint | None
-    best: TrialPoint | None
+    baseline: TrialRecord | None
+    best: TrialRecord | None
     best_scores: dict[str, Any]
     best_recipe_yaml: str | None
     importances: dict[str, float] | None
@@ -117,33 +103,12 @@ def _finite(v: float | None) -> bool:
     return v is not None and math.isfinite(v)
 
 
-def _reason(t: FrozenTrial) -> str | None:
-    if t.state == TrialState.FAIL:
-        return str(t.user_attrs.get("fail_reason") or "no reason recorded")
-    if t.state == TrialState.PRUNED:
-        where = t.user_attrs.get("pruned_at")
-        return f"pruned at {where}" if where else "pruned"
-    return None
+def trial_points(study: optuna.Study) -> list[TrialRecord]:
+    """Every trial of the study as a record, in trial order."""
+    return records(study)
 
 
-def trial_points(study: optuna.Study) -> list[TrialPoint]:
-    """Every trial of the study as a :class:`TrialPoint`, in trial order."""
-    out = []
-    for t in study.get_trials(deepcopy=False):
-        out.append(TrialPoint(
-            number=t.number,
-            state=t.state.name,
-            value=t.value if t.state == TrialState.COMPLETE else None,
-            role=str(t.user_attrs.get(ROLE_ATTR, "suggested")),
-            runtime_s=t.user_attrs.get("runtime_s"),
-            params=dict(t.params),
-            intermediate={int(k): float(v) for k, v in t.intermediate_values.items()},
-            reason=_reason(t),
-        ))
-    return out
-
-
-def reason_groups(trials: Iterable[TrialPoint]) -> list[ReasonGroup]:
+def reason_groups(trials: Iterable[TrialRecord]) -> list[ReasonGroup]:
     """Failed and pruned trials grouped by state and reason, the largest group first."""
     groups: dict[tuple[str, str], list[int]] = defaultdict(list)
     for t in trials:
@@ -183,14 +148,6 @@ def param_importances(study: optuna.Study) -> tuple[dict[str, float] | None, str
     return {k: float(v) for k, v in result.items()}, None
 
 
-def _best_and_baseline(trials: list[TrialPoint]) -> tuple[TrialPoint | None, TrialPoint | None]:
-    done = [t for t in trials if t.state == "COMPLETE" and _finite(t.value)]
-    best = min(done, key=lambda t: (t.value, t.number)) if done else None
-    bases = [t for t in trials if t.role == "baseline"]
-    baseline = next((t for t in bases if t.state == "COMPLETE"), bases[0] if bases else None)
-    return best, baseline
-
-
 def pair_results(pairs: Sequence[PairData], transforms: Mapping[str, sitk.Transform],
                  baseline_transforms: Mapping[str, sitk.Transform] | None = None
                  ) -> tuple[list[LandmarkTable], list[PairImages]]:
@@ -226,17 +183,13 @@ def report_data(study: optuna.Study, pairs: Sequence[PairData] = (), *,
                                   TrialState.WAITING)}
     for t in trials:
         counts[t.state] = counts.get(t.state, 0) + 1
-    best, baseline = _best_and_baseline(trials)
-    frozen_best = next((t for t in study.get_trials(deepcopy=False) if best is not None and t.number == best.number), None)
+    best, baseline = best_and_baseline(trials)
     recipe_yaml = None
     scores: dict[str, Any] = {}
-    if frozen_best is not None:
-        attached = frozen_best.user_attrs.get(RECIPE_ATTR)
-        if attached:
-            recipe_yaml = recipe_to_yaml(recipe_from_dict(attached, source=f"trial {best.number}"))
-        keys = ("tre_mean", "tre_median", "tre_p90", "tre_max", "tre_mean_vox", "holdout_loss", "holdout_nmi",
-                "folding_fraction", "score_std", "runtime_s", "seed")
-        scores = {k: frozen_best.user_attrs[k] for k in keys if k in frozen_best.user_attrs}
+    if best is not None:
+        if best.recipe:
+            recipe_yaml = recipe_to_yaml(recipe_from_dict(best.recipe, source=f"trial {best.number}"))
+        scores = {**best.scores(), **({"seed": best.seed} if best.seed is not None else {})}
     stages = [str(s) for s in study.user_attrs.get("stages", [])]
     names = list(pair_names) if pair_names is not None else [p.name for p in pairs]
     importances, note = param_importances(study)
@@ -268,23 +221,24 @@ def report_data(study: optuna.Study, pairs: Sequence[PairData] = (), *,
 # --- the I/O around it ------------------------------------------------------------------------------------------
 
 
-def best_transforms(study: optuna.Study, trial: FrozenTrial, pairs: Sequence[PairData], study_directory: Path,
+def best_transforms(study: optuna.Study, trial: TrialRecord, pairs: Sequence[PairData], study_directory: Path,
                     *, register_missing: bool = True) -> tuple[dict[str, sitk.Transform], str]:
     """The trial's transform per pair: the stored artifact, else registered again from its stored recipe."""
     store = artifact_store(study_directory)
+    frozen = study.get_trials(deepcopy=False)[trial.number]  # numbers are a study's trial indices
     out: dict[str, sitk.Transform] = {}
     missing = []
     for pair in pairs:
-        tx = load_transform(study, trial, pair.name, store)
+        tx = load_transform(study, frozen, pair.name, store)
         if tx is not None:
             out[pair.name] = tx
         else:
             missing.append(pair)
     source = f"stored with trial {trial.number}"
-    if missing and register_missing and trial.user_attrs.get(RECIPE_ATTR):
+    if missing and register_missing and trial.recipe:
         from .registration import register
 
-        recipe = recipe_from_dict(trial.user_attrs[RECIPE_ATTR], source=f"trial {trial.number}")
+        recipe = recipe_from_dict(trial.recipe, source=f"trial {trial.number}")
         for pair in missing:
             try:
                 out[pair.name] = register(recipe, pair).transform
@@ -299,7 +253,7 @@ def build_report(cfg: Any, spec: Any, study_directory: Path) -> ReportData:
     """Open the study of ``cfg``, load its pairs and the best trial's transforms, and extract the report's data."""
     from .data import load_pair
     from .errors import UserError
-    from .study import baseline_trial, best_trial, load_existing
+    from .study import best_and_baseline_of, load_existing
 
     study = load_existing(cfg, spec)
     pairs: list[PairData] = []
@@ -310,14 +264,13 @@ def build_report(cfg: Any, spec: Any, study_directory: Path) -> ReportData:
         except UserError as err:
             log.warning("pair %s: images unavailable (%s)", p.name, err)
             notes.append(PairImages(p.name, 0, note=f"images unavailable: {err}"))
-    best = best_trial(study)
+    best, base = best_and_baseline_of(study)
     transforms: dict[str, sitk.Transform] = {}
     baseline_tx: dict[str, sitk.Transform] = {}
     source = ""
     if best is not None and pairs:
         transforms, source = best_transforms(study, best, pairs, study_directory)
-        base = baseline_trial(study)
-        if base is not None and base.state == TrialState.COMPLETE and base.number != best.number:
+        if base is not None and base.state == "COMPLETE" and base.number != best.number:
             baseline_tx, _ = best_transforms(study, base, pairs, study_directory, register_missing=False)
         elif base is not None and base.number == best.number:
             baseline_tx = dict(transforms)

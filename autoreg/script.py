@@ -12,7 +12,7 @@ import inspect
 import json
 
 from . import registration
-from .recipe import Recipe, recipe_to_dict
+from .recipe import Recipe
 
 _MAIN = '''
 
@@ -70,7 +70,7 @@ if __name__ == "__main__":
 def recipe_to_script(recipe: Recipe) -> str:
     """The standalone script: header, the engine's source, the recipe, ``main``."""
     engine = inspect.getsource(registration)
-    data = recipe_to_dict(recipe)
+    data = recipe.model_dump(mode="json")  # every field, None included: the engine reads them as attributes
     prov = data.get("provenance") or {}
     header = (
         "#!/usr/bin/env python3\n"

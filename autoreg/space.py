@@ -1,16 +1,18 @@
 """The search space: fingerprint + overrides -> which parameters, which ranges; ``suggest(trial) -> Recipe``.
 
 ``suggest`` takes any object with Optuna's ``suggest_*`` methods, so ``optuna.trial.FixedTrial(params)`` replays a
-trial's recipe through the very code that tuned it. Parameter names are stable dotted paths; where a parameter is a
-recipe field its name is that field's path (``stage0.sampling.percentage``), so PAIR.yaml's ``search:`` can fix,
-narrow or drop it by the same name, and can also fix any other recipe field (``stage0.interpolator: bspline``).
+trial's recipe through the very code that tuned it; ``params_of(recipe)`` goes the other way (the point of the space
+that describes a recipe), which gives every parameter its value when it is dropped: the default recipe's. Parameter
+names are stable dotted paths; where a parameter is a recipe field its name is that field's path
+(``stage0.optimizer.number_of_iterations``), so PAIR.yaml's ``search:`` can fix, narrow or drop it by the same name,
+and can also fix any other recipe field (``stage0.interpolator: bspline``).
 
 Ranges follow from the fingerprint (see ``fingerprint`` for the rules):
 
-* the coarsest shrink never leaves fewer than 16 voxels on the shortest axis of the smallest pair;
-* the sampling fraction never samples more than ``MAX_SAMPLES`` voxels at full resolution (cost, not accuracy,
-  beyond that); per trial it is raised to what full resolution needs for the chosen histogram bins, and the
-  coarsest shrink is lowered until that fraction still leaves the coarsest level enough samples;
+* the coarsest shrink never leaves fewer than 16 voxels on the shortest axis of the smallest pair, nor fewer voxels
+  than the metric needs samples;
+* a stage samples a number of points per level, on a log range from what the metric needs to ``MAX_SAMPLES`` (cost,
+  not accuracy, beyond that), capped by each level's voxels;
 * BSpline control points are spaced between ``1/32`` and ``1/2`` of the shortest extent (at least 4 voxels), so
   the grid always has 2 to 32 cells per axis and stays inside the image.
 """
@@ -21,23 +23,20 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pydantic import ValidationError
-
 from .config import SearchOverride, StudyConfig
 from .errors import UserError
-from .fingerprint import DatasetFingerprint, enough_samples, level_voxels, min_sampling_fraction
+from .fingerprint import DatasetFingerprint, level_voxels, samples_needed
 from .recipe import (
+    GRADIENT_DESCENT_KINDS,
+    HISTOGRAM_METRICS,
     LINEAR_KINDS,
-    BSplineGrid,
-    Initializer,
+    METRIC_KINDS,
     Metric,
     Optimizer,
-    Pyramid,
     Recipe,
-    RotationSearch,
-    Sampling,
-    Stage,
+    Transform,
     default_recipe,
+    model_of,
     recipe_from_dict,
     recipe_to_dict,
 )
@@ -45,6 +44,20 @@ from .recipe import (
 MAX_LEVELS = 5
 MAX_SAMPLES = 250_000
 MIN_CONTROL_POINT_VOXELS = 4
+LINEAR_OPTIMIZERS = ("gradient_descent", "regular_step_gd", "cg_line_search")
+BSPLINE_OPTIMIZERS = ("lbfgsb", "lbfgs2", "gradient_descent")
+#: Search names of format 1 -> where the setting lives now (a one-line hint instead of "unknown parameter").
+RENAMED = {
+    "metric.bins": "metric.number_of_histogram_bins",
+    "optimizer.iterations": "optimizer.number_of_iterations",
+    "optimizer.minimum_step": "optimizer.min_step",
+    "optimizer.gradient_tolerance": "optimizer.gradient_convergence_tolerance (lbfgsb) or optimizer.solution_accuracy "
+                                    "(lbfgs2)",
+    "scales": "optimizer.scales",
+    "bspline.control_point_spacing": "transform.control_point_spacing",
+    "bspline.mesh_size": "transform.mesh_size",
+    "bspline.refine": "transform.refine",
+}
 
 
 class TrialLike(Protocol):
@@ -55,7 +68,11 @@ class TrialLike(Protocol):
 
 @dataclass(frozen=True)
 class Dim:
-    """One searched parameter: a numeric range or a list of choices, with the value used when it is dropped."""
+    """One searched parameter: a numeric range or a list of choices, asked only where ``when`` holds.
+
+    ``when`` maps another parameter (or a group's fixed kind, ``stage0.transform.kind``) to the values under which this
+    one matters, e.g. histogram bins only for the histogram metrics.
+    """
 
     name: str
     low: float | None = None
@@ -63,7 +80,18 @@ class Dim:
     choices: tuple[Any, ...] | None = None
     log: bool = False
     integer: bool = False
-    default: Any = None
+    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+
+    def contains(self, value: Any) -> bool:
+        if self.choices is not None:
+            return value in self.choices
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and self.low <= value <= self.high
+
+    def clamp(self, value: Any) -> Any:
+        if self.choices is not None:
+            return value if value in self.choices else None
+        v = min(max(float(value), self.low), self.high)
+        return int(round(v)) if self.integer else v
 
 
 @dataclass
@@ -74,56 +102,12 @@ class SearchSpace:
     source: str = "PAIR.yaml"
 
     def __post_init__(self) -> None:
-        known = self.parameter_names()
-        for key in self.overrides:
-            if key in known:
-                continue
-            if self._is_recipe_field(key):
-                if not self.overrides[key].fixed:
-                    raise UserError(
-                        "only a fixed value can be given for a recipe field that is not searched",
-                        file=self.source,
-                        key=f"search.{key}",
-                    )
-                continue
-            raise UserError(
-                f"unknown search parameter (searched: {', '.join(sorted(known))})", file=self.source, key=f"search.{key}"
-            )
+        self._dims = {d.name: d for d in self._all_dims()}
+        # a list given for a recipe field that is not searched is its value (shrink_factors: [4, 2, 1]), not choices
+        self.overrides = {k: SearchOverride(value=list(ov.choices), fixed=True)
+                          if k not in self._dims and ov.choices is not None else ov for k, ov in self.overrides.items()}
+        self._defaults = self.params_of(self.baseline_recipe())
         self._check_overrides()
-
-    def _check_overrides(self) -> None:
-        """Fixed values and choices must be possible; recipe-field overrides must make a valid recipe."""
-        dims = {d.name: d for d in self.dims()}
-        for key, ov in self.overrides.items():
-            d = dims.get(key)
-            if d is None or ov.drop:
-                continue
-            values = list(ov.choices) if ov.choices is not None else ([ov.value] if ov.fixed else [])
-            for v in values:
-                if d.choices is not None and v not in d.choices:
-                    raise UserError(f"{v!r} is not one of {list(d.choices)}", file=self.source, key=f"search.{key}")
-                if d.choices is None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                    raise UserError(f"expected a number, got {v!r}", file=self.source, key=f"search.{key}")
-            if d.choices is not None and ov.choices is None and not ov.fixed and (ov.low is not None or ov.high is not None):
-                raise UserError("low/high given for a parameter with choices", file=self.source, key=f"search.{key}")
-        fixed_params = [k for k, ov in self.overrides.items() if k in dims and ov.fixed]
-        if fixed_params:
-            try:  # the fixed values must make a valid recipe (e.g. bins >= 4)
-                self.suggest(_DefaultsTrial(dims))
-            except ValidationError as err:
-                raise UserError(
-                    f"fixed values make an invalid recipe: {err.errors()[0]['msg']}",
-                    file=self.source, key=f"search.{fixed_params[0]}" if len(fixed_params) == 1 else "search",
-                ) from None
-        for key, ov in self.overrides.items():
-            if key in dims or not ov.fixed:
-                continue
-            try:
-                self._apply_field_overrides(self.baseline_recipe(), only=key)
-            except UserError as err:
-                raise UserError(err.detail, file=self.source, key=f"search.{key}") from None
-            except (KeyError, IndexError, TypeError):
-                raise UserError("no such recipe field", file=self.source, key=f"search.{key}") from None
 
     # --- the ranges, derived from the fingerprint -----------------------------------------------------------
 
@@ -139,91 +123,96 @@ class SearchSpace:
     def max_levels(self) -> int:
         return max(1, min(MAX_LEVELS, 1 + int(math.floor(math.log2(self.max_shrink)))))
 
-    def _percentage_range(self) -> tuple[float, float]:
-        size = self.fingerprint.smallest_size
-        full = level_voxels(size, 1)
-        high = min(1.0, max(MAX_SAMPLES / full, min_sampling_fraction(size, 1, 128)))
-        low = min(high, min_sampling_fraction(size, 1, 16))
-        return low, high
+    def points_range(self) -> tuple[int, int]:
+        """Sample points per level: from what a correlation metric needs to ``MAX_SAMPLES`` or the whole image."""
+        full = level_voxels(self.fingerprint.smallest_size, 1)
+        high = max(samples_needed(None), min(MAX_SAMPLES, full))
+        return min(samples_needed(None), high), high
 
-    def _cp_spacing_range(self) -> tuple[float, float]:
+    def cp_spacing_range(self) -> tuple[float, float]:
         shortest = self.fingerprint.min_extent_voxels
         low = max(MIN_CONTROL_POINT_VOXELS, shortest / 32)
-        high = max(low, shortest / 2)
-        return low, high
+        return low, max(low, shortest / 2)
 
     def dims(self) -> list[Dim]:
         """Every parameter the search may touch, before overrides (conditional ones included)."""
-        out: list[Dim] = [Dim("initializer.kind", choices=("geometry", "moments", "none"), default="geometry")]
+        return list(self._dims.values())
+
+    def _all_dims(self) -> list[Dim]:
+        out: list[Dim] = [Dim("initializer.kind", choices=("geometry", "moments", "none"))]
         first_linear = next((k for k in self.stages if k in LINEAR_KINDS), None)
         if first_linear not in (None, "translation"):
-            out.append(Dim("initializer.rotation_search", choices=(False, True), default=False))
-            hi = 180.0 if self.dim == 2 else 30.0
-            out.append(Dim("initializer.rotation_search.max_angle_deg", low=10.0, high=hi, default=hi))
+            on = (("initializer.rotation_search", (True,)),)
+            out.append(Dim("initializer.rotation_search", choices=(False, True)))
+            out.append(Dim("initializer.rotation_search.max_angle_deg", low=10.0, high=180.0 if self.dim == 2 else 30.0,
+                           when=on))
             # rotations alone, with the centres' offset held, can lock onto a flipped pose; searching the shift
             # with them found poses 3-7x closer on rotated, shifted sections (0: rotations only)
-            out.append(Dim("initializer.rotation_search.max_shift_fraction", low=0.0, high=0.25, default=0.15))
-        plo, phi = self._percentage_range()
+            out.append(Dim("initializer.rotation_search.max_shift_fraction", low=0.0, high=0.25, when=on))
         for i, kind in enumerate(self.stages):
-            s = f"stage{i}"
+            out += self._stage_dims(f"stage{i}", kind)
+        return out
+
+    def _stage_dims(self, s: str, kind: str) -> list[Dim]:
+        deformable = kind not in LINEAR_KINDS
+        multi = ((f"{s}.pyramid.levels", tuple(range(2, MAX_LEVELS + 1))),)
+        sampled = ((f"{s}.sampling.strategy", ("regular", "random")),)
+        opt = f"{s}.optimizer.kind"
+        gd = ((opt, GRADIENT_DESCENT_KINDS),)
+        plo, phi = self.points_range()
+        out = [
+            Dim(f"{s}.pyramid.levels", low=1, high=self.max_levels, integer=True),
+            Dim(f"{s}.pyramid.coarsest_shrink", low=2, high=max(2, self.max_shrink), integer=True, log=True, when=multi),
+            Dim(f"{s}.pyramid.sigma_factor", low=0.0, high=1.0, when=multi),
+            Dim(f"{s}.pyramid.sigma_last", low=0.0, high=1.0),
+            Dim(f"{s}.metric.kind", choices=METRIC_KINDS),
+            Dim(f"{s}.metric.number_of_histogram_bins", low=16, high=128, integer=True, log=True,
+                when=((f"{s}.metric.kind", HISTOGRAM_METRICS),)),
+            # ITK's ANTS neighbourhood correlation is built for dense evaluation: sampled, it was 10-60x slower here
+            Dim(f"{s}.sampling.strategy", choices=("none", "regular", "random"),
+                when=((f"{s}.metric.kind", tuple(k for k in METRIC_KINDS if k != "ants_nc")),)),
+            Dim(f"{s}.sampling.points", low=plo, high=phi, integer=True, log=True, when=sampled),
+            Dim(opt, choices=BSPLINE_OPTIMIZERS if deformable else LINEAR_OPTIMIZERS),
+            Dim(f"{s}.optimizer.number_of_iterations", low=20, high=500, integer=True, log=True),
+        ]
+        if not deformable:
+            # A BSpline stage's gradient descent always estimates its step (ITK bounds it by a voxel's shift): a fixed
+            # rate on control-point displacements does not carry over between metrics and grids. In a 60-trial study
+            # of a histology pair, 12 of 14 fixed-rate trials ended above 17 px (most diverged).
             out += [
-                Dim(f"{s}.pyramid.levels", low=1, high=self.max_levels, integer=True, default=min(3, self.max_levels)),
-                Dim(f"{s}.pyramid.coarsest_shrink", low=2, high=max(2, self.max_shrink), integer=True, log=True, default=min(4, self.max_shrink)),
-                Dim(f"{s}.pyramid.sigma_factor", low=0.0, high=1.0, default=0.5),
-                Dim(f"{s}.pyramid.sigma_last", low=0.0, high=1.0, default=0.0),
-                Dim(f"{s}.metric.kind", choices=("mattes", "joint_hist_mi", "correlation", "mean_squares", "ants_nc"), default="mattes"),
-                Dim(f"{s}.metric.bins", low=16, high=128, integer=True, log=True, default=50),
-                Dim(f"{s}.sampling.strategy", choices=("none", "regular", "random"), default="random"),
-                Dim(f"{s}.sampling.percentage", low=plo, high=phi, log=True, default=max(plo, min(phi, 0.01))),
+                Dim(f"{s}.optimizer.estimate_learning_rate", choices=("never", "once"), when=gd),
+                Dim(f"{s}.optimizer.learning_rate", low=0.01, high=10.0, log=True,
+                    when=gd + ((f"{s}.optimizer.estimate_learning_rate", ("never",)),)),
+                Dim(f"{s}.optimizer.scales", choices=("physical_shift", "index_shift", "jacobian"), when=gd),
             ]
-            if kind == "bspline":
-                clo, chi = self._cp_spacing_range()
-                out += [
-                    Dim(f"{s}.optimizer.kind", choices=("lbfgsb", "lbfgs2", "gradient_descent"), default="lbfgsb"),
-                    Dim(f"{s}.bspline.control_point_spacing", low=clo, high=chi, log=True, default=min(chi, max(clo, self.fingerprint.min_extent_voxels / 8))),
-                    Dim(f"{s}.optimizer.gradient_tolerance", low=1e-7, high=1e-3, log=True, default=1e-5),
-                ]
-            else:
-                out += [
-                    Dim(f"{s}.optimizer.kind", choices=("gradient_descent", "regular_step_gd", "cg_line_search"), default="gradient_descent"),
-                    Dim(f"{s}.scales", choices=("physical_shift", "index_shift", "jacobian"), default="physical_shift"),
-                ]
-            if kind != "bspline":
-                # A BSpline stage's gradient descent always estimates its step (ITK bounds it by a voxel's shift):
-                # a fixed rate on control-point displacements does not carry over between metrics and grids. In a
-                # 60-trial study of a histology pair, 12 of 14 fixed-rate trials ended above 17 px (most at
-                # 1e3-1e6 px: diverged), one matched the best estimated-rate trials.
-                out += [
-                    Dim(f"{s}.optimizer.estimate_learning_rate", choices=("never", "once"), default="once"),
-                    Dim(f"{s}.optimizer.learning_rate", low=0.01, high=10.0, log=True, default=1.0),
-                ]
+        out += [
+            Dim(f"{s}.optimizer.convergence_minimum_value", low=1e-8, high=1e-4, log=True,
+                when=((opt, ("gradient_descent", "cg_line_search")),)),
+            Dim(f"{s}.optimizer.convergence_window_size", low=5, high=20, integer=True,
+                when=((opt, ("gradient_descent", "cg_line_search")),)),
+            Dim(f"{s}.optimizer.min_step", low=1e-6, high=1e-2, log=True, when=((opt, ("regular_step_gd",)),)),
+            Dim(f"{s}.optimizer.relaxation_factor", low=0.3, high=0.9, when=((opt, ("regular_step_gd",)),)),
+        ]
+        if kind == "bspline":
+            clo, chi = self.cp_spacing_range()
             out += [
-                Dim(f"{s}.optimizer.iterations", low=20, high=500, integer=True, log=True, default=100),
-                Dim(f"{s}.optimizer.convergence_minimum_value", low=1e-8, high=1e-4, log=True, default=1e-6),
-                Dim(f"{s}.optimizer.convergence_window_size", low=5, high=20, integer=True, default=10),
-                Dim(f"{s}.optimizer.minimum_step", low=1e-6, high=1e-2, log=True, default=1e-4),
-                Dim(f"{s}.optimizer.relaxation_factor", low=0.3, high=0.9, default=0.5),
+                Dim(f"{s}.optimizer.gradient_convergence_tolerance", low=1e-7, high=1e-3, log=True,
+                    when=((opt, ("lbfgsb",)),)),
+                Dim(f"{s}.optimizer.solution_accuracy", low=1e-7, high=1e-3, log=True, when=((opt, ("lbfgs2",)),)),
+                Dim(f"{s}.transform.control_point_spacing", low=clo, high=chi, log=True),
             ]
         return out
 
     def parameter_names(self) -> set[str]:
-        return {d.name for d in self.dims()}
-
-    def _is_recipe_field(self, key: str) -> bool:
-        parts = key.split(".")
-        if parts[0] in ("initializer", "seed", "threads", "deterministic"):
-            return True
-        if parts[0].startswith("stage") and parts[0][5:].isdigit():
-            return int(parts[0][5:]) < len(self.stages) and len(parts) > 1
-        return False
+        return set(self._dims)
 
     # --- suggesting -------------------------------------------------------------------------------------------
 
-    def _get(self, trial: TrialLike, dims: dict[str, Dim], name: str) -> Any:
-        d = dims[name]
+    def _get(self, trial: TrialLike, name: str) -> Any:
+        d = self._dims[name]
         ov = self.overrides.get(name)
         if ov is not None and ov.drop:
-            return d.default
+            return self.default_of(name)
         if ov is not None and ov.fixed:
             return ov.value
         if d.choices is not None or (ov is not None and ov.choices is not None):
@@ -236,147 +225,264 @@ class SearchSpace:
             return trial.suggest_int(name, int(low), int(high), log=log)
         return trial.suggest_float(name, float(low), float(high), log=log)
 
+    def default_of(self, name: str) -> Any:
+        """A parameter's value when it is not searched: the default recipe's (its first choice or low end else)."""
+        if name in self._defaults:
+            return self._defaults[name]
+        d = self._dims[name]
+        return d.choices[0] if d.choices is not None else (int(d.low) if d.integer else d.low)
+
     def suggest(self, trial: TrialLike, *, seed: int = 0) -> Recipe:
         """Draw a recipe. Only parameters that matter for the drawn branch are asked for (conditional space)."""
-        dims = {d.name: d for d in self.dims()}
-        get = lambda name: self._get(trial, dims, name)  # noqa: E731
-        init_kind = get("initializer.kind")
-        rotation = None
-        if "initializer.rotation_search" in dims and get("initializer.rotation_search"):
+        get = lambda name: self._get(trial, name)  # noqa: E731
+        init: dict[str, Any] = {"kind": get("initializer.kind")}
+        if "initializer.rotation_search" in self._dims and get("initializer.rotation_search"):
             max_angle = float(get("initializer.rotation_search.max_angle_deg"))
             step = max(5.0, max_angle / 12) if self.dim == 2 else max(5.0, max_angle / 2)
             shift = round(float(get("initializer.rotation_search.max_shift_fraction")), 4)
             # the grid's size: (2n+1) shifts per axis, 7 in 2D (49 shifts per angle), 3 in 3D (27 per angle triple)
             steps = (3 if self.dim == 2 else 1) if shift > 0 else 0
-            rotation = RotationSearch(max_angle_deg=max_angle, step_deg=step, max_shift_fraction=shift, shift_steps=steps)
-        stages = []
-        for i, kind in enumerate(self.stages):
-            stages.append(self._suggest_stage(i, kind, get))
-        recipe = Recipe(initializer=Initializer(kind=init_kind, rotation_search=rotation), stages=tuple(stages), seed=seed)
-        return self._apply_field_overrides(recipe)
+            init["rotation_search"] = {"max_angle_deg": max_angle, "step_deg": step, "max_shift_fraction": shift,
+                                       "shift_steps": steps}
+        stages = [self._suggest_stage(i, kind, get) for i, kind in enumerate(self.stages)]
+        data = {"initializer": init, "stages": stages, "seed": seed}
+        self._apply_field_overrides(data)
+        return recipe_from_dict(data, source=f"{self.source} (search)")
 
-    def _suggest_stage(self, i: int, kind: str, get) -> Stage:
+    def _suggest_stage(self, i: int, kind: str, get) -> dict[str, Any]:
         s = f"stage{i}"
-        levels = int(get(f"{s}.pyramid.levels"))
-        coarsest = int(get(f"{s}.pyramid.coarsest_shrink")) if levels > 1 else 1
-        factor = float(get(f"{s}.pyramid.sigma_factor")) if levels > 1 else 0.0
-        last = float(get(f"{s}.pyramid.sigma_last"))
-
         metric_kind = get(f"{s}.metric.kind")
-        histogram = metric_kind in ("mattes", "joint_hist_mi")
-        bins = int(get(f"{s}.metric.bins")) if histogram else 50
-        # ITK's ANTS neighbourhood correlation is built for dense evaluation: sampled, it was 10-60x slower here.
+        metric: dict[str, Any] = {"kind": metric_kind}
+        bins = None
+        if metric_kind in HISTOGRAM_METRICS:
+            bins = metric["number_of_histogram_bins"] = int(get(f"{s}.metric.number_of_histogram_bins"))
         strategy = "none" if metric_kind == "ants_nc" else get(f"{s}.sampling.strategy")
-        size = self.fingerprint.smallest_size
-        metric_bins = bins if histogram else None
-        percentage = 1.0
+        sampling: dict[str, Any] = {"strategy": strategy}
         if strategy != "none":
-            raw = float(get(f"{s}.sampling.percentage"))
-            # enough samples at full resolution for the chosen bins (cheap: a few thousand) ...
-            percentage = min(1.0, math.ceil(max(raw, min_sampling_fraction(size, 1, metric_bins)) * 1e6) / 1e6)
-        # ... and no level so coarse that this fraction leaves too few ("joint PDF summed to zero")
-        while coarsest > 1 and not enough_samples(size, coarsest, metric_bins, percentage):
-            coarsest -= 1
-        shrinks = shrink_schedule(coarsest, min(levels, coarsest))
-        sigmas = tuple(round(factor * f, 6) for f in shrinks[:-1]) + (round(last, 6),)
-        pyramid = Pyramid(shrink_factors=shrinks, smoothing_sigmas=sigmas, sigma_units="voxel")
+            # at least the samples the metric needs (a few thousand for 128 bins): fewer end in "joint PDF summed to zero"
+            sampling["points"] = max(int(get(f"{s}.sampling.points")), samples_needed(bins))
+        pyramid = self._suggest_pyramid(s, get, bins)
+        transform: dict[str, Any] = {"kind": kind}
+        if kind == "bspline":
+            # the coarse-to-fine grid (transform.refine) is not searched: on ki67 it gave no better best after 30
+            # trials (14.24 against 13.42 px) for much longer trials; it stays a recipe field
+            transform.update(control_point_spacing=round(float(get(f"{s}.transform.control_point_spacing")), 4),
+                             spacing_units="voxel")
+        return {"transform": transform, "metric": metric, "sampling": sampling,
+                "optimizer": self._suggest_optimizer(s, kind, get), "pyramid": pyramid}
 
-        opt_kind = get(f"{s}.optimizer.kind")
-        opt: dict[str, Any] = {"kind": opt_kind, "iterations": int(get(f"{s}.optimizer.iterations"))}
-        if opt_kind in ("gradient_descent", "regular_step_gd", "cg_line_search"):
-            estimate = "once" if kind == "bspline" else get(f"{s}.optimizer.estimate_learning_rate")
+    def _suggest_pyramid(self, s: str, get, bins: int | None) -> dict[str, Any]:
+        fixed_shrinks = self._fixed(f"{s}.pyramid.shrink_factors")
+        if fixed_shrinks is not None:
+            shrinks = tuple(int(f) for f in fixed_shrinks)
+        else:
+            levels = int(get(f"{s}.pyramid.levels"))
+            coarsest = int(get(f"{s}.pyramid.coarsest_shrink")) if levels > 1 else 1
+            # no level so coarse that it holds fewer voxels than the metric needs samples ("joint PDF summed to zero")
+            size = self.fingerprint.smallest_size
+            while coarsest > 1 and level_voxels(size, coarsest) < samples_needed(bins):
+                coarsest -= 1
+            shrinks = shrink_schedule(coarsest, min(levels, coarsest))
+        sigmas = self._fixed(f"{s}.pyramid.smoothing_sigmas")
+        units = self._fixed(f"{s}.pyramid.sigma_units") or "voxel"
+        if sigmas is None:
+            factor = float(get(f"{s}.pyramid.sigma_factor")) if len(shrinks) > 1 else 0.0
+            last = float(get(f"{s}.pyramid.sigma_last"))
+            sigmas = tuple(round(factor * f, 6) for f in shrinks[:-1]) + (round(last, 6),)
+            units = "voxel"
+        return {"shrink_factors": list(shrinks), "smoothing_sigmas": list(sigmas), "sigma_units": units}
+
+    def _suggest_optimizer(self, s: str, kind: str, get) -> dict[str, Any]:
+        okind = get(f"{s}.optimizer.kind")
+        opt: dict[str, Any] = {"kind": okind, "number_of_iterations": int(get(f"{s}.optimizer.number_of_iterations"))}
+        if okind in GRADIENT_DESCENT_KINDS:
+            linear = kind in LINEAR_KINDS
+            estimate = get(f"{s}.optimizer.estimate_learning_rate") if linear else "once"
             opt["estimate_learning_rate"] = estimate
             if estimate == "never":
                 opt["learning_rate"] = float(get(f"{s}.optimizer.learning_rate"))
-            if opt_kind == "regular_step_gd":
-                opt["minimum_step"] = float(get(f"{s}.optimizer.minimum_step"))
+            if okind == "regular_step_gd":
+                opt["min_step"] = float(get(f"{s}.optimizer.min_step"))
                 opt["relaxation_factor"] = float(get(f"{s}.optimizer.relaxation_factor"))
             else:
                 opt["convergence_minimum_value"] = float(get(f"{s}.optimizer.convergence_minimum_value"))
                 opt["convergence_window_size"] = int(get(f"{s}.optimizer.convergence_window_size"))
-        if kind == "bspline":
-            if opt_kind in ("lbfgsb", "lbfgs2"):
-                opt["gradient_tolerance"] = float(get(f"{s}.optimizer.gradient_tolerance"))
-            scales = "none" if opt_kind in ("lbfgsb", "lbfgs2") else "physical_shift"
-            # the coarse-to-fine grid (bspline.refine) is not searched: on ki67 it gave no better best after 30 trials
-            # (14.24 against 13.42 px) for much longer trials; it stays a recipe field (enqueue or apply a recipe with it)
-            grid = BSplineGrid(control_point_spacing=round(float(get(f"{s}.bspline.control_point_spacing")), 4),
-                               spacing_units="voxel")
-        else:
-            scales = get(f"{s}.scales")
-            grid = None
-        return Stage(
-            transform=kind,
-            metric=Metric(kind=metric_kind, bins=bins),
-            sampling=Sampling(strategy=strategy, percentage=percentage),
-            optimizer=Optimizer(**opt),
-            scales=scales,
-            pyramid=pyramid,
-            bspline=grid,
-        )
+            opt["scales"] = get(f"{s}.optimizer.scales") if linear else "physical_shift"
+        elif okind == "lbfgsb":
+            opt["gradient_convergence_tolerance"] = float(get(f"{s}.optimizer.gradient_convergence_tolerance"))
+        elif okind == "lbfgs2":
+            opt["solution_accuracy"] = float(get(f"{s}.optimizer.solution_accuracy"))
+        return opt
 
-    def _apply_field_overrides(self, recipe: Recipe, only: str | None = None) -> Recipe:
-        names = self.parameter_names()
-        extra = {k: v for k, v in self.overrides.items() if k not in names and v.fixed and only in (None, k)}
-        if not extra:
-            return recipe
+    # --- the point of a recipe ----------------------------------------------------------------------------------
+
+    def params_of(self, recipe: Recipe) -> dict[str, Any]:
+        """The point of this space that describes ``recipe`` (as closely as the parametrisation allows)."""
         data = recipe_to_dict(recipe)
-        for key, ov in extra.items():
-            _set_path(data, key, ov.value)
-        return recipe_from_dict(data, source=f"{self.source} (search overrides)")
-
-    def baseline_params(self) -> dict[str, Any]:
-        """Parameters of this space that describe the default recipe as closely as it can be described."""
-        params: dict[str, Any] = {"initializer.kind": "geometry"}
-        names = self.parameter_names()
-        if "initializer.rotation_search" in names:
-            params["initializer.rotation_search"] = False
-        for i, kind in enumerate(self.stages):
+        out: dict[str, Any] = {"initializer.kind": recipe.initializer.kind}
+        rs = recipe.initializer.rotation_search
+        out["initializer.rotation_search"] = rs is not None
+        if rs is not None:
+            out["initializer.rotation_search.max_angle_deg"] = rs.max_angle_deg
+            out["initializer.rotation_search.max_shift_fraction"] = rs.max_shift_fraction
+        voxel = self.fingerprint.voxel_size
+        for i, (stage, sdata) in enumerate(zip(recipe.stages, data["stages"])):
             s = f"stage{i}"
-            levels = min(3, self.max_levels)
-            params[f"{s}.pyramid.levels"] = levels
-            if levels > 1:
-                params[f"{s}.pyramid.coarsest_shrink"] = max(2, min(4, self.max_shrink))
-                params[f"{s}.pyramid.sigma_factor"] = 0.5
-            params[f"{s}.pyramid.sigma_last"] = 0.0
-            params[f"{s}.metric.kind"] = "mattes"
-            params[f"{s}.metric.bins"] = 50
-            params[f"{s}.sampling.strategy"] = "random"
-            plo, phi = self._percentage_range()
-            params[f"{s}.sampling.percentage"] = max(plo, min(phi, 0.01))
-            params[f"{s}.optimizer.iterations"] = 100
-            if kind == "bspline":
-                params[f"{s}.optimizer.kind"] = "lbfgsb"
-                params[f"{s}.optimizer.gradient_tolerance"] = 1e-5
-                clo, chi = self._cp_spacing_range()
-                params[f"{s}.bspline.control_point_spacing"] = min(chi, max(clo, self.fingerprint.min_extent_voxels / 8))
-            else:
-                params[f"{s}.optimizer.kind"] = "gradient_descent"
-                params[f"{s}.optimizer.estimate_learning_rate"] = "once"
-                params[f"{s}.optimizer.convergence_minimum_value"] = 1e-6
-                params[f"{s}.optimizer.convergence_window_size"] = 10
-                params[f"{s}.scales"] = "physical_shift"
-        return {k: v for k, v in params.items() if k in names and k not in self.overrides}
+            p = stage.pyramid
+            sig = [x / voxel if p.sigma_units == "mm" else x for x in p.smoothing_sigmas]
+            out[f"{s}.pyramid.levels"] = len(p.shrink_factors)
+            if len(p.shrink_factors) > 1:
+                out[f"{s}.pyramid.coarsest_shrink"] = p.shrink_factors[0]
+                out[f"{s}.pyramid.sigma_factor"] = sig[0] / p.shrink_factors[0]
+            out[f"{s}.pyramid.sigma_last"] = sig[-1]
+            for group in ("transform", "metric", "sampling", "optimizer"):
+                for key, value in sdata[group].items():
+                    out[f"{s}.{group}.{key}"] = value
+            if stage.sampling.percentage is not None:
+                out[f"{s}.sampling.points"] = stage.sampling.percentage * level_voxels(self.fingerprint.smallest_size, 1)
+            mesh = getattr(stage.transform, "mesh_size", None)
+            if mesh:
+                out[f"{s}.transform.control_point_spacing"] = self.fingerprint.min_extent_voxels / min(mesh)
+        clamped = {}
+        for name, value in out.items():
+            d = self._dims.get(name)
+            if d is not None and (v := d.clamp(value)) is not None:
+                clamped[name] = v
+        return clamped
 
     def baseline_recipe(self, seed: int = 0) -> Recipe:
         """The SimpleITK-notebooks default recipe for these stages (trial 0 of every study)."""
         return default_recipe(self.stages, self.dim, seed=seed)
 
+    # --- overrides ----------------------------------------------------------------------------------------------
+
+    def _fixed(self, name: str) -> Any:
+        ov = self.overrides.get(name)
+        return ov.value if ov is not None and ov.fixed else None
+
+    def _possible(self, name: str) -> tuple[Any, ...]:
+        """The values a parameter (or a group's kind) can take in this study, overrides applied."""
+        ov = self.overrides.get(name)
+        if name not in self._dims:
+            stage, _, rest = name.partition(".")
+            if rest == "transform.kind":
+                return (self.stages[int(stage[5:])],)
+            return ()
+        if ov is not None and ov.drop:
+            return (self.default_of(name),)
+        if ov is not None and ov.fixed:
+            return (ov.value,)
+        if ov is not None and ov.choices is not None:
+            return tuple(ov.choices)
+        d = self._dims[name]
+        return d.choices if d.choices is not None else ()
+
+    def _check_overrides(self) -> None:
+        """Every override names a parameter or a recipe field that some drawable recipe uses, with a possible value."""
+        for key, ov in self.overrides.items():
+            where = f"search.{key}"
+            d = self._dims.get(key)
+            if d is None:
+                self._check_field_override(key, ov)
+                continue
+            if ov.drop:
+                continue
+            values = list(ov.choices) if ov.choices is not None else ([ov.value] if ov.fixed else [])
+            for v in values:
+                if d.choices is not None and v not in d.choices:
+                    raise UserError(f"{v!r} is not one of {list(d.choices)}", file=self.source, key=where)
+                if d.choices is None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                    raise UserError(f"expected a number, got {v!r}", file=self.source, key=where)
+            if d.choices is not None and ov.choices is None and not ov.fixed and (ov.low is not None or ov.high is not None):
+                raise UserError("low/high given for a parameter with choices", file=self.source, key=where)
+            for other, allowed in d.when:
+                possible = self._possible(other)
+                if possible and not set(possible) & set(allowed):
+                    raise UserError(f"never used: it applies only when {other} is one of {list(allowed)}, and this "
+                                    f"study's {other} is {list(possible)}", file=self.source, key=where)
+        try:  # field overrides must make a valid recipe
+            self.suggest(_DefaultsTrial(self))
+        except UserError as err:
+            fixed = [k for k, ov in self.overrides.items() if ov.fixed]
+            raise UserError(f"the fixed values make an invalid recipe ({err.detail})", file=self.source,
+                            key=f"search.{fixed[0]}" if len(fixed) == 1 else "search") from None
+        for key, ov in self.overrides.items():  # each fixed value or choice, on a branch where it is used
+            d = self._dims.get(key)
+            if d is None or ov.drop or not (ov.fixed or ov.choices is not None):
+                continue
+            branch = {other: next(v for v in allowed if v in (self._possible(other) or allowed))
+                      for other, allowed in d.when}
+            for v in list(ov.choices) if ov.choices is not None else [ov.value]:
+                try:
+                    self.suggest(_DefaultsTrial(self, {**branch, key: v}))
+                except UserError as err:
+                    raise UserError(f"{v!r} makes an invalid recipe ({err.detail})", file=self.source,
+                                    key=f"search.{key}") from None
+
+    def _check_field_override(self, key: str, ov: SearchOverride) -> None:
+        where = f"search.{key}"
+        stage, _, rest = key.partition(".")
+        if rest in RENAMED or key in RENAMED:
+            raise UserError(f"renamed in recipe format 2: use {stage}.{RENAMED[rest]}" if rest in RENAMED else
+                            f"renamed in recipe format 2: use {RENAMED[key]}", file=self.source, key=where)
+        if not self._is_recipe_field(key):
+            raise UserError(f"unknown search parameter (searched: {', '.join(sorted(self._dims))}; or a recipe field "
+                            "such as stage0.interpolator)", file=self.source, key=where)
+        if rest == "pyramid.smoothing_sigmas" and f"{stage}.pyramid.shrink_factors" not in self.overrides:
+            raise UserError(f"fix {stage}.pyramid.shrink_factors with it (one sigma per level)", file=self.source,
+                            key=where)
+        if not ov.fixed:
+            if key.endswith(".sampling.percentage"):
+                raise UserError(f"the sampling is searched as points per level: narrow {stage}.sampling.points, or fix "
+                                "a percentage", file=self.source, key=where)
+            raise UserError("only a fixed value can be given for a recipe field that is not searched",
+                            file=self.source, key=where)
+        group, _, fieldname = rest.partition(".")
+        union = {"transform": Transform, "metric": Metric, "optimizer": Optimizer}.get(group)
+        if union is not None and fieldname and "." not in fieldname and fieldname != "kind":
+            kinds = self._possible(f"{stage}.{group}.kind")
+            users = [k for k in kinds if fieldname in model_of(union, k).model_fields]
+            if not users:
+                raise UserError(f"not a setting of {group} {' or '.join(map(repr, kinds))}", file=self.source, key=where)
+
+    def _is_recipe_field(self, key: str) -> bool:
+        parts = key.split(".")
+        if parts[0] in ("initializer", "seed", "threads", "deterministic"):
+            return True
+        if parts[0].startswith("stage") and parts[0][5:].isdigit():
+            return int(parts[0][5:]) < len(self.stages) and len(parts) > 1
+        return False
+
+    def _apply_field_overrides(self, data: dict[str, Any]) -> None:
+        """Set the fixed recipe fields that are not searched parameters, where the drawn kinds have them."""
+        for key, ov in self.overrides.items():
+            if key in self._dims or not ov.fixed or ".pyramid.shrink_factors" in key or ".pyramid.smoothing_sigmas" \
+                    in key or ".pyramid.sigma_units" in key:
+                continue
+            _set_path(data, key, ov.value)
+
 
 class _DefaultsTrial:
-    """Answers every ``suggest_*`` with the parameter's default: to check fixed overrides without a study."""
+    """Answers every ``suggest_*`` with ``forced[name]`` or the parameter's default: to check overrides without a
+    study."""
 
-    def __init__(self, dims: dict[str, Dim]):
-        self.dims = dims
+    def __init__(self, space: SearchSpace, forced: dict[str, Any] | None = None):
+        self.space = space
+        self.forced = forced or {}
+
+    def _value(self, name: str, fallback: Any) -> Any:
+        if name in self.forced:
+            return self.forced[name]
+        return self.space.default_of(name) if name in self.space._dims else fallback
 
     def suggest_int(self, name, low, high, **_):
-        return int(self.dims[name].default)
+        return min(max(int(self._value(name, low)), low), high)
 
     def suggest_float(self, name, low, high, **_):
-        return float(self.dims[name].default)
+        return min(max(float(self._value(name, low)), low), high)
 
     def suggest_categorical(self, name, choices):
-        d = self.dims[name].default
+        d = self._value(name, choices[0])
         return d if d in choices else choices[0]
 
 
@@ -385,8 +491,8 @@ def shrink_schedule(coarsest: int, levels: int) -> tuple[int, ...]:
     if levels <= 1:
         return (1,)
     out = []
-    for l in range(levels):
-        f = coarsest ** ((levels - 1 - l) / (levels - 1))
+    for level in range(levels):
+        f = coarsest ** ((levels - 1 - level) / (levels - 1))
         out.append(max(1, int(round(f))))
     for j in range(len(out) - 2, -1, -1):  # keep non-increasing after rounding
         out[j] = max(out[j], out[j + 1])
@@ -394,11 +500,21 @@ def shrink_schedule(coarsest: int, levels: int) -> tuple[int, ...]:
 
 
 def _set_path(data: dict, key: str, value: Any) -> None:
+    """Set ``stage1.optimizer.min_step`` (or ``initializer.kind``...) in recipe data; a setting the drawn kind of its
+    group does not have is skipped (the override is for the kinds that have it), and a sampling amount replaces the
+    other one (percentage or points)."""
     parts = key.split(".")
     node: Any = data
     if parts[0].startswith("stage") and parts[0][5:].isdigit():
         node = data["stages"][int(parts[0][5:])]
         parts = parts[1:]
+    union = {"transform": Transform, "metric": Metric, "optimizer": Optimizer}.get(parts[0])
+    if union is not None and len(parts) == 2 and parts[1] != "kind":
+        kind = (node.get(parts[0]) or {}).get("kind")
+        if kind is not None and parts[1] not in model_of(union, kind).model_fields:
+            return
+    if parts[0] == "sampling" and len(parts) == 2 and parts[1] in ("percentage", "points"):
+        node.setdefault("sampling", {}).pop("points" if parts[1] == "percentage" else "percentage", None)
     for p in parts[:-1]:
         if node.get(p) is None:
             node[p] = {}
@@ -413,10 +529,12 @@ def build_space(cfg: StudyConfig, fingerprint: DatasetFingerprint) -> SearchSpac
 def pyramid_plan(fingerprint: DatasetFingerprint) -> str:
     """One line for ``autoreg check``: the pyramids and sampling the search may use on these data."""
     space = SearchSpace(fingerprint=fingerprint, stages=("affine",))
-    plo, phi = space._percentage_range()
-    clo, chi = space._cp_spacing_range()
+    plo, phi = space.points_range()
+    clo, chi = space.cp_spacing_range()
     return (
         f"1..{space.max_levels} pyramid levels, coarsest shrink <= {space.max_shrink} "
-        f"(e.g. {list(shrink_schedule(space.max_shrink, space.max_levels))}); sampling {plo:.3g}..{phi:.3g} of the voxels; "
+        f"(e.g. {list(shrink_schedule(space.max_shrink, space.max_levels))}); {plo}..{phi} sample points per level; "
         f"BSpline control points every {clo:.3g}..{chi:.3g} voxels"
     )
+
+

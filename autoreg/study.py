@@ -28,9 +28,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .config import StudyConfig
 from .errors import UserError
-from .objective import RECIPE_ATTR, ROLE_ATTR
 from .recipe import load_recipe, recipe_to_dict
 from .space import SearchSpace
+from .trial import BASELINE, SUGGESTED, USER_PREFIX, TrialRecord, attrs, best_and_baseline, records, write_to_storage
 
 log = logging.getLogger(__name__)
 
@@ -227,10 +227,10 @@ def create_or_load(
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(["tre_mean" if cfg.uses_landmarks else "holdout_loss"])
         baseline = space.baseline_recipe(seed=cfg.seed)
-        study.enqueue_trial({}, user_attrs={RECIPE_ATTR: recipe_to_dict(baseline), ROLE_ATTR: "baseline"})
+        study.enqueue_trial({}, user_attrs=attrs(recipe=recipe_to_dict(baseline), role=BASELINE))
         for path in cfg.enqueue:
             recipe = load_recipe(path)
-            study.enqueue_trial({}, user_attrs={RECIPE_ATTR: recipe_to_dict(recipe), ROLE_ATTR: f"user:{path.name}"})
+            study.enqueue_trial({}, user_attrs=attrs(recipe=recipe_to_dict(recipe), role=f"{USER_PREFIX}{path.name}"))
     else:
         stages = study.user_attrs.get("stages")
         if stages is not None and list(stages) != list(cfg.stages):
@@ -273,42 +273,33 @@ def reap_stale_trials(study: optuna.Study, *, live_pids: set[int] = frozenset(),
     """
     host = socket.gethostname()
     reaped = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = t.user_attrs.get("worker", "")
-        whost, _, pid = worker.rpartition(":")
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        t = TrialRecord.of(frozen)
+        whost, _, pid = (t.worker or "").rpartition(":")
         if not alone:
             if whost != host or not pid.isdigit():
                 continue
             if int(pid) in live_pids or (_pid_alive(int(pid)) and int(pid) != os.getpid()):
                 continue
         storage = study._storage  # noqa: SLF001 - Optuna has no public call to fail another process's trial
-        again = "retry_of" in t.user_attrs
+        again = t.retry_of is not None
         # a retry whose worker died too is not queued a third time: a recipe that crashes its worker would
         # otherwise crash every retry (and, with loky, the other workers' trials with it)
         reason = "worker died again (a retry; not queued again)" if again else "worker died (trial left RUNNING)"
-        storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)  # noqa: SLF001
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # noqa: SLF001
+        write_to_storage(storage, frozen._trial_id, fail_reason=reason)  # noqa: SLF001
+        storage.set_trial_state_values(frozen._trial_id, TrialState.FAIL)  # noqa: SLF001
         reaped.append(t.number)
         if again:
             continue
-        attrs = {k: v for k, v in t.user_attrs.items() if k in (RECIPE_ATTR, ROLE_ATTR)}
-        if t.user_attrs.get(ROLE_ATTR) is None:
-            attrs.pop(RECIPE_ATTR, None)  # a suggested trial is replayed from its params
-        attrs["retry_of"] = t.number
-        study.enqueue_trial(t.params, user_attrs=attrs)
+        # an enqueued recipe (baseline, user's) runs again as it is; a suggested trial is replayed from its params
+        again_attrs = attrs(recipe=t.recipe, role=t.role) if t.role != SUGGESTED else {}
+        study.enqueue_trial(t.params, user_attrs=attrs(**again_attrs, retry_of=t.number))
     return reaped
 
 
-def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
-    for t in study.get_trials(deepcopy=False):
-        if t.user_attrs.get(ROLE_ATTR) == "baseline" and t.state == TrialState.COMPLETE:
-            return t
-    return next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(ROLE_ATTR) == "baseline"), None)
-
-
-def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    return min(done, key=lambda t: (t.value, t.number)) if done else None
+def best_and_baseline_of(study: optuna.Study) -> tuple[TrialRecord | None, TrialRecord | None]:
+    """The study's best and baseline trials as records (see ``trial.best_and_baseline``)."""
+    return best_and_baseline(records(study))
 
 
 def write_study_info(directory: Path, cfg: StudyConfig, spec: StorageSpec, fingerprint: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -23,11 +23,8 @@ import SimpleITK as sitk
 from optuna.trial import TrialState
 
 from .artifacts import ArtifactRecorder
-from .config import load_config
-from .data import load_pair
-from .fingerprint import fingerprint_dataset
 from .objective import Objective
-from .space import build_space
+from .pipeline import Pipeline
 from .study import StorageSpec, make_pruner, make_sampler, open_storage
 
 log = logging.getLogger(__name__)
@@ -146,9 +143,7 @@ def run_worker(plan: WorkerPlan, worker_index: int, stop: StopRequest | None = N
 
 def _run_trials(plan: WorkerPlan, worker_index: int, stop: StopRequest) -> int:
     logging.getLogger("optuna").setLevel(logging.WARNING)
-    cfg = replace(load_config(plan.pair_file), seed=plan.seed)
-    pairs = [load_pair(p) for p in cfg.pairs]
-    space = build_space(cfg, fingerprint_dataset(pairs))
+    pipe = Pipeline.load(plan.pair_file, seed=plan.seed)
     storage = open_storage(plan.storage)
     if hasattr(storage, "get_heartbeat_interval") and storage.get_heartbeat_interval():
         optuna.storages.fail_stale_trials(optuna.load_study(study_name=plan.study_name, storage=storage))
@@ -161,7 +156,7 @@ def _run_trials(plan: WorkerPlan, worker_index: int, stop: StopRequest) -> int:
     )
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(plan.threads)
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # a trial's problems are recorded on the trial
-    objective = Objective(cfg, pairs, space, threads=plan.threads, prune=plan.prune)
+    objective = Objective(pipe.cfg, pipe.pairs, pipe.space, threads=plan.threads, prune=plan.prune)
     objective.should_stop = stop
     recorder = ArtifactRecorder(Path(plan.lock_path).parent)  # the study folder: <study dir>/artifacts
     done = 0

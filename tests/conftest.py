@@ -181,19 +181,22 @@ def quick_recipe(
     ``mesh``-cell grid. Sigmas are in voxels, so the recipe means the same on any spacing. ``top`` replaces
     top-level fields (seed, deterministic...).
     """
-    from autoreg.recipe import BSplineGrid, Metric, Optimizer, Pyramid, Sampling, default_recipe
+    from autoreg.recipe import (LBFGSB, BSplineTransform, MattesMutualInformation, Pyramid,
+                                RegularStepGradientDescent, Sampling, default_recipe)
 
     base = default_recipe(stages, dim)
     pyramid = Pyramid(shrink_factors=shrink, smoothing_sigmas=sigmas, sigma_units="voxel")
-    sampling = Sampling(strategy=strategy, percentage=percentage)
+    sampling = Sampling(strategy=strategy) if strategy == "none" else Sampling(strategy=strategy, percentage=percentage)
     updated = []
     for stage in base.stages:
-        update: dict[str, Any] = {"sampling": sampling, "pyramid": pyramid, "metric": Metric(kind="mattes", bins=bins)}
-        if stage.transform == "bspline":
-            update["optimizer"] = Optimizer(kind="lbfgsb", iterations=bspline_iterations)
-            update["bspline"] = BSplineGrid(mesh_size=(mesh,) * dim)
+        update: dict[str, Any] = {"sampling": sampling, "pyramid": pyramid,
+                                  "metric": MattesMutualInformation(number_of_histogram_bins=bins)}
+        if stage.kind == "bspline":
+            update["optimizer"] = LBFGSB(number_of_iterations=bspline_iterations)
+            update["transform"] = BSplineTransform(mesh_size=(mesh,) * dim)
         else:
-            update["optimizer"] = Optimizer(kind="regular_step_gd", learning_rate=learning_rate, iterations=iterations)
+            update["optimizer"] = RegularStepGradientDescent(learning_rate=learning_rate, number_of_iterations=iterations,
+                                                             gradient_magnitude_tolerance=1e-5)
         updated.append(stage.model_copy(update=update))
     # model_copy does not validate: validate the whole recipe once more
     return Recipe.model_validate({**base.model_dump(), "stages": [s.model_dump() for s in updated], **top})

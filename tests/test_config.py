@@ -265,13 +265,13 @@ def test_optional_keys_are_parsed(pair_yaml) -> None:
             "deterministic": True,
             "prune": False,
             "objective": {"kind": "holdout", "repeats": 3, "aggregate": "worst"},
-            "search": {"stage0.metric.bins": {"low": 16, "high": 64}, "stage0.interpolator": "bspline"},
+            "search": {"stage0.metric.number_of_histogram_bins": {"low": 16, "high": 64}, "stage0.interpolator": "bspline"},
         }
     )
     cfg = load_config(path)
     assert cfg.seed == 7 and cfg.deterministic and not cfg.prune
     assert cfg.objective.kind == "holdout" and cfg.objective.repeats == 3 and not cfg.uses_landmarks
-    assert cfg.search["stage0.metric.bins"].low == 16 and cfg.search["stage0.interpolator"].fixed
+    assert cfg.search["stage0.metric.number_of_histogram_bins"].low == 16 and cfg.search["stage0.interpolator"].fixed
 
 
 def test_load_config_raises_user_error_with_file_and_key(pair_yaml) -> None:

@@ -42,7 +42,7 @@ def write_pair_yaml(folder: Path, name: str = "syn") -> Path:
         "stages": ["affine"],
         "trial_timeout": 20,
         # quick trials, so that new ones keep arriving while the test watches
-        "search": {"stage0.optimizer.iterations": {"low": 20, "high": 80},
+        "search": {"stage0.optimizer.number_of_iterations": {"low": 20, "high": 80},
                    "stage0.metric.kind": ["mattes", "mean_squares", "correlation"]},
     }
     path = folder / "PAIR.yaml"

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from autoreg.config import PairSpec
 from autoreg.data import load_pair
 from autoreg.errors import RegistrationFailed, RegistrationPruned
-from autoreg.recipe import BSplineGrid, default_recipe
+from autoreg.recipe import BSplineTransform, default_recipe
 from autoreg.registration import LevelRecord, register
 from autoreg.scoring import has_deformable, transform_points, tre
 
@@ -84,17 +84,18 @@ def test_affine_bspline_composite_round_trips_through_tfm(tmp_path: Path, spacin
 
 
 def _refining(mesh: int, levels: tuple[int, ...], optimizer: str = "gradient_descent"):
-    from autoreg.recipe import Optimizer, Pyramid
+    from autoreg.recipe import Pyramid
 
     recipe = quick_recipe(["affine", "bspline"], 2, mesh=mesh, deterministic=True)
-    stages = list(recipe.stages)
-    stages[1] = stages[1].model_copy(update={
-        "bspline": BSplineGrid(mesh_size=(mesh, mesh), refine=True),
-        "optimizer": Optimizer(kind=optimizer, iterations=40, estimate_learning_rate="once"),
-        "scales": "physical_shift",
-        "pyramid": Pyramid(shrink_factors=levels, smoothing_sigmas=(0.0,) * len(levels), sigma_units="voxel"),
-    })
-    return recipe.model_validate({**recipe.model_dump(), "stages": [s.model_dump() for s in stages]})
+    data = recipe.model_dump()
+    data["stages"][1].update(
+        transform=BSplineTransform(mesh_size=(mesh, mesh), refine=True).model_dump(),
+        optimizer={"kind": optimizer, "number_of_iterations": 40},
+        pyramid=Pyramid(shrink_factors=levels, smoothing_sigmas=(0.0,) * len(levels), sigma_units="voxel").model_dump(),
+    )
+    if optimizer == "gradient_descent":
+        data["stages"][1]["optimizer"].update(estimate_learning_rate="once", scales="physical_shift")
+    return recipe.model_validate(data)
 
 
 def test_bspline_grid_refinement_starts_coarse_and_ends_on_the_stage_grid() -> None:
@@ -112,7 +113,7 @@ def test_bspline_grid_refinement_starts_coarse_and_ends_on_the_stage_grid() -> N
 
 
 def test_bspline_refinement_is_refused_with_lbfgsb() -> None:
-    with pytest.raises(ValueError, match="refine needs an optimizer other than lbfgsb"):
+    with pytest.raises(ValueError, match="refine needs a gradient-descent optimizer, not lbfgsb"):
         _refining(8, (2, 1), optimizer="lbfgsb")
 
 
@@ -275,7 +276,7 @@ def test_no_samples_at_all_is_grouped_with_too_few_samples() -> None:
 def test_bspline_mesh_of_the_wrong_dimension_fails() -> None:
     pair = pair_data(synthetic_pair(2, "bspline"))
     recipe = quick_recipe(["bspline"], 2, bspline_iterations=2)
-    stage = recipe.stages[0].model_copy(update={"bspline": BSplineGrid(mesh_size=(3, 3, 3))})
+    stage = recipe.stages[0].model_copy(update={"transform": BSplineTransform(mesh_size=(3, 3, 3))})
     with pytest.raises(RegistrationFailed) as info:
         register(recipe.with_(stages=[stage.model_dump()]), pair)
     _assert_short_reason(info.value)
@@ -324,7 +325,7 @@ def test_control_point_spacing_units(units: str) -> None:
     """8 voxels is 8 voxels at any spacing; 8 mm is 8 / spacing voxels (16^3 grid: 2 cells, or 16 / (8 / s))."""
     recipe = quick_recipe(["bspline"], 3, strategy="random", percentage=0.1, shrink=(1,), sigmas=(0.0,),
                           bspline_iterations=1, deterministic=True)
-    stage = recipe.stages[0].model_copy(update={"bspline": BSplineGrid(control_point_spacing=8, spacing_units=units)})
+    stage = recipe.stages[0].model_copy(update={"transform": BSplineTransform(control_point_spacing=8, spacing_units=units)})
     recipe = recipe.with_(stages=[stage.model_dump()])
     meshes, expected = [], []
     for spacing in (0.5, 1.0, 4.0):
@@ -354,3 +355,27 @@ def test_real_translation_pair_reaches_subpixel_tre(shared_data: Path) -> None:
     recipe = quick_recipe(["rigid"], 2, iterations=200, learning_rate=1.0)
     after = _tre(register(recipe, pair).transform, pair)
     assert after < 0.5, f"TRE {before:.2f} -> {after:.3f} px"
+
+
+def _rotated_pair(angle_deg: float):
+    """The synthetic fixed image and a copy rotated by ``angle_deg`` about its centre (and shifted): a pose that
+    gradients from the identity cannot reach."""
+    from autoreg.data import PairData
+
+    base = synthetic_pair(2, "translation", size=(96, 96))
+    fixed = base.fixed
+    centre = fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()])
+    truth = sitk.Euler2DTransform(centre, np.radians(angle_deg), (3.0, -2.0))
+    moving = sitk.Resample(fixed, fixed, truth.GetInverse(), sitk.sitkLinear, 0.0)  # moving(T(x)) = fixed(x)
+    moving_points = np.array([truth.TransformPoint(tuple(p)) for p in base.fixed_points])
+    return PairData(pair_data(base).spec, fixed, moving, base.fixed_points, moving_points)
+
+
+def test_rotation_search_recovers_a_large_rotation() -> None:
+    from autoreg.recipe import Initializer, RotationSearch
+
+    pair = _rotated_pair(100.0)
+    plain = quick_recipe(["rigid"], 2, deterministic=True)
+    searched = plain.with_(initializer=Initializer(rotation_search=RotationSearch(max_angle_deg=180, step_deg=15)))
+    assert _tre(register(plain, pair).transform, pair) > 20.0
+    assert _tre(register(searched, pair).transform, pair) < 0.5

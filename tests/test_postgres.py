@@ -111,7 +111,7 @@ def test_a_killed_worker_s_trial_is_failed_and_retried_over_postgres(postgres_ur
     # slow trials (dense ANTS correlation, one level) so that the kill lands inside a registration
     pair = pair_yaml(size=(96, 96), name="pg-crash", extra={"search": {
         "stage0.metric.kind": "ants_nc", "stage0.pyramid.levels": 1, "initializer.rotation_search": False,
-        "stage0.optimizer.iterations": {"low": 300, "high": 500}}})
+        "stage0.optimizer.number_of_iterations": {"low": 300, "high": 500}}})
     proc = subprocess.Popen([sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--storage", postgres_url,
                              "--trials", "50", "--jobs", "1", "-q"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

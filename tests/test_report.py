@@ -180,7 +180,7 @@ def test_report_is_one_offline_file_with_every_section(reported: Reported) -> No
     images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', ours)
     assert len(images) == 2  # before and after
     assert all(base64.b64decode(i).startswith(PNG_SIGNATURE) for i in images)
-    assert "autoreg_recipe: 1" in text and "Best recipe" in text
+    assert "autoreg_recipe: 2" in text and "Best recipe" in text
     assert "stored with trial" in text  # the transform came from the artifacts, not a new registration
 
 

@@ -20,7 +20,6 @@ from autoreg.config import PairSpec, SearchOverride
 from autoreg.data import PairData
 from autoreg.errors import UserError
 from autoreg.fingerprint import (
-    enough_samples,
     MIN_AXIS_VOXELS,
     MIN_SAMPLES,
     MIN_SAMPLES_PER_BIN,
@@ -28,8 +27,9 @@ from autoreg.fingerprint import (
     fingerprint_dataset,
     level_voxels,
     min_sampling_fraction,
+    samples_needed,
 )
-from autoreg.recipe import Recipe, recipe_to_dict
+from autoreg.recipe import Recipe, default_recipe, recipe_to_dict
 from autoreg.space import MAX_SAMPLES, MIN_CONTROL_POINT_VOXELS, SearchSpace, shrink_schedule
 from autoreg.synthetic import make_pair
 
@@ -140,50 +140,39 @@ def test_shrink_schedule() -> None:
 # --- sampling -----------------------------------------------------------------------------------------------------
 
 
+def _bins(stage) -> int | None:
+    return getattr(stage.metric, "number_of_histogram_bins", None)
+
+
 @pytest.mark.parametrize("fp_name, stages", CASES)
-def test_sampling_is_raised_to_what_the_coarsest_level_needs(fp_name: str, stages: tuple[str, ...]) -> None:
-    """The fraction covers what full resolution needs, and the coarsest shrink is lowered until it covers that
-    level too; the fraction never samples more than MAX_SAMPLES at full resolution unless the metric needs it."""
+def test_sampling_points_cover_what_the_metric_needs(fp_name: str, stages: tuple[str, ...]) -> None:
+    """A stage samples a number of points per level: at least what the metric needs, at most MAX_SAMPLES; and the
+    coarsest shrink is lowered until its level holds that many voxels."""
     space, recipes = drawn(fp_name, stages)
     size = space.fingerprint.smallest_size
-    full = level_voxels(size, 1)
     lowered = 0
     for trial, recipe in recipes:
         for i, stage in enumerate(recipe.stages):
             s = f"stage{i}"
-            strategy, pct = stage.sampling.strategy, stage.sampling.percentage
+            sampling, bins = stage.sampling, _bins(stage)
             coarsest = stage.pyramid.shrink_factors[0]
             asked = trial.params.get(f"{s}.pyramid.coarsest_shrink", 1) if trial.params[f"{s}.pyramid.levels"] > 1 else 1
             assert coarsest <= asked
-            if stage.metric.kind == "ants_nc":
-                assert strategy == "none"
-            if strategy == "none":
-                assert pct == 1.0
-                bins = stage.metric.bins if stage.metric.kind in HIST_METRICS else None
-                assert coarsest == 1 or enough_samples(size, coarsest, bins, 1.0)
-                if coarsest < asked:
-                    assert not enough_samples(size, coarsest + 1, bins, 1.0)
-                continue
-            assert 0 < pct <= 1.0
-            bins = stage.metric.bins if stage.metric.kind in HIST_METRICS else None
-            # (the percentage is rounded to 6 decimals, which may take it up to 5e-7 below a need)
-            need_full = min_sampling_fraction(size, 1, bins)
-            assert pct >= need_full - 5e-7
-            need = min_sampling_fraction(size, coarsest, bins)
-            assert coarsest == 1 or pct >= need - 5e-7, (i, stage.pyramid.shrink_factors, bins, pct, need)
-            if coarsest < asked:  # lowered: the next coarser level would not have had enough samples
+            assert coarsest == 1 or level_voxels(size, coarsest) >= samples_needed(bins)
+            if coarsest < asked:  # lowered: the next coarser level would hold fewer voxels than the metric needs
                 lowered += 1
-                assert min_sampling_fraction(size, coarsest + 1, bins) > pct
-            # in samples: all the coarsest level's voxels, or the samples the metric needs
-            voxels = level_voxels(size, coarsest)
-            wanted = max(MIN_SAMPLES, MIN_SAMPLES_PER_BIN * (bins or 0))
-            assert coarsest == 1 or (pct + 5e-7) * voxels >= min(voxels, wanted) * (1 - 1e-9)
-            # cost: at most MAX_SAMPLES at full resolution, unless the metric needs more
-            assert pct * full <= max(MAX_SAMPLES, wanted) * (1 + 1e-5) + 1
-            raw = trial.params[f"{s}.sampling.percentage"]
-            assert pct == pytest.approx(min(1.0, max(raw, need_full)), abs=1e-6)
+                assert level_voxels(size, coarsest + 1) < samples_needed(bins)
+            if stage.metric.kind == "ants_nc":
+                assert sampling.strategy == "none"
+            if sampling.strategy == "none":
+                assert sampling.points is None and sampling.percentage is None
+                continue
+            assert sampling.percentage is None
+            raw = trial.params[f"{s}.sampling.points"]
+            assert sampling.points == max(raw, samples_needed(bins))
+            assert sampling.points <= max(MAX_SAMPLES, samples_needed(bins))
     assert any(s.sampling.strategy != "none" for _, r in recipes for s in r.stages)
-    if space.max_shrink >= 4:
+    if space.max_shrink >= 4 and space.dim == 2:  # (16 voxels a side hold enough samples in 3D)
         assert lowered  # the rule is exercised
 
 
@@ -199,7 +188,7 @@ def test_coarsest_level_holds_the_samples_the_metric_needs() -> None:
     size = space.fingerprint.smallest_size
     for _, recipe in recipes:
         stage = recipe.stages[0]
-        bins = stage.metric.bins
+        bins = _bins(stage)
         coarsest = stage.pyramid.shrink_factors[0]
         if coarsest > 1 and stage.metric.kind in HIST_METRICS:
             voxels = level_voxels(size, coarsest)
@@ -217,17 +206,16 @@ def test_bspline_control_point_spacing_within_bounds(fp_name: str, stages: tuple
     spacings = []
     for _, recipe in recipes:
         for stage in recipe.stages:
-            if stage.transform != "bspline":
-                assert stage.bspline is None
+            if stage.kind != "bspline":
                 continue
-            grid = stage.bspline
-            assert grid is not None and grid.mesh_size is None and grid.spacing_units == "voxel"
+            grid = stage.transform
+            assert grid.mesh_size is None and grid.spacing_units == "voxel"
             cps = grid.control_point_spacing
             assert low - 1e-4 <= cps <= high + 1e-4
             cells = shortest / cps
             assert cells <= 32 + 1e-3
             assert cells >= min(2.0, shortest / MIN_CONTROL_POINT_VOXELS) - 1e-3
-            assert stage.scales in ("none", "physical_shift")
+            assert getattr(stage.optimizer, "scales", "none") in ("none", "physical_shift")
             spacings.append(cps)
     assert spacings and max(spacings) > min(spacings)
 
@@ -256,14 +244,14 @@ def test_only_parameters_of_the_drawn_branch_are_asked(fp_name: str, stages: tup
             metric = p[f"{s}.metric.kind"]
             assert stage.metric.kind == metric
             if metric not in HIST_METRICS:
-                assert f"{s}.metric.bins" not in mine
+                assert f"{s}.metric.number_of_histogram_bins" not in mine
             if metric == "ants_nc":
-                assert not mine & {f"{s}.sampling.strategy", f"{s}.sampling.percentage"}
+                assert not mine & {f"{s}.sampling.strategy", f"{s}.sampling.points"}
             elif p[f"{s}.sampling.strategy"] == "none":
                 branches.add("strategy none")
-                assert f"{s}.sampling.percentage" not in mine
+                assert f"{s}.sampling.points" not in mine
             else:
-                assert f"{s}.sampling.percentage" in mine
+                assert f"{s}.sampling.points" in mine
             opt = p[f"{s}.optimizer.kind"]
             if opt in ("lbfgsb", "lbfgs2"):
                 assert not mine & {f"{s}.optimizer.learning_rate", f"{s}.optimizer.estimate_learning_rate",
@@ -274,17 +262,20 @@ def test_only_parameters_of_the_drawn_branch_are_asked(fp_name: str, stages: tup
             elif p[f"{s}.optimizer.estimate_learning_rate"] == "once":
                 assert f"{s}.optimizer.learning_rate" not in mine
             if opt != "regular_step_gd":
-                assert not mine & {f"{s}.optimizer.minimum_step", f"{s}.optimizer.relaxation_factor"}
+                assert not mine & {f"{s}.optimizer.min_step", f"{s}.optimizer.relaxation_factor"}
+            assert (f"{s}.optimizer.gradient_convergence_tolerance" in mine) == (opt == "lbfgsb")
+            assert (f"{s}.optimizer.solution_accuracy" in mine) == (opt == "lbfgs2")
             if kind == "bspline":
                 branches.add("bspline")
-                assert f"{s}.bspline.control_point_spacing" in mine
-                assert not stage.bspline.refine  # a recipe field, not searched
-                assert f"{s}.scales" not in mine
+                assert f"{s}.transform.control_point_spacing" in mine
+                assert not stage.transform.refine  # a recipe field, not searched
+                assert f"{s}.optimizer.scales" not in mine
             else:
-                assert not [k for k in mine if "bspline" in k or "gradient_tolerance" in k]
-                assert f"{s}.scales" in mine
+                assert not [k for k in mine if "transform." in k]
+                assert (f"{s}.optimizer.scales" in mine) == (opt in ("gradient_descent", "regular_step_gd",
+                                                                       "cg_line_search"))
     if "bspline" not in stages:
-        assert not [n for n in names if "bspline" in n]
+        assert not [n for n in names if "control_point" in n]
     first_linear = next((k for k in stages if k != "bspline"), None)
     assert ("initializer.rotation_search" in names) == (first_linear not in (None, "translation"))
     assert "strategy none" in branches
@@ -298,38 +289,52 @@ def test_fixed_trial_of_the_params_replays_the_recipe(fp_name: str, stages: tupl
         assert recipe_to_dict(replay) == recipe_to_dict(recipe)
 
 
-# --- the baseline point -------------------------------------------------------------------------------------------
+# --- the point of a recipe -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("fp_name, stages", CASES)
-def test_baseline_params_lie_inside_the_space(fp_name: str, stages: tuple[str, ...]) -> None:
+def test_the_default_recipe_is_a_point_inside_the_space(fp_name: str, stages: tuple[str, ...]) -> None:
     space = SearchSpace(fingerprint=FINGERPRINTS[fp_name](), stages=stages)
-    params = space.baseline_params()
+    base = space.baseline_recipe(seed=5)
+    assert base.kinds == stages and base.seed == 5
+    assert recipe_to_dict(base) == recipe_to_dict(default_recipe(stages, space.dim, seed=5))
+    params = space.params_of(base)
     assert set(params) <= space.parameter_names()
     for name, value in params.items():
         assert in_range(space, name, value), (name, value)
-    # a complete point: the space can draw the whole recipe from it
+    # a complete point: the space can draw the whole recipe from it, and it describes the default
     recipe = space.suggest(optuna.trial.FixedTrial(params), seed=0)
     assert recipe.initializer.kind == "geometry" and recipe.initializer.rotation_search is None
     for kind, stage in zip(stages, recipe.stages):
-        assert stage.transform == kind
-        assert stage.metric.kind == "mattes" and stage.metric.bins == 50
+        assert stage.kind == kind
+        assert stage.metric.kind == "mattes" and stage.metric.number_of_histogram_bins == 50
         assert stage.sampling.strategy == "random"
-        assert stage.optimizer.iterations == 100
+        assert stage.optimizer.number_of_iterations == 100
         assert stage.pyramid.shrink_factors[-1] == 1
         assert stage.optimizer.kind == ("lbfgsb" if kind == "bspline" else "gradient_descent")
-    # the enqueued baseline trial carries the notebook default recipe itself
-    base = space.baseline_recipe(seed=5)
-    assert [s.transform for s in base.stages] == list(stages) and base.seed == 5
 
 
-def test_baseline_params_leave_out_overridden_parameters() -> None:
+@pytest.mark.parametrize("fp_name, stages", CASES)
+def test_params_of_a_drawn_recipe_are_its_params(fp_name: str, stages: tuple[str, ...]) -> None:
+    space, recipes = drawn(fp_name, stages)
+    for trial, recipe in recipes[:40]:
+        described = space.params_of(recipe)
+        for name, value in trial.params.items():
+            if name.endswith(("sampling.points", "max_angle_deg", "control_point_spacing", "sigma_factor",
+                              "sigma_last", "coarsest_shrink", "pyramid.levels", "max_shift_fraction")):
+                continue  # raised to a need, rounded, or lowered by a rule: described as what ran
+            assert described[name] == value, (name, value, described.get(name))
+
+
+def test_dropped_parameters_take_the_default_recipe_s_value() -> None:
     fp = FINGERPRINTS["2d-64"]()
-    overrides = {"stage0.metric.bins": SearchOverride(value=32, fixed=True),
-                 "stage0.optimizer.iterations": SearchOverride(low=20, high=30)}
+    overrides = {"stage0.metric.number_of_histogram_bins": SearchOverride(drop=True),
+                 "stage0.optimizer.number_of_iterations": SearchOverride(drop=True),
+                 "stage0.metric.kind": SearchOverride(value="mattes", fixed=True)}
     space = SearchSpace(fingerprint=fp, stages=("affine",), overrides=overrides)
-    params = space.baseline_params()
-    assert "stage0.metric.bins" not in params and "stage0.optimizer.iterations" not in params
+    for _, recipe in draws(space, n=10):
+        assert recipe.stages[0].metric.number_of_histogram_bins == 50
+        assert recipe.stages[0].optimizer.number_of_iterations == 100
 
 
 # --- overrides ---------------------------------------------------------------------------------------------------
@@ -339,41 +344,96 @@ def test_overrides_fix_narrow_choose_and_drop() -> None:
     fp = FINGERPRINTS["2d-64"]()
     overrides = {
         "stage0.metric.kind": SearchOverride(value="mattes", fixed=True),
-        "stage0.optimizer.iterations": SearchOverride(low=20, high=30),
-        "stage0.metric.bins": SearchOverride(drop=True),
+        "stage0.optimizer.number_of_iterations": SearchOverride(low=20, high=30),
+        "stage0.metric.number_of_histogram_bins": SearchOverride(drop=True),
         "stage0.sampling.strategy": SearchOverride(choices=("regular", "random")),
-        "stage1.bspline.control_point_spacing": SearchOverride(value=8.0, fixed=True),
+        "stage1.transform.control_point_spacing": SearchOverride(value=8.0, fixed=True),
         "stage0.interpolator": SearchOverride(value="bspline", fixed=True),  # a recipe field that is not searched
+        "stage0.pyramid.shrink_factors": SearchOverride(value=[4, 2, 1], fixed=True),  # README's example
+        # a setting of one optimizer kind among those searched: applied where that kind is drawn
+        "stage0.optimizer.gradient_magnitude_tolerance": SearchOverride(value=1e-6, fixed=True),
     }
     space = SearchSpace(fingerprint=fp, stages=("affine", "bspline"), overrides=overrides)
+    kinds = set()
     for trial, recipe in draws(space, n=60):
         p = trial.params
-        assert not set(p) & {"stage0.metric.kind", "stage0.metric.bins", "stage1.bspline.control_point_spacing"}
+        assert not set(p) & {"stage0.metric.kind", "stage0.metric.number_of_histogram_bins",
+                             "stage1.transform.control_point_spacing", "stage0.pyramid.levels",
+                             "stage0.pyramid.coarsest_shrink"}
         s0, s1 = recipe.stages
-        assert s0.metric.kind == "mattes" and s0.metric.bins == 50
-        assert 20 <= s0.optimizer.iterations <= 30
+        assert s0.metric.kind == "mattes" and s0.metric.number_of_histogram_bins == 50
+        assert 20 <= s0.optimizer.number_of_iterations <= 30
         assert s0.sampling.strategy in ("regular", "random")
         assert s0.interpolator == "bspline" and s1.interpolator == "linear"
-        assert s1.bspline.control_point_spacing == 8.0
+        assert s0.pyramid.shrink_factors == (4, 2, 1) and len(s0.pyramid.smoothing_sigmas) == 3
+        assert s1.transform.control_point_spacing == 8.0
+        kinds.add(s0.optimizer.kind)
+        if s0.optimizer.kind == "regular_step_gd":
+            assert s0.optimizer.gradient_magnitude_tolerance == 1e-6
         replay = space.suggest(optuna.trial.FixedTrial(p), seed=trial.number)
         assert recipe_to_dict(replay) == recipe_to_dict(recipe)
+    assert {"regular_step_gd", "gradient_descent"} <= kinds
+
+
+def test_value_form_and_list_form_fix_a_recipe_field(tmp_path: Path) -> None:
+    """``{value: [4, 2, 1]}`` and a bare list both fix a recipe field that is not searched (a list is not choices)."""
+    from autoreg.config import parse_pair_file
+
+    doc = {"name": "x", "fixed": "f.png", "moving": "m.png", "stages": ["affine"],
+           "search": {"stage0.pyramid.shrink_factors": {"value": [2, 1]},
+                      "stage0.pyramid.smoothing_sigmas": [1.0, 0.0]}}
+    cfg = parse_pair_file(doc, tmp_path / "pair.yaml")
+    space = SearchSpace(fingerprint=FINGERPRINTS["2d-64"](), stages=("affine",), overrides=dict(cfg.search))
+    for _, recipe in draws(space, n=5):
+        assert recipe.stages[0].pyramid.shrink_factors == (2, 1)
+        assert recipe.stages[0].pyramid.smoothing_sigmas == (1.0, 0.0)
 
 
 @pytest.mark.parametrize(
-    "key, override",
+    "key, override, fragment",
     [
-        ("stage2.metric.bins", SearchOverride(value=32, fixed=True)),  # no third stage
-        ("metric.bins", SearchOverride(value=32, fixed=True)),
-        ("stage0.nonsense", SearchOverride(low=1, high=2)),  # a range for a field that is not searched
+        ("stage2.metric.number_of_histogram_bins", SearchOverride(value=32, fixed=True), "unknown"),  # no third stage
+        ("metric.number_of_histogram_bins", SearchOverride(value=32, fixed=True), "unknown"),
+        ("stage0.nonsense", SearchOverride(low=1, high=2), "only a fixed value"),
+        ("stage0.metric.bins", SearchOverride(low=16, high=32), "stage0.metric.number_of_histogram_bins"),
+        ("stage0.optimizer.iterations", SearchOverride(low=16, high=32), "number_of_iterations"),
+        ("stage0.sampling.percentage", SearchOverride(low=0.01, high=0.1), "sampling.points"),
+        ("stage0.optimizer.maximum_number_of_corrections", SearchOverride(value=5, fixed=True),
+         "not a setting of optimizer"),
+        ("stage0.pyramid.smoothing_sigmas", SearchOverride(value=[1.0, 0.0], fixed=True), "shrink_factors"),
     ],
 )
-def test_unknown_override_names_its_key(key: str, override: SearchOverride) -> None:
+def test_unknown_override_names_its_key(key: str, override: SearchOverride, fragment: str) -> None:
     with pytest.raises(UserError) as info:
         SearchSpace(fingerprint=FINGERPRINTS["2d-64"](), stages=("rigid", "affine"), overrides={key: override},
                     source="PAIR.yaml")
     assert info.value.key == f"search.{key}"
     assert str(info.value).startswith(f"PAIR.yaml: search.{key}: ")
+    assert fragment in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("overrides, key, fragment", [
+    # bins of a metric kind the study never draws
+    ({"stage0.metric.kind": SearchOverride(value="correlation", fixed=True),
+      "stage0.metric.number_of_histogram_bins": SearchOverride(low=16, high=32)},
+     "search.stage0.metric.number_of_histogram_bins", "never used"),
+    # a fixed learning rate while the rate is always estimated
+    ({"stage0.optimizer.estimate_learning_rate": SearchOverride(value="once", fixed=True),
+      "stage0.optimizer.learning_rate": SearchOverride(value=0.5, fixed=True)},
+     "search.stage0.optimizer.learning_rate", "never used"),
+    # an LBFGSB setting while the optimizer is fixed to gradient descent
+    ({"stage0.optimizer.kind": SearchOverride(value="gradient_descent", fixed=True),
+      "stage0.optimizer.min_step": SearchOverride(value=1e-3, fixed=True)},
+     "search.stage0.optimizer.min_step", "never used"),
+    # a value that makes every recipe invalid
+    ({"stage0.optimizer.relaxation_factor": SearchOverride(value=1.5, fixed=True)},
+     "search.stage0.optimizer.relaxation_factor", "invalid recipe (Input should be less than 1)"),
+])
+def test_overrides_that_would_fail_every_trial_are_refused(overrides, key: str, fragment: str) -> None:
+    with pytest.raises(UserError) as info:
+        SearchSpace(fingerprint=FINGERPRINTS["2d-64"](), stages=("affine",), overrides=overrides, source="PAIR.yaml")
+    assert info.value.key == key and fragment in str(info.value), str(info.value)
 
 
 # --- the whole space on one real-sized example ---------------------------------------------------------------------
@@ -386,10 +446,9 @@ def test_ranges_scale_with_the_image() -> None:
     assert small.max_levels == 3 and large.max_levels == 5
     dims_s = {d.name: d for d in small.dims()}
     dims_l = {d.name: d for d in large.dims()}
-    cps = "stage0.bspline.control_point_spacing"
+    cps = "stage0.transform.control_point_spacing"
     assert (dims_s[cps].low, dims_s[cps].high) == (4, 32)
     assert (dims_l[cps].low, dims_l[cps].high) == (12, 192)
-    pct = "stage0.sampling.percentage"
-    assert dims_l[pct].low < dims_s[pct].low  # a larger image can be sampled more sparsely
-    assert math.isclose(dims_l[pct].high, 1.0) or dims_l[pct].high * 512 * 384 <= MAX_SAMPLES * (1 + 1e-9)
-    assert np.isfinite(dims_l[pct].default)
+    pts = "stage0.sampling.points"
+    assert dims_s[pts].high == 64 * 64 and dims_l[pts].high == min(MAX_SAMPLES, 512 * 384)
+    assert dims_s[pts].low == dims_l[pts].low == MIN_SAMPLES

@@ -305,7 +305,7 @@ def test_value_is_the_mean_over_pairs(tmp_path: Path) -> None:
 _TOO_SPARSE = """\
 stages:
   - transform: affine
-    metric: {kind: mattes, bins: 50}
+    metric: {kind: mattes, number_of_histogram_bins: 50}
     sampling: {strategy: random, percentage: 0.0005}
     pyramid: {shrink_factors: [4, 1], smoothing_sigmas: [1.0, 0.0], sigma_units: voxel}
 """
@@ -394,8 +394,8 @@ def test_user_recipe_trial_params_describe_its_recipe(tmp_path: Path) -> None:
 def test_search_overrides_fix_narrow_and_drop(tmp_path: Path) -> None:
     search = {
         "stage0.metric.kind": "mattes",
-        "stage0.optimizer.iterations": {"low": 20, "high": 30},
-        "stage0.metric.bins": "drop",
+        "stage0.optimizer.number_of_iterations": {"low": 20, "high": 30},
+        "stage0.metric.number_of_histogram_bins": "drop",
     }
     pair = write_study_files(tmp_path / "data", extra={"search": search})
     run = tune(pair, tmp_path / "study", "--trials", 6, "--jobs", 1, "-q")
@@ -405,12 +405,12 @@ def test_search_overrides_fix_narrow_and_drop(tmp_path: Path) -> None:
     sugg = suggested(trials)
     assert len(sugg) == 5
     for t in sugg:
-        assert "stage0.metric.kind" not in t.params and "stage0.metric.bins" not in t.params
-        assert 20 <= t.params["stage0.optimizer.iterations"] <= 30
+        assert "stage0.metric.kind" not in t.params and "stage0.metric.number_of_histogram_bins" not in t.params
+        assert 20 <= t.params["stage0.optimizer.number_of_iterations"] <= 30
         stage = t.user_attrs["recipe"]["stages"][0]
         assert stage["metric"]["kind"] == "mattes"
-        assert stage["metric"]["bins"] == 50  # dropped: the space's default
-        assert 20 <= stage["optimizer"]["iterations"] <= 30
+        assert stage["metric"]["number_of_histogram_bins"] == 50  # dropped: the default recipe's
+        assert 20 <= stage["optimizer"]["number_of_iterations"] <= 30
     # the baseline stays the SimpleITK default recipe whatever the overrides
     assert stripped(trials[0].user_attrs["recipe"]) == stripped(recipe_to_dict(default_recipe(["affine"], 2)))
 
@@ -518,7 +518,7 @@ _ONE_LEVEL = {"search": {"stage0.pyramid.levels": 1}}
 #: resolution; no rotation search, whose ``Execute`` has no Python callbacks).
 _ITK_BOUND = {"search": {"stage0.metric.kind": "ants_nc", "stage0.pyramid.levels": 1,
                          "initializer.rotation_search": False,
-                         "stage0.optimizer.iterations": {"low": 300, "high": 500}}}
+                         "stage0.optimizer.number_of_iterations": {"low": 300, "high": 500}}}
 
 
 def test_sigkill_leaves_a_trial_that_the_next_run_fails_and_retries(tmp_path: Path) -> None:

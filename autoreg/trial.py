@@ -1,0 +1,153 @@
+"""The trial record: what a trial stores in the study, under which names, and how every reader gets it back.
+
+The objective writes a trial's facts with :func:`write` (names checked against :class:`TrialRecord`'s fields, so a
+misspelt attribute is a bug caught at once, not a silently missing column); export, report, progress, artifacts and
+evaluate read :class:`TrialRecord` from :func:`records`. :func:`best_and_baseline` is the one rule for which trial is
+the best and which is the baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from pydantic import BaseModel, ConfigDict
+
+BASELINE = "baseline"
+SUGGESTED = "suggested"
+USER_PREFIX = "user:"
+#: Statistics of a finished trial, each the mean over its pairs (``folding_fraction``: the worst pair).
+SCORE_KEYS = ("tre_mean", "tre_median", "tre_p90", "tre_max", "tre_mean_vox", "holdout_loss", "holdout_nmi",
+              "folding_fraction", "score_std")
+
+
+class TrialRecord(BaseModel):
+    """One trial as autoreg reads it: Optuna's state, value and params, and autoreg's own attributes."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    # --- Optuna's own ---
+    number: int
+    state: str
+    value: float | None = None
+    params: dict[str, Any] = {}
+    intermediate: dict[int, float] = {}
+    # --- written by autoreg (user attributes) ---
+    worker: str | None = None
+    #: ``baseline`` (trial 0: the SimpleITK-notebooks default), ``suggested`` (the sampler's), ``user:<file>``.
+    role: str = SUGGESTED
+    #: The whole recipe that ran (any recipe format); every trial stores it, so export never re-derives it.
+    recipe: dict[str, Any] | None = None
+    seed: int | None = None
+    threads: int | None = None
+    time_limit_s: float | None = None
+    predicted_s: float | None = None
+    runtime_s: float | None = None
+    #: One entry per pyramid level of every stage and pair: stage, level, shrink, iterations, seconds, TRE.
+    levels: list[dict[str, Any]] = []
+    #: Per pair: its statistics (TRE or holdout, runtime, stop conditions, repeat values).
+    pairs: dict[str, dict[str, Any]] = {}
+    tre_mean: float | None = None
+    tre_median: float | None = None
+    tre_p90: float | None = None
+    tre_max: float | None = None
+    tre_mean_vox: float | None = None
+    holdout_loss: float | None = None
+    holdout_nmi: float | None = None
+    folding_fraction: float | None = None
+    score_std: float | None = None
+    repeat_scores: list[float] | None = None
+    fail_reason: str | None = None
+    fail_detail: str | None = None
+    pruned_at: str | None = None
+    retry_of: int | None = None
+
+    @classmethod
+    def of(cls, trial: FrozenTrial) -> TrialRecord:
+        return cls(
+            number=trial.number,
+            state=trial.state.name,
+            value=trial.value if trial.state == TrialState.COMPLETE else None,
+            params=dict(trial.params),
+            intermediate={int(k): float(v) for k, v in trial.intermediate_values.items()},
+            **trial.user_attrs,
+        )
+
+    @property
+    def complete(self) -> bool:
+        return self.state == "COMPLETE" and self.value is not None and math.isfinite(self.value)
+
+    @property
+    def reason(self) -> str | None:
+        """Why a trial failed or was pruned, in a few words (None for the others)."""
+        if self.state == "FAIL":
+            return self.fail_reason or "no reason recorded"
+        if self.state == "PRUNED":
+            return f"pruned at {self.pruned_at}" if self.pruned_at else "pruned"
+        return None
+
+    def scores(self) -> dict[str, float]:
+        """The statistics this trial recorded (``SCORE_KEYS`` that are set), plus its runtime."""
+        out = {k: getattr(self, k) for k in SCORE_KEYS if getattr(self, k) is not None}
+        if self.runtime_s is not None:
+            out["runtime_s"] = self.runtime_s
+        return out
+
+    def last_level_tre(self) -> float | None:
+        """The TRE after the last pyramid level this trial finished (a cut trial's best known score)."""
+        tres = [lv["tre_mean"] for lv in self.levels if lv.get("tre_mean") is not None]
+        return tres[-1] if tres else None
+
+
+#: The attribute names :func:`write` accepts: the record's fields that are not Optuna's own.
+ATTRIBUTES = frozenset(TrialRecord.model_fields) - {"number", "state", "value", "params", "intermediate"}
+
+
+def write(trial: optuna.Trial, **attrs: Any) -> None:
+    """Store facts on a running trial; an unknown name is a programming error (``KeyError``)."""
+    for name, value in attrs.items():
+        if name not in ATTRIBUTES:
+            raise KeyError(f"{name!r} is not a trial record attribute")
+        trial.set_user_attr(name, value)
+
+
+def attrs(**fields: Any) -> dict[str, Any]:
+    """User attributes for ``study.enqueue_trial`` (names checked as in :func:`write`)."""
+    unknown = set(fields) - ATTRIBUTES
+    if unknown:
+        raise KeyError(f"not trial record attributes: {sorted(unknown)}")
+    return fields
+
+
+def read(trial: optuna.Trial | FrozenTrial, name: str) -> Any:
+    """One fact of a trial (running or finished), None when it was not written."""
+    if name not in ATTRIBUTES:
+        raise KeyError(f"{name!r} is not a trial record attribute")
+    return trial.user_attrs.get(name)
+
+
+def write_to_storage(storage: optuna.storages.BaseStorage, trial_id: int, **attrs: Any) -> None:
+    """:func:`write` for a trial this process does not run (a dead worker's, failed by whoever finds it)."""
+    for name, value in attrs.items():
+        if name not in ATTRIBUTES:
+            raise KeyError(f"{name!r} is not a trial record attribute")
+        storage.set_trial_user_attr(trial_id, name, value)
+
+
+def records(study: optuna.Study, states: Iterable[TrialState] | None = None) -> list[TrialRecord]:
+    """Every trial of the study (or those in ``states``) as records, in trial order."""
+    trials = study.get_trials(deepcopy=False, states=tuple(states) if states is not None else None)
+    return [TrialRecord.of(t) for t in trials]
+
+
+def best_and_baseline(trials: Iterable[TrialRecord]) -> tuple[TrialRecord | None, TrialRecord | None]:
+    """The completed trial of lowest value (the earliest on ties) and the baseline trial (its completed run if it was
+    retried, else its first)."""
+    trials = list(trials)
+    done = [t for t in trials if t.complete]
+    best = min(done, key=lambda t: (t.value, t.number)) if done else None
+    bases = [t for t in trials if t.role == BASELINE]
+    baseline = next((t for t in bases if t.state == "COMPLETE"), bases[0] if bases else None)
+    return best, baseline

@@ -181,7 +181,7 @@ def _tune(args, cfg, directory, spec, study, alone: bool) -> int:
     import time
 
     from .progress import ProgressMonitor, snapshot
-    from .study import best_and_baseline_of, reap_stale_trials
+    from .study import best_and_baseline_of, cost_model, reap_stale_trials
     from .workers import StopRequest, WorkerPlan, threads_per_worker
 
     reaped = reap_stale_trials(study, alone=alone and spec.local_journal)
@@ -190,6 +190,7 @@ def _tune(args, cfg, directory, spec, study, alone: bool) -> int:
     target = args.trials if args.trials is not None else (None if args.timeout else DEFAULT_TRIALS)
     jobs = args.jobs or os.cpu_count() or 1
     threads = 1 if cfg.deterministic else threads_per_worker(jobs)
+    cost_model(study, threads)  # measured here, before the workers start, so that they share one calibration
     plan = WorkerPlan(
         pair_file=str(cfg.path),
         storage=spec,
@@ -201,6 +202,7 @@ def _tune(args, cfg, directory, spec, study, alone: bool) -> int:
         threads=threads,
         prune=cfg.prune,
         stop_file=str(directory / f"stop.{os.getpid()}"),
+        trial_budget_s=args.timeout * jobs / target if args.timeout and target else None,
     )
     before = snapshot(study)
     if not args.quiet:
@@ -231,10 +233,7 @@ def _tune(args, cfg, directory, spec, study, alone: bool) -> int:
     )
     _out(f"best {metric}: {best.value:.4g} (trial {best.number})" if best else "best: no completed trial yet")
     if base is not None:
-        _out(
-            f"baseline (SimpleITK-notebooks default) {metric}: "
-            + (f"{base.value:.4g}" if base.value is not None else f"{base.state.lower()} ({base.fail_reason or base.pruned_at or ''})")
-        )
+        _out(f"baseline (SimpleITK-notebooks default) {metric}: {_baseline_summary(base)}")
     if best is not None and cfg.holdout and not interrupted:
         _report_holdout(cfg, best)
     _out(f"study: {directory} (storage {spec.display})")
@@ -242,6 +241,18 @@ def _tune(args, cfg, directory, spec, study, alone: bool) -> int:
         _out("finished trials are kept; run the same command again to continue")
         return EXIT_INTERRUPTED
     return EXIT_OK
+
+
+def _baseline_summary(base) -> str:
+    """The baseline's score, or how it ended; a baseline cut by the clock shows the TRE of the last level it finished."""
+    if base.value is not None:
+        return f"{base.value:.4g}"
+    if base.state == "PRUNED" and base.pruned_at and base.pruned_at.startswith("time limit"):
+        last = base.last_level_tre()
+        done = (f"; TRE {last:.4g} after stage {base.levels[-1]['stage']} level {base.levels[-1]['level']}"
+                if last is not None else "; no level finished")
+        return f"cut at its {base.pruned_at}{done}"
+    return f"{base.state.lower()} ({base.fail_reason or base.pruned_at or ''})"
 
 
 def _report_holdout(cfg, best) -> None:

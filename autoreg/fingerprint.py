@@ -203,6 +203,11 @@ class DatasetFingerprint:
         return float(np.exp(np.mean(np.log(pair.fixed.spacing))))
 
     @property
+    def max_extent_voxels(self) -> int:
+        """The longest axis of the largest pair's fixed image, in voxels."""
+        return max(max(p.fixed.size) for p in self.pairs)
+
+    @property
     def min_extent_voxels(self) -> int:
         return min(min(p.fixed.size) for p in self.pairs)
 

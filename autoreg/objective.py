@@ -1,12 +1,15 @@
-"""One trial: recipe (suggested or enqueued) -> register every pair -> report levels -> score.
+"""One trial: recipe (suggested or enqueued) -> predicted cost -> register every pair -> report levels -> score.
 
 Failures are recorded on the trial (``fail_reason``, ``fail_detail``) and the trial is marked FAIL by returning
-NaN; they never raise out of the objective, so a study never stops because one recipe could not run.
+NaN; they never raise out of the objective, so a study never stops because one recipe could not run. Trials stopped
+for cost (predicted far beyond the study's budget, or cut at their time limit) are PRUNED: unlike a FAIL, which
+TPE ignores, a pruned trial teaches the sampler to avoid such settings.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -19,19 +22,25 @@ import optuna
 import SimpleITK as sitk
 
 from .config import StudyConfig
+from .cost import CostModel, time_limit
 from .data import PairData
 from .errors import RegistrationFailed, RegistrationPruned
 from .recipe import Recipe, recipe_from_dict, recipe_to_dict
 from .registration import LevelRecord, register
 from .scoring import folding_fraction, has_deformable, holdout_metric, tre
 from .space import SearchSpace
-from .trial import BASELINE, read, records, write
+from .trial import BASELINE, SUGGESTED, read, records, write
 
 log = logging.getLogger(__name__)
 
-AUTO_TIMEOUT_FACTOR = 20.0
-AUTO_TIMEOUT_MIN_S = 10.0
-AUTO_TIMEOUT_UNKNOWN_S = 600.0
+#: A trial may run this many times its predicted seconds (the model's error and the machine's noise) ...
+LIMIT_FACTOR = 3.0
+#: ... and at least this long.
+MIN_LIMIT_S = 5.0
+#: A suggested trial predicted to need more than this many times its share of the study's time is not run.
+OVER_BUDGET_FACTOR = 3.0
+#: Report steps per stage: after the coarsest level, after the level before full resolution, at the stage's end.
+RUNGS = ("coarsest level", "before the finest level", "end")
 
 
 def trial_seed(study_seed: int, trial_number: int) -> int:
@@ -44,6 +53,22 @@ def repeat_seed(seed: int, repeat: int) -> int:
     return int((seed + repeat * 104_729) % (2**31 - 2))
 
 
+def rung_of(level: int, levels: int) -> int | None:
+    """Which report step a stage's level is (an index into ``RUNGS``), or None for the levels in between."""
+    if level == levels - 1:
+        return 2
+    if level == 0:
+        return 0
+    if level == levels - 2:
+        return 1
+    return None
+
+
+def report_step(pair_index: int, n_stages: int, stage: int, rung: int) -> int:
+    """Steps are comparable across trials whatever their number of levels: pair, stage, then rung."""
+    return (pair_index * n_stages + stage) * len(RUNGS) + rung
+
+
 @dataclass
 class PairScore:
     value: float
@@ -51,10 +76,11 @@ class PairScore:
 
 
 def score_pair(recipe: Recipe, pair: PairData, use_landmarks: bool, *, seed: int, level_callback=None,
-               folding: bool = False, time_limit: float | None = None, should_stop=None) -> tuple[PairScore, Any]:
+               folding: bool = False, time_limit: float | None = None, should_stop=None,
+               cost: CostModel | None = None) -> tuple[PairScore, Any]:
     """Register one pair and score it: mean TRE with landmarks, else the holdout loss (2 - NMI)."""
     result = register(recipe, pair, seed=seed, level_callback=level_callback, time_limit=time_limit,
-                      should_stop=should_stop)
+                      should_stop=should_stop, cost=cost)
     stats: dict[str, Any] = {"runtime_s": round(result.seconds, 4), "stop_conditions": result.stop_conditions}
     if use_landmarks:
         t = tre(result.transform, pair.fixed_points, pair.moving_points, pair.fixed)
@@ -79,43 +105,71 @@ def aggregate(values: list[float], how: str, std_weight: float) -> float:
     return float(a.mean())
 
 
+@dataclass(frozen=True)
+class Budget:
+    """What bounds this study's trials: its end (``time.time()``, from ``--timeout``) and each trial's fair share of
+    the study's seconds (``--timeout`` x workers / ``--trials``)."""
+
+    deadline: float | None = None
+    per_trial_s: float | None = None
+
+
 class Objective:
-    """The callable that ``study.optimize`` runs in each worker; holds the pairs loaded once per worker."""
+    """The callable each worker runs per trial; holds the pairs loaded once per worker."""
 
     def __init__(self, cfg: StudyConfig, pairs: list[PairData], space: SearchSpace, *, threads: int = 0,
-                 prune: bool = True):
+                 prune: bool = True, cost: CostModel | None = None, budget: Budget = Budget()):
         self.cfg = cfg
         self.pairs = pairs
         self.space = space
         self.threads = threads
         self.prune = prune
+        self.cost = cost
+        self.budget = budget
         self.use_landmarks = cfg.uses_landmarks
         self.n_stages = len(cfg.stages)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
-        self._baseline_runtime: float | None = None
         #: Polled at every optimizer iteration: true once the user asked to stop (Ctrl-C).
         self.should_stop = None
         #: The last trial's transform per pair (first repeat): the worker stores pictures of an improving trial.
         self.last_transforms: dict[str, sitk.Transform] = {}
 
-    def time_limit(self, trial: optuna.Trial) -> float | None:
-        """The configured trial timeout, or 20x the baseline's runtime (at least 10 s; 600 s until it is known).
+    # --- cost and limits ----------------------------------------------------------------------------------------
 
-        Without a configured timeout the baseline itself has no limit: it is what the limit is measured from, and
-        the default recipe on a large 3D pair can need more than the 600 s that cover the trials started before
-        it is known."""
-        if self.cfg.trial_timeout is not None:
-            return self.cfg.trial_timeout
-        if read(trial, "role") == BASELINE:
+    def predict(self, trial: optuna.Trial, recipe: Recipe) -> float | None:
+        """Seconds the trial should take: the cost model, corrected by the trials this study finished."""
+        if self.cost is None:
             return None
-        if self._baseline_runtime is None:
-            for t in records(trial.study, states=(optuna.trial.TrialState.COMPLETE,)):
-                if t.role == BASELINE and t.runtime_s is not None:
-                    self._baseline_runtime = t.runtime_s
-                    break
-        if self._baseline_runtime is None:
-            return AUTO_TIMEOUT_UNKNOWN_S
-        return max(AUTO_TIMEOUT_MIN_S, AUTO_TIMEOUT_FACTOR * self._baseline_runtime)
+        raw = self.cost.predict(recipe, [p.fixed.GetSize() for p in self.pairs]) * self.cfg.objective.repeats
+        done = records(trial.study, states=(optuna.trial.TrialState.COMPLETE,))
+        ratios = [t.runtime_s / t.predicted_s for t in done[-50:] if t.runtime_s and t.predicted_s]
+        return raw * self.cost.corrected(ratios)
+
+    def time_limit(self, trial: optuna.Trial, predicted: float | None) -> float | None:
+        """``trial_timeout`` when configured; else a multiple of the prediction, capped by the trial's share of the
+        budget; never past the study's end. The baseline (trial 0) has no limit but the study's end: it is the
+        reference every study reports, however slow SimpleITK's default is."""
+        limit: float | None
+        if self.cfg.trial_timeout is not None:
+            limit = self.cfg.trial_timeout
+        elif read(trial, "role") == BASELINE or predicted is None:
+            limit = None
+        else:
+            limit = time_limit(predicted, factor=LIMIT_FACTOR, floor_s=MIN_LIMIT_S)
+            if self.budget.per_trial_s is not None:
+                limit = min(limit, max(MIN_LIMIT_S, OVER_BUDGET_FACTOR * self.budget.per_trial_s))
+        if self.budget.deadline is not None:
+            left = max(0.001, self.budget.deadline - time.time())
+            limit = left if limit is None else min(limit, left)
+        return limit
+
+    def over_budget(self, trial: optuna.Trial, predicted: float | None) -> bool:
+        """A suggested trial predicted to need far more than its share of the study's time is not run."""
+        share = self.budget.per_trial_s
+        return (share is not None and predicted is not None and read(trial, "role") in (None, SUGGESTED)
+                and self.cfg.trial_timeout is None and predicted > OVER_BUDGET_FACTOR * share)
+
+    # --- one trial ----------------------------------------------------------------------------------------------
 
     def recipe_for(self, trial: optuna.Trial) -> Recipe:
         seed = trial_seed(self.cfg.seed, trial.number)
@@ -133,30 +187,22 @@ class Objective:
             changes["threads"] = self.threads
         return recipe.with_(**changes)
 
-    def _step(self, pair_index: int, rec: LevelRecord) -> int | None:
-        """Report steps comparable across trials: the first (coarsest) level and the end of each stage."""
-        if rec.level == 0:
-            k = 0
-        elif rec.stop_condition is not None:
-            k = 1
-        else:
-            return None
-        return (pair_index * self.n_stages + rec.stage) * 2 + k
-
-    def _level_callback(self, trial: optuna.Trial, pair_index: int, pair: PairData, levels: list[dict]) -> Callable:
+    def _level_callback(self, trial: optuna.Trial, recipe: Recipe, pair_index: int, pair: PairData,
+                        levels: list[dict]) -> Callable:
         def on_level(rec: LevelRecord, transform: Callable[[], sitk.Transform]) -> None:
             entry = rec.as_dict()
             entry["pair"] = pair.name
             value = rec.tre_mean
-            step = self._step(pair_index, rec)
-            if value is None and step is not None and self.prune:
+            rung = rung_of(rec.level, len(recipe.stages[rec.stage].pyramid.shrink_factors))
+            if value is None and rung is not None and self.prune:
                 value = holdout_metric(transform(), pair.fixed, pair.moving, pair.fixed_mask).loss
                 entry["holdout_loss"] = value
             levels.append(entry)
-            if step is None or value is None or not np.isfinite(value):
+            if rung is None or value is None or not np.isfinite(value):
                 return
-            trial.report(float(value), step)
-            if self.prune and trial.should_prune():
+            trial.report(float(value), report_step(pair_index, self.n_stages, rec.stage, rung))
+            last = pair_index == len(self.pairs) - 1 and rec.stage == self.n_stages - 1 and rung == 2
+            if self.prune and not last and trial.should_prune():  # (pruning the finished trial would save nothing)
                 raise RegistrationPruned(rec.stage, rec.level)
 
         return on_level
@@ -169,22 +215,29 @@ class Objective:
             recipe = self.recipe_for(trial)
         except Exception as err:  # a bad enqueued recipe or override: record, never stop the study
             return self._fail(trial, "invalid recipe", str(err), t0)
-        write(trial, recipe=recipe_to_dict(recipe), seed=recipe.seed, threads=recipe.effective_threads)
+        predicted = self.predict(trial, recipe)
+        limit = self.time_limit(trial, predicted)
+        write(trial, recipe=recipe_to_dict(recipe), seed=recipe.seed, threads=recipe.effective_threads,
+              predicted_s=None if predicted is None else round(predicted, 3), time_limit_s=limit)
+        if self.over_budget(trial, predicted):
+            write(trial, runtime_s=round(time.perf_counter() - t0, 4),
+                  pruned_at=f"predicted {predicted:.3g} s, over {OVER_BUDGET_FACTOR:g}x the trial budget "
+                            f"({self.budget.per_trial_s:.3g} s)")
+            raise optuna.TrialPruned("predicted over budget")
         levels: list[dict] = []
         repeats = self.cfg.objective.repeats
         per_repeat: list[float] = []
         per_pair: dict[str, dict[str, Any]] = {}
-        limit = self.time_limit(trial)
-        write(trial, time_limit_s=limit)
         try:
             for r in range(repeats):
                 seed = repeat_seed(recipe.seed, r)
                 values = []
                 for i, pair in enumerate(self.pairs):
-                    cb = self._level_callback(trial, i, pair, levels) if r == 0 else None
+                    cb = self._level_callback(trial, recipe, i, pair, levels) if r == 0 else None
                     left = None if limit is None else max(limit - (time.perf_counter() - t0), 0.001)
                     ps, result = score_pair(recipe, pair, self.use_landmarks, seed=seed, level_callback=cb,
-                                            folding=r == 0, time_limit=left, should_stop=self.should_stop)
+                                            folding=r == 0, time_limit=left, should_stop=self.should_stop,
+                                            cost=self.cost)
                     if r == 0:
                         self.last_transforms[pair.name] = result.transform
                     value = ps.value
@@ -202,9 +255,8 @@ class Objective:
         except RegistrationFailed as err:
             write(trial, levels=levels)
             if err.reason == "time limit":
-                # stopped for cost, like a pruned trial: PRUNED lets the sampler learn to avoid such settings,
-                # where a FAIL would be ignored by it
-                write(trial, runtime_s=round(time.perf_counter() - t0, 4), pruned_at=f"time limit {limit:.3g} s")
+                write(trial, runtime_s=round(time.perf_counter() - t0, 4),
+                      pruned_at=f"time limit {limit:.3g} s ({err.detail})" if limit is not None else "time limit")
                 raise optuna.TrialPruned("time limit") from None
             return self._fail(trial, err.reason, err.detail, t0)
         except MemoryError as err:
@@ -217,7 +269,7 @@ class Objective:
         if repeats > 1:
             write(trial, repeat_scores=per_repeat, score_std=float(np.std(per_repeat, ddof=1)))
         write(trial, **_summary(per_pair, self.use_landmarks))
-        return value
+        return value if math.isfinite(value) else float("nan")
 
     def _fail(self, trial: optuna.Trial, reason: str, detail: str, t0: float) -> float:
         write(trial, fail_reason=reason, fail_detail=detail[-2000:], runtime_s=round(time.perf_counter() - t0, 4))

@@ -118,14 +118,15 @@ def reason_groups(trials: Iterable[TrialRecord]) -> list[ReasonGroup]:
 
 
 def step_labels(stages: Sequence[str], pair_names: Sequence[str]) -> dict[int, str]:
-    """Readable names of the objective's report steps: ``(pair * n_stages + stage) * 2 + {0: coarsest level, 1: end}``."""
+    """Readable names of the objective's report steps (``objective.report_step``: pair, stage, rung)."""
+    from .objective import RUNGS, report_step
+
     labels = {}
-    n = len(stages)
     for p, pair in enumerate(pair_names):
         for s, kind in enumerate(stages):
-            for k, what in ((0, "coarsest level"), (1, "end")):
+            for rung, what in enumerate(RUNGS):
                 prefix = f"{pair} · " if len(pair_names) > 1 else ""
-                labels[(p * n + s) * 2 + k] = f"{prefix}stage {s} {kind} · {what}"
+                labels[report_step(p, len(stages), s, rung)] = f"{prefix}stage {s} {kind} · {what}"
     return labels
 
 

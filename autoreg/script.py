@@ -1,18 +1,37 @@
 """A recipe as a standalone Python script that needs only SimpleITK and numpy.
 
-The script is the engine's own source (``registration.py`` imports nothing of autoreg for this reason) followed by
-the recipe as data and a small ``main``, so it registers exactly as ``autoreg apply`` does:
+The script is the engine's own source (the ``registration`` package imports nothing of autoreg for this reason: its
+modules are concatenated in dependency order, their imports of each other dropped) followed by the recipe as data and
+a small ``main``, so it registers exactly as ``autoreg apply`` does:
 
     python recipe.py FIXED MOVING TRANSFORM_OUT
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
+import re
 
 from . import registration
 from .recipe import Recipe
+
+#: An import of one engine module by another (one line, or a parenthesised list over several).
+_INTERNAL_IMPORT = re.compile(r"^from \.\w* import (\([^)]*\)|[^\n]*)\n", re.M)
+
+
+def engine_source() -> str:
+    """The engine's modules as one module: one ``__future__`` import, the modules' own imports of each other gone."""
+    parts = ["from __future__ import annotations\n"]
+    for name in registration.ENGINE_MODULES:
+        source = inspect.getsource(importlib.import_module(f"{registration.__name__}.{name}"))
+        source = source.replace("from __future__ import annotations\n", "")
+        # imports inside functions keep their indentation and stay: they name modules that are defined above
+        source = _INTERNAL_IMPORT.sub("", source)
+        source = re.sub(r"^(\s+)from \.\w* import [^\n]*\n", "", source, flags=re.M)
+        parts.append(f"\n# --- engine: {name} " + "-" * (100 - len(name)) + "\n" + source)
+    return "".join(parts)
 
 _MAIN = '''
 
@@ -69,7 +88,7 @@ if __name__ == "__main__":
 
 def recipe_to_script(recipe: Recipe) -> str:
     """The standalone script: header, the engine's source, the recipe, ``main``."""
-    engine = inspect.getsource(registration)
+    engine = engine_source()
     data = recipe.model_dump(mode="json")  # every field, None included: the engine reads them as attributes
     prov = data.get("provenance") or {}
     header = (

@@ -44,6 +44,15 @@ from .recipe import (
 MAX_LEVELS = 5
 MAX_SAMPLES = 250_000
 MIN_CONTROL_POINT_VOXELS = 4
+#: ITKv4's BSpline Jacobian is dense: each sample costs ~30 ns per grid parameter per iteration. Grids stay below
+#: this many parameters (32 cells a side in 2D, 12 in 3D) ...
+MAX_BSPLINE_PARAMETERS = 10_000
+#: ... and a BSpline stage samples at most this many (points x parameters) per iteration (about a second).
+MAX_SAMPLE_PARAMETERS = 3e7
+#: Metric evaluations of the rotation search (its grid is coarsened to fit): seconds, not minutes, in 3D.
+SEARCH_EVALUATIONS = 2000
+#: The last level's smoothing is drawn on this grid, so that prepared full-resolution images are reused across trials.
+SIGMA_LAST_STEP = 0.25
 LINEAR_OPTIMIZERS = ("gradient_descent", "regular_step_gd", "cg_line_search")
 BSPLINE_OPTIMIZERS = ("lbfgsb", "lbfgs2", "gradient_descent")
 #: Search names of format 1 -> where the setting lives now (a one-line hint instead of "unknown parameter").
@@ -80,6 +89,7 @@ class Dim:
     choices: tuple[Any, ...] | None = None
     log: bool = False
     integer: bool = False
+    step: float | None = None
     when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
 
     def contains(self, value: Any) -> bool:
@@ -91,6 +101,8 @@ class Dim:
         if self.choices is not None:
             return value if value in self.choices else None
         v = min(max(float(value), self.low), self.high)
+        if self.step is not None:
+            v = self.low + round((v - self.low) / self.step) * self.step
         return int(round(v)) if self.integer else v
 
 
@@ -129,9 +141,15 @@ class SearchSpace:
         high = max(samples_needed(None), min(MAX_SAMPLES, full))
         return min(samples_needed(None), high), high
 
+    def max_cells(self) -> int:
+        """Cells per axis of the finest BSpline grid the search may use: 32, or fewer where the parameter count
+        would pass ``MAX_BSPLINE_PARAMETERS``."""
+        return max(2, min(32, int((MAX_BSPLINE_PARAMETERS / self.dim) ** (1 / self.dim)) - 3))
+
     def cp_spacing_range(self) -> tuple[float, float]:
         shortest = self.fingerprint.min_extent_voxels
-        low = max(MIN_CONTROL_POINT_VOXELS, shortest / 32)
+        longest = self.fingerprint.max_extent_voxels
+        low = max(MIN_CONTROL_POINT_VOXELS, shortest / 32, longest / self.max_cells())
         return low, max(low, shortest / 2)
 
     def dims(self) -> list[Dim]:
@@ -144,7 +162,7 @@ class SearchSpace:
         if first_linear not in (None, "translation"):
             on = (("initializer.rotation_search", (True,)),)
             out.append(Dim("initializer.rotation_search", choices=(False, True)))
-            out.append(Dim("initializer.rotation_search.max_angle_deg", low=10.0, high=180.0 if self.dim == 2 else 30.0,
+            out.append(Dim("initializer.rotation_search.max_angle_deg", low=10.0, high=180.0 if self.dim == 2 else 90.0,
                            when=on))
             # rotations alone, with the centres' offset held, can lock onto a flipped pose; searching the shift
             # with them found poses 3-7x closer on rotated, shifted sections (0: rotations only)
@@ -164,7 +182,7 @@ class SearchSpace:
             Dim(f"{s}.pyramid.levels", low=1, high=self.max_levels, integer=True),
             Dim(f"{s}.pyramid.coarsest_shrink", low=2, high=max(2, self.max_shrink), integer=True, log=True, when=multi),
             Dim(f"{s}.pyramid.sigma_factor", low=0.0, high=1.0, when=multi),
-            Dim(f"{s}.pyramid.sigma_last", low=0.0, high=1.0),
+            Dim(f"{s}.pyramid.sigma_last", low=0.0, high=1.0, step=SIGMA_LAST_STEP),
             Dim(f"{s}.metric.kind", choices=METRIC_KINDS),
             Dim(f"{s}.metric.number_of_histogram_bins", low=16, high=128, integer=True, log=True,
                 when=((f"{s}.metric.kind", HISTOGRAM_METRICS),)),
@@ -223,6 +241,8 @@ class SearchSpace:
         log = ov.log if ov is not None and ov.log is not None else d.log
         if d.integer:
             return trial.suggest_int(name, int(low), int(high), log=log)
+        if d.step is not None and not log:
+            return trial.suggest_float(name, float(low), float(high), step=d.step)
         return trial.suggest_float(name, float(low), float(high), log=log)
 
     def default_of(self, name: str) -> Any:
@@ -243,7 +263,7 @@ class SearchSpace:
             # the grid's size: (2n+1) shifts per axis, 7 in 2D (49 shifts per angle), 3 in 3D (27 per angle triple)
             steps = (3 if self.dim == 2 else 1) if shift > 0 else 0
             init["rotation_search"] = {"max_angle_deg": max_angle, "step_deg": step, "max_shift_fraction": shift,
-                                       "shift_steps": steps}
+                                       "shift_steps": steps, "max_evaluations": SEARCH_EVALUATIONS}
         stages = [self._suggest_stage(i, kind, get) for i, kind in enumerate(self.stages)]
         data = {"initializer": init, "stages": stages, "seed": seed}
         self._apply_field_overrides(data)
@@ -256,18 +276,27 @@ class SearchSpace:
         bins = None
         if metric_kind in HISTOGRAM_METRICS:
             bins = metric["number_of_histogram_bins"] = int(get(f"{s}.metric.number_of_histogram_bins"))
-        strategy = "none" if metric_kind == "ants_nc" else get(f"{s}.sampling.strategy")
-        sampling: dict[str, Any] = {"strategy": strategy}
-        if strategy != "none":
-            # at least the samples the metric needs (a few thousand for 128 bins): fewer end in "joint PDF summed to zero"
-            sampling["points"] = max(int(get(f"{s}.sampling.points")), samples_needed(bins))
-        pyramid = self._suggest_pyramid(s, get, bins)
+        # Gradient images cost a pass over each level's voxels (4.5 s on a 182x218x182 volume) and no less per
+        # sample than central differences (measured: 1.5 us per sample and iteration either way): never computed.
+        metric.update(use_fixed_image_gradient_filter=False, use_moving_image_gradient_filter=False)
         transform: dict[str, Any] = {"kind": kind}
+        parameters = None
         if kind == "bspline":
             # the coarse-to-fine grid (transform.refine) is not searched: on ki67 it gave no better best after 30
             # trials (14.24 against 13.42 px) for much longer trials; it stays a recipe field
-            transform.update(control_point_spacing=round(float(get(f"{s}.transform.control_point_spacing")), 4),
-                             spacing_units="voxel")
+            cps = round(float(get(f"{s}.transform.control_point_spacing")), 4)
+            transform.update(control_point_spacing=cps, spacing_units="voxel")
+            size = self.fingerprint.smallest_size
+            parameters = self.dim * math.prod(max(1, round(n / cps)) + 3 for n in size)
+        strategy = "none" if metric_kind == "ants_nc" else get(f"{s}.sampling.strategy")
+        sampling: dict[str, Any] = {"strategy": strategy}
+        if strategy != "none":
+            points = int(get(f"{s}.sampling.points"))
+            if parameters is not None:  # a dense BSpline Jacobian: bounded seconds per iteration
+                points = min(points, int(MAX_SAMPLE_PARAMETERS / parameters))
+            # at least the samples the metric needs (a few thousand for 128 bins): fewer end in "joint PDF summed to zero"
+            sampling["points"] = max(points, samples_needed(bins))
+        pyramid = self._suggest_pyramid(s, get, bins)
         return {"transform": transform, "metric": metric, "sampling": sampling,
                 "optimizer": self._suggest_optimizer(s, kind, get), "pyramid": pyramid}
 
@@ -290,7 +319,9 @@ class SearchSpace:
             last = float(get(f"{s}.pyramid.sigma_last"))
             sigmas = tuple(round(factor * f, 6) for f in shrinks[:-1]) + (round(last, 6),)
             units = "voxel"
-        return {"shrink_factors": list(shrinks), "smoothing_sigmas": list(sigmas), "sigma_units": units}
+        # prepared levels (ITK's own pyramid smooths and differentiates the full images at every level: seconds in 3D)
+        return {"shrink_factors": list(shrinks), "smoothing_sigmas": list(sigmas), "sigma_units": units,
+                "shrink_images": True}
 
     def _suggest_optimizer(self, s: str, kind: str, get) -> dict[str, Any]:
         okind = get(f"{s}.optimizer.kind")
@@ -307,7 +338,9 @@ class SearchSpace:
             else:
                 opt["convergence_minimum_value"] = float(get(f"{s}.optimizer.convergence_minimum_value"))
                 opt["convergence_window_size"] = int(get(f"{s}.optimizer.convergence_window_size"))
-            opt["scales"] = get(f"{s}.optimizer.scales") if linear else "physical_shift"
+            # a BSpline grid's parameters all move control points: one scale for all ("none"); physical-shift scales
+            # cost 35 s of setup for 4,000 parameters in 3D, and Jacobian scales are zero outside the samples' support
+            opt["scales"] = get(f"{s}.optimizer.scales") if linear else "none"
         elif okind == "lbfgsb":
             opt["gradient_convergence_tolerance"] = float(get(f"{s}.optimizer.gradient_convergence_tolerance"))
         elif okind == "lbfgs2":

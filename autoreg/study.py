@@ -21,13 +21,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from .config import StudyConfig
+from .cost import CostModel
 from .errors import UserError
+from .objective import RUNGS
 from .recipe import load_recipe, recipe_to_dict
 from .space import SearchSpace
 from .trial import BASELINE, SUGGESTED, USER_PREFIX, TrialRecord, attrs, best_and_baseline, records, write_to_storage
@@ -195,11 +198,33 @@ def make_sampler(seed: int, worker: int, resumed_at: int = 0) -> optuna.samplers
         )
 
 
+class RungPruner(optuna.pruners.BasePruner):
+    """Screening over pyramid levels: at each report step a trial goes on only while its value is among the best
+    ``keep`` fraction of the values other finished trials reported at the same step, once ``n_startup`` did.
+
+    Steps are ``objective.report_step``s, so the rung (coarsest level, before the finest level, stage end) is the
+    step modulo ``len(RUNGS)``: cheap coarse levels decide which trials earn the expensive full-resolution ones."""
+
+    def __init__(self, keep: tuple[float, ...] = (0.75, 0.5, 0.5), n_startup: int = 8):
+        self.keep = keep
+        self.n_startup = n_startup
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None:
+            return False
+        value = trial.intermediate_values[step]
+        others = [t.intermediate_values[step] for t in study.get_trials(deepcopy=False,
+                                                                       states=(TrialState.COMPLETE, TrialState.PRUNED))
+                  if step in t.intermediate_values and t.number != trial.number]
+        if len(others) < self.n_startup:
+            return False
+        return value > float(np.quantile(others, self.keep[step % len(RUNGS)]))
+
+
 def make_pruner(enabled: bool) -> optuna.pruners.BasePruner:
-    """Prune a trial whose coarse-level score is worse than three quarters of the others' at the same step."""
-    if not enabled:
-        return optuna.pruners.NopPruner()
-    return optuna.pruners.PercentilePruner(75.0, n_startup_trials=8, n_warmup_steps=0)
+    """Screen trials level by level (``RungPruner``), or never prune."""
+    return RungPruner() if enabled else optuna.pruners.NopPruner()
 
 
 def create_or_load(
@@ -295,6 +320,19 @@ def reap_stale_trials(study: optuna.Study, *, live_pids: set[int] = frozenset(),
         again_attrs = attrs(recipe=t.recipe, role=t.role) if t.role != SUGGESTED else {}
         study.enqueue_trial(t.params, user_attrs=attrs(**again_attrs, retry_of=t.number))
     return reaped
+
+
+def cost_model(study: optuna.Study, threads: int) -> CostModel:
+    """This machine's cost coefficients at ``threads`` ITK threads: measured once per study and machine, kept in the
+    study so that every worker on the machine predicts with the same numbers."""
+    key = f"{socket.gethostname()}/{threads}"
+    known = study.user_attrs.get("cost_models", {})
+    if key in known:
+        return CostModel(**known[key])
+    model = CostModel.calibrate(threads)
+    study.set_user_attr("cost_models", {**known, key: model.as_dict()})
+    log.info("cost model for %s: %s", key, model)
+    return model
 
 
 def best_and_baseline_of(study: optuna.Study) -> tuple[TrialRecord | None, TrialRecord | None]:

@@ -23,9 +23,9 @@ import SimpleITK as sitk
 from optuna.trial import TrialState
 
 from .artifacts import ArtifactRecorder
-from .objective import Objective
+from .objective import Budget, Objective
 from .pipeline import Pipeline
-from .study import StorageSpec, make_pruner, make_sampler, open_storage
+from .study import StorageSpec, cost_model, make_pruner, make_sampler, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +39,13 @@ class WorkerPlan:
     study_name: str
     lock_path: str
     n_trials: int | None
-    deadline: float | None  # time.time() after which no new trial starts
+    deadline: float | None  # time.time() after which no new trial starts (and running ones stop)
     seed: int
     threads: int
     prune: bool
     stop_file: str | None = None  # created by the launching tune on Ctrl-C: workers stop after their trial
+    #: Each trial's share of the study's seconds (--timeout x jobs / --trials), when both are given.
+    trial_budget_s: float | None = None
 
 
 def threads_per_worker(jobs: int, cores: int | None = None) -> int:
@@ -156,7 +158,9 @@ def _run_trials(plan: WorkerPlan, worker_index: int, stop: StopRequest) -> int:
     )
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(plan.threads)
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # a trial's problems are recorded on the trial
-    objective = Objective(pipe.cfg, pipe.pairs, pipe.space, threads=plan.threads, prune=plan.prune)
+    objective = Objective(pipe.cfg, pipe.pairs, pipe.space, threads=plan.threads, prune=plan.prune,
+                          cost=cost_model(study, plan.threads),
+                          budget=Budget(deadline=plan.deadline, per_trial_s=plan.trial_budget_s))
     objective.should_stop = stop
     recorder = ArtifactRecorder(Path(plan.lock_path).parent)  # the study folder: <study dir>/artifacts
     done = 0

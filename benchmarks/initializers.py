@@ -19,7 +19,7 @@ from common import PAIR_STAGES, machine, pair_files, require_shared_data, stamp 
 from autoreg.config import PairSpec  # noqa: E402
 from autoreg.data import load_pair  # noqa: E402
 from autoreg.recipe import Initializer, RotationSearch, default_recipe  # noqa: E402
-from autoreg.registration import _Frame, initial_linear  # noqa: E402  (the engine's own initializer)
+from autoreg.registration import Frame as _Frame, initial_linear  # noqa: E402  (the engine's own initializer)
 from autoreg.scoring import tre  # noqa: E402
 
 SEARCHES = {

@@ -194,8 +194,9 @@ def test_report_data_matches_the_study(reported: Reported) -> None:
     steps = {s for t in data.trials for s in t.intermediate}
     assert steps and steps <= set(data.step_labels)
     assert data.step_labels[0] == "stage 0 affine · coarsest level"
-    # several pairs and stages: step = (pair * n_stages + stage) * 2 + {0: coarsest level, 1: end}
-    assert step_labels(["rigid", "bspline"], ["a", "b"])[7] == "b · stage 1 bspline · end"
+    # several pairs and stages: step = (pair * n_stages + stage) * 3 + {0: coarsest level, 1: before the finest, 2: end}
+    assert step_labels(["rigid", "bspline"], ["a", "b"])[11] == "b · stage 1 bspline · end"
+    assert step_labels(["rigid", "bspline"], ["a", "b"])[4] == "a · stage 1 bspline · before the finest level"
     assert data.importances is not None and all(v >= 0 for v in data.importances.values())
 
 

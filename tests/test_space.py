@@ -30,7 +30,14 @@ from autoreg.fingerprint import (
     samples_needed,
 )
 from autoreg.recipe import Recipe, default_recipe, recipe_to_dict
-from autoreg.space import MAX_SAMPLES, MIN_CONTROL_POINT_VOXELS, SearchSpace, shrink_schedule
+from autoreg.space import (
+    MAX_BSPLINE_PARAMETERS,
+    MAX_SAMPLE_PARAMETERS,
+    MAX_SAMPLES,
+    MIN_CONTROL_POINT_VOXELS,
+    SearchSpace,
+    shrink_schedule,
+)
 from autoreg.synthetic import make_pair
 
 N_DRAWS = 150
@@ -169,6 +176,9 @@ def test_sampling_points_cover_what_the_metric_needs(fp_name: str, stages: tuple
                 continue
             assert sampling.percentage is None
             raw = trial.params[f"{s}.sampling.points"]
+            if stage.kind == "bspline":  # bounded seconds per iteration of a dense Jacobian
+                mesh = [max(1, round(n / stage.transform.control_point_spacing)) for n in size]
+                raw = min(raw, int(MAX_SAMPLE_PARAMETERS / (space.dim * np.prod([m + 3 for m in mesh]))))
             assert sampling.points == max(raw, samples_needed(bins))
             assert sampling.points <= max(MAX_SAMPLES, samples_needed(bins))
     assert any(s.sampling.strategy != "none" for _, r in recipes for s in r.stages)
@@ -448,7 +458,12 @@ def test_ranges_scale_with_the_image() -> None:
     dims_l = {d.name: d for d in large.dims()}
     cps = "stage0.transform.control_point_spacing"
     assert (dims_s[cps].low, dims_s[cps].high) == (4, 32)
-    assert (dims_l[cps].low, dims_l[cps].high) == (12, 192)
+    assert (dims_l[cps].low, dims_l[cps].high) == (16, 192)  # at most 32 cells on the longest axis
+    # in 3D a dense BSpline Jacobian keeps the grid below MAX_BSPLINE_PARAMETERS: 11 cells a side
+    big3d = SearchSpace(fingerprint=FINGERPRINTS["3d-256x256x200"](), stages=("bspline",))
+    low = {d.name: d for d in big3d.dims()}[cps].low
+    assert big3d.max_cells() == 11 and low == pytest.approx(256 / 11)
+    assert 3 * (round(256 / low) + 3) ** 2 * (round(200 / low) + 3) <= MAX_BSPLINE_PARAMETERS
     pts = "stage0.sampling.points"
     assert dims_s[pts].high == 64 * 64 and dims_l[pts].high == min(MAX_SAMPLES, 512 * 384)
     assert dims_s[pts].low == dims_l[pts].low == MIN_SAMPLES

@@ -70,7 +70,7 @@ def write_study_files(
 ) -> Path:
     """A synthetic pair (PNG + landmark CSVs) and a PAIR.yaml next to it; returns the yaml's path."""
     folder.mkdir(parents=True, exist_ok=True)
-    paths = write_pair(_pair(size, seed), folder)
+    paths = write_pair(_pair(size, seed), folder, fmt="png" if len(size) == 2 else "nii.gz")
     doc: dict[str, Any] = {
         "name": name,
         "fixed": paths["fixed"].name,
@@ -340,9 +340,11 @@ def test_a_trial_timeout_prunes_trials_not_the_study(tmp_path: Path) -> None:
     assert len(trials) == 3
     assert all(t.state == TrialState.PRUNED for t in trials)
     for t in trials:
-        assert t.user_attrs["pruned_at"] == "time limit 0.001 s"
+        assert t.user_attrs["pruned_at"].startswith("time limit 0.001 s (stopped in ")
+        assert t.user_attrs["time_limit_s"] == 0.001
     assert "best: no completed trial yet" in run.out
-    assert "baseline (SimpleITK-notebooks default) tre_mean: pruned (time limit 0.001 s)" in run.out
+    # a cut baseline is reported as cut, with what it finished
+    assert "baseline (SimpleITK-notebooks default) tre_mean: cut at its time limit 0.001 s" in run.out
     # nothing to export yet: one clear line, exit 2
     exp = cli("export", pair, "--study-dir", tmp_path / "study", "-o", tmp_path / "best.yaml")
     assert exp.code == 2
@@ -350,22 +352,38 @@ def test_a_trial_timeout_prunes_trials_not_the_study(tmp_path: Path) -> None:
     assert not (tmp_path / "best.yaml").exists()
 
 
-def test_the_baseline_has_no_automatic_time_limit(tmp_path: Path, monkeypatch) -> None:
-    """The automatic limit is measured from the baseline: the baseline itself is never cut (a 3D default recipe
-    can outlast the 600 s given to trials started before the baseline's runtime is known)."""
+def test_time_limits_come_from_the_predicted_cost_and_spare_the_baseline(tmp_path: Path, monkeypatch) -> None:
+    """Every trial records its predicted and measured seconds; its limit is a multiple of the prediction. The
+    baseline (the reference of every study) has no automatic limit."""
     import autoreg.objective as objective
 
-    monkeypatch.setattr(objective, "AUTO_TIMEOUT_UNKNOWN_S", 0.001)
-    monkeypatch.setattr(objective, "AUTO_TIMEOUT_FACTOR", 1e-6)
-    monkeypatch.setattr(objective, "AUTO_TIMEOUT_MIN_S", 0.001)
+    monkeypatch.setattr(objective, "LIMIT_FACTOR", 1e-6)
+    monkeypatch.setattr(objective, "MIN_LIMIT_S", 0.001)
     pair = write_study_files(tmp_path / "data", extra={"trial_timeout": None})
     run = tune(pair, tmp_path / "study", "--trials", 3, "--jobs", 1, "-q")
     assert run.code == 0, run.err
     trials = trials_of(tmp_path / "study")
     assert trials[0].user_attrs["role"] == "baseline" and trials[0].state == TrialState.COMPLETE
     assert trials[0].user_attrs["time_limit_s"] is None
+    assert all(t.user_attrs["predicted_s"] > 0 and t.user_attrs["runtime_s"] > 0 for t in trials)
     assert [t.state for t in trials[1:]] == [TrialState.PRUNED] * 2
-    assert all(t.user_attrs["pruned_at"] == "time limit 0.001 s" for t in trials[1:])
+    for t in trials[1:]:
+        assert t.user_attrs["time_limit_s"] == pytest.approx(max(0.001, 1e-6 * t.user_attrs["predicted_s"]))
+        assert t.user_attrs["pruned_at"].startswith("time limit")
+
+
+def test_the_baseline_never_holds_a_study_hostage(tmp_path: Path) -> None:
+    """With --timeout the study ends on time even when SimpleITK's default (trial 0) needs longer than the whole
+    budget; the cut baseline is reported as cut."""
+    pair = write_study_files(tmp_path / "data", size=(128, 128, 128), extra={"trial_timeout": None})  # ~5 s default
+    run = tune(pair, tmp_path / "study", "--timeout", 1.5, "--jobs", 1, "-q")
+    assert run.code == 0, run.err
+    trials = trials_of(tmp_path / "study")
+    base = trials[0]
+    assert base.user_attrs["role"] == "baseline" and base.state == TrialState.PRUNED
+    assert base.user_attrs["time_limit_s"] <= 1.5
+    assert base.user_attrs["runtime_s"] <= 1.5 + 2.0
+    assert "baseline (SimpleITK-notebooks default) tre_mean: cut at its time limit" in run.out
 
 
 def test_user_recipe_trial_params_describe_its_recipe(tmp_path: Path) -> None:

@@ -1,0 +1,34 @@
+"""The engine: the only code that drives ``sitk.ImageRegistrationMethod``. It imports nothing of autoreg outside
+this package, so ``export --format python`` ships its modules (``ENGINE_MODULES``, in dependency order) as one
+standalone script."""
+
+from .core import (
+    LINEAR_KINDS,
+    Clock,
+    Halt,
+    LevelCallback,
+    LevelRecord,
+    RegistrationFailed,
+    RegistrationPruned,
+    RegistrationResult,
+    as_scalar_float,
+    failure_reason,
+    itk_seed,
+    itk_threads,
+    threads_of,
+)
+from .engine import register
+from .frame import Frame, Linear, compose, frame_of, frame_scale, scale_image, unscale_transform
+from .initializer import initial_linear, search_grid
+from .pyramid import bspline_mesh, bspline_schedule, level_sizes, refine_bspline, sampling_fraction
+
+#: The engine's modules in the order a standalone script defines them.
+ENGINE_MODULES = ("core", "frame", "pyramid", "method", "initializer", "engine")
+
+__all__ = [
+    "ENGINE_MODULES", "LINEAR_KINDS", "Clock", "Frame", "Halt", "LevelCallback", "LevelRecord", "Linear",
+    "RegistrationFailed", "RegistrationPruned", "RegistrationResult", "as_scalar_float", "bspline_mesh",
+    "bspline_schedule", "compose", "failure_reason", "frame_of", "frame_scale", "initial_linear", "itk_seed",
+    "itk_threads", "level_sizes", "refine_bspline", "register", "sampling_fraction", "scale_image", "search_grid",
+    "threads_of", "unscale_transform",
+]

@@ -1,0 +1,190 @@
+"""The engine's prepared pyramids, sampling by points, exact BSpline refinement, and bounds: every phase stops on
+time or on request (real SimpleITK registrations on small synthetic images)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from autoreg.cost import CostModel
+from autoreg.errors import RegistrationFailed
+from autoreg.recipe import Initializer, RotationSearch
+from autoreg.registration import refine_bspline, register, search_grid
+from autoreg.registration.frame import frame_of
+from autoreg.registration.method import LevelTracker
+from autoreg.scoring import tre
+
+from conftest import pair_data, quick_recipe, synthetic_pair
+
+
+def _tre(tx, pair) -> float:
+    return tre(tx, pair.fixed_points, pair.moving_points, pair.fixed).mean
+
+
+def _with(recipe, stage: int = 0, **changes):
+    """A copy of ``recipe`` with stage fields replaced (dicts are merged into the stage's models)."""
+    data = recipe.model_dump()
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(data["stages"][stage].get(key), dict) and "kind" not in value:
+            data["stages"][stage][key].update(value)
+        else:
+            data["stages"][stage][key] = value
+    return recipe.model_validate(data)
+
+
+def _prepared(recipe, points: int | None = None):
+    for i in range(len(recipe.stages)):
+        recipe = _with(recipe, i, pyramid={"shrink_images": True})
+        if points is not None:
+            recipe = _with(recipe, i, sampling={"strategy": "random", "points": points})
+    return recipe
+
+
+# --- prepared pyramids ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim, kind", [(2, "rigid"), (2, "affine"), (3, "affine")])
+def test_prepared_pyramid_registers(dim: int, kind: str) -> None:
+    pair = pair_data(synthetic_pair(dim, kind))
+    recipe = _prepared(quick_recipe([kind], dim, shrink=(4, 2, 1), sigmas=(2.0, 1.0, 0.0), iterations=200,
+                                    learning_rate=1.0, deterministic=True), points=3000)
+    result = register(recipe, pair)
+    assert _tre(result.transform, pair) < 1.0
+    assert [r.shrink for r in result.levels] == [4, 2, 1]
+    sizes = [np.prod([max(1, n // r.shrink) for n in pair.fixed.GetSize()]) for r in result.levels]
+    assert [r.voxels for r in result.levels] == sizes
+    assert [r.samples for r in result.levels] == [min(3000, s) for s in sizes]  # points per level, capped
+
+
+def test_prepared_levels_are_made_once_per_pair() -> None:
+    pair = pair_data(synthetic_pair(3, "affine"))
+    recipe = _prepared(quick_recipe(["affine"], 3, shrink=(4, 2, 1), sigmas=(2.0, 1.0, 0.0), deterministic=True),
+                       points=2000)
+    first = register(recipe, pair).transform
+    made = dict(frame_of(pair).levels._cache)
+    again = register(recipe, pair).transform
+    cache = frame_of(pair).levels._cache
+    assert set(cache) == set(made) and all(cache[k] is made[k] for k in made)  # the very same images
+    assert np.array_equal(first.GetParameters(), again.GetParameters())
+
+
+def test_refine_bspline_keeps_the_mapping() -> None:
+    rng = np.random.default_rng(0)
+    for dim, mesh in ((2, [3, 5]), (3, [2, 3, 4])):
+        image = sitk.Image([40, 50, 30][:dim], sitk.sitkFloat32)
+        image.SetSpacing([0.7, 1.3, 2.0][:dim])
+        image.SetOrigin([5.0, -3.0, 2.0][:dim])
+        coarse = sitk.BSplineTransformInitializer(image, mesh)
+        coarse.SetParameters(tuple(rng.normal(0, 2, coarse.GetNumberOfParameters())))
+        fine = refine_bspline(coarse)
+        assert fine.GetTransformDomainMeshSize() == tuple(2 * m for m in mesh)
+        for _ in range(100):
+            p = image.TransformContinuousIndexToPhysicalPoint(list(rng.uniform(0, np.array(image.GetSize()) - 1)))
+            np.testing.assert_allclose(fine.TransformPoint(p), coarse.TransformPoint(p), atol=1e-9)
+
+
+def test_prepared_bspline_grid_doubles_per_level() -> None:
+    from autoreg.recipe import BSplineTransform, GradientDescent
+
+    pair = pair_data(synthetic_pair(2, "bspline"))
+    recipe = quick_recipe(["affine", "bspline"], 2, shrink=(4, 2, 1), sigmas=(1.0, 0.5, 0.0), deterministic=True)
+    recipe = _with(_prepared(recipe, points=2000), 1, transform=BSplineTransform(mesh_size=(8, 8), refine=True).model_dump(),
+                   optimizer=GradientDescent(number_of_iterations=40, scales="none").model_dump())
+    seen = []
+    result = register(recipe, pair, level_callback=lambda rec, get: seen.append((rec, get())))
+    meshes = [sitk.BSplineTransform(sitk.CompositeTransform(tx).GetNthTransform(1)).GetTransformDomainMeshSize()
+              for rec, tx in seen if rec.stage == 1]
+    assert meshes == [(2, 2), (4, 4), (8, 8)]
+    assert [rec.parameters for rec, _ in seen if rec.stage == 1] == [2 * 5 * 5, 2 * 7 * 7, 2 * 11 * 11]
+    assert _tre(result.transform, pair) < 0.6 * _tre(sitk.Transform(2, sitk.sitkIdentity), pair)
+
+
+# --- bounds -----------------------------------------------------------------------------------------------------
+
+
+def _slow_3d(prepared: bool):
+    """A recipe that would take minutes on a 48^3 volume: a dense BSpline grid, every voxel, many iterations."""
+    from autoreg.recipe import BSplineTransform, GradientDescent
+
+    recipe = quick_recipe(["affine", "bspline"], 3, shrink=(2, 1), sigmas=(1.0, 0.0), iterations=20)
+    recipe = _with(recipe, 1, transform=BSplineTransform(mesh_size=(10, 10, 10)).model_dump(),
+                   optimizer=GradientDescent(number_of_iterations=5000, convergence_minimum_value=1e-12,
+                                             scales="none").model_dump())
+    return _prepared(recipe) if prepared else recipe
+
+
+@pytest.mark.parametrize("prepared", [False, True], ids=["itk-pyramid", "prepared"])
+def test_a_slow_3d_recipe_stops_on_time(prepared: bool) -> None:
+    pair = pair_data(synthetic_pair(3, "affine", size=(48, 48, 48)))
+    t0 = time.monotonic()
+    with pytest.raises(RegistrationFailed) as info:
+        register(_slow_3d(prepared), pair, time_limit=2.0, cost=CostModel())  # the cost model's defaults
+    elapsed = time.monotonic() - t0
+    assert info.value.reason == "time limit" and info.value.detail.startswith("stopped in stage")
+    assert elapsed < 2.0 + 2.0, elapsed  # max(2 s, 10 %) past the limit at most
+
+
+def test_an_unbudgeted_rotation_search_stops_on_time() -> None:
+    pair = pair_data(synthetic_pair(3, "rigid", size=(48, 48, 48)))
+    huge = RotationSearch(max_angle_deg=90, step_deg=3, max_shift_fraction=0.2, shift_steps=3)  # 61^3 x 7^3 points
+    recipe = quick_recipe(["rigid"], 3).with_(initializer=Initializer(rotation_search=huge))
+    t0 = time.monotonic()
+    with pytest.raises(RegistrationFailed) as info:
+        register(recipe, pair, time_limit=1.5)
+    assert info.value.reason == "time limit" and "initializer" in info.value.detail
+    assert time.monotonic() - t0 < 1.5 + 2.0
+
+
+@pytest.mark.parametrize("prepared", [False, True], ids=["itk-pyramid", "prepared"])
+def test_a_stop_request_takes_effect_within_a_second(prepared: bool) -> None:
+    pair = pair_data(synthetic_pair(3, "affine", size=(48, 48, 48)))
+    stop = threading.Event()
+    timer = threading.Timer(1.0, stop.set)
+    timer.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RegistrationFailed) as info:
+            register(_slow_3d(prepared), pair, should_stop=stop.is_set)
+    finally:
+        timer.cancel()
+    assert info.value.reason == "interrupted"
+    assert time.monotonic() - t0 < 1.0 + 1.0
+
+
+def test_a_level_whose_setup_would_not_fit_is_not_started(monkeypatch) -> None:
+    """Before a prepared level starts, its setup is predicted from the previous level's seconds per voxel."""
+    monkeypatch.setattr(LevelTracker, "setup_rate", lambda self: 1e6 if self.records else None)  # a slow machine
+    pair = pair_data(synthetic_pair(2, "affine"))
+    recipe = _prepared(quick_recipe(["affine"], 2, shrink=(2, 1), sigmas=(1.0, 0.0)), points=1000)
+    levels = []
+    with pytest.raises(RegistrationFailed) as info:
+        register(recipe, pair, time_limit=60.0, level_callback=lambda rec, get: levels.append(rec))
+    assert info.value.reason == "time limit" and "stage 0 level 0" in info.value.detail
+    assert len(levels) == 1  # the coarse level ran; the full-resolution one was never started
+
+
+# --- the budgeted rotation search -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_the_search_grid_is_coarsened_to_its_budget(dim: int) -> None:
+    search = RotationSearch(max_angle_deg=90, step_deg=5, max_shift_fraction=0.2, shift_steps=3, max_evaluations=500)
+    angles, step, shifts = search_grid(search, dim)
+    rotations = 1 if dim == 2 else 3
+    assert (2 * angles + 1) ** rotations * (2 * shifts + 1) ** dim <= 500
+    assert angles >= 1 and step * angles == pytest.approx(90)  # still covers the whole range of angles
+    unbudgeted = search_grid(search.model_copy(update={"max_evaluations": None}), dim)
+    assert unbudgeted == (18, 5, 3)  # version 1: the whole grid
+
+
+def test_a_budgeted_search_recovers_a_large_rotation() -> None:
+    from test_engine import _rotated_pair
+
+    pair = _rotated_pair(100.0)
+    search = RotationSearch(max_angle_deg=180, step_deg=5, max_shift_fraction=0.1, shift_steps=2, max_evaluations=400)
+    recipe = quick_recipe(["rigid"], 2, deterministic=True).with_(initializer=Initializer(rotation_search=search))
+    assert _tre(register(recipe, pair).transform, pair) < 0.5

@@ -85,7 +85,7 @@ def _x(values, spec: str = "d") -> str:
 def cmd_apply(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .data import load_images
+    from .data import check_recipe_fits, load_images
     from .landmarks import read_landmarks
     from .quiet import captured_stderr
     from .recipe import load_recipe
@@ -98,6 +98,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if bool(args.fixed_landmarks) != bool(args.moving_landmarks):
         raise UserError("give both --fixed-landmarks and --moving-landmarks, or neither", key="--fixed-landmarks")
     pair = load_images(args.fixed, args.moving, args.fixed_mask, args.moving_mask)
+    for warning in check_recipe_fits(recipe, [pair], source=args.recipe):
+        _err(f"warning: {warning}")
     fp = mp = None
     if args.fixed_landmarks:
         fp = read_landmarks(args.fixed_landmarks, image=pair.fixed, dim=pair.dim, key="--fixed-landmarks")
@@ -105,7 +107,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
         if len(fp) != len(mp):
             raise UserError(f"{len(mp)} points but --fixed-landmarks has {len(fp)}", file=args.moving_landmarks)
         pair = replace(pair, fixed_points=fp, moving_points=mp)
-    result = register(recipe, pair)
+    progress = _LevelProgress(recipe)
+    try:
+        result = register(recipe, pair, level_callback=progress)
+    finally:
+        progress.stop()
     out = Path(args.transform_out)
     try:
         with captured_stderr(f"writing {out}"):
@@ -123,6 +129,54 @@ def cmd_apply(args: argparse.Namespace) -> int:
         write_warped(pair, result.transform, Path(args.image_out))
         _out(f"  warped moving image written to {args.image_out}")
     return EXIT_OK
+
+
+#: ``apply`` stays quiet for runs shorter than this; longer runs get a line when it passes, then one per level.
+APPLY_PROGRESS_AFTER_S = 3.0
+
+
+class _LevelProgress:
+    """The level callback of ``apply``: quiet for a short run; once it has taken ``after`` seconds, a line saying so
+    (from a timer, even in the middle of a level) and then a line per pyramid level."""
+
+    def __init__(self, recipe, after: float | None = None) -> None:
+        import threading
+        import time
+
+        self._after = APPLY_PROGRESS_AFTER_S if after is None else after
+        self._t0 = time.monotonic()
+        self._kinds = [str(getattr(s, "transform", "?")) for s in recipe.stages]
+        self._lock = threading.Lock()
+        self._pending: list[str] = []
+        self._shown = False
+        self._timer = threading.Timer(self._after, self._show)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _show(self) -> None:
+        with self._lock:
+            if not self._shown:
+                self._shown = True
+                _out(f"registering ({' -> '.join(self._kinds)}); a line per pyramid level as it ends:")
+            for line in self._pending:
+                _out(line)
+            self._pending.clear()
+
+    def __call__(self, record, _transform) -> None:
+        import time
+
+        line = (f"  stage {record.stage} ({record.transform}) level {record.level + 1} (shrink {record.shrink}): "
+                f"{record.iterations} iterations, metric {record.metric_value:.4g}, {record.seconds:.1f} s")
+        if record.tre_mean is not None:
+            line += f", TRE {record.tre_mean:.4g}"
+        with self._lock:
+            self._pending.append(line)
+            due = self._shown or time.monotonic() - self._t0 >= self._after
+        if due:
+            self._show()
+
+    def stop(self) -> None:
+        self._timer.cancel()
 
 
 _EIGHT_BIT = {".png", ".jpg", ".jpeg", ".bmp"}
@@ -307,7 +361,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
     from .config import load_config
-    from .data import load_pair
+    from .data import check_recipe_fits, load_pair
     from .evaluate import evaluate
     from .recipe import load_recipe
 
@@ -319,6 +373,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not specs:
         raise UserError("no holdout pairs in the file", file=cfg.path, key="holdout")
     pairs = [load_pair(p) for p in specs]
+    for warning in check_recipe_fits(recipe, pairs, source=args.recipe):
+        _err(f"warning: {warning}")
     ev = evaluate(recipe, pairs, repeats=args.repeats, use_landmarks=cfg.uses_landmarks, deterministic=args.deterministic)
     tuned_on = {p.get("name") for p in ((recipe.provenance or {}).get("fingerprint") or {}).get("pairs", [])}
     mode = "deterministic (1 thread, the recipe's seed)" if args.deterministic else "sampling seeds varied"

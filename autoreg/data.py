@@ -9,7 +9,7 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 _INSIDE_TOLERANCE_VOXELS = 0.5 + 1e-6
 #: An image to register needs at least this many voxels on every axis.
 MIN_IMAGE_AXIS = 4
+#: A recipe applied to images whose spacing or size differs more than this factor on an axis from every fixed image
+#: it was tuned on gets a warning: its pyramid, sampling and grid were chosen for other data.
+FIT_WARN_RATIO = 4.0
 #: Named in the error for a file no reader takes; the README's list of formats says the same.
 SUPPORTED_FORMATS = "NIfTI, NRRD, MHA/MHD, PNG, TIFF, JPEG, BMP, DICOM... or a folder holding one DICOM series"
 #: At most this many series are listed in the error for a folder that holds several.
@@ -355,3 +358,75 @@ def file_digest(path: Path, length: int = 16) -> str:
                 h.update(chunk)
     return h.hexdigest()[:length]
 
+
+# --- a recipe against the data it is applied to ----------------------------------------------------------------
+
+
+def _get(obj: Any, name: str) -> Any:
+    """``obj.name`` or ``obj[name]``: recipe parts read the same whether they are models or plain dicts."""
+    if isinstance(obj, dict):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def _tuned_fixed_images(provenance: Any) -> list[tuple[tuple[float, ...], tuple[int, ...]]]:
+    """(spacing, size) of each fixed image listed in a recipe's provenance; [] where it lists none readable."""
+    pairs = _get(_get(provenance, "fingerprint") or {}, "pairs") if isinstance(provenance, dict) else None
+    out = []
+    for p in pairs if isinstance(pairs, list) else []:
+        fixed = _get(p, "fixed") if isinstance(p, dict) else None
+        try:
+            spacing = tuple(float(v) for v in fixed["spacing"])
+            size = tuple(int(v) for v in fixed["size"])
+        except (TypeError, KeyError, ValueError):
+            continue
+        out.append((spacing, size))
+    return out
+
+
+def _worst_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    return max(max(x / y, y / x) if x > 0 and y > 0 else float("inf") for x, y in zip(a, b))
+
+
+def check_recipe_fits(recipe: Any, pairs: Sequence[PairData], *, source: str) -> list[str]:
+    """Refuse a recipe made for another dimension (its provenance, a stage's BSpline mesh_size); return one warning
+    line per pair whose fixed image differs more than ``FIT_WARN_RATIO`` x in spacing or size on some axis from every
+    fixed image the recipe was tuned on."""
+    provenance = _get(recipe, "provenance")
+    fingerprint = _get(provenance, "fingerprint") if isinstance(provenance, dict) else None
+    tuned_dim = _get(fingerprint, "dim") if isinstance(fingerprint, dict) else None
+    for pair in pairs:
+        if isinstance(tuned_dim, int) and tuned_dim != pair.dim:
+            raise UserError(
+                f"the recipe was tuned on {tuned_dim}D images but {pair.spec.fixed} is {pair.dim}D",
+                file=source,
+                key="provenance.fingerprint.dim",
+            )
+        for i, stage in enumerate(_get(recipe, "stages") or ()):
+            mesh = _get(_get(stage, "bspline"), "mesh_size")
+            if mesh is not None and len(mesh) != pair.dim:
+                raise UserError(
+                    f"mesh_size has {len(mesh)} entries but {pair.spec.fixed} is {pair.dim}D",
+                    file=source,
+                    key=f"stages[{i}].bspline.mesh_size",
+                )
+    tuned = [(sp, sz) for sp, sz in _tuned_fixed_images(provenance) if len(sp) == len(sz)]
+    warnings = []
+    for pair in pairs:
+        spacing, size = pair.fixed.GetSpacing(), pair.fixed.GetSize()
+        near = [(sp, sz) for sp, sz in tuned if len(sp) == pair.dim]
+        if not near:
+            continue
+        worst = [max(_worst_ratio(spacing, sp), _worst_ratio(size, sz)) for sp, sz in near]
+        if min(worst) > FIT_WARN_RATIO:
+            sp, sz = near[int(np.argmin(worst))]
+            warnings.append(
+                f"{source}: {pair.spec.fixed} (spacing {_fmt(spacing)}, size {_fmt(size)}) differs more than "
+                f"{FIT_WARN_RATIO:g}x on an axis from the images the recipe was tuned on (nearest: spacing {_fmt(sp)}, "
+                f"size {_fmt(sz)}); its pyramid, sampling and grid may not suit it"
+            )
+    return warnings
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "x".join(f"{v:.4g}" for v in values)

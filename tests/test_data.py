@@ -1,5 +1,6 @@
-"""Image input checked at load time: degenerate images and masks placed by their physical geometry. Through
-``autoreg.cli.main`` in-process, except where the point is a real process (no hang)."""
+"""Image input checked at load time: degenerate images and masks placed by their physical geometry; a recipe
+checked against the data it is applied to, and apply's progress. Through ``autoreg.cli.main`` in-process, except
+where the point is a real process (no hang)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
+from autoreg import cli
 from autoreg.config import load_config
-from autoreg.data import load_images, load_pair, place_mask
+from autoreg.data import check_recipe_fits, load_images, load_pair, place_mask
 from autoreg.errors import UserError
 from autoreg.recipe import save_recipe
 from autoreg.registration import register
@@ -250,3 +252,102 @@ def test_apply_reads_masks_as_tune_does(pair_yaml, run_cli, tmp_path) -> None:
     in_process = register(recipe, pair).transform
     np.testing.assert_allclose(transform_points(back, pair.fixed_points),
                                transform_points(in_process, pair.fixed_points), atol=1e-6)
+
+
+# --- a recipe checked against the data it is applied to -------------------------------------------------------
+
+
+def _provenance(dim: int, size: tuple[int, ...], spacing: tuple[float, ...]) -> dict:
+    """The part of an exported recipe's provenance that describes the data (what ``fingerprint.provenance`` writes)."""
+    entry = {"file": "f", "sha256": "0", "size": list(size), "spacing": list(spacing)}
+    return {"study": "s", "fingerprint": {"dim": dim, "pairs": [{"name": "p", "fixed": entry, "moving": entry}]}}
+
+
+def test_apply_refuses_a_recipe_tuned_in_another_dimension(pair_yaml, run_cli, tmp_path) -> None:
+    """A 2D recipe on a 3D pair: the old code ran it (minutes on a real volume) without a word."""
+    folder = pair_yaml(dim=3, stages=["rigid"]).parent
+    recipe = tmp_path / "R2.yaml"
+    save_recipe(quick_recipe(["rigid"], 2).with_(provenance=_provenance(2, (64, 64), (1.0, 1.0))), recipe)
+    t0 = time.monotonic()
+    result = run_cli("apply", recipe, "--fixed", folder / "fixed.nii.gz", "--moving", folder / "moving.nii.gz",
+                     "--transform-out", tmp_path / "t.tfm")
+    assert time.monotonic() - t0 < FAST_S
+    _assert_one_line(result, 2, f"{recipe}: provenance.fingerprint.dim: ", "tuned on 2D images", "is 3D")
+    assert not (tmp_path / "t.tfm").exists()
+
+
+def test_evaluate_refuses_a_recipe_tuned_in_another_dimension(pair_yaml, run_cli, tmp_path) -> None:
+    path = pair_yaml(dim=3, stages=["rigid"])
+    recipe = tmp_path / "R2.yaml"
+    save_recipe(quick_recipe(["rigid"], 2).with_(provenance=_provenance(2, (64, 64), (1.0, 1.0))), recipe)
+    _assert_one_line(run_cli("evaluate", recipe, path), 2, "provenance.fingerprint.dim", "tuned on 2D images")
+
+
+def test_apply_refuses_a_bspline_mesh_of_another_length(pair_yaml, run_cli, tmp_path) -> None:
+    """No provenance at all: the stage's own mesh_size gives the dimension away."""
+    folder = pair_yaml(dim=3, stages=["rigid"]).parent
+    recipe = tmp_path / "B2.yaml"
+    save_recipe(quick_recipe(["rigid", "bspline"], 2), recipe)
+    result = run_cli("apply", recipe, "--fixed", folder / "fixed.nii.gz", "--moving", folder / "moving.nii.gz",
+                     "--transform-out", tmp_path / "t.tfm")
+    _assert_one_line(result, 2, "stages[1].bspline.mesh_size", "mesh_size has 2 entries", "is 3D")
+
+
+def _respaced(src: Path, dst: Path, spacing: float) -> Path:
+    image = sitk.ReadImage(str(src))
+    image.SetSpacing((spacing,) * image.GetDimension())
+    sitk.WriteImage(image, str(dst))
+    return dst
+
+
+def test_apply_warns_once_when_the_spacing_is_far_from_the_tuned_data(pair_yaml, run_cli, tmp_path) -> None:
+    folder = pair_yaml(stages=["rigid"]).parent
+    fixed = _respaced(folder / "fixed.png", tmp_path / "fixed.mha", 0.2)
+    moving = _respaced(folder / "moving.png", tmp_path / "moving.mha", 0.2)
+    recipe = tmp_path / "R.yaml"
+    save_recipe(quick_recipe(["rigid"], 2, iterations=10).with_(provenance=_provenance(2, (64, 64), (1.0, 1.0))), recipe)
+    result = run_cli("apply", recipe, "--fixed", fixed, "--moving", moving, "--transform-out", tmp_path / "t.tfm")
+    assert result.code == 0, result.err
+    assert len(result.err_lines) == 1, result.err
+    line = result.err_lines[0]
+    assert line.startswith(f"autoreg: warning: {recipe}: {fixed} (spacing 0.2x0.2, size 64x64) differs more than 4x")
+    assert "nearest: spacing 1x1, size 64x64" in line
+    # the same recipe on data like its own: no warning
+    result = run_cli("apply", recipe, "--fixed", folder / "fixed.png", "--moving", folder / "moving.png",
+                     "--transform-out", tmp_path / "t.tfm")
+    assert result.code == 0 and result.err == "", result.err
+
+
+def test_fit_ratio_counts_spacing_and_size_on_every_axis(pair_yaml) -> None:
+    folder = pair_yaml().parent
+    pair = load_images(folder / "fixed.png", folder / "moving.png")  # 64 x 64, spacing 1
+    recipe = quick_recipe(["rigid"], 2)
+    assert check_recipe_fits(recipe, [pair], source="r") == []  # no provenance: nothing to compare with
+    assert check_recipe_fits(recipe.with_(provenance=_provenance(2, (64, 250), (1, 1))), [pair], source="r") == []
+    assert len(check_recipe_fits(recipe.with_(provenance=_provenance(2, (64, 260), (1, 1))), [pair], source="r")) == 1
+    assert len(check_recipe_fits(recipe.with_(provenance=_provenance(2, (64, 64), (1, 4.5))), [pair], source="r")) == 1
+    odd = {"fingerprint": {"dim": "two", "pairs": [{"fixed": {"size": "x"}}, 3]}}  # unreadable: ignored, no crash
+    assert check_recipe_fits(recipe.with_(provenance=odd), [pair], source="r") == []
+
+
+def test_apply_shows_a_line_per_level_once_it_runs_long(pair_yaml, run_cli, tmp_path, monkeypatch) -> None:
+    folder = pair_yaml(stages=["rigid"]).parent
+    recipe = tmp_path / "R.yaml"
+    save_recipe(quick_recipe(["rigid", "affine"], 2, iterations=10), recipe)
+    argv = ("apply", recipe, "--fixed", folder / "fixed.png", "--moving", folder / "moving.png",
+            "--transform-out", tmp_path / "t.tfm", "--fixed-landmarks", folder / "fixed_landmarks.csv",
+            "--moving-landmarks", folder / "moving_landmarks.csv")
+    quiet = run_cli(*argv)  # well under APPLY_PROGRESS_AFTER_S: no progress lines
+    assert quiet.code == 0 and "registering" not in quiet.out and "level 1" not in quiet.out
+    monkeypatch.setattr(cli, "APPLY_PROGRESS_AFTER_S", 0.0)
+    result = run_cli(*argv)
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert lines[0] == "registering (rigid -> affine); a line per pyramid level as it ends:"
+    levels = [line for line in lines if "iterations, metric" in line]
+    assert [line.split(":")[0].strip() for line in levels] == [
+        "stage 0 (rigid) level 1 (shrink 2)", "stage 0 (rigid) level 2 (shrink 1)",
+        "stage 1 (affine) level 1 (shrink 2)", "stage 1 (affine) level 2 (shrink 1)",
+    ]
+    assert all(", TRE " in line for line in levels)
+    assert lines.index(levels[-1]) < next(i for i, line in enumerate(lines) if line.startswith("registered in"))

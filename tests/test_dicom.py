@@ -3,6 +3,7 @@ one error line (ITK, GDCM and HDF5 write to the C-level stderr; ``-v`` shows wha
 
 from __future__ import annotations
 
+import locale
 import subprocess
 import sys
 from pathlib import Path
@@ -39,14 +40,18 @@ def write_series(image: sitk.Image, folder: Path, series_uid: str, description: 
     }
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    for k in range(image.GetDepth()):
-        slice_k = image[:, :, k]
-        for tag, value in tags.items():
-            slice_k.SetMetaData(tag, value)
-        slice_k.SetMetaData("0020|0032", "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k))))
-        slice_k.SetMetaData("0020|0013", str(k + 1))
-        writer.SetFileName(str(folder / f"s{series_uid.rsplit('.', 1)[-1]}_{k:03d}.dcm"))
-        writer.Execute(slice_k)
+    saved_locale = locale.setlocale(locale.LC_ALL)  # GDCM's writer leaves LC_CTYPE at "C": Python's default encoding
+    try:                                            # would turn ASCII for every later test in the process
+        for k in range(image.GetDepth()):
+            slice_k = image[:, :, k]
+            for tag, value in tags.items():
+                slice_k.SetMetaData(tag, value)
+            slice_k.SetMetaData("0020|0032", "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k))))
+            slice_k.SetMetaData("0020|0013", str(k + 1))
+            writer.SetFileName(str(folder / f"s{series_uid.rsplit('.', 1)[-1]}_{k:03d}.dcm"))
+            writer.Execute(slice_k)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved_locale)
     return folder
 
 

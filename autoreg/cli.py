@@ -54,7 +54,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 f"..{info.intensity_p99:.4g})"
             )
         _out(f"  overlap after initialization: geometry {p.overlap_geometry:.0%}, moments {p.overlap_moments:.0%}")
-        for which, cov in (("fixed", p.fixed_mask), ("moving", p.moving_mask)):
+        for which, cov in (("fixed", p.fixed_mask_coverage), ("moving", p.moving_mask_coverage)):
             if cov is not None:
                 _out(f"  {which} mask: covers {cov.of_image:.1%} of the {which} image's voxels; "
                      f"{cov.inside_image:.1%} of the mask lies inside the image")

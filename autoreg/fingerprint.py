@@ -99,8 +99,8 @@ class PairFingerprint:
     tre_geometry: float | None = None
     tre_moments: float | None = None
     warnings: tuple[str, ...] = field(default_factory=tuple)
-    fixed_mask: MaskCoverage | None = None
-    moving_mask: MaskCoverage | None = None
+    fixed_mask_coverage: MaskCoverage | None = None
+    moving_mask_coverage: MaskCoverage | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -170,8 +170,8 @@ def fingerprint_pair(pair: PairData) -> PairFingerprint:
         tre_geometry=tre_geo,
         tre_moments=tre_mom,
         warnings=tuple(warnings),
-        fixed_mask=pair.fixed_mask_coverage,
-        moving_mask=pair.moving_mask_coverage,
+        fixed_mask_coverage=pair.fixed_mask_coverage,
+        moving_mask_coverage=pair.moving_mask_coverage,
     )
 
 

@@ -11,8 +11,8 @@ import os
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 #: The logger of whatever the libraries said (C-level stderr, Python warnings); enabled by ``autoreg -v``.
 LIBRARY_LOG = "autoreg.library"

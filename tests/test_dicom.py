@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import yaml
+from conftest import quick_recipe, synthetic_pair
 
 from autoreg.config import load_config
 from autoreg.data import file_digest, load_pair
 from autoreg.recipe import save_recipe
-
-from conftest import quick_recipe, synthetic_pair
 
 STUDY_UID = "1.2.826.0.1.3680043.2.1125.1"
 
@@ -132,7 +131,7 @@ def test_a_folder_digest_follows_its_files(dicom_pair) -> None:
     folder = dicom_pair["fixed"]
     before = file_digest(folder)
     assert before == file_digest(folder)
-    first = sorted(folder.iterdir())[0]
+    first = min(folder.iterdir())
     first.write_bytes(first.read_bytes()[:-1] + b"\x01")
     assert file_digest(folder) != before
 
@@ -181,7 +180,7 @@ EXPECTED = {
 
 def _autoreg(*argv: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "autoreg.cli", *map(str, argv)], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, check=False)
 
 
 @pytest.mark.parametrize("case", sorted(EXPECTED))
@@ -217,7 +216,7 @@ def test_python_warnings_are_logged_not_printed(pair_yaml, run_cli, monkeypatch,
     """An Optuna or SQLAlchemy warning raised on the way to a user error must not come before the error line."""
     import warnings
 
-    import autoreg.config as config
+    from autoreg import config
 
     real = config.load_config
 
@@ -242,8 +241,8 @@ def test_capture_restores_fd_2() -> None:
     script = (
         "import os\n"
         "from autoreg.quiet import captured_stderr\n"
-        f"with captured_stderr('x'):\n    os.write(2, b'swallowed\\n')\n"
+        "with captured_stderr('x'):\n    os.write(2, b'swallowed\\n')\n"
         "os.write(2, b'after\\n')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0 and proc.stderr == "after\n", proc.stderr

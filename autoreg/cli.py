@@ -12,6 +12,7 @@ import SimpleITK as sitk
 
 from . import __version__
 from .errors import RegistrationFailed, UserError
+from .quiet import LIBRARY_LOG
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -53,6 +54,10 @@ def cmd_check(args: argparse.Namespace) -> int:
                 f"..{info.intensity_p99:.4g})"
             )
         _out(f"  overlap after initialization: geometry {p.overlap_geometry:.0%}, moments {p.overlap_moments:.0%}")
+        for which, cov in (("fixed", p.fixed_mask_coverage), ("moving", p.moving_mask_coverage)):
+            if cov is not None:
+                _out(f"  {which} mask: covers {cov.of_image:.1%} of the {which} image's voxels; "
+                     f"{cov.inside_image:.1%} of the mask lies inside the image")
         if p.n_landmarks:
             _out(
                 f"  landmarks: {p.n_landmarks}; mean TRE before registration {p.tre_identity:.4g} (identity), "
@@ -78,8 +83,11 @@ def _x(values, spec: str = "d") -> str:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from .data import PairData, load_images, read_image
+    from dataclasses import replace
+
+    from .data import check_recipe_fits, load_images
     from .landmarks import read_landmarks
+    from .quiet import captured_stderr
     from .recipe import load_recipe
     from .registration import register
     from .scoring import tre
@@ -87,30 +95,32 @@ def cmd_apply(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     if args.threads is not None:
         recipe = recipe.with_(threads=args.threads)
-    pair = load_images(args.fixed, args.moving)
-    fixed_mask = read_image(Path(args.fixed_mask), source=args.fixed_mask, key="", pixel=sitk.sitkUInt8) if args.fixed_mask else None
-    moving_mask = (
-        read_image(Path(args.moving_mask), source=args.moving_mask, key="", pixel=sitk.sitkUInt8) if args.moving_mask else None
-    )
-    fp = mp = None
     if bool(args.fixed_landmarks) != bool(args.moving_landmarks):
         raise UserError("give both --fixed-landmarks and --moving-landmarks, or neither", key="--fixed-landmarks")
+    pair = load_images(args.fixed, args.moving, args.fixed_mask, args.moving_mask)
+    for warning in check_recipe_fits(recipe, [pair], source=args.recipe):
+        _err(f"warning: {warning}")
+    fp = mp = None
     if args.fixed_landmarks:
         fp = read_landmarks(args.fixed_landmarks, image=pair.fixed, dim=pair.dim, key="--fixed-landmarks")
         mp = read_landmarks(args.moving_landmarks, image=pair.moving, dim=pair.dim, key="--moving-landmarks")
         if len(fp) != len(mp):
             raise UserError(f"{len(mp)} points but --fixed-landmarks has {len(fp)}", file=args.moving_landmarks)
-    pair = PairData(pair.spec, pair.fixed, pair.moving, fp, mp, _masked(fixed_mask, pair.fixed, "--fixed-mask"),
-                    _masked(moving_mask, pair.moving, "--moving-mask"))
-    result = register(recipe, pair)
+        pair = replace(pair, fixed_points=fp, moving_points=mp)
+    progress = _LevelProgress(recipe)
+    try:
+        result = register(recipe, pair, level_callback=progress)
+    finally:
+        progress.stop()
     out = Path(args.transform_out)
     try:
-        sitk.WriteTransform(result.transform, str(out))
+        with captured_stderr(f"writing {out}"):
+            sitk.WriteTransform(result.transform, str(out))
     except RuntimeError as err:
         raise UserError(f"cannot write transform ({str(err).strip().splitlines()[-1]})", file=out) from None
     _out(f"registered in {result.seconds:.2f} s; transform (fixed -> moving points) written to {out}")
     for i, stop in enumerate(result.stop_conditions):
-        _out(f"  stage {i} ({recipe.stages[i].transform}): {stop}")
+        _out(f"  stage {i} ({recipe.stages[i].kind}): {stop}")
     if fp is not None and mp is not None:
         before = tre(sitk.Transform(pair.dim, sitk.sitkIdentity), fp, mp, pair.fixed)
         after = tre(result.transform, fp, mp, pair.fixed)
@@ -121,14 +131,52 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _masked(mask, image, option: str):
-    if mask is None:
-        return None
-    if mask.GetSize() != image.GetSize():
-        raise UserError(f"mask size {mask.GetSize()} differs from its image's {image.GetSize()}", key=option)
-    mask = sitk.Cast(mask > 0, sitk.sitkUInt8)
-    mask.CopyInformation(image)
-    return mask
+#: ``apply`` stays quiet for runs shorter than this; longer runs get a line when it passes, then one per level.
+APPLY_PROGRESS_AFTER_S = 3.0
+
+
+class _LevelProgress:
+    """The level callback of ``apply``: quiet for a short run; once it has taken ``after`` seconds, a line saying so
+    (from a timer, even in the middle of a level) and then a line per pyramid level."""
+
+    def __init__(self, recipe, after: float | None = None) -> None:
+        import threading
+        import time
+
+        self._after = APPLY_PROGRESS_AFTER_S if after is None else after
+        self._t0 = time.monotonic()
+        self._kinds = list(recipe.kinds)
+        self._lock = threading.Lock()
+        self._pending: list[str] = []
+        self._shown = False
+        self._timer = threading.Timer(self._after, self._show)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _show(self) -> None:
+        with self._lock:
+            if not self._shown:
+                self._shown = True
+                _out(f"registering ({' -> '.join(self._kinds)}); a line per pyramid level as it ends:")
+            for line in self._pending:
+                _out(line)
+            self._pending.clear()
+
+    def __call__(self, record, _transform) -> None:
+        import time
+
+        line = (f"  stage {record.stage} ({record.transform}) level {record.level + 1} (shrink {record.shrink}): "
+                f"{record.iterations} iterations, metric {record.metric_value:.4g}, {record.seconds:.1f} s")
+        if record.tre_mean is not None:
+            line += f", TRE {record.tre_mean:.4g}"
+        with self._lock:
+            self._pending.append(line)
+            due = self._shown or time.monotonic() - self._t0 >= self._after
+        if due:
+            self._show()
+
+    def stop(self) -> None:
+        self._timer.cancel()
 
 
 _EIGHT_BIT = {".png", ".jpg", ".jpeg", ".bmp"}
@@ -139,8 +187,11 @@ def write_warped(pair, transform: sitk.Transform, path: Path) -> None:
     warped = sitk.Resample(pair.moving, pair.fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     if path.suffix.lower() in _EIGHT_BIT:
         warped = sitk.Cast(sitk.Clamp(warped, sitk.sitkFloat32, 0, 255), sitk.sitkUInt8)
+    from .quiet import captured_stderr
+
     try:
-        sitk.WriteImage(warped, str(path))
+        with captured_stderr(f"writing {path}"):
+            sitk.WriteImage(warped, str(path))
     except RuntimeError as err:
         raise UserError(f"cannot write image ({str(err).strip().splitlines()[-1]})", file=path) from None
 
@@ -310,6 +361,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
+    from .data import check_recipe_fits
     from .evaluate import evaluate
     from .pipeline import Pipeline
     from .recipe import load_recipe
@@ -323,6 +375,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not specs:
         raise UserError("no holdout pairs in the file", file=cfg.path, key="holdout")
     pairs = pipe.holdout_pairs if args.holdout_only else [*pipe.pairs, *pipe.holdout_pairs]
+    for warning in check_recipe_fits(recipe, pairs, source=args.recipe):
+        _err(f"warning: {warning}")
     ev = evaluate(recipe, pairs, repeats=args.repeats, use_landmarks=cfg.uses_landmarks, deterministic=args.deterministic)
     tuned_on = {p.get("name") for p in ((recipe.provenance or {}).get("fingerprint") or {}).get("pairs", [])}
     mode = "deterministic (1 thread, the recipe's seed)" if args.deterministic else "sampling seeds varied"
@@ -456,27 +510,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(2, args.verbose)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    import optuna
+    # What the libraries say (C-level stderr caught around image I/O, Python warnings) is shown with -v only.
+    logging.getLogger(LIBRARY_LOG).setLevel(logging.DEBUG if args.verbose else logging.NOTSET)
+    with warnings.catch_warnings():
+        warnings.showwarning = _log_warning
+        import optuna
 
-    optuna.logging.set_verbosity(logging.WARNING if args.verbose < 2 else logging.INFO)
-    # ITK writes its warnings straight to stderr; failures reach the user through exceptions instead.
-    sitk.ProcessObject.SetGlobalWarningDisplay(args.verbose >= 2)
-    func: Callable[[argparse.Namespace], int] = args.func
-    try:
-        return func(args)
-    except UserError as err:
-        _err(f"error: {err}")
-        return EXIT_USER_ERROR
-    except RegistrationFailed as err:
-        _err(f"registration failed: {err.reason}")
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        _err("interrupted")
-        return EXIT_INTERRUPTED
+        optuna.logging.set_verbosity(logging.WARNING if args.verbose < 2 else logging.INFO)
+        # ITK writes its warnings straight to stderr; failures reach the user through exceptions instead.
+        sitk.ProcessObject.SetGlobalWarningDisplay(args.verbose >= 1)
+        func: Callable[[argparse.Namespace], int] = args.func
+        try:
+            return func(args)
+        except UserError as err:
+            _err(f"error: {err}")
+            return EXIT_USER_ERROR
+        except RegistrationFailed as err:
+            _err(f"registration failed: {err.reason}")
+            return EXIT_FAILED
+        except KeyboardInterrupt:
+            _err("interrupted")
+            return EXIT_INTERRUPTED
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for the CLI: a Python warning (Optuna, SQLAlchemy...) is a debug record, not a line
+    before the one error line."""
+    logging.getLogger(LIBRARY_LOG).debug("%s:%s: %s: %s", filename, lineno, category.__name__, message)
 
 
 def entry() -> None:  # pragma: no cover - console script

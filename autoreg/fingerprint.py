@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
-from .data import PairData
+from .data import MaskCoverage, PairData
 from .scoring import overlap_fraction, tre
 
 MIN_AXIS_VOXELS = 16
@@ -27,6 +27,8 @@ ANISOTROPY_WARN = 3.0
 SMALL_OVERLAP_WARN = 0.5
 #: Landmarks closer than this fraction of the extent (or 3 voxels) to an image border are flagged.
 BORDER_FRACTION = 0.02
+#: A mask with less than this share of its voxels inside its image is flagged (wrong origin or spacing?).
+MASK_INSIDE_WARN = 0.9
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,8 @@ class PairFingerprint:
     tre_geometry: float | None = None
     tre_moments: float | None = None
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    fixed_mask_coverage: MaskCoverage | None = None
+    moving_mask_coverage: MaskCoverage | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -133,6 +137,12 @@ def fingerprint_pair(pair: PairData) -> PairFingerprint:
             f"small overlap after initialization (geometry {ov_geo:.0%}, moments {ov_mom:.0%}): "
             "check origins and directions"
         )
+    for which, cov in (("fixed", pair.fixed_mask_coverage), ("moving", pair.moving_mask_coverage)):
+        if cov is not None and cov.inside_image < MASK_INSIDE_WARN:
+            warnings.append(
+                f"only {cov.inside_image:.0%} of the {which} mask lies inside the {which} image: "
+                "check the mask's origin, spacing and direction"
+            )
     tre_id = tre_geo = tre_mom = None
     n = 0
     if pair.has_landmarks:
@@ -160,6 +170,8 @@ def fingerprint_pair(pair: PairData) -> PairFingerprint:
         tre_geometry=tre_geo,
         tre_moments=tre_mom,
         warnings=tuple(warnings),
+        fixed_mask_coverage=pair.fixed_mask_coverage,
+        moving_mask_coverage=pair.moving_mask_coverage,
     )
 
 

@@ -190,30 +190,36 @@ def test_apply_with_a_binary_recipe(tmp_path: Path, pair_yaml, run_cli) -> None:
     _assert_one_line_error(result, 2, str(recipe_path))
 
 
-def test_apply_with_a_moving_mask_of_the_wrong_size(tmp_path: Path, pair_yaml, run_cli) -> None:
+def _far_mask(path: Path) -> Path:
+    """A full 10 x 10 mask placed at (500, 500) mm: physically nowhere near the 64 x 64 images at the origin."""
+    mask = sitk.Image(10, 10, sitk.sitkUInt8) + 1
+    mask.SetOrigin((500.0, 500.0))
+    sitk.WriteImage(mask, str(path))
+    return path
+
+
+def test_apply_with_a_moving_mask_that_misses_its_image(tmp_path: Path, pair_yaml, run_cli) -> None:
     folder = pair_yaml().parent
-    mask = tmp_path / "small_mask.png"
-    sitk.WriteImage(sitk.Image(10, 10, sitk.sitkUInt8) + 1, str(mask))
+    mask = _far_mask(tmp_path / "far_mask.nrrd")
     recipe_path = tmp_path / "RECIPE.yaml"
     save_recipe(quick_recipe(["rigid"], 2, iterations=5), recipe_path)
     result = run_cli(
         "apply", recipe_path, "--fixed", folder / "fixed.png", "--moving", folder / "moving.png",
         "--transform-out", tmp_path / "t.tfm", "--moving-mask", mask,
     )
-    _assert_one_line_error(result, 2, "--moving-mask")
+    _assert_one_line_error(result, 2, "--moving-mask", "lies outside its image")
 
 
-def test_apply_with_a_fixed_mask_of_the_wrong_size(tmp_path: Path, pair_yaml, run_cli) -> None:
+def test_apply_with_a_fixed_mask_that_misses_its_image(tmp_path: Path, pair_yaml, run_cli) -> None:
     folder = pair_yaml().parent
-    mask = tmp_path / "small_mask.png"
-    sitk.WriteImage(sitk.Image(10, 10, sitk.sitkUInt8) + 1, str(mask))
+    mask = _far_mask(tmp_path / "far_mask.nrrd")
     recipe_path = tmp_path / "RECIPE.yaml"
     save_recipe(quick_recipe(["rigid"], 2, iterations=5), recipe_path)
     result = run_cli(
         "apply", recipe_path, "--fixed", folder / "fixed.png", "--moving", folder / "moving.png",
         "--transform-out", tmp_path / "t.tfm", "--fixed-mask", mask,
     )
-    _assert_one_line_error(result, 2, "--fixed-mask", "(10, 10)")
+    _assert_one_line_error(result, 2, "--fixed-mask", "mask spans [499.5, 509.5] x [499.5, 509.5]")
 
 
 def test_apply_with_a_missing_image(tmp_path: Path, pair_yaml, run_cli) -> None:

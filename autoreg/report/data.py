@@ -104,9 +104,14 @@ class ReportData:
     versions: dict[str, str] = field(default_factory=dict)
 
     @property
+    def objective_unit(self) -> str | None:
+        """The objective's unit: TRE statistics are lengths; the holdout metric has none."""
+        return self.unit if self.objective.startswith("tre") else None
+
+    @property
     def objective_label(self) -> str:
-        """The objective with its unit where it has one (TRE statistics do; the holdout metric does not)."""
-        return f"{self.objective} ({self.unit})" if self.unit and self.objective.startswith("tre") else self.objective
+        """The objective with its unit where it has one."""
+        return f"{self.objective} ({self.objective_unit})" if self.objective_unit else self.objective
 
 
 def finite(v: float | None) -> bool:

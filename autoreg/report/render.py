@@ -67,7 +67,7 @@ def summary_cards(data: ReportData) -> list[Card]:
     detail = f"{c.get('COMPLETE', 0)} complete, {c.get('PRUNED', 0)} pruned, {c.get('FAIL', 0)} failed"
     cards = [Card("trials", str(finished), detail + (f", {c['RUNNING']} running" if c.get("RUNNING") else ""))]
     b, best = data.baseline, data.best
-    unit = f" {data.unit}" if data.objective_label != data.objective else ""
+    unit = f" {data.objective_unit}" if data.objective_unit else ""
     if best is not None:
         cards.append(Card(f"best {data.objective}", fmt(best.value) + unit, f"trial {best.number} ({best.role})"))
     if b is not None:

@@ -1,7 +1,7 @@
 """Pictures of an alignment: fixed against (warped) moving as a checkerboard and a colour overlay, as PNG bytes.
 
 2D pairs give one view; 3D pairs three orthogonal slices through the landmarks' centre (the image centre without
-landmarks). Each view is resampled onto a square-pixel grid in the fixed image's physical frame, so anisotropic
+landmarks), each at a whole voxel index of the fixed image so that it can be named (``axial z=91``). Each view is resampled onto a square-pixel grid in the fixed image's physical frame, so anisotropic
 voxels look right and the moving image is sampled through the transform directly (no full 3D warp). Intensities are
 windowed per image between percentiles, so modalities of any range show.
 """
@@ -26,15 +26,33 @@ CHECKER_SQUARES = 8
 GAP_PIXELS = 4
 
 _AXIS_NAMES = {0: "sagittal", 1: "coronal", 2: "axial"}
+_AXIS_LETTERS = "xyz"
+
+
+def physical_unit(image: sitk.Image) -> str:
+    """The unit that lengths in ``image``'s physical space (TRE, landmarks) are named in: ``px`` for a 2D picture
+    without geometry (spacing 1, origin 0, as PNG, JPEG and BMP files load), else ``mm`` (ITK's convention)."""
+    plain = (image.GetDimension() == 2 and all(s == 1.0 for s in image.GetSpacing())
+             and all(o == 0.0 for o in image.GetOrigin()))
+    return "px" if plain else "mm"
 
 
 @dataclass(frozen=True)
 class View:
-    """One 2D view: fixed and moving intensities (floats on the same grid), and its name."""
+    """One 2D view: fixed and moving intensities (floats on the same grid); for a 3D slice, its plane's name, the
+    fixed image's index axis it cuts across and the index there (``size``: voxels along that axis)."""
 
     name: str
     fixed: np.ndarray
     moving: np.ndarray
+    axis: str | None = None
+    index: int | None = None
+    size: int | None = None
+
+    @property
+    def label(self) -> str:
+        """``axial z=91``; empty for the single view of a 2D image."""
+        return f"{self.name} {self.axis}={self.index}" if self.axis is not None else ""
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
@@ -115,14 +133,15 @@ def views(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform | Non
         grid = _plane_grid(fixed, None, (0.0, 0.0))
         return [View("", _sample(fixed, grid, identity), _sample(moving, grid, transform))]
     centre = fixed.TransformPhysicalPointToContinuousIndex(landmark_centre(fixed, points))
-    centre = [float(np.clip(c, 0, s - 1)) for c, s in zip(centre, fixed.GetSize())]
+    size = fixed.GetSize()
+    centre = [float(np.clip(round(c), 0, s - 1)) for c, s in zip(centre, size)]  # whole voxels: a slice is named
     out = []
     for normal in (2, 1, 0):
         grid = _plane_grid(fixed, normal, centre)
         f, m = _sample(fixed, grid, identity), _sample(moving, grid, transform)
         if normal != 2:  # rows run along the third index axis: put its end (superior in LPS) on top
             f, m = np.flipud(f), np.flipud(m)
-        out.append(View(_AXIS_NAMES[normal], f, m))
+        out.append(View(_AXIS_NAMES[normal], f, m, _AXIS_LETTERS[normal], int(centre[normal]), int(size[normal])))
     return out
 
 
@@ -162,23 +181,34 @@ def _grid_of(panels: list[list[np.ndarray]]) -> np.ndarray:
     return canvas
 
 
-def comparison_rgb(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform | None = None,
-                   points: np.ndarray | None = None) -> np.ndarray:
-    """One RGB picture: per view (1 in 2D, axial/coronal/sagittal in 3D) a checkerboard and a colour overlay."""
-    fixed_ref = sitk.GetArrayViewFromImage(fixed)
-    moving_ref = sitk.GetArrayViewFromImage(moving)
-    fixed_ref, moving_ref = _subsample(fixed_ref), _subsample(moving_ref)
-    rows = []
+def view_rows(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform | None = None,
+              points: np.ndarray | None = None) -> list[tuple[View, np.ndarray]]:
+    """Per view (1 in 2D, axial/coronal/sagittal in 3D): the view and one RGB row, checkerboard and colour overlay."""
+    fixed_ref = _subsample(sitk.GetArrayViewFromImage(fixed))
+    moving_ref = _subsample(sitk.GetArrayViewFromImage(moving))
+    out = []
     for view in views(fixed, moving, transform, points):
         f, m = _display(view, fixed_ref, moving_ref)
-        rows.append([checkerboard(f, m), colour_overlay(f, m)])
-    return _grid_of(rows)
+        out.append((view, _grid_of([[checkerboard(f, m), colour_overlay(f, m)]])))
+    return out
+
+
+def comparison_rgb(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform | None = None,
+                   points: np.ndarray | None = None) -> np.ndarray:
+    """One RGB picture: the rows of :func:`view_rows` stacked (one in 2D; axial, coronal, sagittal in 3D)."""
+    return _grid_of([[rgb] for _, rgb in view_rows(fixed, moving, transform, points)])
 
 
 def comparison_png(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform | None = None,
                    points: np.ndarray | None = None) -> bytes:
     """``comparison_rgb`` encoded as PNG."""
     return png_bytes(comparison_rgb(fixed, moving, transform, points))
+
+
+def view_pngs(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform | None = None,
+              points: np.ndarray | None = None) -> list[tuple[View, bytes]]:
+    """:func:`view_rows` with each row encoded as PNG (a report captions each with its view's label)."""
+    return [(view, png_bytes(rgb)) for view, rgb in view_rows(fixed, moving, transform, points)]
 
 
 def _subsample(values: np.ndarray, limit: int = 1_000_000) -> np.ndarray:

@@ -18,7 +18,7 @@ import pytest
 import SimpleITK as sitk
 import yaml
 from plotly.offline import get_plotlyjs
-from optuna.distributions import FloatDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState, create_trial
@@ -174,11 +174,13 @@ def test_report_is_one_offline_file_with_every_section(reported: Reported) -> No
     ours = text.replace(plotly_js, "")
     assert not re.search(r"<script[^>]+src=", ours)
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", ours)  # nothing loaded from the network
-    for div in ("history", "intermediate", "importances", "slices", "tre-0"):
+    for div in ("history", "intermediate", "importances", "slice-0", "tre-0"):
         assert f'id="{div}"' in text, div
     assert "default recipe" in text
     images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', ours)
     assert len(images) == 2  # before and after
+    # a 2D PNG pair has no physical geometry: its lengths are pixels, and the page says so
+    assert "TRE (px" in ours and "tre_after (px)" in ours and "tre_mean (px)" in ours and "(mm)" not in ours
     assert all(base64.b64decode(i).startswith(PNG_SIGNATURE) for i in images)
     assert "autoreg_recipe: 2" in text and "Best recipe" in text
     assert "stored with trial" in text  # the transform came from the artifacts, not a new registration
@@ -280,6 +282,28 @@ def test_3d_study_stores_three_slice_pictures(tmp_path: Path) -> None:
     # three rows (axial, coronal, sagittal) of square 320-pixel views, two panels each, 4-pixel gaps
     assert rgb.shape == (3 * VIEW_PIXELS + 2 * GAP_PIXELS, 2 * VIEW_PIXELS + GAP_PIXELS, 3)
 
+    # the report shows each slice before and after, named by its axis and its index in the fixed image
+    out = tmp_path / "r.html"
+    run = cli("report", pair, "--study-dir", tmp_path / "study", "-o", out)
+    assert run.code == 0, run.err
+    text = out.read_text(encoding="utf-8")
+    from autoreg.config import load_config
+    from autoreg.data import load_pair
+
+    loaded = load_pair(load_config(pair).pairs[0])
+    i, j, k = (int(round(c)) for c in loaded.fixed.TransformPhysicalPointToContinuousIndex(
+        landmark_centre(loaded.fixed, loaded.fixed_points)))
+    labels = [f"axial z={k}", f"coronal y={j}", f"sagittal x={i}"]
+    alts = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,', text)
+    assert alts == [f"vol {label} {what}" for label in labels
+                    for what in ("before registration (identity)", "after the best recipe")]
+    for label in labels:
+        assert f'<h4 class="view">{label} <span class="muted">(slice' in text, label
+    assert "of 0–31 along the fixed image's z index" in text
+    # a NIfTI volume has physical geometry: millimetres
+    ours = text.replace(get_plotlyjs(), "")
+    assert "TRE (mm" in ours and "tre_after (mm)" in ours and "(px)" not in ours
+
 
 def test_report_before_tune_is_one_clear_error(tmp_path: Path) -> None:
     pair = write_pair_yaml(tmp_path / "data", size=(48, 48))
@@ -349,8 +373,154 @@ def test_report_on_a_real_brain_pair(tmp_path: Path) -> None:
     assert rep.code == 0, rep.err
     text = out.read_text(encoding="utf-8")
     assert len(re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', text)) == 2
-    assert text.count("<tr>") >= 91 + 1  # one row per landmark in the TRE table (91 landmarks)
+    landmark_table = text.split('<table class="landmarks">', 1)[1].split("</table>", 1)[0]
+    rows = re.findall(r"<tr>(.*?)</tr>", landmark_table, re.S)
+    assert len(rows) == 91 + 1  # the header and one row per landmark
+    # the table's mean TRE after the best recipe is the best trial's score, in px (PNG files carry no spacing)
     study = open_study(tmp_path / "study", "brain")
-    data = report_data(study, pair_names=["brain"])
-    assert data.best is not None and data.baseline is not None
-    assert data.best.value <= data.baseline.value
+    header = re.findall(r"<th>(.*?)</th>", rows[0])
+    after = [float(re.findall(r"<td>(.*?)</td>", r)[header.index("tre_after (px)")]) for r in rows[1:]]
+    assert np.mean(after) == pytest.approx(study.best_value, rel=1e-3)
+
+
+# --- figures, units and the template ----------------------------------------------------------------------------
+
+
+def _study_with_costs(n: int = 8, *, conditional: bool = False) -> optuna.Study:
+    """An in-memory study: trial 0 the baseline, costs recorded, one pruned trial; optionally a conditional param."""
+    study = optuna.create_study(study_name="figs", direction="minimize")
+    study.set_user_attr("stages", ["affine"])
+    study.set_user_attr("objective", "tre_mean")
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        metric = "mattes" if i % 2 else "correlation"
+        params: dict[str, Any] = {"lr": float(rng.uniform(0.1, 2)), "metric": metric}
+        dists: dict[str, Any] = {"lr": FloatDistribution(0.1, 2, log=True),
+                                 "metric": CategoricalDistribution(["mattes", "correlation"])}
+        if conditional and metric == "mattes":
+            params["bins"] = float(rng.uniform(16, 64))
+            dists["bins"] = FloatDistribution(16, 64)
+        attrs = {"role": "baseline" if i == 0 else "suggested", "runtime_s": 1.0 + i, "predicted_s": 2.0,
+                 "time_limit_s": 30.0}
+        state = TrialState.PRUNED if i == n - 1 else TrialState.COMPLETE
+        value = {"value": float(3.0 - i * 0.2 + rng.uniform(0, 0.1))} if state == TrialState.COMPLETE else {}
+        study.add_trial(create_trial(state=state, params=params, distributions=dists, user_attrs=attrs,
+                                     intermediate_values={0: 5.0 - i * 0.1, 2: 4.0 - i * 0.1}, **value))
+    return study
+
+
+def test_history_is_optunas_plot_with_the_baseline_added() -> None:
+    from optuna.visualization import plot_optimization_history
+
+    from autoreg.report.figures import history_figure
+
+    study = _study_with_costs()
+    data = report_data(study, pair_names=["a"])
+    fig = history_figure(data)
+    ours = {t.name: t for t in fig.data}
+    theirs = plot_optimization_history(study).data[0]
+    assert list(ours["completed trial"].x) == list(theirs.x) and list(ours["completed trial"].y) == list(theirs.y)
+    star = ours["default recipe (trial 0)"]
+    assert list(star.x) == [0] and list(star.y) == [study.trials[0].value] and star.marker.symbol == "star"
+    assert "pruned (last reported)" in ours and list(ours["pruned (last reported)"].x) == [7]
+    # the cost fields reach the hover text
+    assert "runtime 2 s, predicted 2 s, limit 30 s" in ours["completed trial"].text[1]
+
+
+def test_intermediate_slice_and_importance_figures_mark_best_and_baseline() -> None:
+    from autoreg.report.figures import importance_figure, intermediate_figure, slice_figure, slice_params
+
+    data = report_data(_study_with_costs(), pair_names=["a"])
+    fig = intermediate_figure(data)
+    bold = {t.name: t.line.width for t in fig.data if t.line.width == 3}
+    assert set(bold) == {"best trial", "default recipe"}
+    assert list(fig.layout.xaxis.ticktext) == ["stage 0 affine · coarsest level", "stage 0 affine · end"]
+    assert data.importances is not None
+    bars = importance_figure(data).data[0]
+    assert dict(zip(bars.y, bars.x)) == pytest.approx({k: v for k, v in data.importances.items() if v > 0})
+    params = slice_params(data)
+    assert set(params) <= {"lr", "metric"} and params
+    for p in params:
+        fig = slice_figure(data, p)
+        levels = [s.y0 for s in fig.layout.shapes]
+        assert levels == [pytest.approx(data.baseline.value)], p  # the default recipe's score as a dashed level
+        assert [a.text for a in fig.layout.annotations] == ["default recipe"]
+
+
+def test_figures_survive_few_trials_and_conditional_parameters() -> None:
+    empty = optuna.create_study(study_name="empty")
+    text = render_html(report_data(empty))
+    assert 'id="history"' not in text and "No completed trial yet" in text
+    one = _study_with_costs(1)  # only a pruned trial
+    text = render_html(report_data(one))
+    assert "at least 2 completed trials" in text
+    two = _study_with_costs(2)  # one completed
+    text = render_html(report_data(two))
+    assert 'id="history"' in text and "at least 2 completed trials" in text
+    cond = report_data(_study_with_costs(12, conditional=True))
+    text = render_html(cond)
+    assert 'id="history"' in text and 'id="slice-0"' in text
+    assert cond.importances is not None or "could not be computed" in text
+
+
+def test_trial_table_shows_the_recorded_costs_only_when_present() -> None:
+    from autoreg.report.render import trial_table
+
+    header, rows = trial_table(report_data(_study_with_costs(3)))
+    assert header == ["trial", "state", "role", "tre_mean", "runtime_s", "predicted_s", "time_limit_s", "reason"]
+    assert rows[0][:3] == [0, "complete", "baseline"] and rows[2][-1] == "pruned"
+    bare = optuna.create_study()
+    bare.add_trial(create_trial(value=1.0))
+    header, _ = trial_table(report_data(bare))
+    assert header == ["trial", "state", "role", "score", "reason"]
+
+
+def test_landmark_bars_get_a_log_axis_when_before_and_after_differ_100x() -> None:
+    from autoreg.report.data import LandmarkTable
+    from autoreg.report.figures import landmark_figure
+
+    def table(before: float, after: float) -> LandmarkTable:
+        rows = [{"landmark": i + 1, "tre_before": before * (1 + i / 10), "tre_after": after * (1 + i / 10)}
+                for i in range(5)]
+        return LandmarkTable("p", rows, baseline=[after * 3] * 5, unit="mm")
+
+    far = landmark_figure(table(20.0, 0.2))
+    assert far.layout.yaxis.type == "log" and far.layout.yaxis.title.text == "TRE (mm, log scale)"
+    near = landmark_figure(table(2.0, 1.0))
+    assert near.layout.yaxis.type != "log" and near.layout.yaxis.title.text == "TRE (mm)"
+    assert [t.name for t in near.data] == ["before (identity)", "default recipe", "best recipe"]
+
+
+def test_physical_unit_is_px_only_for_a_picture_without_geometry() -> None:
+    from autoreg.images import physical_unit
+
+    picture = sitk.Image(8, 8, sitk.sitkFloat32)
+    assert physical_unit(picture) == "px"
+    scanned = sitk.Image(picture)
+    scanned.SetSpacing((0.5, 0.5))
+    assert physical_unit(scanned) == "mm"
+    shifted = sitk.Image(picture)
+    shifted.SetOrigin((10.0, 0.0))
+    assert physical_unit(shifted) == "mm"
+    assert physical_unit(sitk.Image(8, 8, 8, sitk.sitkFloat32)) == "mm"  # a volume is in mm even at 1 mm spacing
+
+
+def test_no_html_is_built_outside_the_template() -> None:
+    """The page comes from the autoescaped Jinja2 template: no module of the report writes tags in Python strings
+    (plotly's own hover markup, ``<br>`` and ``<extra>``, is not page HTML)."""
+    import ast
+
+    import autoreg.report as package
+    from autoreg.report.render import TEMPLATE, environment
+
+    env = environment()
+    assert env.autoescape is True and TEMPLATE in env.list_templates()
+    tag = re.compile(r"</?(?!br>|extra>)[a-zA-Z][a-zA-Z0-9]*[\s>/]")
+    for path in Path(package.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr)}
+        strings = [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                   and id(n) not in docstrings]  # f-strings included: their literal parts are constants too
+        assert strings, path
+        for node in strings:
+            assert not tag.search(node.value), f"{path.name}:{node.lineno}: HTML in a string: {node.value[:60]!r}"

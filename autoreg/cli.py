@@ -348,13 +348,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg, directory, spec = _open_study_args(args)
     if args.repeats < 0:
         raise UserError("expected 0 or more repeats", key="--repeats")
-    text, trial = export_best(cfg, spec, fmt=args.format, repeats=args.repeats)
+    if args.within is not None and not (0 <= args.within < 1e6):
+        raise UserError(f"expected a percentage of 0 or more (got {args.within})", key="--within")
+    text, trial = export_best(cfg, spec, fmt=args.format, repeats=args.repeats, within=args.within)
     out = Path(args.output)
     try:
         out.write_text(text, encoding="utf-8")
     except OSError as err:
         raise UserError(f"cannot write ({err.strerror})", file=out) from None
-    _out(f"trial {trial.number} (score {trial.value:.4g}) written to {out} as {args.format}")
+    speed = f", {trial.runtime_s:.3g} s per run" if args.within is not None and trial.runtime_s else ""
+    _out(f"trial {trial.number} (score {trial.value:.4g}{speed}) written to {out} as {args.format}")
     return EXIT_OK
 
 
@@ -466,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("yaml", "python"), default="yaml")
     p.add_argument("--repeats", type=int, default=3,
                    help="re-run the best recipe this many times under other seeds and store the spread (0: skip)")
+    p.add_argument("--within", type=float, metavar="PCT",
+                   help="the fastest recipe whose score is within PCT %% of the best, instead of the best")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="score a recipe on pairs, repeated to show its run-to-run spread")

@@ -13,7 +13,7 @@ from .config import StudyConfig
 from .errors import UserError
 from .recipe import Recipe, recipe_from_dict, recipe_to_yaml
 from .study import StorageSpec, best_and_baseline_of, load_existing
-from .trial import TrialRecord
+from .trial import TrialRecord, records
 
 
 def provenance_of(study: optuna.Study, trial: TrialRecord, baseline: TrialRecord | None,
@@ -35,12 +35,28 @@ def provenance_of(study: optuna.Study, trial: TrialRecord, baseline: TrialRecord
     }
 
 
-def best_recipe(study: optuna.Study, spec: StorageSpec, *, source: str) -> tuple[Recipe, TrialRecord]:
+def fastest_within(trials: list[TrialRecord], best: TrialRecord, pct: float) -> TrialRecord:
+    """The completed trial that ran fastest among those whose score is within ``pct`` % of the best (ties: the
+    better score)."""
+    bound = best.value + abs(best.value) * pct / 100.0
+    near = [t for t in trials if t.complete and t.value <= bound and t.recipe and t.runtime_s is not None]
+    return min(near, key=lambda t: (t.runtime_s, t.value, t.number)) if near else best
+
+
+def best_recipe(study: optuna.Study, spec: StorageSpec, *, source: str,
+                within: float | None = None) -> tuple[Recipe, TrialRecord]:
+    """The best trial's recipe with its provenance; with ``within``, the fastest trial scoring within that many
+    percent of the best (a recipe that runs in seconds for a little accuracy)."""
     best, baseline = best_and_baseline_of(study)
     if best is None:
         raise UserError("the study has no completed trial yet (run 'autoreg tune' longer)", file=source, key="name")
-    recipe = recipe_from_dict(best.recipe, source=f"trial {best.number}")
-    return recipe.with_(provenance=provenance_of(study, best, baseline, spec)), best
+    chosen = best if within is None else fastest_within(records(study), best, within)
+    recipe = recipe_from_dict(chosen.recipe, source=f"trial {chosen.number}")
+    prov = provenance_of(study, chosen, baseline, spec)
+    if within is not None:
+        prov["within"] = {"pct": within, "best_trial": best.number, "best_score": best.value,
+                          "best_runtime_s": best.runtime_s, "runtime_s": chosen.runtime_s}
+    return recipe.with_(provenance=prov), chosen
 
 
 def measured_spread(recipe: Recipe, cfg: StudyConfig, repeats: int) -> dict[str, Any]:
@@ -54,13 +70,25 @@ def measured_spread(recipe: Recipe, cfg: StudyConfig, repeats: int) -> dict[str,
             "pairs": {k: {kk: v[kk] for kk in ("mean", "std", "min", "max")} for k, v in d["pairs"].items()}}
 
 
-def export_best(cfg: StudyConfig, spec: StorageSpec, *, fmt: str = "yaml", repeats: int = 0
-                ) -> tuple[str, TrialRecord]:
+def stored_spread(study: optuna.Study, recipe: Recipe, trial: TrialRecord, cfg: StudyConfig,
+                  repeats: int) -> dict[str, Any]:
+    """The spread of a trial's recipe, measured once per study and trial and kept in the study, so that exporting
+    it again (in another format) does not register it again."""
+    key = f"{trial.number}/{repeats}"
+    known = study.user_attrs.get("spreads", {})
+    if key not in known:
+        known = {**known, key: measured_spread(recipe, cfg, repeats)}
+        study.set_user_attr("spreads", known)
+    return known[key]
+
+
+def export_best(cfg: StudyConfig, spec: StorageSpec, *, fmt: str = "yaml", repeats: int = 0,
+                within: float | None = None) -> tuple[str, TrialRecord]:
     study = load_existing(cfg, spec)
-    recipe, trial = best_recipe(study, spec, source=str(cfg.path))
+    recipe, trial = best_recipe(study, spec, source=str(cfg.path), within=within)
     if repeats > 0:
         prov = dict(recipe.provenance or {})
-        prov["spread"] = measured_spread(recipe, cfg, repeats)
+        prov["spread"] = stored_spread(study, recipe, trial, cfg, repeats)
         recipe = recipe.with_(provenance=prov)
     if fmt == "yaml":
         return recipe_to_yaml(recipe), trial

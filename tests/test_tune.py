@@ -7,6 +7,7 @@ where a process must die (SIGKILL, Ctrl-C): those run ``python -m autoreg.cli`` 
 from __future__ import annotations
 
 import contextlib
+import json
 import io
 import math
 import os
@@ -757,3 +758,43 @@ def test_tune_on_real_brain_pair_beats_or_ties_the_baseline(tmp_path: Path) -> N
     best = min((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
     assert best.value <= base.value
     assert best.value < 21.40  # better than no registration at all (13, 17) px
+
+
+# --- export: the fastest recipe within a margin; the spread measured once ----------------------------------------
+
+
+def test_export_within_writes_the_fastest_recipe_near_the_best(tuned: Tuned, tmp_path: Path) -> None:
+    trials = [t for t in trials_of(tuned.study_dir) if t.state == TrialState.COMPLETE]
+    best = min(trials, key=lambda t: (t.value, t.number))
+    out = tmp_path / "fast.yaml"
+    pct = 1000.0
+    run = cli("export", tuned.pair, "--study-dir", tuned.study_dir, "-o", out, "--repeats", 0, "--within", pct)
+    assert run.code == 0, run.err
+    recipe = recipe_from_yaml(out.read_text())
+    near = [t for t in trials if t.value <= best.value * (1 + pct / 100)]
+    fastest = min(near, key=lambda t: (t.user_attrs["runtime_s"], t.value, t.number))
+    assert len(near) > 1 and fastest.number != best.number  # the margin changes the choice
+    assert recipe.provenance["trial"] == fastest.number
+    assert recipe.provenance["within"]["best_trial"] == best.number
+    assert f"{fastest.user_attrs['runtime_s']:.3g} s per run" in run.out
+    # within 0 %: the best itself (or a tie)
+    run = cli("export", tuned.pair, "--study-dir", tuned.study_dir, "-o", out, "--repeats", 0, "--within", 0)
+    assert run.code == 0 and recipe_from_yaml(out.read_text()).provenance["score"] == best.value
+    for bad in ("-1", "nan"):
+        run = cli("export", tuned.pair, "--study-dir", tuned.study_dir, "-o", out, "--within", bad)
+        assert run.code == 2 and "--within" in run.err and len(run.err.strip().splitlines()) == 1
+
+
+def test_the_spread_is_measured_once_per_study_and_trial(tuned: Tuned, tmp_path: Path, monkeypatch) -> None:
+    import autoreg.export as export
+
+    calls = []
+    real = export.measured_spread
+    monkeypatch.setattr(export, "measured_spread", lambda *a, **k: calls.append(a) or real(*a, **k))
+    first = cli("export", tuned.pair, "--study-dir", tuned.study_dir, "-o", tmp_path / "r.yaml", "--repeats", 2)
+    second = cli("export", tuned.pair, "--study-dir", tuned.study_dir, "-o", tmp_path / "r.py", "--repeats", 2,
+                 "--format", "python")
+    assert first.code == 0 and second.code == 0, (first.err, second.err)
+    assert len(calls) == 1  # the python export reused the spread the yaml export measured
+    spread = recipe_from_yaml((tmp_path / "r.yaml").read_text()).provenance["spread"]
+    assert spread["repeats"] == 2 and json.dumps(spread) in (tmp_path / "r.py").read_text()

@@ -46,6 +46,8 @@ class CostModel:
     linear_s_per_sample: float = 2.5e-6
     bspline_s_per_sample: float = 4e-6
     bspline_s_per_sample_parameter: float = 3.5e-8
+    #: Gaussian smoothing of a displacement field's update and total field, per field voxel and iteration.
+    field_s_per_voxel: float = 2e-7
     level_overhead_s: float = 0.01
 
     def as_dict(self) -> dict[str, float]:
@@ -78,6 +80,10 @@ class CostModel:
         for level, level_size in enumerate(level_sizes(_Size(size), p.shrink_factors)):
             voxels = int(np.prod(level_size))
             parameters = len(size) * int(np.prod([m + 3 for m in meshes[level]])) if meshes else None
+            if stage.transform.kind == "displacement":  # the field's grid is the level's sampling domain
+                grid = max(p.shrink_factors[level], getattr(stage.transform, "grid_spacing", 1.0))
+                voxels = int(np.prod([max(1, round(n / grid)) for n in size]))
+                parameters = len(size) * voxels
             setup, iteration = self.level_seconds(stage, voxels=voxels, full_voxels=int(np.prod(size)),
                                                   samples=sampled_points(stage.sampling, voxels), parameters=parameters)
             seconds += setup + iterations * iteration
@@ -95,10 +101,13 @@ class CostModel:
             setup += 2 * self.smooth_s_per_voxel * full_voxels + (self.gradient_s_per_voxel * full_voxels if gradient
                                                                   else 0.0)
         per_sample = self.linear_s_per_sample
+        per_iteration = 0.0
         if stage.transform.kind == "bspline" and parameters:
             per_sample = self.bspline_s_per_sample + self.bspline_s_per_sample_parameter * parameters
+        elif stage.transform.kind == "displacement":  # local support: smoothing the field is the cost
+            per_iteration = self.field_s_per_voxel * voxels
         evaluations = EVALUATIONS_PER_ITERATION.get(stage.optimizer.kind, 1.0)
-        return setup, evaluations * samples * per_sample
+        return setup, evaluations * samples * per_sample + per_iteration
 
     # --- learning from finished trials ----------------------------------------------------------------------
 
@@ -130,6 +139,7 @@ class CostModel:
             t0 = time.perf_counter()
             sitk.SmoothingRecursiveGaussian(fixed, 1.0)
             smooth = (time.perf_counter() - t0) / voxels
+            field = (_timed_field(fixed, moving, 6) - _timed_field(fixed, moving, 1)) / (5 * voxels)
         p_small, p_large = 3 * 5**3, 3 * 8**3
         slope = max(1e-10, (b_large - b_small) / (p_large - p_small))
         return cls(
@@ -140,6 +150,7 @@ class CostModel:
             linear_s_per_sample=max(1e-8, linear),
             bspline_s_per_sample=max(1e-8, b_small - slope * p_small),
             bspline_s_per_sample_parameter=slope,
+            field_s_per_voxel=max(1e-10, field),
         )
 
 
@@ -185,6 +196,23 @@ def _timed(fixed: sitk.Image, moving: sitk.Image, tx: sitk.Transform, points: in
     rm.SetMetricSamplingPercentage(min(1.0, points / float(np.prod(fixed.GetSize()))), 1)
     rm.SetMetricUseFixedImageGradientFilter(gradient)
     rm.SetMetricUseMovingImageGradientFilter(gradient)
+    rm.SetOptimizerAsGradientDescent(1e-3, iterations, 1e-12, 1000, estimateLearningRate=rm.Never)
+    rm.SetInitialTransform(tx, inPlace=True)
+    t0 = time.perf_counter()
+    rm.Execute(fixed, moving)
+    return time.perf_counter() - t0
+
+
+def _timed_field(fixed: sitk.Image, moving: sitk.Image, iterations: int) -> float:
+    """A displacement field on the fixed grid, few samples: what its smoothing costs per iteration."""
+    field = sitk.Image(fixed.GetSize(), sitk.sitkVectorFloat64, fixed.GetDimension())
+    field.CopyInformation(fixed)
+    tx = sitk.DisplacementFieldTransform(field)
+    tx.SetSmoothingGaussianOnUpdate(1.5, 1.0)
+    rm = sitk.ImageRegistrationMethod()
+    rm.SetMetricAsMeanSquares()
+    rm.SetMetricSamplingStrategy(rm.RANDOM)
+    rm.SetMetricSamplingPercentage(0.002, 1)
     rm.SetOptimizerAsGradientDescent(1e-3, iterations, 1e-12, 1000, estimateLearningRate=rm.Never)
     rm.SetInitialTransform(tx, inPlace=True)
     t0 = time.perf_counter()

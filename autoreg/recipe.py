@@ -321,6 +321,13 @@ class Stage(_Frozen):
         if isinstance(t, BSplineTransform) and t.refine and self.optimizer.kind not in GRADIENT_DESCENT_KINDS:
             raise ValueError(f"transform.refine needs a gradient-descent optimizer, not {self.optimizer.kind} "
                              "(its bounds and memory cannot follow a growing grid)")
+        if isinstance(t, DisplacementTransform):
+            if self.optimizer.kind not in GRADIENT_DESCENT_KINDS:
+                raise ValueError(f"a displacement field needs a gradient-descent optimizer, not {self.optimizer.kind} "
+                                 "(ITK's local-support updates)")
+            if not self.pyramid.shrink_images:
+                raise ValueError("a displacement field runs on prepared levels: set pyramid.shrink_images to true "
+                                 "(its grid follows each level)")
         return self
 
     @property
@@ -385,12 +392,13 @@ def check_stage_order(kinds: list[str] | tuple[str, ...]) -> None:
 
 
 def default_stage(kind: str, dim: int) -> Stage:
-    """The SimpleITK-notebooks default for one stage: the model defaults; BSpline: mesh 8 per axis and LBFGSB."""
-    if kind == "bspline":
+    """The SimpleITK-notebooks default for one stage: the model defaults; BSpline (and a study's ``deformable`` stage,
+    whose default is the notebooks' free-form deformation): mesh 8 per axis and LBFGSB."""
+    if kind in ("bspline", "deformable"):
         return Stage(transform=BSplineTransform(mesh_size=(8,) * dim), optimizer=LBFGSB())
     if kind == "displacement":
         return Stage(transform=DisplacementTransform(), optimizer=GradientDescent(number_of_iterations=20),
-                     pyramid=Pyramid(smoothing_sigmas=(8.0, 4.0, 0.0)))
+                     pyramid=Pyramid(smoothing_sigmas=(8.0, 4.0, 0.0), shrink_images=True))
     return Stage(transform=LinearTransform(kind=kind))
 
 

@@ -27,6 +27,7 @@ from .config import SearchOverride, StudyConfig
 from .errors import UserError
 from .fingerprint import DatasetFingerprint, level_voxels, samples_needed
 from .recipe import (
+    DEFORMABLE_KINDS,
     GRADIENT_DESCENT_KINDS,
     HISTOGRAM_METRICS,
     LINEAR_KINDS,
@@ -177,8 +178,11 @@ class SearchSpace:
         sampled = ((f"{s}.sampling.strategy", ("regular", "random")),)
         opt = f"{s}.optimizer.kind"
         gd = ((opt, GRADIENT_DESCENT_KINDS),)
+        bspline = ((f"{s}.transform.kind", ("bspline",)),)
+        displacement = ((f"{s}.transform.kind", ("displacement",)),)
         plo, phi = self.points_range()
-        out = [
+        out = [Dim(f"{s}.transform.kind", choices=DEFORMABLE_KINDS)] if kind == "deformable" else []
+        out += [
             Dim(f"{s}.pyramid.levels", low=1, high=self.max_levels, integer=True),
             Dim(f"{s}.pyramid.coarsest_shrink", low=2, high=max(2, self.max_shrink), integer=True, log=True, when=multi),
             Dim(f"{s}.pyramid.sigma_factor", low=0.0, high=1.0, when=multi),
@@ -190,7 +194,8 @@ class SearchSpace:
             Dim(f"{s}.sampling.strategy", choices=("none", "regular", "random"),
                 when=((f"{s}.metric.kind", tuple(k for k in METRIC_KINDS if k != "ants_nc")),)),
             Dim(f"{s}.sampling.points", low=plo, high=phi, integer=True, log=True, when=sampled),
-            Dim(opt, choices=BSPLINE_OPTIMIZERS if deformable else LINEAR_OPTIMIZERS),
+            # a displacement field always descends the gradient (ITK's local-support updates): not searched
+            Dim(opt, choices=BSPLINE_OPTIMIZERS, when=bspline) if deformable else Dim(opt, choices=LINEAR_OPTIMIZERS),
             Dim(f"{s}.optimizer.number_of_iterations", low=20, high=500, integer=True, log=True),
         ]
         if not deformable:
@@ -211,13 +216,22 @@ class SearchSpace:
             Dim(f"{s}.optimizer.min_step", low=1e-6, high=1e-2, log=True, when=((opt, ("regular_step_gd",)),)),
             Dim(f"{s}.optimizer.relaxation_factor", low=0.3, high=0.9, when=((opt, ("regular_step_gd",)),)),
         ]
-        if kind == "bspline":
+        if kind in ("bspline", "deformable"):
             clo, chi = self.cp_spacing_range()
             out += [
                 Dim(f"{s}.optimizer.gradient_convergence_tolerance", low=1e-7, high=1e-3, log=True,
-                    when=((opt, ("lbfgsb",)),)),
-                Dim(f"{s}.optimizer.solution_accuracy", low=1e-7, high=1e-3, log=True, when=((opt, ("lbfgs2",)),)),
-                Dim(f"{s}.transform.control_point_spacing", low=clo, high=chi, log=True),
+                    when=bspline + ((opt, ("lbfgsb",)),)),
+                Dim(f"{s}.optimizer.solution_accuracy", low=1e-7, high=1e-3, log=True,
+                    when=bspline + ((opt, ("lbfgs2",)),)),
+                Dim(f"{s}.transform.control_point_spacing", low=clo, high=chi, log=True, when=bspline),
+            ]
+        if kind in ("displacement", "deformable"):
+            # the field's grid in fixed voxels (1: every voxel of the level) and the Gaussian regularisation of each
+            # update (viscous) and of the whole field (elastic), in voxels of that grid: ANTs' GaussianDisplacementField
+            out += [
+                Dim(f"{s}.transform.grid_spacing", low=1.0, high=4.0, log=True, when=displacement),
+                Dim(f"{s}.transform.variance_for_update_field", low=0.0, high=4.0, when=displacement),
+                Dim(f"{s}.transform.variance_for_total_field", low=0.0, high=3.0, when=displacement),
             ]
         return out
 
@@ -271,6 +285,8 @@ class SearchSpace:
 
     def _suggest_stage(self, i: int, kind: str, get) -> dict[str, Any]:
         s = f"stage{i}"
+        if kind == "deformable":
+            kind = get(f"{s}.transform.kind")
         metric_kind = get(f"{s}.metric.kind")
         metric: dict[str, Any] = {"kind": metric_kind}
         bins = None
@@ -288,6 +304,10 @@ class SearchSpace:
             transform.update(control_point_spacing=cps, spacing_units="voxel")
             size = self.fingerprint.smallest_size
             parameters = self.dim * math.prod(max(1, round(n / cps)) + 3 for n in size)
+        elif kind == "displacement":
+            transform.update(grid_spacing=round(float(get(f"{s}.transform.grid_spacing")), 4), spacing_units="voxel",
+                             variance_for_update_field=round(float(get(f"{s}.transform.variance_for_update_field")), 4),
+                             variance_for_total_field=round(float(get(f"{s}.transform.variance_for_total_field")), 4))
         strategy = "none" if metric_kind == "ants_nc" else get(f"{s}.sampling.strategy")
         sampling: dict[str, Any] = {"strategy": strategy}
         if strategy != "none":
@@ -324,7 +344,7 @@ class SearchSpace:
                 "shrink_images": True}
 
     def _suggest_optimizer(self, s: str, kind: str, get) -> dict[str, Any]:
-        okind = get(f"{s}.optimizer.kind")
+        okind = "gradient_descent" if kind == "displacement" else get(f"{s}.optimizer.kind")
         opt: dict[str, Any] = {"kind": okind, "number_of_iterations": int(get(f"{s}.optimizer.number_of_iterations"))}
         if okind in GRADIENT_DESCENT_KINDS:
             linear = kind in LINEAR_KINDS
@@ -339,8 +359,10 @@ class SearchSpace:
                 opt["convergence_minimum_value"] = float(get(f"{s}.optimizer.convergence_minimum_value"))
                 opt["convergence_window_size"] = int(get(f"{s}.optimizer.convergence_window_size"))
             # a BSpline grid's parameters all move control points: one scale for all ("none"); physical-shift scales
-            # cost 35 s of setup for 4,000 parameters in 3D, and Jacobian scales are zero outside the samples' support
-            opt["scales"] = get(f"{s}.optimizer.scales") if linear else "none"
+            # cost 35 s of setup for 4,000 parameters in 3D, and Jacobian scales are zero outside the samples' support.
+            # A displacement field's local updates are scaled by physical shift, as in ANTs (one scale per axis).
+            opt["scales"] = get(f"{s}.optimizer.scales") if linear else ("physical_shift" if kind == "displacement"
+                                                                          else "none")
         elif okind == "lbfgsb":
             opt["gradient_convergence_tolerance"] = float(get(f"{s}.optimizer.gradient_convergence_tolerance"))
         elif okind == "lbfgs2":
@@ -400,6 +422,8 @@ class SearchSpace:
             stage, _, rest = name.partition(".")
             if rest == "transform.kind":
                 return (self.stages[int(stage[5:])],)
+            if rest == "optimizer.kind":  # a displacement stage's gradient descent
+                return ("gradient_descent",)
             return ()
         if ov is not None and ov.drop:
             return (self.default_of(name),)

@@ -178,11 +178,12 @@ def quick_recipe(
 
     Mattes MI with ``bins`` bins (50 is too many for a few thousand samples); linear stages: regular-step gradient
     descent (its learning rate is re-estimated once per level, as in the default); BSpline stages: LBFGSB on a
-    ``mesh``-cell grid. Sigmas are in voxels, so the recipe means the same on any spacing. ``top`` replaces
+    ``mesh``-cell grid; displacement stages: gradient descent on a field at every voxel (update and total field
+    smoothed with variances 2 and 1). Sigmas are in voxels, so the recipe means the same on any spacing. ``top`` replaces
     top-level fields (seed, deterministic...).
     """
-    from autoreg.recipe import (LBFGSB, BSplineTransform, MattesMutualInformation, Pyramid,
-                                RegularStepGradientDescent, Sampling, default_recipe)
+    from autoreg.recipe import (LBFGSB, BSplineTransform, DisplacementTransform, GradientDescent,
+                                MattesMutualInformation, Pyramid, RegularStepGradientDescent, Sampling, default_recipe)
 
     base = default_recipe(stages, dim)
     pyramid = Pyramid(shrink_factors=shrink, smoothing_sigmas=sigmas, sigma_units="voxel")
@@ -194,6 +195,10 @@ def quick_recipe(
         if stage.kind == "bspline":
             update["optimizer"] = LBFGSB(number_of_iterations=bspline_iterations)
             update["transform"] = BSplineTransform(mesh_size=(mesh,) * dim)
+        elif stage.kind == "displacement":
+            update["optimizer"] = GradientDescent(number_of_iterations=bspline_iterations, scales="physical_shift")
+            update["transform"] = DisplacementTransform(variance_for_update_field=2.0, variance_for_total_field=1.0)
+            update["pyramid"] = pyramid.model_copy(update={"shrink_images": True})
         else:
             update["optimizer"] = RegularStepGradientDescent(learning_rate=learning_rate, number_of_iterations=iterations,
                                                              gradient_magnitude_tolerance=1e-5)

@@ -117,7 +117,8 @@ def _everything_recipe(initializer: Initializer) -> Recipe:
         ),
         Stage(transform=BSplineTransform(control_point_spacing=8, spacing_units="voxel", refine=True)),
         Stage(transform=DisplacementTransform(grid_spacing=2.0, variance_for_update_field=1.5,
-                                              variance_for_total_field=0.25)),
+                                              variance_for_total_field=0.25),
+              pyramid=Pyramid(shrink_images=True)),
     )
     return Recipe(
         initializer=initializer,
@@ -258,6 +259,9 @@ BAD_RECIPES = {
                              "stages[0].sampling", "uses every voxel"),
     "points_and_percentage": ("stages: [{transform: {kind: rigid}, sampling: {strategy: random, percentage: 0.5, "
                               "points: 100}}]\n", "stages[0].sampling", "exactly one of percentage and points"),
+    "displacement_with_lbfgsb": ("stages: [{transform: {kind: displacement}, optimizer: {kind: lbfgsb}, "
+                                 "pyramid: {shrink_images: true}}]\n", "stages[0]", "gradient-descent optimizer"),
+    "displacement_on_itk_pyramid": ("stages: [{transform: {kind: displacement}}]\n", "stages[0]", "shrink_images"),
     "refine_with_lbfgsb": ("stages: [{transform: {kind: bspline, mesh_size: [4, 4], refine: true}, "
                            "optimizer: {kind: lbfgsb}}]\n", "stages[0]", "gradient-descent optimizer"),
 }

@@ -98,12 +98,16 @@ def _run(recipe: Any, frame: Frame, seed: int, level_callback: LevelCallback | N
             mesh, factors = bspline_schedule(stage, frame.fixed, frame.k)
             optimized = sitk.BSplineTransformInitializer(frame.fixed, mesh, order=3)
             moving_initial = compose([current_linear, *deformables])
+        elif kind == "displacement":
+            optimized, moving_initial, factors = None, compose([current_linear, *deformables]), None
         else:
             raise RegistrationFailed("unsupported stage", f"stage {index} is {kind!r}")
         need = _level_need(cost, stage, frame, optimized, factors)
         tracker = LevelTracker(stage, index, frame, moving_initial, level_callback, clock, need)
         try:
-            if stage.pyramid.shrink_images:
+            if kind == "displacement":
+                optimized, stop = _run_displacement(stage, index, frame, moving_initial, tracker, seed, threads, clock)
+            elif stage.pyramid.shrink_images:
                 optimized, stop = _run_prepared(stage, index, frame, optimized, moving_initial, factors, tracker,
                                                 seed, threads, clock)
             else:
@@ -122,11 +126,22 @@ def _run(recipe: Any, frame: Frame, seed: int, level_callback: LevelCallback | N
     return result
 
 
-def _level_need(cost: Any, stage: Any, frame: Frame, optimized: sitk.Transform,
+def _level_need(cost: Any, stage: Any, frame: Frame, optimized: sitk.Transform | None,
                 factors: list[int] | None) -> Callable[[int], float] | None:
     """Seconds that level ``l`` of the stage needs for its setup and first iteration, by the cost model."""
     if cost is None:
         return None
+    if optimized is None:  # a displacement field: its grid, samples and parameters per level
+        grids = [field_grid(frame, stage, shrink) for shrink in stage.pyramid.shrink_factors]
+
+        def need_field(level: int) -> float:
+            voxels = int(np.prod(grids[level][0]))
+            setup, iteration = cost.level_seconds(stage, voxels=voxels, full_voxels=int(np.prod(frame.fixed.GetSize())),
+                                                  parameters=frame.dim * voxels,
+                                                  samples=int(sampling_fraction(stage.sampling, voxels) * voxels))
+            return setup + iteration
+
+        return need_field
     shrinks = list(stage.pyramid.shrink_factors)
     sizes = level_sizes(frame.fixed, shrinks)
     full = int(np.prod(frame.fixed.GetSize()))
@@ -211,6 +226,73 @@ def _run_itk(stage: Any, index: int, frame: Frame, optimized: sitk.Transform, mo
     stop = _execute(rm, tracker, frame.fixed, frame.moving)
     _close(tracker, stop)
     return stop
+
+
+def field_grid(frame: Frame, stage: Any, shrink: int) -> tuple[list[int], list[float], list[float]]:
+    """(size, origin, spacing) of a displacement field covering the fixed image at one level: as fine as the level's
+    voxels, but no finer than the stage's ``grid_spacing`` (in the normalised frame a fixed voxel is one unit)."""
+    t = stage.transform
+    grid = t.grid_spacing * (frame.k if t.spacing_units == "mm" else 1.0)
+    fixed = frame.fixed
+    voxel = np.asarray(fixed.GetSpacing(), float)
+    spacing = np.maximum(voxel * shrink, grid)
+    extent = np.asarray(fixed.GetSize()) * voxel
+    size = np.maximum(1, np.round(extent / spacing)).astype(int)
+    spacing = extent / size  # the field spans exactly the fixed image's extent
+    # the first field voxel's centre, half a field voxel inside the fixed image's edge, along the image's axes
+    start = -0.5 * voxel + 0.5 * spacing
+    direction = np.asarray(fixed.GetDirection()).reshape(fixed.GetDimension(), fixed.GetDimension())
+    origin = np.asarray(fixed.GetOrigin()) + direction @ start
+    return [int(n) for n in size], [float(o) for o in origin], [float(s) for s in spacing]
+
+
+def _run_displacement(stage: Any, index: int, frame: Frame, moving_initial: sitk.Transform, tracker: LevelTracker,
+                      seed: int, threads: int, clock: Clock) -> tuple[sitk.Transform, str]:
+    """A dense displacement field with local support over prepared levels (ANTs' Gaussian displacement field): at
+    each level the field lives on that level's grid (see ``field_grid``), starts from the previous level's field
+    resampled, and every update and the total field are Gaussian-smoothed (variances in field voxels)."""
+    sigmas, _ = sigmas_of(stage, frame.k)
+    direction = frame.fixed.GetDirection()
+    previous: sitk.Image | None = None
+    optimized: sitk.Transform | None = None
+    stop = ""
+    for level, (shrink, sigma) in enumerate(zip(stage.pyramid.shrink_factors, sigmas)):
+        size, origin, spacing = field_grid(frame, stage, shrink)
+        voxels = int(np.prod(size))
+        clock.check(tracker.level_need(level) if tracker.level_need is not None else 0.0)
+        reference = sitk.Image(size, sitk.sitkVectorFloat64, frame.dim)
+        reference.SetOrigin(origin)
+        reference.SetSpacing(spacing)
+        reference.SetDirection(direction)
+        if previous is not None:
+            reference = sitk.Resample(previous, reference, sitk.Transform(), sitk.sitkLinear, 0.0,
+                                      sitk.sitkVectorFloat64)
+        optimized = sitk.DisplacementFieldTransform(reference)
+        optimized.SetSmoothingGaussianOnUpdate(varianceForUpdateField=stage.transform.variance_for_update_field,
+                                               varianceForTotalField=stage.transform.variance_for_total_field)
+        rm = _method(stage, threads)
+        inside = frame.levels.inside(shrink) if stage.use_masks else 1.0
+        if stage.sampling.strategy != "none":
+            rm.SetMetricSamplingPercentage(sampling_fraction(stage.sampling, voxels, inside), itk_seed(seed, index))
+        fixed_mask = frame.levels.mask("fixed", shrink) if stage.use_masks else None
+        moving_mask = frame.levels.mask("moving", shrink) if stage.use_masks else None
+        if fixed_mask is not None:
+            rm.SetMetricFixedMask(fixed_mask)
+        if moving_mask is not None:
+            rm.SetMetricMovingMask(moving_mask)
+        rm.SetShrinkFactorsPerLevel([1])
+        rm.SetSmoothingSigmasPerLevel([0.0])
+        rm.SetVirtualDomain(size, origin, spacing, direction)  # a local-support transform's grid is the domain
+        rm.SetMovingInitialTransform(moving_initial)
+        rm.SetInitialTransform(optimized, inPlace=True)
+        tracker.attach(rm, optimized, itk_levels=False)
+        tracker.start_level(level, samples=sampled_points(stage.sampling, voxels, inside), voxels=voxels)
+        stop = _execute(rm, tracker, frame.levels.image("fixed", shrink, sigma),
+                        frame.levels.image("moving", shrink, sigma))
+        _close(tracker, stop)
+        previous = optimized.GetDisplacementField()
+    assert optimized is not None
+    return optimized, stop
 
 
 def _run_prepared(stage: Any, index: int, frame: Frame, optimized: sitk.Transform,

@@ -56,9 +56,11 @@ class RotationSearch(_Frozen):
 
 
 class Initializer(_Frozen):
-    """How the first transform starts: image centres (geometry), centres of mass (moments) or identity."""
+    """How the first transform starts: image centres (geometry), centres of mass (moments), identity, or ``best``:
+    each pair takes whichever of geometry and moments (each followed by the rotation search, if any) the first
+    linear stage's metric prefers, so that one recipe serves aligned and displaced pairs alike."""
 
-    kind: Literal["geometry", "moments", "none"] = "geometry"
+    kind: Literal["geometry", "moments", "none", "best"] = "geometry"
     rotation_search: RotationSearch | None = None
 
 

@@ -158,7 +158,7 @@ class SearchSpace:
         return list(self._dims.values())
 
     def _all_dims(self) -> list[Dim]:
-        out: list[Dim] = [Dim("initializer.kind", choices=("geometry", "moments", "none"))]
+        out: list[Dim] = [Dim("initializer.kind", choices=("geometry", "moments", "none", "best"))]
         first_linear = next((k for k in self.stages if k in LINEAR_KINDS), None)
         if first_linear not in (None, "translation"):
             on = (("initializer.rotation_search", (True,)),)

@@ -188,3 +188,32 @@ def test_a_budgeted_search_recovers_a_large_rotation() -> None:
     search = RotationSearch(max_angle_deg=180, step_deg=5, max_shift_fraction=0.1, shift_steps=2, max_evaluations=400)
     recipe = quick_recipe(["rigid"], 2, deterministic=True).with_(initializer=Initializer(rotation_search=search))
     assert _tre(register(recipe, pair).transform, pair) < 0.5
+
+
+# --- a recipe that adapts by rule: the best start per pair ------------------------------------------------------
+
+
+def _displaced_pairs():
+    """Two pairs that need different starts: the fixed image on a canvas twice as wide (geometric centres 48 px
+    apart, centres of mass aligned), and with a bright corner (centre of mass moved, geometry aligned)."""
+    from autoreg.data import PairData
+
+    base = pair_data(synthetic_pair(2, "translation", size=(96, 96)))
+    wide = sitk.ConstantPad(base.fixed, [0, 0], [96, 0], 0.0)
+    array = sitk.GetArrayFromImage(base.fixed)
+    array[:20, :20] = array.max() * 3
+    corner = sitk.GetImageFromArray(array)
+    corner.CopyInformation(base.fixed)
+    return {name: PairData(base.spec, base.fixed, moving, base.fixed_points, base.fixed_points)
+            for name, moving in (("wide canvas", wide), ("bright corner", corner))}
+
+
+def test_initializer_best_takes_the_start_the_metric_prefers_on_each_pair() -> None:
+    tres = {}
+    for name, pair in _displaced_pairs().items():
+        for kind in ("geometry", "moments", "best"):
+            recipe = quick_recipe(["rigid"], 2, deterministic=True, shrink=(1,), sigmas=(0.0,), iterations=30)
+            tres[name, kind] = _tre(register(recipe.with_(initializer=Initializer(kind=kind)), pair).transform, pair)
+    assert tres["wide canvas", "geometry"] > 20 and tres["bright corner", "moments"] > 0.1  # each start fails once
+    for name in ("wide canvas", "bright corner"):
+        assert tres[name, "best"] == min(tres[name, "geometry"], tres[name, "moments"]) < 0.05

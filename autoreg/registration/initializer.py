@@ -29,22 +29,71 @@ SEARCH_POINTS = 8192
 
 
 def initial_linear(recipe: Any, frame: Frame, seed: int, clock: Clock | None = None) -> Linear:
-    """The initializer: centres (geometry/moments) or identity, then the optional coarse rotation search."""
+    """The initializer: centres (geometry/moments) or identity, then the optional coarse rotation search; ``best``
+    runs both centres and keeps the start that the first linear stage's metric prefers."""
     clock = clock or Clock()
     init = recipe.initializer
+    first_linear = next((s for s in recipe.stages if s.transform.kind in LINEAR_KINDS), None)
+    kinds = ("geometry", "moments") if init.kind == "best" else (init.kind,)
+    starts = [_start(kind, recipe, frame, first_linear, seed, clock) for kind in kinds]
+    if len(starts) == 1 or first_linear is None:
+        return starts[0]
+    values = [coarse_metric_value(state, frame, first_linear, seed) for state in starts]
+    log.debug("initializer 'best': metric values %s for %s", values, kinds)
+    return starts[int(np.argmin(values))]
+
+
+def _start(kind: str, recipe: Any, frame: Frame, first_linear: Any, seed: int, clock: Clock) -> Linear:
     clock.check()
-    if init.kind == "none":
+    if kind == "none":
         state = Linear.identity(frame.dim, frame.center())
     else:
-        how = (sitk.CenteredTransformInitializerFilter.GEOMETRY if init.kind == "geometry"
+        how = (sitk.CenteredTransformInitializerFilter.GEOMETRY if kind == "geometry"
                else sitk.CenteredTransformInitializerFilter.MOMENTS)
         state = Linear.of(sitk.CenteredTransformInitializer(frame.fixed, frame.moving, sitk.AffineTransform(frame.dim),
                                                             how))
-    first_linear = next((s for s in recipe.stages if s.transform.kind in LINEAR_KINDS), None)
-    search = getattr(init, "rotation_search", None)
+    search = getattr(recipe.initializer, "rotation_search", None)
     if search is not None and first_linear is not None and first_linear.transform.kind != "translation":
         state = rotation_search(search, frame, state, first_linear, seed, clock)
     return state
+
+
+def _coarse_method(frame: Frame, stage: Any, seed: int) -> tuple[sitk.ImageRegistrationMethod, sitk.Image, sitk.Image]:
+    """A method that evaluates the stage's metric (values only) on a coarse prepared level, a fixed sample."""
+    rm = sitk.ImageRegistrationMethod()
+    configure_metric(rm, stage.metric)
+    rm.SetMetricUseFixedImageGradientFilter(False)
+    rm.SetMetricUseMovingImageGradientFilter(False)
+    rm.SetInterpolator(sitk.sitkLinear)
+    shrink = max(1, min(frame.fixed.GetSize()) // SEARCH_AXIS_VOXELS)
+    levels = frame.levels
+    fixed, moving = levels.image("fixed", shrink, shrink / 2.0), levels.image("moving", shrink, shrink / 2.0)
+    voxels = int(np.prod(fixed.GetSize()))
+    if voxels > SEARCH_POINTS:
+        rm.SetMetricSamplingStrategy(rm.RANDOM)
+        rm.SetMetricSamplingPercentage(SEARCH_POINTS / voxels, itk_seed(seed, 0))
+    else:
+        rm.SetMetricSamplingStrategy(rm.NONE)
+    if stage.use_masks:
+        fixed_mask, moving_mask = levels.mask("fixed", shrink), levels.mask("moving", shrink)
+        if fixed_mask is not None:
+            rm.SetMetricFixedMask(fixed_mask)
+        if moving_mask is not None:
+            rm.SetMetricMovingMask(moving_mask)
+    rm.SetShrinkFactorsPerLevel([1])
+    rm.SetSmoothingSigmasPerLevel([0.0])
+    return rm, fixed, moving
+
+
+def coarse_metric_value(state: Linear, frame: Frame, stage: Any, seed: int) -> float:
+    """The first linear stage's metric at a start, on the coarse level the rotation search uses (lower is better;
+    a start that leaves too little overlap to measure counts as the worst)."""
+    rm, fixed, moving = _coarse_method(frame, stage, seed)
+    rm.SetInitialTransform(state.as_affine())
+    try:
+        return float(rm.MetricEvaluate(fixed, moving))
+    except RuntimeError:
+        return float("inf")
 
 
 def search_grid(search: Any, dim: int) -> tuple[int, float, int]:

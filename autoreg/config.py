@@ -52,7 +52,9 @@ class _Range(_Strict):
     log: bool | None = None
 
 
-class _Objective(_Strict):
+class Objective(_Strict):
+    """What a trial's score is (PAIR.yaml's ``objective:``)."""
+
     #: ``auto``: TRE when every pair has landmarks, else the holdout metric.
     kind: Literal["auto", "tre", "holdout"] = "auto"
     #: Several sampling seeds per trial, aggregated so that the winner is stable, not lucky.
@@ -60,8 +62,14 @@ class _Objective(_Strict):
     aggregate: Literal["mean", "mean_plus_std", "worst"] = "mean"
     #: Weight of the standard deviation in ``mean_plus_std``.
     std_weight: float = Field(1.0, ge=0)
-    #: Penalty (in the score's units) per percent of folded voxels of BSpline stages.
+    #: Penalty (in the score's units) per percent of folded voxels of deformable stages.
     folding_penalty: float = Field(0.0, ge=0)
+    #: The share of each pair's landmarks kept aside (spread over the image, seeded): the search never sees them,
+    #: and the best trial's TRE on them is the study's honest score. 0: every landmark selects.
+    report_fraction: float = Field(1 / 3, ge=0, le=0.8)
+    #: How several pairs' scores combine: ``relative`` (each pair's TRE over its TRE before registration, then the
+    #: mean: no single hard pair dominates) or ``mean`` (the plain mean of TREs).
+    across_pairs: Literal["relative", "mean"] = "relative"
 
 
 class _PairFile(_Strict):
@@ -75,7 +83,7 @@ class _PairFile(_Strict):
     stages: list[str]
     seed: int = Field(0, ge=0, lt=2**31)
     search: dict[str, _Range | float | int | str | bool | list[Any] | None] | None = None
-    objective: _Objective = _Objective()
+    objective: Objective = Objective()
     #: Recipe files (relative to this file) enqueued as starting points after the default recipe.
     enqueue: list[str] | None = None
     deterministic: bool = False
@@ -132,15 +140,6 @@ class SearchOverride:
 
 
 @dataclass(frozen=True)
-class Objective:
-    kind: str = "auto"
-    repeats: int = 1
-    aggregate: str = "mean"
-    std_weight: float = 1.0
-    folding_penalty: float = 0.0
-
-
-@dataclass(frozen=True)
 class StudyConfig:
     name: str
     path: Path
@@ -154,6 +153,16 @@ class StudyConfig:
     deterministic: bool = False
     prune: bool = True
     trial_timeout: float | None = None
+
+    @property
+    def relative(self) -> bool:
+        """Pairs' TREs are combined relative to each pair's TRE before registration (several pairs, landmarks)."""
+        return self.uses_landmarks and len(self.pairs) > 1 and self.objective.across_pairs == "relative"
+
+    @property
+    def score_name(self) -> str:
+        """What a trial's value is: ``tre_mean``, ``relative_tre`` (several pairs) or ``holdout_loss``."""
+        return ("relative_tre" if self.relative else "tre_mean") if self.uses_landmarks else "holdout_loss"
 
     @property
     def uses_landmarks(self) -> bool:
@@ -243,7 +252,7 @@ def parse_pair_file(data: Any, path: Path) -> StudyConfig:
             )
         seen[spec.name] = spec
 
-    objective = Objective(**raw.objective.model_dump())
+    objective = raw.objective
     if objective.kind == "tre":
         missing = next((p for p in pairs if not p.has_landmarks), None)
         if missing is not None:

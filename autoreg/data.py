@@ -57,6 +57,9 @@ class PairData:
     moving_mask: sitk.Image | None = None
     fixed_mask_coverage: MaskCoverage | None = None
     moving_mask_coverage: MaskCoverage | None = None
+    #: Landmarks kept aside for the honest score (``objective.report_fraction``): never seen by the search.
+    report_fixed_points: np.ndarray | None = None
+    report_moving_points: np.ndarray | None = None
 
     @property
     def name(self) -> str:

@@ -358,3 +358,32 @@ def _parse_elastix(text: str, path: Path, key: str, image: ImageLike | None) -> 
         array = np.asarray([image.TransformContinuousIndexToPhysicalPoint([float(v) for v in row]) for row in array],
                            dtype=np.float64)
     return array
+
+
+#: Fewer landmarks than this in a pair: no split (a report set of two or three points would say little).
+MIN_LANDMARKS_TO_SPLIT = 10
+
+
+def split_landmarks(points: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the selection and the report landmarks: about ``fraction`` of the points, evenly along a Morton
+    (z-order) curve through them from a seeded offset, so that both sets spread over the image."""
+    n = len(points)
+    if fraction <= 0 or n < MIN_LANDMARKS_TO_SPLIT:
+        return np.arange(n), np.arange(0)
+    lo, hi = points.min(axis=0), points.max(axis=0)
+    cells = np.floor((points - lo) / np.where(hi > lo, hi - lo, 1.0) * 1023.999).astype(np.int64)
+    order = np.argsort([_morton(c) for c in cells], kind="stable")
+    offset = np.random.default_rng(seed).random() / fraction  # where along the curve the every-k-th count starts
+    marks = np.floor((np.arange(-1, n) + offset) * fraction)
+    chosen = np.diff(marks) > 0
+    report = np.sort(order[chosen])
+    return np.setdiff1d(np.arange(n), report), report
+
+
+def _morton(cell: np.ndarray) -> int:
+    """Interleave the bits of a cell's coordinates (10 bits each): nearby cells get nearby codes."""
+    code = 0
+    for bit in range(10):
+        for axis, c in enumerate(cell):
+            code |= ((int(c) >> bit) & 1) << (bit * len(cell) + axis)
+    return code

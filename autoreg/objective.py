@@ -86,6 +86,9 @@ def score_pair(recipe: Recipe, pair: PairData, use_landmarks: bool, *, seed: int
         t = tre(result.transform, pair.fixed_points, pair.moving_points, pair.fixed)
         stats.update({f"tre_{k}": v for k, v in t.as_dict().items() if k != "n"})
         value = t.mean
+        if pair.report_fixed_points is not None:  # recorded, never optimised
+            stats["tre_report_mean"] = tre(result.transform, pair.report_fixed_points, pair.report_moving_points,
+                                           pair.fixed).mean
     else:
         h = holdout_metric(result.transform, pair.fixed, pair.moving, pair.fixed_mask)
         stats.update({"holdout_loss": h.loss, "holdout_nmi": h.nmi, "overlap": h.overlap})
@@ -128,6 +131,11 @@ class Objective:
         self.budget = budget
         self.use_landmarks = cfg.uses_landmarks
         self.n_stages = len(cfg.stages)
+        #: Several pairs: each pair's score is reported as one step, the Wilcoxon pruner's instances; relative
+        #: studies divide each pair's TRE by its TRE before registration (its selection landmarks at identity).
+        self.per_pair_steps = len(pairs) > 1
+        self.reference = {p.name: tre(sitk.Transform(p.dim, sitk.sitkIdentity), p.fixed_points, p.moving_points,
+                                      p.fixed).mean for p in pairs if p.has_landmarks} if cfg.relative else {}
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         #: Polled at every optimizer iteration: true once the user asked to stop (Ctrl-C).
         self.should_stop = None
@@ -187,6 +195,19 @@ class Objective:
             changes["threads"] = self.threads
         return recipe.with_(**changes)
 
+    def pair_value(self, pair: PairData, score: float) -> float:
+        """What a pair contributes to the trial's value: its score, or its TRE relative to before registration."""
+        ref = self.reference.get(pair.name)
+        return score / ref if ref else score
+
+    def pair_order(self, trial: optuna.Trial) -> list[int]:
+        """The order a trial registers its pairs in: shuffled per trial (seeded), so that the Wilcoxon pruner compares
+        trials on varied pairs from the first one on."""
+        order = list(range(len(self.pairs)))
+        if self.per_pair_steps:
+            np.random.default_rng(trial_seed(self.cfg.seed, trial.number)).shuffle(order)
+        return order
+
     def _level_callback(self, trial: optuna.Trial, recipe: Recipe, pair_index: int, pair: PairData,
                         levels: list[dict]) -> Callable:
         def on_level(rec: LevelRecord, transform: Callable[[], sitk.Transform]) -> None:
@@ -194,6 +215,9 @@ class Objective:
             entry["pair"] = pair.name
             value = rec.tre_mean
             rung = rung_of(rec.level, len(recipe.stages[rec.stage].pyramid.shrink_factors))
+            if self.per_pair_steps:  # several pairs: a whole pair is the unit of comparison (see __call__)
+                levels.append(entry)
+                return
             if value is None and rung is not None and self.prune:
                 value = holdout_metric(transform(), pair.fixed, pair.moving, pair.fixed_mask).loss
                 entry["holdout_loss"] = value
@@ -232,7 +256,8 @@ class Objective:
             for r in range(repeats):
                 seed = repeat_seed(recipe.seed, r)
                 values = []
-                for i, pair in enumerate(self.pairs):
+                for i in self.pair_order(trial):
+                    pair = self.pairs[i]
                     cb = self._level_callback(trial, recipe, i, pair, levels) if r == 0 else None
                     left = None if limit is None else max(limit - (time.perf_counter() - t0), 0.001)
                     ps, result = score_pair(recipe, pair, self.use_landmarks, seed=seed, level_callback=cb,
@@ -240,17 +265,22 @@ class Objective:
                                             cost=self.cost)
                     if r == 0:
                         self.last_transforms[pair.name] = result.transform
-                    value = ps.value
+                    value = self.pair_value(pair, ps.value)
                     if self.cfg.objective.folding_penalty > 0:
                         value += self.cfg.objective.folding_penalty * 100.0 * ps.stats.get("folding_fraction", 0.0)
                     values.append(value)
                     if r == 0:
                         per_pair[pair.name] = ps.stats
+                        if self.per_pair_steps and np.isfinite(value):
+                            trial.report(float(value), i)  # the pair is the Wilcoxon pruner's instance
+                            if self.prune and len(values) < len(self.pairs) and trial.should_prune():
+                                raise RegistrationPruned(len(self.cfg.stages) - 1, -1, pair.name)
                     per_pair[pair.name].setdefault("repeat_values", []).append(value)
                 per_repeat.append(float(np.mean(values)))
         except RegistrationPruned as err:
-            write(trial, levels=levels, runtime_s=round(time.perf_counter() - t0, 4),
-                  pruned_at=f"stage {err.stage} level {err.level}")
+            where = f"pair {err.pair} (worse than the best trial on the pairs so far)" if err.pair else \
+                f"stage {err.stage} level {err.level}"
+            write(trial, levels=levels, runtime_s=round(time.perf_counter() - t0, 4), pruned_at=where)
             raise optuna.TrialPruned(str(err)) from None
         except RegistrationFailed as err:
             write(trial, levels=levels)
@@ -268,7 +298,11 @@ class Objective:
         write(trial, levels=levels, pairs=per_pair, runtime_s=round(time.perf_counter() - t0, 4))
         if repeats > 1:
             write(trial, repeat_scores=per_repeat, score_std=float(np.std(per_repeat, ddof=1)))
-        write(trial, **_summary(per_pair, self.use_landmarks))
+        summary = _summary(per_pair, self.use_landmarks)
+        if self.cfg.relative:
+            summary["relative_tre"] = float(np.mean([self.pair_value(p, per_pair[p.name]["tre_mean"])
+                                                     for p in self.pairs]))
+        write(trial, **summary)
         return value if math.isfinite(value) else float("nan")
 
     def _fail(self, trial: optuna.Trial, reason: str, detail: str, t0: float) -> float:
@@ -279,7 +313,8 @@ class Objective:
 
 def _summary(per_pair: dict[str, dict[str, Any]], use_landmarks: bool) -> dict[str, float]:
     """Study-level statistics: each key the mean over pairs (TRE mean, median, p90, max, or holdout loss)."""
-    keys = ("tre_mean", "tre_median", "tre_p90", "tre_max", "tre_mean_vox") if use_landmarks else ("holdout_loss", "holdout_nmi")
+    keys = (("tre_mean", "tre_median", "tre_p90", "tre_max", "tre_mean_vox", "tre_report_mean") if use_landmarks
+            else ("holdout_loss", "holdout_nmi"))
     out = {}
     for k in keys:
         vals = [s[k] for s in per_pair.values() if k in s]

@@ -13,6 +13,7 @@ from pathlib import Path
 from .config import StudyConfig, load_config
 from .data import PairData, load_pair
 from .fingerprint import DatasetFingerprint, fingerprint_dataset, provenance
+from .landmarks import MIN_LANDMARKS_TO_SPLIT, split_landmarks
 from .space import SearchSpace, build_space
 
 
@@ -27,9 +28,45 @@ class Pipeline:
         return cls(load_config(pair_file), seed=seed)
 
     @cached_property
-    def pairs(self) -> list[PairData]:
-        """The tuning pairs, read and checked (cached per process by ``data``)."""
+    def all_landmark_pairs(self) -> list[PairData]:
+        """The tuning pairs with every landmark (fingerprint, report pictures)."""
         return [load_pair(p) for p in self.cfg.pairs]
+
+    @cached_property
+    def pairs(self) -> list[PairData]:
+        """The tuning pairs as trials see them: each pair's landmarks split into the selection set (its points) and
+        the report set the search never sees (``objective.report_fraction``, seeded by the study seed)."""
+        fraction = self.cfg.objective.report_fraction
+        out = []
+        for pair in self.all_landmark_pairs:
+            if not pair.has_landmarks or fraction <= 0:
+                out.append(pair)
+                continue
+            select, report = split_landmarks(pair.fixed_points, fraction, self.cfg.seed)
+            if len(report) == 0:
+                out.append(pair)
+                continue
+            out.append(replace(pair, fixed_points=pair.fixed_points[select], moving_points=pair.moving_points[select],
+                               report_fixed_points=pair.fixed_points[report],
+                               report_moving_points=pair.moving_points[report]))
+        return out
+
+    @cached_property
+    def split(self) -> dict[str, dict]:
+        """Per pair, which landmarks (0-based rows of its files) the search never sees, or why there are none: kept
+        with the study and the exported recipe, so that anyone can score the report set again."""
+        out: dict[str, dict] = {}
+        for full in self.all_landmark_pairs:
+            if not full.has_landmarks or self.cfg.objective.report_fraction <= 0:
+                continue
+            select, report = split_landmarks(full.fixed_points, self.cfg.objective.report_fraction, self.cfg.seed)
+            if len(report):
+                out[full.name] = {"select": len(select), "report": [int(i) for i in report]}
+            else:
+                out[full.name] = {"select": len(select), "report": [],
+                                  "note": f"not split: fewer than {MIN_LANDMARKS_TO_SPLIT} landmarks; the score is "
+                                          "measured on the landmarks it selects with"}
+        return out
 
     @cached_property
     def holdout_pairs(self) -> list[PairData]:
@@ -37,7 +74,7 @@ class Pipeline:
 
     @cached_property
     def fingerprint(self) -> DatasetFingerprint:
-        return fingerprint_dataset(self.pairs)
+        return fingerprint_dataset(self.all_landmark_pairs)
 
     @cached_property
     def space(self) -> SearchSpace:
@@ -45,5 +82,6 @@ class Pipeline:
 
     @cached_property
     def provenance(self) -> dict:
-        """What the study is tuned on: per pair, files with digests and geometry (stored with the study)."""
-        return provenance(self.pairs, self.fingerprint)
+        """What the study is tuned on: per pair, files with digests and geometry, and the landmark split (stored with
+        the study)."""
+        return {**provenance(self.all_landmark_pairs, self.fingerprint), "landmark_split": self.split}

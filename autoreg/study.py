@@ -222,9 +222,16 @@ class RungPruner(optuna.pruners.BasePruner):
         return value > float(np.quantile(others, self.keep[step % len(RUNGS)]))
 
 
-def make_pruner(enabled: bool) -> optuna.pruners.BasePruner:
-    """Screen trials level by level (``RungPruner``), or never prune."""
-    return RungPruner() if enabled else optuna.pruners.NopPruner()
+def make_pruner(enabled: bool, n_pairs: int = 1) -> optuna.pruners.BasePruner:
+    """One pair: screen trials level by level (``RungPruner``). Several pairs: Optuna's ``WilcoxonPruner`` with the
+    pairs as its instances (a trial stops once it is significantly worse than the best on the pairs it has done)."""
+    if not enabled:
+        return optuna.pruners.NopPruner()
+    if n_pairs > 1:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=2)
+    return RungPruner()
 
 
 def create_or_load(
@@ -234,23 +241,24 @@ def create_or_load(
     storage = open_storage(spec)
     try:
         optuna.load_study(study_name=cfg.name, storage=storage)
-        study = optuna.load_study(study_name=cfg.name, storage=storage, pruner=make_pruner(cfg.prune))
+        study = optuna.load_study(study_name=cfg.name, storage=storage, pruner=make_pruner(cfg.prune, len(cfg.pairs)))
         created = False
     except KeyError:
         study = optuna.create_study(
-            study_name=cfg.name, storage=storage, direction="minimize", pruner=make_pruner(cfg.prune)
+            study_name=cfg.name, storage=storage, direction="minimize",
+            pruner=make_pruner(cfg.prune, len(cfg.pairs))
         )
         created = True
     if created:
         study.set_user_attr("pair_file", str(cfg.path))
         study.set_user_attr("stages", list(cfg.stages))
-        study.set_user_attr("objective", "tre_mean" if cfg.uses_landmarks else "holdout_loss")
+        study.set_user_attr("objective", cfg.score_name)
         study.set_user_attr("seed", cfg.seed)
         study.set_user_attr("fingerprint", fingerprint)
         study.set_user_attr("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(["tre_mean" if cfg.uses_landmarks else "holdout_loss"])
+            study.set_metric_names([cfg.score_name])
         baseline = space.baseline_recipe(seed=cfg.seed)
         study.enqueue_trial({}, user_attrs=attrs(recipe=recipe_to_dict(baseline), role=BASELINE))
         for path in cfg.enqueue:
@@ -348,7 +356,7 @@ def write_study_info(directory: Path, cfg: StudyConfig, spec: StorageSpec, finge
         "pair_file": str(cfg.path),
         "stages": list(cfg.stages),
         "storage": spec.display,
-        "objective": "tre_mean" if cfg.uses_landmarks else "holdout_loss",
+        "objective": cfg.score_name,
         "fingerprint": fingerprint,
     }
     (directory / "study.json").write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")

@@ -19,8 +19,8 @@ BASELINE = "baseline"
 SUGGESTED = "suggested"
 USER_PREFIX = "user:"
 #: Statistics of a finished trial, each the mean over its pairs (``folding_fraction``: the worst pair).
-SCORE_KEYS = ("tre_mean", "tre_median", "tre_p90", "tre_max", "tre_mean_vox", "holdout_loss", "holdout_nmi",
-              "folding_fraction", "score_std")
+SCORE_KEYS = ("tre_mean", "tre_median", "tre_p90", "tre_max", "tre_mean_vox", "tre_report_mean", "relative_tre",
+              "holdout_loss", "holdout_nmi", "folding_fraction", "score_std")
 
 
 class TrialRecord(BaseModel):
@@ -54,6 +54,10 @@ class TrialRecord(BaseModel):
     tre_p90: float | None = None
     tre_max: float | None = None
     tre_mean_vox: float | None = None
+    #: Mean TRE on the landmarks kept aside (the search never saw them): the honest score.
+    tre_report_mean: float | None = None
+    #: Mean over pairs of each pair's TRE over its TRE before registration (the value of multi-pair studies).
+    relative_tre: float | None = None
     holdout_loss: float | None = None
     holdout_nmi: float | None = None
     folding_fraction: float | None = None

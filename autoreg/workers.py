@@ -154,7 +154,7 @@ def _run_trials(plan: WorkerPlan, worker_index: int, stop: StopRequest) -> int:
         study_name=plan.study_name,
         storage=storage,
         sampler=make_sampler(plan.seed, worker_index, resumed_at),
-        pruner=make_pruner(plan.prune),
+        pruner=make_pruner(plan.prune, len(pipe.cfg.pairs)),
     )
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(plan.threads)
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # a trial's problems are recorded on the trial

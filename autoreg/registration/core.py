@@ -25,12 +25,14 @@ class RegistrationFailed(Exception):
 
 
 class RegistrationPruned(Exception):
-    """Raised by a level callback to stop a hopeless registration at a coarse level."""
+    """Raised by a level callback to stop a hopeless registration at a coarse level (or, naming ``pair``, a trial
+    that is worse than the best after that pair)."""
 
-    def __init__(self, stage: int, level: int):
+    def __init__(self, stage: int, level: int, pair: str | None = None):
         self.stage = stage
         self.level = level
-        super().__init__(f"pruned after stage {stage} level {level}")
+        self.pair = pair
+        super().__init__(f"pruned after pair {pair}" if pair else f"pruned after stage {stage} level {level}")
 
 
 class Halt(Exception):

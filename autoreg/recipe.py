@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import UserError
+from .errors import UserError, excerpt
 from .registration import threads_of
 
 RECIPE_FORMAT = 1
@@ -229,26 +229,18 @@ def recipe_from_dict(data: Any, *, source: str = "recipe") -> Recipe:
 
 
 def recipe_from_yaml(text: str, *, source: str = "recipe") -> Recipe:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise UserError(f"not valid YAML ({_yaml_problem(err)})", file=source) from None
-    return recipe_from_dict(data, source=source)
+    from .yamlio import load_yaml_text
+
+    return recipe_from_dict(load_yaml_text(text, source=source), source=source)
 
 
 def load_recipe(path) -> Recipe:
     from pathlib import Path
 
+    from .yamlio import load_yaml_file
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError("recipe file not found", file=path) from None
-    except UnicodeDecodeError:
-        raise UserError("not a text file (expected a YAML recipe)", file=path) from None
-    except OSError as err:
-        raise UserError(f"cannot read recipe ({err.strerror})", file=path) from None
-    return recipe_from_yaml(text, source=str(path))
+    return recipe_from_dict(load_yaml_file(path, what="YAML recipe", missing="recipe file not found"), source=str(path))
 
 
 def save_recipe(recipe: Recipe, path) -> None:
@@ -287,5 +279,5 @@ def user_error_from_validation(err: ValidationError, source: str) -> UserError:
     else:
         msg = first["msg"].removeprefix("Value error, ")
         if "input" in first and kind.startswith(("literal", "int", "float", "bool", "string")):
-            msg += f" (got {first['input']!r})"
+            msg += f" (got {excerpt(first['input'])})"
     return UserError(msg, file=source, key=key)

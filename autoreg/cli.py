@@ -21,12 +21,35 @@ EXIT_INTERRUPTED = 130
 log = logging.getLogger("autoreg")
 
 
+#: The ``--storage`` URL of this run: its password is hidden from every line printed (see ``study.redact``).
+_storage_url: str | None = None
+
+
+def _shown(text: str) -> str:
+    if not _storage_url:
+        return text
+    from .study import redact
+
+    return redact(text, _storage_url)
+
+
 def _out(text: str = "") -> None:
-    print(text, flush=True)
+    print(_shown(text), flush=True)
 
 
 def _err(text: str) -> None:
-    print(f"autoreg: {text}", file=sys.stderr, flush=True)
+    print(f"autoreg: {_shown(text)}", file=sys.stderr, flush=True)
+
+
+class _RedactingFilter(logging.Filter):
+    """Log records pass through the same redaction as printed lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        shown = _shown(text)
+        if shown != text:
+            record.msg, record.args = shown, None
+        return True
 
 
 # --- check -----------------------------------------------------------------------------------------------------
@@ -459,7 +482,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(2, args.verbose)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    global _storage_url
+    _storage_url = getattr(args, "storage", None)
     import optuna
+
+    for handler in (*logging.getLogger().handlers, *logging.getLogger("optuna").handlers):
+        if not any(isinstance(f, _RedactingFilter) for f in handler.filters):
+            handler.addFilter(_RedactingFilter())
 
     optuna.logging.set_verbosity(logging.WARNING if args.verbose < 2 else logging.INFO)
     # ITK writes its warnings straight to stderr; failures reach the user through exceptions instead.

@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from .config import StudyConfig
-from .errors import UserError
+from .errors import UserError, excerpt
 from .objective import RECIPE_ATTR, ROLE_ATTR
 from .recipe import load_recipe, recipe_to_dict
 from .space import SearchSpace
@@ -110,8 +111,8 @@ def study_dir(cfg: StudyConfig, override: str | Path | None = None) -> Path:
 class StorageSpec:
     """A storage as a picklable string, and whether it is this machine's default journal file."""
 
-    url: str
-    local_journal: bool
+    url: str = field(repr=False)  # may hold a password: shown only through ``display``
+    local_journal: bool = False
 
     @property
     def display(self) -> str:
@@ -128,21 +129,52 @@ def _is_url(text: str) -> bool:
     return "://" in text
 
 
-def redact(url: str) -> str:
-    """The URL with any password replaced, safe to print."""
-    if not _is_url(url):
-        return url
-    try:
-        from sqlalchemy.engine import make_url
+#: A URL inside any text: scheme://... up to white space or a quote.
+_URL_IN_TEXT = re.compile(r"\b([A-Za-z][A-Za-z0-9+.\-]*://)([^\s'\"<>`]*)")
+#: Query parameters whose value is a secret (password=, sslpassword=, token=, api_key=...).
+_SECRET_PARAM = re.compile(r"([?&;])([^=&;#]*(?:pass|pwd|secret|token|key|auth|cred)[^=&;#]*)=([^&;#]*)", re.I)
+_MASK = "***"
 
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not an SQLAlchemy URL (redis://user:pw@host)
-        head, sep, tail = url.partition("://")
-        if "@" in tail:
-            cred, at, host = tail.rpartition("@")
-            user = cred.split(":", 1)[0]
-            return f"{head}{sep}{user}:***@{host}"
-        return url
+
+def redact(text: str, url: str | None = None) -> str:
+    """``text`` with the password of every URL in it hidden, safe to print or store: the password of the userinfo
+    (``user:pw@``, even with ``@`` inside ``pw``) and secret query parameters (``?password=``). With ``url``, every
+    literal occurrence of that URL's secrets is hidden too (a driver's message may quote a password alone).
+    The one place where autoreg hides passwords: messages, ``study.json`` and exported recipes all go through it."""
+    shown = _URL_IN_TEXT.sub(lambda m: m.group(1) + _redact_rest(m.group(2)), text)
+    for secret in sorted(_secrets_of(url), key=len, reverse=True) if url else ():
+        shown = shown.replace(secret, _MASK)
+    return shown
+
+
+def _redact_rest(rest: str) -> str:
+    """What follows ``scheme://``: secret query values masked first, then everything of the userinfo after the
+    user name, up to the last ``@`` (a password may hold ``@``; masking too much is the safe side)."""
+    rest = _SECRET_PARAM.sub(lambda m: f"{m.group(1)}{m.group(2)}={_MASK}", rest)
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return rest
+    user, colon, _ = userinfo.partition(":")
+    if not colon:
+        return rest  # a user name alone (or an '@' in a path): nothing secret
+    return f"{user}:{_MASK}@{host}"
+
+
+def _secrets_of(url: str) -> set[str]:
+    """The secrets a URL holds, as written and percent-decoded (only those long enough to find safely)."""
+    from urllib.parse import unquote
+
+    if not _is_url(url):
+        return set()
+    rest = url.partition("://")[2]
+    found = [m.group(3) for m in _SECRET_PARAM.finditer(rest)]
+    userinfo, at, _ = _SECRET_PARAM.sub("", rest).rpartition("@")
+    if at and ":" in userinfo:
+        password = userinfo.partition(":")[2]
+        found.append(password)
+    found += [unquote(v) for v in found]
+    found += [piece for v in found for piece in v.split("@")]  # as a parser that stops at an '@' would cut it
+    return {v for v in found if len(v) >= 3 and v != _MASK}
 
 
 def open_storage(spec: StorageSpec) -> optuna.storages.BaseStorage:
@@ -162,9 +194,11 @@ def open_storage(spec: StorageSpec) -> optuna.storages.BaseStorage:
         if url.startswith("redis://"):
             from optuna.storages.journal import JournalRedisBackend
 
-            return JournalStorage(JournalRedisBackend(url))
+            with warnings.catch_warnings():  # 'experimental' since Optuna 3.1, and the documented way
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return JournalStorage(JournalRedisBackend(url))
         if _is_url(url):
-            raise UserError(f"unsupported storage URL scheme (got {redact(url)})", key="--storage")
+            raise UserError(f"unsupported storage URL scheme (got {excerpt(redact(url), quote=False)})", key="--storage")
         path = Path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path), lock_obj=journal_lock(path)))
@@ -176,7 +210,8 @@ def open_storage(spec: StorageSpec) -> optuna.storages.BaseStorage:
         raise UserError(f"storage {redact(url)} needs {driver}, which is not installed{hint}", key="--storage") from None
     except Exception as err:  # noqa: BLE001 - connection refused, bad credentials...
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot open storage {redact(url)} ({redact(msg)[:200]})", key="--storage") from None
+        raise UserError(f"cannot open storage {redact(url)} ({excerpt(redact(msg, url), 200, quote=False)})",
+                        key="--storage") from None
 
 
 def make_sampler(seed: int, worker: int, resumed_at: int = 0) -> optuna.samplers.BaseSampler:

@@ -18,6 +18,8 @@ from .recipe import TRANSFORM_RANK, check_stage_order, user_error_from_validatio
 from .yamlio import load_yaml_file
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+#: Study seeds run from 0 to SEED_LIMIT - 1 (what NumPy and Optuna's samplers accept).
+SEED_LIMIT = 2**31
 #: A study's name names its folder and its entry in a shared database: short enough for both.
 MAX_NAME_CHARS = 100
 
@@ -75,7 +77,7 @@ class _PairFile(_Strict):
     pairs: list[_Pair] | None = None
     holdout: list[_Pair] | None = None
     stages: list[str]
-    seed: int = Field(0, ge=0, lt=2**31)
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
     search: dict[str, _Range | float | int | str | bool | list[Any] | None] | None = None
     objective: _Objective = _Objective()
     #: Recipe files (relative to this file) enqueued as starting points after the default recipe.

@@ -102,9 +102,31 @@ class TuneLock:
             self._fh.close()
 
 
+STUDIES_FOLDER = "studies"
+
+
+def default_study_dir(cfg: StudyConfig) -> Path:
+    """``studies/<name>`` beside PAIR.yaml: found the same from any working directory."""
+    return cfg.path.parent / STUDIES_FOLDER / cfg.name
+
+
 def study_dir(cfg: StudyConfig, override: str | Path | None = None) -> Path:
-    """``--study-dir`` or ``studies/<name>`` (relative to the current directory)."""
-    return Path(override) if override else Path("studies") / cfg.name
+    """``--study-dir``, or the default beside PAIR.yaml. A study that an older autoreg kept in ``studies/<name>``
+    of the working directory (for this same PAIR.yaml) is still used there, with a warning."""
+    if override:
+        return Path(override)
+    default = default_study_dir(cfg)
+    legacy = Path.cwd() / STUDIES_FOLDER / cfg.name
+    if not (default / JOURNAL_NAME).exists() and (legacy / JOURNAL_NAME).exists() and legacy != default:
+        try:
+            recorded = json.loads((legacy / "study.json").read_text(encoding="utf-8")).get("pair_file")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded == str(cfg.path):
+            log.warning("using the study in %s (the old default, beside the working directory); move it to %s or "
+                        "pass --study-dir", legacy, default)
+            return legacy
+    return default
 
 
 @dataclass(frozen=True)
@@ -280,7 +302,11 @@ def create_or_load(
 def load_existing(cfg: StudyConfig, spec: StorageSpec) -> optuna.Study:
     """The study for export/report/dashboard; a clear error when it was never tuned."""
     if spec.local_journal and not Path(spec.url).exists():
-        raise UserError(f"no study found at {spec.display} (run 'autoreg tune {cfg.path}' first)", file=cfg.path, key="name")
+        raise UserError(
+            f"no study found: looked for {spec.display}; pass --study-dir DIR (or --storage URL) where the study "
+            f"lives, or run 'autoreg tune {cfg.path}' first",
+            file=cfg.path, key="name",
+        )
     storage = open_storage(spec)
     try:
         return optuna.load_study(study_name=cfg.name, storage=storage)
@@ -352,6 +378,7 @@ def write_study_info(directory: Path, cfg: StudyConfig, spec: StorageSpec, finge
     info = {
         "name": cfg.name,
         "pair_file": str(cfg.path),
+        "directory": str(directory.resolve()),
         "stages": list(cfg.stages),
         "storage": spec.display,
         "objective": "tre_mean" if cfg.uses_landmarks else "holdout_loss",

@@ -20,7 +20,7 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -49,11 +49,15 @@ class FlockJournalLock:
         self.path = str(path)
         self._fh = None
 
-    def acquire(self) -> bool:
+    def acquire(self, blocking: bool = True) -> bool:
         import fcntl
 
         fh = open(self.path, "a+")
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            return False
         self._fh = fh
         return True
 
@@ -64,6 +68,112 @@ class FlockJournalLock:
         if fh is not None:
             fcntl.flock(fh, fcntl.LOCK_UN)
             fh.close()
+
+
+#: What a torn record is read as: a study attribute set on no study (Optuna's replay skips it), so that the
+#: journal's line numbers and the storage's count of records read stay the same in every process.
+_NO_OP_RECORD = {"op_code": 2, "worker_id": "autoreg:torn-record", "study_id": -1, "user_attr": {}}
+#: Where a record starts: json.dumps of Optuna's records with separators (",", ":").
+_RECORD_START = b'{"op_code":'
+_warned_torn: set[tuple[str, int]] = set()
+
+
+class RepairingJournalFileBackend(JournalFileBackend):
+    """Optuna's journal file, robust to a record torn by a writer that died in the middle of an append.
+
+    Optuna reads a torn last line as "being written" and skips it; the next append then continues that line, and
+    from then on every read fails. Here an append that finds an unterminated last line (under the journal lock, so
+    no writer is mid-write) starts on a new line; a reader that can take the lock at once closes such a line itself;
+    and a line that is not a record is read as a no-op with a warning (a whole record glued onto a torn one by an
+    older autoreg is recovered). Only ``read_logs`` and ``append_logs`` differ from Optuna 5's JournalFileBackend.
+    """
+
+    def read_logs(self, log_number_from: int) -> Iterator[dict[str, Any]]:
+        self._close_torn_tail(wait=False)
+        with open(self._file_path, "rb") as f:
+            remaining = os.fstat(f.fileno()).st_size  # what another process appends meanwhile is read next time
+            start = 0
+            if log_number_from in self._log_number_offset:
+                f.seek(self._log_number_offset[log_number_from])
+                start = log_number_from
+                remaining -= self._log_number_offset[log_number_from]
+            for number, line in enumerate(f, start=start):
+                remaining -= len(line)
+                if remaining < 0 or not line.endswith(b"\n"):
+                    break  # being written now (or torn, and closed by the next append)
+                self._log_number_offset.setdefault(number + 1, self._log_number_offset[number] + len(line))
+                if number >= log_number_from:
+                    yield self._decode(line, number)
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        text = "".join(json.dumps(record, separators=(",", ":")) + "\n" for record in logs).encode("utf-8")
+        self._lock.acquire()
+        try:
+            if not self._ends_cleanly():
+                self._warn_torn(self._count_lines(), "closed it and appended after it")
+                text = b"\n" + text
+            with open(self._file_path, "ab") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            self._lock.release()
+
+    def _decode(self, line: bytes, number: int) -> dict[str, Any]:
+        try:
+            record = json.loads(line)
+            if isinstance(record, dict) and "op_code" in record:
+                return record
+        except ValueError:  # JSONDecodeError, or a torn multi-byte character
+            pass
+        glued = line.rfind(_RECORD_START)
+        if glued > 0:
+            try:
+                record = json.loads(line[glued:])
+                if isinstance(record, dict) and "op_code" in record:
+                    self._warn_torn(number, "skipped it and kept the record written after it on the same line")
+                    return record
+            except ValueError:
+                pass
+        self._warn_torn(number, "skipped it")
+        return dict(_NO_OP_RECORD)
+
+    def _warn_torn(self, number: int, what: str) -> None:
+        if (self._file_path, number) not in _warned_torn:
+            _warned_torn.add((self._file_path, number))
+            log.warning("journal %s: line %d holds a torn record (a process died while writing it); %s",
+                        self._file_path, number + 1, what)
+
+    def _ends_cleanly(self) -> bool:
+        with open(self._file_path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return True
+            f.seek(size - 1)
+            return f.read(1) == b"\n"
+
+    def _count_lines(self) -> int:
+        """The 0-based number of the file's last line."""
+        with open(self._file_path, "rb") as f:
+            return sum(1 for _ in f) - 1
+
+    def _close_torn_tail(self, *, wait: bool) -> None:
+        """End an unterminated last line with a newline if no writer holds the lock (so nobody is writing it)."""
+        if self._ends_cleanly() or not isinstance(self._lock, FlockJournalLock):
+            return
+        if not self._lock.acquire(blocking=wait):
+            return
+        try:
+            if not self._ends_cleanly():
+                with open(self._file_path, "ab") as f:
+                    f.write(b"\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                self._warn_torn(self._count_lines(), "closed it")
+        except OSError as err:  # a read-only journal: read it as it is
+            log.debug("cannot close the torn last line of %s: %s", self._file_path, err)
+        finally:
+            self._lock.release()
 
 
 def journal_lock(journal: Path):
@@ -223,7 +333,7 @@ def open_storage(spec: StorageSpec) -> optuna.storages.BaseStorage:
             raise UserError(f"unsupported storage URL scheme (got {excerpt(redact(url), quote=False)})", key="--storage")
         path = Path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path), lock_obj=journal_lock(path)))
+        return JournalStorage(RepairingJournalFileBackend(str(path), lock_obj=journal_lock(path)))
     except UserError:
         raise
     except ImportError as err:  # SQLAlchemy's missing DB-API module is the cause of Optuna's ImportError

@@ -135,7 +135,8 @@ def run_worker(plan: WorkerPlan, worker_index: int, stop: StopRequest | None = N
     """Run trials until the budget is spent, the time is up or a stop is requested; returns how many it ran."""
     own_stop = stop is None
     stop = stop or StopRequest(plan.stop_file)
-    if own_stop:
+    if own_stop:  # a worker process of its own: the launching tune already reported a torn journal line
+        logging.getLogger("autoreg.study").setLevel(logging.ERROR)
         stop.install()
     try:
         return _run_trials(plan, worker_index, stop)

@@ -200,8 +200,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     fp = fingerprint_dataset(pairs)
     space = build_space(cfg, fp)
     prov = provenance(pairs, fp)
+    study = create_or_load(cfg, spec, space, prov)  # refuses changed inputs before study.json is rewritten
     write_study_info(directory, cfg, spec, prov)
-    study = create_or_load(cfg, spec, space, prov)
     with TuneLock(directory) as alone:
         return _tune(args, cfg, directory, spec, study, alone)
 

@@ -11,6 +11,7 @@ Storage is named by a string that travels to worker processes (never a storage o
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -369,21 +370,122 @@ def make_pruner(enabled: bool) -> optuna.pruners.BasePruner:
     return optuna.pruners.PercentilePruner(75.0, n_startup_trials=8, n_warmup_steps=0)
 
 
+IDENTITY_ATTR = "identity"
+
+
+def objective_identity(cfg: StudyConfig) -> dict[str, Any]:
+    """What a trial's score means: the metric and how repeats and penalties fold into it."""
+    o = cfg.objective
+    return {"metric": "tre_mean" if cfg.uses_landmarks else "holdout_loss", "aggregate": o.aggregate,
+            "std_weight": o.std_weight, "folding_penalty": o.folding_penalty}
+
+
+def study_identity(cfg: StudyConfig) -> dict[str, Any]:
+    """What a study's trials are comparable on: per pair the digests of its images, landmarks and masks, the
+    stages and the objective. A study resumed with other inputs would mix trials of different problems."""
+    pairs = {}
+    for spec in cfg.pairs:
+        files = {"fixed": spec.fixed, "moving": spec.moving, "landmarks.fixed": spec.fixed_landmarks,
+                 "landmarks.moving": spec.moving_landmarks, "masks.fixed": spec.fixed_mask,
+                 "masks.moving": spec.moving_mask}
+        pairs[spec.name] = {k: _digest(path) for k, path in files.items() if path is not None}
+    return {"stages": list(cfg.stages), "objective": objective_identity(cfg), "pairs": pairs}
+
+
+def _digest(path: Path) -> str | None:
+    """``data.file_digest`` of a file (None if it cannot be read now); of a folder (a DICOM series), the digest of
+    its files' names and digests."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            import hashlib
+
+            parts = [f"{p.relative_to(path)}:{_cached_digest(p)}" for p in sorted(path.rglob("*")) if p.is_file()]
+            return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+        return _cached_digest(path)
+    except OSError:
+        return None
+
+
+def _cached_digest(path: Path) -> str:
+    st = path.stat()
+    return _digest_of(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _digest_of(path: str, size: int, mtime_ns: int) -> str:  # noqa: ARG001 - size and mtime key the cache
+    from .data import file_digest
+
+    return file_digest(Path(path))
+
+
+def identity_change(recorded: dict[str, Any], current: dict[str, Any], cfg: StudyConfig) -> tuple[str, str] | None:
+    """The first difference between a study's recorded identity and the current one: (key, what changed)."""
+    if list(recorded.get("stages", [])) != current["stages"]:
+        return "stages", f"stages were {recorded.get('stages')}, now {current['stages']}"
+    old_obj, new_obj = recorded.get("objective", {}), current["objective"]
+    for k, v in new_obj.items():
+        if k in old_obj and old_obj[k] != v:
+            return "objective", f"objective {k} was {old_obj[k]!r}, now {v!r}"
+    old_pairs, new_pairs = recorded.get("pairs", {}), current["pairs"]
+    specs = {s.name: s for s in cfg.pairs}
+    for name, files in new_pairs.items():
+        spec = specs[name]
+        if name not in old_pairs:
+            return spec.key_of("name") if spec.key else "fixed", f"pair '{name}' was not in the study"
+        for k in sorted(set(files) | set(old_pairs[name])):
+            if k in files and files[k] is None:
+                continue  # unreadable now (export after the data moved): not a change autoreg can see
+            if files.get(k) != old_pairs[name].get(k):
+                what = "was added" if k not in old_pairs[name] else "was removed" if k not in files else "changed"
+                return spec.key_of(k), f"pair '{name}': the {k.replace('.', ' ')} file {what} since the study began"
+    gone = sorted(set(old_pairs) - set(new_pairs))
+    if gone:
+        return "pairs", f"pair '{gone[0]}' of the study is no longer in the file"
+    return None
+
+
+def check_identity(study: optuna.Study, cfg: StudyConfig, *, record: bool = False) -> None:
+    """Refuse a study whose inputs changed since it was created. A study made before identities were recorded
+    has its stages checked, and with ``record`` (a resuming tune) gets the current identity."""
+    current = study_identity(cfg)
+    recorded = study.user_attrs.get(IDENTITY_ATTR)
+    if recorded is None:
+        stages = study.user_attrs.get("stages")
+        recorded = {"stages": stages} if stages is not None else {}
+        if list(recorded.get("stages", current["stages"])) == current["stages"]:
+            if record:
+                study.set_user_attr(IDENTITY_ATTR, current)
+            return
+    change = identity_change(recorded, current, cfg)
+    if change is not None:
+        key, what = change
+        raise UserError(
+            f"the study '{cfg.name}' was made with other inputs ({what}); to tune on these, start a new study: "
+            f"another 'name:' in {cfg.path.name}, or --study-dir",
+            file=cfg.path, key=key,
+        )
+
+
 def create_or_load(
     cfg: StudyConfig, spec: StorageSpec, space: SearchSpace, fingerprint: dict[str, Any]
 ) -> optuna.Study:
-    """Create the study (enqueueing the default recipe and the user's) or load it to continue."""
+    """Create the study (enqueueing the default recipe and the user's) or load it to continue (on the same inputs)."""
     storage = open_storage(spec)
     try:
-        optuna.load_study(study_name=cfg.name, storage=storage)
         study = optuna.load_study(study_name=cfg.name, storage=storage, pruner=make_pruner(cfg.prune))
         created = False
     except KeyError:
-        study = optuna.create_study(
-            study_name=cfg.name, storage=storage, direction="minimize", pruner=make_pruner(cfg.prune)
-        )
-        created = True
+        try:
+            study = optuna.create_study(
+                study_name=cfg.name, storage=storage, direction="minimize", pruner=make_pruner(cfg.prune)
+            )
+            created = True
+        except optuna.exceptions.DuplicatedStudyError:  # another tune created it just now
+            study = optuna.load_study(study_name=cfg.name, storage=storage, pruner=make_pruner(cfg.prune))
+            created = False
     if created:
+        study.set_user_attr(IDENTITY_ATTR, study_identity(cfg))
         study.set_user_attr("pair_file", str(cfg.path))
         study.set_user_attr("stages", list(cfg.stages))
         study.set_user_attr("objective", "tre_mean" if cfg.uses_landmarks else "holdout_loss")
@@ -399,18 +501,13 @@ def create_or_load(
             recipe = load_recipe(path)
             study.enqueue_trial({}, user_attrs={RECIPE_ATTR: recipe_to_dict(recipe), ROLE_ATTR: f"user:{path.name}"})
     else:
-        stages = study.user_attrs.get("stages")
-        if stages is not None and list(stages) != list(cfg.stages):
-            raise UserError(
-                f"the study '{cfg.name}' was tuned with stages {stages}; use another name for other stages",
-                file=cfg.path,
-                key="stages",
-            )
+        check_identity(study, cfg, record=True)
     return study
 
 
 def load_existing(cfg: StudyConfig, spec: StorageSpec) -> optuna.Study:
-    """The study for export/report/dashboard; a clear error when it was never tuned."""
+    """The study for export/report/dashboard, on the inputs it was made with; a clear error when it was never
+    tuned."""
     if spec.local_journal and not Path(spec.url).exists():
         raise UserError(
             f"no study found: looked for {spec.display}; pass --study-dir DIR (or --storage URL) where the study "
@@ -419,9 +516,11 @@ def load_existing(cfg: StudyConfig, spec: StorageSpec) -> optuna.Study:
         )
     storage = open_storage(spec)
     try:
-        return optuna.load_study(study_name=cfg.name, storage=storage)
+        study = optuna.load_study(study_name=cfg.name, storage=storage)
     except KeyError:
         raise UserError(f"no study named '{cfg.name}' in {spec.display}", file=cfg.path, key="name") from None
+    check_identity(study, cfg)
+    return study
 
 
 def _pid_alive(pid: int) -> bool:

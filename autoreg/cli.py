@@ -211,12 +211,15 @@ def _tune(args, cfg, directory, spec, study, alone: bool) -> int:
     import time
 
     from .progress import ProgressMonitor, snapshot
-    from .study import baseline_trial, best_trial, reap_stale_trials
-    from .workers import StopRequest, WorkerPlan, threads_per_worker
+    from .study import baseline_trial, best_trial, reap_stale_trials, take_launch_number
+    from .workers import StopRequest, WorkerPlan, budget_lock, threads_per_worker
 
     reaped = reap_stale_trials(study, alone=alone and spec.local_journal)
     if reaped:
         _out(f"{len(reaped)} trial(s) left RUNNING by a dead worker were failed and queued again: {reaped}")
+    lock_path = str(directory / "trials.lock")
+    with budget_lock(lock_path):  # two tunes started together get different numbers, hence sampler streams
+        launch = take_launch_number(study)
     target = args.trials if args.trials is not None else (None if args.timeout else DEFAULT_TRIALS)
     jobs = args.jobs or os.cpu_count() or 1
     threads = 1 if cfg.deterministic else threads_per_worker(jobs)
@@ -224,13 +227,15 @@ def _tune(args, cfg, directory, spec, study, alone: bool) -> int:
         pair_file=str(cfg.path),
         storage=spec,
         study_name=cfg.name,
-        lock_path=str(directory / "trials.lock"),
+        lock_path=lock_path,
         n_trials=target,
         deadline=(time.time() + args.timeout) if args.timeout else None,
         seed=cfg.seed,
         threads=threads,
         prune=cfg.prune,
         stop_file=str(directory / f"stop.{os.getpid()}"),
+        launch=launch,
+        launcher_pid=os.getpid(),
     )
     before = snapshot(study)
     if not args.quiet:

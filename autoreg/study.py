@@ -12,6 +12,7 @@ Storage is named by a string that travels to worker processes (never a storage o
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -347,20 +348,34 @@ def open_storage(spec: StorageSpec) -> optuna.storages.BaseStorage:
                         key="--storage") from None
 
 
-def make_sampler(seed: int, worker: int, resumed_at: int = 0) -> optuna.samplers.BaseSampler:
+def make_sampler(seed: int, worker: int, launch: int = 0) -> optuna.samplers.BaseSampler:
     """TPE over the conditional space; the constant liar keeps parallel workers from proposing the same point.
 
-    The sampler's seed depends on the study seed, the worker and how many trials the study held when the worker
-    started, so a resumed study does not replay the random start-up points it already tried."""
+    Each worker of each ``autoreg tune`` of a study draws its own stream: the sampler's seed comes from the study
+    seed, the launch number (``take_launch_number``) and the worker. Two tunes started together on one study
+    therefore never replay each other's proposals, a resumed study does not replay its random start-up points, and
+    one process alone on a new study is reproducible."""
+    digest = hashlib.sha256(f"{seed}:{launch}:{worker}".encode()).digest()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(
-            seed=(seed * 1_000_003 + worker * 7919 + resumed_at) % (2**31 - 1),
+            seed=int.from_bytes(digest[:4], "big") % (2**31 - 1),
             n_startup_trials=10,
             multivariate=True,
             group=True,
             constant_liar=True,
         )
+
+
+LAUNCHES_ATTR = "launches"
+
+
+def take_launch_number(study: optuna.Study) -> int:
+    """This tune's number among the tunes of the study (0 for the first), counted in the study itself. The caller
+    holds the study's budget lock, so that two tunes started together on this machine get different numbers."""
+    launch = int(study.user_attrs.get(LAUNCHES_ATTR, 0))
+    study.set_user_attr(LAUNCHES_ATTR, launch + 1)
+    return launch
 
 
 def make_pruner(enabled: bool) -> optuna.pruners.BasePruner:
@@ -523,7 +538,8 @@ def load_existing(cfg: StudyConfig, spec: StorageSpec) -> optuna.Study:
     return study
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine with this pid exists."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -549,7 +565,7 @@ def reap_stale_trials(study: optuna.Study, *, live_pids: set[int] = frozenset(),
         if not alone:
             if whost != host or not pid.isdigit():
                 continue
-            if int(pid) in live_pids or (_pid_alive(int(pid)) and int(pid) != os.getpid()):
+            if int(pid) in live_pids or (pid_alive(int(pid)) and int(pid) != os.getpid()):
                 continue
         storage = study._storage  # noqa: SLF001 - Optuna has no public call to fail another process's trial
         again = "retry_of" in t.user_attrs

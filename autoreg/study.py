@@ -332,7 +332,8 @@ def open_storage(spec: StorageSpec) -> optuna.storages.BaseStorage:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return JournalStorage(JournalRedisBackend(url))
         if _is_url(url):
-            raise UserError(f"unsupported storage URL scheme (got {excerpt(redact(url), quote=False)})", key="--storage")
+            raise UserError(f"unsupported storage URL scheme (got {excerpt(redact(url), quote=False)})",
+                            key="--storage")
         path = Path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(RepairingJournalFileBackend(str(path), lock_obj=journal_lock(path)))

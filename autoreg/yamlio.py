@@ -65,7 +65,8 @@ class _BoundedLoader(yaml.SafeLoader):
                     continue
                 if first is not None:
                     raise _Refused(
-                        f"duplicate key {excerpt(key)} at line {line} (first at line {first}); each key may appear once",
+                        f"duplicate key {excerpt(key)} at line {line} (first at line {first}); "
+                        "each key may appear once",
                         line,
                         key=excerpt(key, quote=False),
                     )
@@ -95,7 +96,8 @@ def _check_expanded_size(root: yaml.Node) -> None:
         if ident in size:
             continue
         if ident in open_nodes:
-            raise _Refused("an alias refers to a node that contains it (a recursive structure)", node.start_mark.line + 1)
+            raise _Refused("an alias refers to a node that contains it (a recursive structure)",
+                           node.start_mark.line + 1)
         open_nodes.add(ident)
         stack.append((node, True))
         for child in _children(node):

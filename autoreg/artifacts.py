@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Mapping
 
+import numpy as np
 import optuna
 import SimpleITK as sitk
 from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upload_artifact
@@ -54,22 +55,34 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "pair"
 
 
-def tre_rows(pair: PairData, transform: sitk.Transform) -> list[dict[str, float | int]]:
-    """Per landmark: its fixed and moving coordinates, TRE before (identity) and after ``transform``."""
+def tre_rows(pair: PairData, transform: sitk.Transform) -> list[dict[str, float | int | str]]:
+    """Per landmark (numbered as in its files): its fixed and moving coordinates, TRE before (identity) and after
+    ``transform``, and, where the study split the landmarks, whether it selected or only reports (``set``)."""
     if pair.fixed_points is None or pair.moving_points is None:
         return []
+    fixed, moving, sets = pair.fixed_points, pair.moving_points, ["select"] * len(pair.fixed_points)
+    numbers = list(range(1, len(fixed) + 1))
+    if pair.report_rows is not None:
+        n = len(fixed) + len(pair.report_rows)
+        report = set(int(r) for r in pair.report_rows)
+        numbers = [r + 1 for r in range(n) if r not in report] + [int(r) + 1 for r in pair.report_rows]
+        fixed = np.vstack([fixed, pair.report_fixed_points])
+        moving = np.vstack([moving, pair.report_moving_points])
+        sets += ["report"] * len(pair.report_rows)
     identity = sitk.Transform(pair.dim, sitk.sitkIdentity)
-    before = per_point_tre(identity, pair.fixed_points, pair.moving_points)
-    after = per_point_tre(transform, pair.fixed_points, pair.moving_points)
+    before = per_point_tre(identity, fixed, moving)
+    after = per_point_tre(transform, fixed, moving)
     axes = "xyz"[: pair.dim]
     rows = []
-    for i, (fp, mp, b, a) in enumerate(zip(pair.fixed_points, pair.moving_points, before, after)):
-        row: dict[str, float | int] = {"landmark": i + 1}
+    for number, fp, mp, b, a, which in zip(numbers, fixed, moving, before, after, sets):
+        row: dict[str, float | int | str] = {"landmark": number}
         row.update({f"fixed_{c}": float(v) for c, v in zip(axes, fp)})
         row.update({f"moving_{c}": float(v) for c, v in zip(axes, mp)})
         row.update({"tre_before": float(b), "tre_after": float(a)})
+        if pair.report_rows is not None:
+            row["set"] = which
         rows.append(row)
-    return rows
+    return sorted(rows, key=lambda r: r["landmark"])
 
 
 def write_tre_csv(path: Path, rows: list[dict[str, float | int]]) -> None:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import re
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 import SimpleITK as sitk
 
 from . import __version__
-from .errors import RegistrationFailed, UserError
+from .config import SEED_LIMIT
+from .errors import RegistrationFailed, UserError, excerpt
 from .quiet import LIBRARY_LOG
 
 EXIT_OK = 0
@@ -22,12 +25,35 @@ EXIT_INTERRUPTED = 130
 log = logging.getLogger("autoreg")
 
 
+#: The ``--storage`` URL of this run: its password is hidden from every line printed (see ``study.redact``).
+_storage_url: str | None = None
+
+
+def _shown(text: str) -> str:
+    if not _storage_url:
+        return text
+    from .study import redact
+
+    return redact(text, _storage_url)
+
+
 def _out(text: str = "") -> None:
-    print(text, flush=True)
+    print(_shown(text), flush=True)
 
 
 def _err(text: str) -> None:
-    print(f"autoreg: {text}", file=sys.stderr, flush=True)
+    print(f"autoreg: {_shown(text)}", file=sys.stderr, flush=True)
+
+
+class _RedactingFilter(logging.Filter):
+    """Log records pass through the same redaction as printed lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        shown = _shown(text)
+        if shown != text:
+            record.msg, record.args = shown, None
+        return True
 
 
 # --- check -----------------------------------------------------------------------------------------------------
@@ -215,14 +241,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from .study import TuneLock, create_or_load, write_study_info
 
     cfg, directory, spec = _open_study_args(args)
-    if args.trials is not None and args.trials < 1:
-        raise UserError("expected a positive number of trials", key="--trials")
-    if args.jobs is not None and args.jobs < 1:
-        raise UserError("expected at least one job", key="--jobs")
     pipe = Pipeline(cfg, seed=args.seed)
     cfg = pipe.cfg
+    study = create_or_load(cfg, spec, pipe.space, pipe.provenance)  # refuses changed inputs before study.json
     write_study_info(directory, cfg, spec, pipe.provenance)
-    study = create_or_load(cfg, spec, pipe.space, pipe.provenance)
     with TuneLock(directory) as alone:
         return _tune(args, cfg, directory, spec, study, alone)
 
@@ -232,12 +254,15 @@ def _tune(args, cfg, directory, spec, study, alone: bool) -> int:
     import time
 
     from .progress import ProgressMonitor, snapshot
-    from .study import best_and_baseline_of, cost_model, reap_stale_trials
-    from .workers import StopRequest, WorkerPlan, threads_per_worker
+    from .study import best_and_baseline_of, cost_model, reap_stale_trials, take_launch_number
+    from .workers import StopRequest, WorkerPlan, budget_lock, threads_per_worker
 
     reaped = reap_stale_trials(study, alone=alone and spec.local_journal)
     if reaped:
         _out(f"{len(reaped)} trial(s) left RUNNING by a dead worker were failed and queued again: {reaped}")
+    lock_path = str(directory / "trials.lock")
+    with budget_lock(lock_path):  # two tunes started together get different numbers, hence sampler streams
+        launch = take_launch_number(study)
     target = args.trials if args.trials is not None else (None if args.timeout else DEFAULT_TRIALS)
     jobs = args.jobs or os.cpu_count() or 1
     threads = 1 if cfg.deterministic else threads_per_worker(jobs)
@@ -246,7 +271,7 @@ def _tune(args, cfg, directory, spec, study, alone: bool) -> int:
         pair_file=str(cfg.path),
         storage=spec,
         study_name=cfg.name,
-        lock_path=str(directory / "trials.lock"),
+        lock_path=lock_path,
         n_trials=target,
         deadline=(time.time() + args.timeout) if args.timeout else None,
         seed=cfg.seed,
@@ -254,6 +279,8 @@ def _tune(args, cfg, directory, spec, study, alone: bool) -> int:
         prune=cfg.prune,
         stop_file=str(directory / f"stop.{os.getpid()}"),
         trial_budget_s=args.timeout * jobs / target if args.timeout and target else None,
+        launch=launch,
+        launcher_pid=os.getpid(),
     )
     before = snapshot(study)
     if not args.quiet:
@@ -346,10 +373,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_best
 
     cfg, directory, spec = _open_study_args(args)
-    if args.repeats < 0:
-        raise UserError("expected 0 or more repeats", key="--repeats")
-    if args.within is not None and not (0 <= args.within < 1e6):
-        raise UserError(f"expected a percentage of 0 or more (got {args.within})", key="--within")
     text, trial = export_best(cfg, spec, fmt=args.format, repeats=args.repeats, within=args.within)
     out = Path(args.output)
     try:
@@ -372,8 +395,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     pipe = Pipeline.load(args.pair)
     cfg = pipe.cfg
-    if args.repeats < 1:
-        raise UserError("expected at least one repeat", key="--repeats")
     specs = list(cfg.holdout) if args.holdout_only else [*cfg.pairs, *cfg.holdout]
     if not specs:
         raise UserError("no holdout pairs in the file", file=cfg.path, key="holdout")
@@ -441,23 +462,102 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 # --- the parser -----------------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line, like every other user error (argparse adds a usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        message = re.sub(r"^argument ([^:]+): ", r"\1: ", message)
+        _err(f"error: {message} (see '{self.prog} --help')")
+        self.exit(EXIT_USER_ERROR)
+
+
+def _whole(low: int, high: int) -> Callable[[str], int]:
+    """An ``argparse`` type: a whole number from ``low`` to ``high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high} (got {excerpt(text)})") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high} (got {value})")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    """An ``argparse`` type: a finite, positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive, finite number of seconds (got {excerpt(text)})")
+    return value
+
+
+def _percent(text: str) -> float:
+    """An ``argparse`` type: a finite percentage of 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a percentage of 0 or more (got {excerpt(text)})")
+    return value
+
+
+def _folder(text: str) -> Path:
+    """An ``argparse`` type: a folder that exists or can be made (no file or device on its path)."""
+    path = Path(text).expanduser()
+    for part in (path, *path.parents):
+        if part.exists() or part.is_symlink():
+            if not part.is_dir():
+                what = "a file" if part.is_file() else "a device or other special file"
+                raise argparse.ArgumentTypeError(f"expected a folder; {excerpt(str(part))} is {what}")
+            break
+    return path
+
+
+def _output_file(text: str) -> Path:
+    """An ``argparse`` type: a file to write, in a folder that exists (checked before any work is done)."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"expected a file to write; {excerpt(text)} is a folder")
+    parent = path.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"expected a file in an existing folder; {excerpt(str(parent), quote=False)} is not a folder"
+        )
+    return path
+
+
+#: Ranges of the numeric options: generous, but none that would start absurd work or wrap around.
+MAX_TRIALS = 1_000_000
+MAX_JOBS = 256
+MAX_REPEATS = 1000
+MAX_THREADS = 1024
+
+
 def _study_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--study-dir", help="folder of the study's files (default: studies/<name>)")
+    p.add_argument("--study-dir", type=_folder,
+                   help="folder of the study's files (default: studies/<name> beside PAIR.yaml)")
     p.add_argument("--storage", help="Optuna storage URL (e.g. postgresql://...) instead of the journal file")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="autoreg", description=__doc__ and "Tune SimpleITK registration recipes.")
+    parser = _Parser(prog="autoreg", description=__doc__ and "Tune SimpleITK registration recipes.")
     parser.add_argument("--version", action="version", version=f"autoreg {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("tune", help="create or resume the study and run trials")
     p.add_argument("pair", help="PAIR.yaml")
-    p.add_argument("--trials", type=int, help=f"total trials in the study, all workers together (default {DEFAULT_TRIALS} without --timeout)")
-    p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
-    p.add_argument("--jobs", type=int, help="worker processes (default: all cores)")
-    p.add_argument("--seed", type=int, help="study seed (overrides PAIR.yaml's 'seed')")
+    p.add_argument("--trials", type=_whole(1, MAX_TRIALS), help=f"total trials in the study, all workers together (default {DEFAULT_TRIALS} without --timeout)")
+    p.add_argument("--timeout", type=_seconds, help="stop starting trials after this many seconds")
+    p.add_argument("--jobs", type=_whole(1, MAX_JOBS), help="worker processes (default: all cores)")
+    p.add_argument("--seed", type=_whole(0, SEED_LIMIT - 1), help="study seed (overrides PAIR.yaml's 'seed')")
     _study_args(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no live progress, only the summary")
     p.set_defaults(func=cmd_tune)
@@ -465,34 +565,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the best trial as a recipe")
     p.add_argument("pair", help="PAIR.yaml")
     _study_args(p)
-    p.add_argument("-o", "--output", required=True, help="RECIPE.yaml (or recipe.py with --format python)")
+    p.add_argument("-o", "--output", type=_output_file, required=True,
+                   help="RECIPE.yaml (or recipe.py with --format python)")
     p.add_argument("--format", choices=("yaml", "python"), default="yaml")
-    p.add_argument("--repeats", type=int, default=3,
+    p.add_argument("--repeats", type=_whole(0, MAX_REPEATS), default=3,
                    help="re-run the best recipe this many times under other seeds and store the spread (0: skip)")
-    p.add_argument("--within", type=float, metavar="PCT",
+    p.add_argument("--within", type=_percent, metavar="PCT",
                    help="the fastest recipe whose score is within PCT %% of the best, instead of the best")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="score a recipe on pairs, repeated to show its run-to-run spread")
     p.add_argument("recipe", help="RECIPE.yaml")
     p.add_argument("pair", help="PAIR.yaml whose pairs (and holdout pairs) to score")
-    p.add_argument("--repeats", type=int, default=1, help="runs per pair under different sampling seeds")
+    p.add_argument("--repeats", type=_whole(1, MAX_REPEATS), default=1, help="runs per pair under different sampling seeds")
     p.add_argument("--deterministic", action="store_true", help="one thread and the recipe's own seed: repeats must be identical")
     p.add_argument("--holdout-only", action="store_true", help="only the pairs under 'holdout:'")
-    p.add_argument("--json", help="also write the figures as JSON")
+    p.add_argument("--json", type=_output_file, help="also write the figures as JSON")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("report", help="write an offline HTML report of the study")
     p.add_argument("pair", help="PAIR.yaml")
     _study_args(p)
-    p.add_argument("-o", "--output", required=True, help="report.html")
+    p.add_argument("-o", "--output", type=_output_file, required=True, help="report.html")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("dashboard", help="serve optuna-dashboard over the study's storage")
     p.add_argument("pair", help="PAIR.yaml")
     _study_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--port", type=_whole(1, 65535), default=8080, help="port (default 8080)")
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("check", help="validate PAIR.yaml and its data without tuning")
@@ -503,13 +604,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="RECIPE.yaml")
     p.add_argument("--fixed", required=True)
     p.add_argument("--moving", required=True)
-    p.add_argument("--transform-out", required=True, help="output transform (.tfm), maps fixed to moving points")
-    p.add_argument("--image-out", help="write the moving image resampled onto the fixed grid")
+    p.add_argument("--transform-out", type=_output_file, required=True, help="output transform (.tfm), maps fixed to moving points")
+    p.add_argument("--image-out", type=_output_file, help="write the moving image resampled onto the fixed grid")
     p.add_argument("--fixed-mask")
     p.add_argument("--moving-mask")
     p.add_argument("--fixed-landmarks", help="report TRE against these landmarks (any supported format)")
     p.add_argument("--moving-landmarks")
-    p.add_argument("--threads", type=int, help="override the recipe's ITK thread count")
+    p.add_argument("--threads", type=_whole(1, MAX_THREADS), help="override the recipe's ITK thread count")
     p.set_defaults(func=cmd_apply)
     return parser
 
@@ -518,9 +619,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     import warnings
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a bad option (already reported in one line)
+        return int(done.code or 0) if not isinstance(done.code, str) else EXIT_USER_ERROR
     level = logging.WARNING - 10 * min(2, args.verbose)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    global _storage_url
+    _storage_url = getattr(args, "storage", None)
+    for handler in (*logging.getLogger().handlers, *logging.getLogger("optuna").handlers):
+        if not any(isinstance(f, _RedactingFilter) for f in handler.filters):
+            handler.addFilter(_RedactingFilter())
     # What the libraries say (C-level stderr caught around image I/O, Python warnings) is shown with -v only.
     logging.getLogger(LIBRARY_LOG).setLevel(logging.DEBUG if args.verbose else logging.NOTSET)
     with warnings.catch_warnings():

@@ -11,13 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import UserError
+from .errors import UserError, excerpt
 from .recipe import TRANSFORM_RANK, check_stage_order, user_error_from_validation
+from .yamlio import load_yaml_file
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+#: Study seeds run from 0 to SEED_LIMIT - 1 (what NumPy and Optuna's samplers accept).
+SEED_LIMIT = 2**31
+#: A study's name names its folder and its entry in a shared database: short enough for both.
+MAX_NAME_CHARS = 100
 
 
 class _Strict(BaseModel):
@@ -81,7 +85,7 @@ class _PairFile(_Strict):
     pairs: list[_Pair] | None = None
     holdout: list[_Pair] | None = None
     stages: list[str]
-    seed: int = Field(0, ge=0, lt=2**31)
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
     search: dict[str, _Range | float | int | str | bool | list[Any] | None] | None = None
     objective: Objective = Objective()
     #: Recipe files (relative to this file) enqueued as starting points after the default recipe.
@@ -95,8 +99,12 @@ class _PairFile(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_PATTERN.match(v):
-            raise ValueError("expected letters, digits, '_', '-' or '.' (it names the study folder)")
+        if len(v) > MAX_NAME_CHARS:
+            raise ValueError(f"expected at most {MAX_NAME_CHARS} characters (got {len(v)}; it names the study folder)")
+        if not NAME_PATTERN.fullmatch(v):
+            raise ValueError(
+                f"expected letters, digits, '_', '-' or '.' (got {excerpt(v)}; it names the study folder)"
+            )
         return v
 
     @field_validator("stages")
@@ -246,7 +254,7 @@ def parse_pair_file(data: Any, path: Path) -> StudyConfig:
         if spec.name in seen:
             first = seen[spec.name].key_of("name") if seen[spec.name].key else "name"
             raise UserError(
-                f"pair name '{spec.name}' is already used by {first}; names must be unique",
+                f"pair name {excerpt(spec.name)} is already used by {first}; names must be unique",
                 file=source,
                 key=spec.key_of("name"),
             )
@@ -275,22 +283,9 @@ def parse_pair_file(data: Any, path: Path) -> StudyConfig:
 
 
 def load_config(path: str | Path) -> StudyConfig:
-    """Read and validate PAIR.yaml (safe loader); raises UserError with file and key."""
+    """Read and validate PAIR.yaml (bounded safe loader); raises UserError with file and key."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError("file not found", file=path) from None
-    except UnicodeDecodeError as err:
-        raise UserError(f"not a UTF-8 text file (byte {err.start}); expected YAML", file=path) from None
-    except OSError as err:
-        raise UserError(f"cannot read ({err.strerror})", file=path) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"not valid YAML ({getattr(err, 'problem', None) or 'syntax error'}{where})", file=path) from None
+    data = load_yaml_file(path, what="YAML")
     return parse_pair_file(data, path.resolve())
 
 

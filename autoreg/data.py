@@ -60,6 +60,8 @@ class PairData:
     #: Landmarks kept aside for the honest score (``objective.report_fraction``): never seen by the search.
     report_fixed_points: np.ndarray | None = None
     report_moving_points: np.ndarray | None = None
+    #: Their rows in the landmark files (0-based); the selection points are the other rows, in order.
+    report_rows: np.ndarray | None = None
 
     @property
     def name(self) -> str:

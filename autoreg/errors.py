@@ -2,7 +2,38 @@
 
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
+from typing import Any
+
+#: The most characters of the user's input (a value, a key) that any message quotes.
+EXCERPT_CHARS = 60
+#: A message longer than this is cut in the middle: no error line may carry a file's worth of input.
+MAX_MESSAGE_CHARS = 1000
+
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = _repr.maxlong = EXCERPT_CHARS
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 6
+_repr.maxlevel = 3
+
+
+def excerpt(value: Any, limit: int = EXCERPT_CHARS, *, quote: bool = True) -> str:
+    """A value from the user's input as a short one-line excerpt (repr-quoted unless ``quote=False``): at most
+    ``limit`` characters, never built from more than a bounded part of the value."""
+    if isinstance(value, str):
+        head = value[: limit + 1]
+        shown = repr(head) if quote else head.encode("unicode_escape").decode("ascii")
+        cut = len(value) > limit
+    else:
+        shown = _repr.repr(value)
+        cut = False
+    if cut or len(shown) > limit:
+        shown = shown[: max(1, limit - 3)] + "..."
+    return shown
+
+
+def _clamp(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[: limit // 2]} ... {text[-(limit // 2) :]}"
 
 
 class UserError(Exception):
@@ -12,10 +43,10 @@ class UserError(Exception):
     """
 
     def __init__(self, message: str, *, file: str | Path | None = None, key: str | None = None):
-        self.file = str(file) if file is not None else None
-        self.key = key
-        self.detail = message
-        parts = [p for p in (self.file, key) if p]
+        self.file = _clamp(str(file), MAX_MESSAGE_CHARS // 2) if file is not None else None
+        self.key = excerpt(key, 2 * EXCERPT_CHARS, quote=False) if key is not None else None
+        self.detail = message = _clamp(message, MAX_MESSAGE_CHARS)
+        parts = [p for p in (self.file, self.key) if p]
         super().__init__(": ".join([*parts, message]))
 
 

@@ -48,7 +48,7 @@ class Pipeline:
                 continue
             out.append(replace(pair, fixed_points=pair.fixed_points[select], moving_points=pair.moving_points[select],
                                report_fixed_points=pair.fixed_points[report],
-                               report_moving_points=pair.moving_points[report]))
+                               report_moving_points=pair.moving_points[report], report_rows=report))
         return out
 
     @cached_property

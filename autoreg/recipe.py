@@ -21,8 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, excerpt
 from .registration import LINEAR_KINDS, threads_of
+from .yamlio import load_yaml_file, load_yaml_text
 
 RECIPE_FORMAT = 2
 
@@ -515,7 +516,7 @@ def recipe_from_dict(data: Any, *, source: str = "recipe") -> Recipe:
     if version == 1:
         data = upgrade_v1(data)
     elif version != RECIPE_FORMAT:
-        raise UserError(f"unknown recipe format {version!r} (this autoreg reads 1 and 2)", file=source,
+        raise UserError(f"unknown recipe format {excerpt(version)} (this autoreg reads 1 and 2)", file=source,
                         key="autoreg_recipe")
     try:
         return Recipe.model_validate(data)
@@ -524,34 +525,16 @@ def recipe_from_dict(data: Any, *, source: str = "recipe") -> Recipe:
 
 
 def recipe_from_yaml(text: str, *, source: str = "recipe") -> Recipe:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise UserError(f"not valid YAML ({_yaml_problem(err)})", file=source) from None
-    return recipe_from_dict(data, source=source)
+    return recipe_from_dict(load_yaml_text(text, source=source), source=source)
 
 
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError("recipe file not found", file=path) from None
-    except UnicodeDecodeError:
-        raise UserError("not a text file (expected a YAML recipe)", file=path) from None
-    except OSError as err:
-        raise UserError(f"cannot read recipe ({err.strerror})", file=path) from None
-    return recipe_from_yaml(text, source=str(path))
+    return recipe_from_dict(load_yaml_file(path, what="YAML recipe", missing="recipe file not found"), source=str(path))
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
     Path(path).write_text(recipe_to_yaml(recipe), encoding="utf-8")
-
-
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    mark = getattr(err, "problem_mark", None)
-    problem = getattr(err, "problem", None) or "syntax error"
-    return f"{problem} at line {mark.line + 1}" if mark is not None else str(problem)
 
 
 def dotted(loc: tuple[Any, ...]) -> str:
@@ -588,11 +571,11 @@ def user_error_from_validation(err: ValidationError, source: str) -> UserError:
     elif kind in ("union_tag_invalid", "union_tag_not_found"):
         ctx = first.get("ctx") or {}
         expected = ctx.get("expected_tags", "")
-        msg = f"expected 'kind' to be one of {expected}" + (f" (got {ctx['tag']!r})" if "tag" in ctx else "")
+        msg = f"expected 'kind' to be one of {expected}" + (f" (got {excerpt(ctx['tag'])})" if "tag" in ctx else "")
     else:
         msg = first["msg"].removeprefix("Value error, ")
         if "input" in first and kind.startswith(("literal", "int", "float", "bool", "string")):
-            msg += f" (got {first['input']!r})"
+            msg += f" (got {excerpt(first['input'])})"
     return UserError(msg, file=source, key=key)
 
 

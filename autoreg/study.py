@@ -11,15 +11,18 @@ Storage is named by a string that travels to worker processes (never a storage o
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import optuna
@@ -29,7 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .config import StudyConfig
 from .cost import CostModel
-from .errors import UserError
+from .errors import UserError, excerpt
 from .objective import RUNGS
 from .recipe import load_recipe, recipe_to_dict
 from .space import SearchSpace
@@ -51,11 +54,15 @@ class FlockJournalLock:
         self.path = str(path)
         self._fh = None
 
-    def acquire(self) -> bool:
+    def acquire(self, blocking: bool = True) -> bool:
         import fcntl
 
         fh = open(self.path, "a+")
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            return False
         self._fh = fh
         return True
 
@@ -66,6 +73,112 @@ class FlockJournalLock:
         if fh is not None:
             fcntl.flock(fh, fcntl.LOCK_UN)
             fh.close()
+
+
+#: What a torn record is read as: a study attribute set on no study (Optuna's replay skips it), so that the
+#: journal's line numbers and the storage's count of records read stay the same in every process.
+_NO_OP_RECORD = {"op_code": 2, "worker_id": "autoreg:torn-record", "study_id": -1, "user_attr": {}}
+#: Where a record starts: json.dumps of Optuna's records with separators (",", ":").
+_RECORD_START = b'{"op_code":'
+_warned_torn: set[tuple[str, int]] = set()
+
+
+class RepairingJournalFileBackend(JournalFileBackend):
+    """Optuna's journal file, robust to a record torn by a writer that died in the middle of an append.
+
+    Optuna reads a torn last line as "being written" and skips it; the next append then continues that line, and
+    from then on every read fails. Here an append that finds an unterminated last line (under the journal lock, so
+    no writer is mid-write) starts on a new line; a reader that can take the lock at once closes such a line itself;
+    and a line that is not a record is read as a no-op with a warning (a whole record glued onto a torn one by an
+    older autoreg is recovered). Only ``read_logs`` and ``append_logs`` differ from Optuna 5's JournalFileBackend.
+    """
+
+    def read_logs(self, log_number_from: int) -> Iterator[dict[str, Any]]:
+        self._close_torn_tail(wait=False)
+        with open(self._file_path, "rb") as f:
+            remaining = os.fstat(f.fileno()).st_size  # what another process appends meanwhile is read next time
+            start = 0
+            if log_number_from in self._log_number_offset:
+                f.seek(self._log_number_offset[log_number_from])
+                start = log_number_from
+                remaining -= self._log_number_offset[log_number_from]
+            for number, line in enumerate(f, start=start):
+                remaining -= len(line)
+                if remaining < 0 or not line.endswith(b"\n"):
+                    break  # being written now (or torn, and closed by the next append)
+                self._log_number_offset.setdefault(number + 1, self._log_number_offset[number] + len(line))
+                if number >= log_number_from:
+                    yield self._decode(line, number)
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        text = "".join(json.dumps(record, separators=(",", ":")) + "\n" for record in logs).encode("utf-8")
+        self._lock.acquire()
+        try:
+            if not self._ends_cleanly():
+                self._warn_torn(self._count_lines(), "closed it and appended after it")
+                text = b"\n" + text
+            with open(self._file_path, "ab") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            self._lock.release()
+
+    def _decode(self, line: bytes, number: int) -> dict[str, Any]:
+        try:
+            record = json.loads(line)
+            if isinstance(record, dict) and "op_code" in record:
+                return record
+        except ValueError:  # JSONDecodeError, or a torn multi-byte character
+            pass
+        glued = line.rfind(_RECORD_START)
+        if glued > 0:
+            try:
+                record = json.loads(line[glued:])
+                if isinstance(record, dict) and "op_code" in record:
+                    self._warn_torn(number, "skipped it and kept the record written after it on the same line")
+                    return record
+            except ValueError:
+                pass
+        self._warn_torn(number, "skipped it")
+        return dict(_NO_OP_RECORD)
+
+    def _warn_torn(self, number: int, what: str) -> None:
+        if (self._file_path, number) not in _warned_torn:
+            _warned_torn.add((self._file_path, number))
+            log.warning("journal %s: line %d holds a torn record (a process died while writing it); %s",
+                        self._file_path, number + 1, what)
+
+    def _ends_cleanly(self) -> bool:
+        with open(self._file_path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return True
+            f.seek(size - 1)
+            return f.read(1) == b"\n"
+
+    def _count_lines(self) -> int:
+        """The 0-based number of the file's last line."""
+        with open(self._file_path, "rb") as f:
+            return sum(1 for _ in f) - 1
+
+    def _close_torn_tail(self, *, wait: bool) -> None:
+        """End an unterminated last line with a newline if no writer holds the lock (so nobody is writing it)."""
+        if self._ends_cleanly() or not isinstance(self._lock, FlockJournalLock):
+            return
+        if not self._lock.acquire(blocking=wait):
+            return
+        try:
+            if not self._ends_cleanly():
+                with open(self._file_path, "ab") as f:
+                    f.write(b"\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                self._warn_torn(self._count_lines(), "closed it")
+        except OSError as err:  # a read-only journal: read it as it is
+            log.debug("cannot close the torn last line of %s: %s", self._file_path, err)
+        finally:
+            self._lock.release()
 
 
 def journal_lock(journal: Path):
@@ -104,17 +217,39 @@ class TuneLock:
             self._fh.close()
 
 
+STUDIES_FOLDER = "studies"
+
+
+def default_study_dir(cfg: StudyConfig) -> Path:
+    """``studies/<name>`` beside PAIR.yaml: found the same from any working directory."""
+    return cfg.path.parent / STUDIES_FOLDER / cfg.name
+
+
 def study_dir(cfg: StudyConfig, override: str | Path | None = None) -> Path:
-    """``--study-dir`` or ``studies/<name>`` (relative to the current directory)."""
-    return Path(override) if override else Path("studies") / cfg.name
+    """``--study-dir``, or the default beside PAIR.yaml. A study that an older autoreg kept in ``studies/<name>``
+    of the working directory (for this same PAIR.yaml) is still used there, with a warning."""
+    if override:
+        return Path(override)
+    default = default_study_dir(cfg)
+    legacy = Path.cwd() / STUDIES_FOLDER / cfg.name
+    if not (default / JOURNAL_NAME).exists() and (legacy / JOURNAL_NAME).exists() and legacy != default:
+        try:
+            recorded = json.loads((legacy / "study.json").read_text(encoding="utf-8")).get("pair_file")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded == str(cfg.path):
+            log.warning("using the study in %s (the old default, beside the working directory); move it to %s or "
+                        "pass --study-dir", legacy, default)
+            return legacy
+    return default
 
 
 @dataclass(frozen=True)
 class StorageSpec:
     """A storage as a picklable string, and whether it is this machine's default journal file."""
 
-    url: str
-    local_journal: bool
+    url: str = field(repr=False)  # may hold a password: shown only through ``display``
+    local_journal: bool = False
 
     @property
     def display(self) -> str:
@@ -131,21 +266,52 @@ def _is_url(text: str) -> bool:
     return "://" in text
 
 
-def redact(url: str) -> str:
-    """The URL with any password replaced, safe to print."""
-    if not _is_url(url):
-        return url
-    try:
-        from sqlalchemy.engine import make_url
+#: A URL inside any text: scheme://... up to white space or a quote.
+_URL_IN_TEXT = re.compile(r"\b([A-Za-z][A-Za-z0-9+.\-]*://)([^\s'\"<>`]*)")
+#: Query parameters whose value is a secret (password=, sslpassword=, token=, api_key=...).
+_SECRET_PARAM = re.compile(r"([?&;])([^=&;#]*(?:pass|pwd|secret|token|key|auth|cred)[^=&;#]*)=([^&;#]*)", re.I)
+_MASK = "***"
 
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not an SQLAlchemy URL (redis://user:pw@host)
-        head, sep, tail = url.partition("://")
-        if "@" in tail:
-            cred, at, host = tail.rpartition("@")
-            user = cred.split(":", 1)[0]
-            return f"{head}{sep}{user}:***@{host}"
-        return url
+
+def redact(text: str, url: str | None = None) -> str:
+    """``text`` with the password of every URL in it hidden, safe to print or store: the password of the userinfo
+    (``user:pw@``, even with ``@`` inside ``pw``) and secret query parameters (``?password=``). With ``url``, every
+    literal occurrence of that URL's secrets is hidden too (a driver's message may quote a password alone).
+    The one place where autoreg hides passwords: messages, ``study.json`` and exported recipes all go through it."""
+    shown = _URL_IN_TEXT.sub(lambda m: m.group(1) + _redact_rest(m.group(2)), text)
+    for secret in sorted(_secrets_of(url), key=len, reverse=True) if url else ():
+        shown = shown.replace(secret, _MASK)
+    return shown
+
+
+def _redact_rest(rest: str) -> str:
+    """What follows ``scheme://``: secret query values masked first, then everything of the userinfo after the
+    user name, up to the last ``@`` (a password may hold ``@``; masking too much is the safe side)."""
+    rest = _SECRET_PARAM.sub(lambda m: f"{m.group(1)}{m.group(2)}={_MASK}", rest)
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return rest
+    user, colon, _ = userinfo.partition(":")
+    if not colon:
+        return rest  # a user name alone (or an '@' in a path): nothing secret
+    return f"{user}:{_MASK}@{host}"
+
+
+def _secrets_of(url: str) -> set[str]:
+    """The secrets a URL holds, as written and percent-decoded (only those long enough to find safely)."""
+    from urllib.parse import unquote
+
+    if not _is_url(url):
+        return set()
+    rest = url.partition("://")[2]
+    found = [m.group(3) for m in _SECRET_PARAM.finditer(rest)]
+    userinfo, at, _ = _SECRET_PARAM.sub("", rest).rpartition("@")
+    if at and ":" in userinfo:
+        password = userinfo.partition(":")[2]
+        found.append(password)
+    found += [unquote(v) for v in found]
+    found += [piece for v in found for piece in v.split("@")]  # as a parser that stops at an '@' would cut it
+    return {v for v in found if len(v) >= 3 and v != _MASK}
 
 
 def open_storage(spec: StorageSpec) -> optuna.storages.BaseStorage:
@@ -165,12 +331,15 @@ def open_storage(spec: StorageSpec) -> optuna.storages.BaseStorage:
         if url.startswith("redis://"):
             from optuna.storages.journal import JournalRedisBackend
 
-            return JournalStorage(JournalRedisBackend(url))
+            with warnings.catch_warnings():  # 'experimental' since Optuna 3.1, and the documented way
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return JournalStorage(JournalRedisBackend(url))
         if _is_url(url):
-            raise UserError(f"unsupported storage URL scheme (got {redact(url)})", key="--storage")
+            raise UserError(f"unsupported storage URL scheme (got {excerpt(redact(url), quote=False)})",
+                            key="--storage")
         path = Path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path), lock_obj=journal_lock(path)))
+        return JournalStorage(RepairingJournalFileBackend(str(path), lock_obj=journal_lock(path)))
     except UserError:
         raise
     except ImportError as err:  # SQLAlchemy's missing DB-API module is the cause of Optuna's ImportError
@@ -179,23 +348,38 @@ def open_storage(spec: StorageSpec) -> optuna.storages.BaseStorage:
         raise UserError(f"storage {redact(url)} needs {driver}, which is not installed{hint}", key="--storage") from None
     except Exception as err:  # noqa: BLE001 - connection refused, bad credentials...
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot open storage {redact(url)} ({redact(msg)[:200]})", key="--storage") from None
+        raise UserError(f"cannot open storage {redact(url)} ({excerpt(redact(msg, url), 200, quote=False)})",
+                        key="--storage") from None
 
 
-def make_sampler(seed: int, worker: int, resumed_at: int = 0) -> optuna.samplers.BaseSampler:
+def make_sampler(seed: int, worker: int, launch: int = 0) -> optuna.samplers.BaseSampler:
     """TPE over the conditional space; the constant liar keeps parallel workers from proposing the same point.
 
-    The sampler's seed depends on the study seed, the worker and how many trials the study held when the worker
-    started, so a resumed study does not replay the random start-up points it already tried."""
+    Each worker of each ``autoreg tune`` of a study draws its own stream: the sampler's seed comes from the study
+    seed, the launch number (``take_launch_number``) and the worker. Two tunes started together on one study
+    therefore never replay each other's proposals, a resumed study does not replay its random start-up points, and
+    one process alone on a new study is reproducible."""
+    digest = hashlib.sha256(f"{seed}:{launch}:{worker}".encode()).digest()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(
-            seed=(seed * 1_000_003 + worker * 7919 + resumed_at) % (2**31 - 1),
+            seed=int.from_bytes(digest[:4], "big") % (2**31 - 1),
             n_startup_trials=10,
             multivariate=True,
             group=True,
             constant_liar=True,
         )
+
+
+LAUNCHES_ATTR = "launches"
+
+
+def take_launch_number(study: optuna.Study) -> int:
+    """This tune's number among the tunes of the study (0 for the first), counted in the study itself. The caller
+    holds the study's budget lock, so that two tunes started together on this machine get different numbers."""
+    launch = int(study.user_attrs.get(LAUNCHES_ATTR, 0))
+    study.set_user_attr(LAUNCHES_ATTR, launch + 1)
+    return launch
 
 
 class RungPruner(optuna.pruners.BasePruner):
@@ -234,22 +418,121 @@ def make_pruner(enabled: bool, n_pairs: int = 1) -> optuna.pruners.BasePruner:
     return RungPruner()
 
 
+IDENTITY_ATTR = "identity"
+
+
+def objective_identity(cfg: StudyConfig) -> dict[str, Any]:
+    """What a trial's score means: the metric and how repeats and penalties fold into it."""
+    o = cfg.objective
+    return {"metric": "tre_mean" if cfg.uses_landmarks else "holdout_loss", "aggregate": o.aggregate,
+            "std_weight": o.std_weight, "folding_penalty": o.folding_penalty}
+
+
+def study_identity(cfg: StudyConfig) -> dict[str, Any]:
+    """What a study's trials are comparable on: per pair the digests of its images, landmarks and masks, the
+    stages and the objective. A study resumed with other inputs would mix trials of different problems."""
+    pairs = {}
+    for spec in cfg.pairs:
+        files = {"fixed": spec.fixed, "moving": spec.moving, "landmarks.fixed": spec.fixed_landmarks,
+                 "landmarks.moving": spec.moving_landmarks, "masks.fixed": spec.fixed_mask,
+                 "masks.moving": spec.moving_mask}
+        pairs[spec.name] = {k: _digest(path) for k, path in files.items() if path is not None}
+    return {"stages": list(cfg.stages), "objective": objective_identity(cfg), "pairs": pairs}
+
+
+def _digest(path: Path) -> str | None:
+    """``data.file_digest`` of a file (None if it cannot be read now); of a folder (a DICOM series), the digest of
+    its files' names and digests."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            import hashlib
+
+            parts = [f"{p.relative_to(path)}:{_cached_digest(p)}" for p in sorted(path.rglob("*")) if p.is_file()]
+            return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+        return _cached_digest(path)
+    except OSError:
+        return None
+
+
+def _cached_digest(path: Path) -> str:
+    st = path.stat()
+    return _digest_of(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _digest_of(path: str, size: int, mtime_ns: int) -> str:  # noqa: ARG001 - size and mtime key the cache
+    from .data import file_digest
+
+    return file_digest(Path(path))
+
+
+def identity_change(recorded: dict[str, Any], current: dict[str, Any], cfg: StudyConfig) -> tuple[str, str] | None:
+    """The first difference between a study's recorded identity and the current one: (key, what changed)."""
+    if list(recorded.get("stages", [])) != current["stages"]:
+        return "stages", f"stages were {recorded.get('stages')}, now {current['stages']}"
+    old_obj, new_obj = recorded.get("objective", {}), current["objective"]
+    for k, v in new_obj.items():
+        if k in old_obj and old_obj[k] != v:
+            return "objective", f"objective {k} was {old_obj[k]!r}, now {v!r}"
+    old_pairs, new_pairs = recorded.get("pairs", {}), current["pairs"]
+    specs = {s.name: s for s in cfg.pairs}
+    for name, files in new_pairs.items():
+        spec = specs[name]
+        if name not in old_pairs:
+            return spec.key_of("name") if spec.key else "fixed", f"pair '{name}' was not in the study"
+        for k in sorted(set(files) | set(old_pairs[name])):
+            if k in files and files[k] is None:
+                continue  # unreadable now (export after the data moved): not a change autoreg can see
+            if files.get(k) != old_pairs[name].get(k):
+                what = "was added" if k not in old_pairs[name] else "was removed" if k not in files else "changed"
+                return spec.key_of(k), f"pair '{name}': the {k.replace('.', ' ')} file {what} since the study began"
+    gone = sorted(set(old_pairs) - set(new_pairs))
+    if gone:
+        return "pairs", f"pair '{gone[0]}' of the study is no longer in the file"
+    return None
+
+
+def check_identity(study: optuna.Study, cfg: StudyConfig, *, record: bool = False) -> None:
+    """Refuse a study whose inputs changed since it was created. A study made before identities were recorded
+    has its stages checked, and with ``record`` (a resuming tune) gets the current identity."""
+    current = study_identity(cfg)
+    recorded = study.user_attrs.get(IDENTITY_ATTR)
+    if recorded is None:
+        stages = study.user_attrs.get("stages")
+        recorded = {"stages": stages} if stages is not None else {}
+        if list(recorded.get("stages", current["stages"])) == current["stages"]:
+            if record:
+                study.set_user_attr(IDENTITY_ATTR, current)
+            return
+    change = identity_change(recorded, current, cfg)
+    if change is not None:
+        key, what = change
+        raise UserError(
+            f"the study '{cfg.name}' was made with other inputs ({what}); to tune on these, start a new study: "
+            f"another 'name:' in {cfg.path.name}, or --study-dir",
+            file=cfg.path, key=key,
+        )
+
+
 def create_or_load(
     cfg: StudyConfig, spec: StorageSpec, space: SearchSpace, fingerprint: dict[str, Any]
 ) -> optuna.Study:
-    """Create the study (enqueueing the default recipe and the user's) or load it to continue."""
+    """Create the study (enqueueing the default recipe and the user's) or load it to continue (on the same inputs)."""
     storage = open_storage(spec)
+    pruner = make_pruner(cfg.prune, len(cfg.pairs))
     try:
-        optuna.load_study(study_name=cfg.name, storage=storage)
-        study = optuna.load_study(study_name=cfg.name, storage=storage, pruner=make_pruner(cfg.prune, len(cfg.pairs)))
+        study = optuna.load_study(study_name=cfg.name, storage=storage, pruner=pruner)
         created = False
     except KeyError:
-        study = optuna.create_study(
-            study_name=cfg.name, storage=storage, direction="minimize",
-            pruner=make_pruner(cfg.prune, len(cfg.pairs))
-        )
-        created = True
+        try:
+            study = optuna.create_study(study_name=cfg.name, storage=storage, direction="minimize", pruner=pruner)
+            created = True
+        except optuna.exceptions.DuplicatedStudyError:  # another tune created it just now
+            study = optuna.load_study(study_name=cfg.name, storage=storage, pruner=pruner)
+            created = False
     if created:
+        study.set_user_attr(IDENTITY_ATTR, study_identity(cfg))
         study.set_user_attr("pair_file", str(cfg.path))
         study.set_user_attr("stages", list(cfg.stages))
         study.set_user_attr("objective", cfg.score_name)
@@ -265,28 +548,30 @@ def create_or_load(
             recipe = load_recipe(path)
             study.enqueue_trial({}, user_attrs=attrs(recipe=recipe_to_dict(recipe), role=f"{USER_PREFIX}{path.name}"))
     else:
-        stages = study.user_attrs.get("stages")
-        if stages is not None and list(stages) != list(cfg.stages):
-            raise UserError(
-                f"the study '{cfg.name}' was tuned with stages {stages}; use another name for other stages",
-                file=cfg.path,
-                key="stages",
-            )
+        check_identity(study, cfg, record=True)
     return study
 
 
 def load_existing(cfg: StudyConfig, spec: StorageSpec) -> optuna.Study:
-    """The study for export/report/dashboard; a clear error when it was never tuned."""
+    """The study for export/report/dashboard, on the inputs it was made with; a clear error when it was never
+    tuned."""
     if spec.local_journal and not Path(spec.url).exists():
-        raise UserError(f"no study found at {spec.display} (run 'autoreg tune {cfg.path}' first)", file=cfg.path, key="name")
+        raise UserError(
+            f"no study found: looked for {spec.display}; pass --study-dir DIR (or --storage URL) where the study "
+            f"lives, or run 'autoreg tune {cfg.path}' first",
+            file=cfg.path, key="name",
+        )
     storage = open_storage(spec)
     try:
-        return optuna.load_study(study_name=cfg.name, storage=storage)
+        study = optuna.load_study(study_name=cfg.name, storage=storage)
     except KeyError:
         raise UserError(f"no study named '{cfg.name}' in {spec.display}", file=cfg.path, key="name") from None
+    check_identity(study, cfg)
+    return study
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine with this pid exists."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -312,7 +597,7 @@ def reap_stale_trials(study: optuna.Study, *, live_pids: set[int] = frozenset(),
         if not alone:
             if whost != host or not pid.isdigit():
                 continue
-            if int(pid) in live_pids or (_pid_alive(int(pid)) and int(pid) != os.getpid()):
+            if int(pid) in live_pids or (pid_alive(int(pid)) and int(pid) != os.getpid()):
                 continue
         storage = study._storage  # noqa: SLF001 - Optuna has no public call to fail another process's trial
         again = t.retry_of is not None
@@ -354,6 +639,7 @@ def write_study_info(directory: Path, cfg: StudyConfig, spec: StorageSpec, finge
     info = {
         "name": cfg.name,
         "pair_file": str(cfg.path),
+        "directory": str(directory.resolve()),
         "stages": list(cfg.stages),
         "storage": spec.display,
         "objective": cfg.score_name,

@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from .artifacts import ArtifactRecorder
 from .objective import Budget, Objective
 from .pipeline import Pipeline
-from .study import StorageSpec, cost_model, make_pruner, make_sampler, open_storage
+from .study import StorageSpec, cost_model, make_pruner, make_sampler, open_storage, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ class WorkerPlan:
     stop_file: str | None = None  # created by the launching tune on Ctrl-C: workers stop after their trial
     #: Each trial's share of the study's seconds (--timeout x jobs / --trials), when both are given.
     trial_budget_s: float | None = None
+    launch: int = 0  # this tune's number among the study's tunes: each draws its own sampler stream
+    launcher_pid: int | None = None  # the tune process: a worker process outliving it exits (``watch_launcher``)
 
 
 def threads_per_worker(jobs: int, cores: int | None = None) -> int:
@@ -130,11 +132,38 @@ class StopRequest:
         return self.event.is_set()
 
 
+#: How often a worker process checks that the tune that launched it is alive.
+WATCH_INTERVAL_S = 0.5
+_watched: set[int] = set()
+
+
+def watch_launcher(launcher_pid: int | None) -> None:
+    """In a worker process: a daemon thread that ends the process (``os._exit``) within about a second of its
+    launching tune dying, whether the worker is mid-trial or idle in loky's pool (where it would otherwise wait
+    ~300 s, holding its memory). A trial it leaves RUNNING is failed and retried by the next tune; a journal line
+    it leaves half-written is closed by the next writer. Started once per process."""
+    if launcher_pid is None or launcher_pid == os.getpid() or launcher_pid in _watched:
+        return
+    _watched.add(launcher_pid)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(WATCH_INTERVAL_S)
+            if os.getppid() != parent or not pid_alive(launcher_pid):
+                os._exit(70)  # EX_SOFTWARE: nothing to clean up that the kernel and the next tune do not
+
+    threading.Thread(target=watch, name="autoreg-watch-launcher", daemon=True).start()
+
+
 def run_worker(plan: WorkerPlan, worker_index: int, stop: StopRequest | None = None) -> int:
     """Run trials until the budget is spent, the time is up or a stop is requested; returns how many it ran."""
     own_stop = stop is None
     stop = stop or StopRequest(plan.stop_file)
-    if own_stop:
+    if own_stop:  # a worker process of its own
+        watch_launcher(plan.launcher_pid)
+        # the launching tune already reported a torn journal line
+        logging.getLogger("autoreg.study").setLevel(logging.ERROR)
         stop.install()
     try:
         return _run_trials(plan, worker_index, stop)
@@ -149,11 +178,10 @@ def _run_trials(plan: WorkerPlan, worker_index: int, stop: StopRequest) -> int:
     storage = open_storage(plan.storage)
     if hasattr(storage, "get_heartbeat_interval") and storage.get_heartbeat_interval():
         optuna.storages.fail_stale_trials(optuna.load_study(study_name=plan.study_name, storage=storage))
-    resumed_at = len(optuna.load_study(study_name=plan.study_name, storage=storage).get_trials(deepcopy=False))
     study = optuna.load_study(
         study_name=plan.study_name,
         storage=storage,
-        sampler=make_sampler(plan.seed, worker_index, resumed_at),
+        sampler=make_sampler(plan.seed, worker_index, plan.launch),
         pruner=make_pruner(plan.prune, len(pipe.cfg.pairs)),
     )
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(plan.threads)

@@ -134,14 +134,20 @@ def test_stored_transform_and_tre_csv_reproduce_the_trial_score(reported: Report
     for name, artifact_id in files.items():
         with store.open_reader(artifact_id) as fh:
             (tmp_path / name).write_bytes(fh.read())
-    pair = load_pair(load_config(reported.pair).pairs[0])
+    from autoreg.pipeline import Pipeline
+
+    pair = Pipeline.load(reported.pair).pairs[0]  # as the trials saw it: the selection landmarks
     tx = sitk.ReadTransform(str(tmp_path / "transform-syn.tfm"))
     assert tre(tx, pair.fixed_points, pair.moving_points, pair.fixed).mean == pytest.approx(best.value, rel=1e-6)
     with open(tmp_path / "tre-syn.csv", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == len(pair.fixed_points)
-    assert list(rows[0]) == ["landmark", "fixed_x", "fixed_y", "moving_x", "moving_y", "tre_before", "tre_after"]
-    assert np.mean([float(r["tre_after"]) for r in rows]) == pytest.approx(best.value, rel=1e-4)
+    assert len(rows) == len(pair.fixed_points) + len(pair.report_rows)  # every landmark, numbered as in its files
+    assert [int(r["landmark"]) for r in rows] == list(range(1, len(rows) + 1))
+    assert list(rows[0]) == ["landmark", "fixed_x", "fixed_y", "moving_x", "moving_y", "tre_before", "tre_after", "set"]
+    selected = [float(r["tre_after"]) for r in rows if r["set"] == "select"]
+    reported_only = [float(r["tre_after"]) for r in rows if r["set"] == "report"]
+    assert np.mean(selected) == pytest.approx(best.value, rel=1e-4)
+    assert np.mean(reported_only) == pytest.approx(best.user_attrs["tre_report_mean"], rel=1e-4)
     assert np.mean([float(r["tre_before"]) for r in rows]) > best.value
     png = sitk.ReadImage(str(tmp_path / "alignment-syn.png"))
     assert png.GetNumberOfComponentsPerPixel() == 3 and min(png.GetSize()) >= 100

@@ -388,7 +388,9 @@ def test_time_limits_come_from_the_predicted_cost_and_spare_the_baseline(tmp_pat
 def test_the_baseline_never_holds_a_study_hostage(tmp_path: Path) -> None:
     """With --timeout the study ends on time even when SimpleITK's default (trial 0) needs longer than the whole
     budget; the cut baseline is reported as cut."""
-    pair = write_study_files(tmp_path / "data", size=(128, 128, 128), extra={"trial_timeout": None})  # ~5 s default
+    # ~5 s for the default recipe at one thread (deterministic)
+    pair = write_study_files(tmp_path / "data", size=(128, 128, 128), extra={"trial_timeout": None,
+                                                                              "deterministic": True})
     run = tune(pair, tmp_path / "study", "--timeout", 1.5, "--jobs", 1, "-q")
     assert run.code == 0, run.err
     trials = trials_of(tmp_path / "study")

@@ -1,0 +1,212 @@
+"""Faults with real processes and files: a torn journal line, concurrent tunes, a SIGKILLed tune's workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from autoreg.recipe import load_recipe
+
+
+def autoreg(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "autoreg.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _quick_pair(pair_yaml, name: str = "syn") -> Path:
+    return pair_yaml(name=name, extra={"search": {"stage0.pyramid.levels": 1}})
+
+
+def _tear_last_line(journal: Path) -> bytes:
+    """Cut the journal's last record in half, as a process killed in the middle of its write leaves it."""
+    data = journal.read_bytes()
+    start = data.rstrip(b"\n").rfind(b"\n") + 1
+    last = data[start:]
+    journal.write_bytes(data[:start] + last[: len(last) // 2])
+    return last[: len(last) // 2]
+
+
+# --- a torn journal line --------------------------------------------------------------------------------------
+
+
+def test_a_torn_journal_line_never_costs_the_study(pair_yaml, tmp_path) -> None:
+    pair, sdir = _quick_pair(pair_yaml), tmp_path / "s"
+    journal = sdir / "journal.log"
+    first = autoreg("tune", pair, "--trials", 3, "--jobs", 1, "-q", "--study-dir", sdir)
+    assert first.returncode == 0, first.stderr
+    torn = _tear_last_line(journal)
+    n_lines = journal.read_bytes().count(b"\n")
+
+    again = autoreg("tune", pair, "--trials", 6, "--jobs", 2, "-q", "--study-dir", sdir)
+    assert again.returncode == 0, again.stderr
+    assert "torn record" in again.stderr and "Traceback" not in again.stderr
+    lines = journal.read_bytes().split(b"\n")
+    assert lines[n_lines] == torn  # the torn line was closed, not continued
+    for number, line in enumerate(lines[:-1]):  # and every other line is a whole record
+        if number != n_lines:
+            assert json.loads(line)["op_code"] is not None
+
+    out = tmp_path / "best.yaml"
+    exported = autoreg("export", pair, "--study-dir", sdir, "-o", out, "--repeats", 0)
+    assert exported.returncode == 0, exported.stderr
+    assert "torn record" in exported.stderr
+    assert load_recipe(out).provenance["score"] is not None
+    reported = autoreg("report", pair, "--study-dir", sdir, "-o", tmp_path / "r.html")
+    assert reported.returncode == 0, reported.stderr
+
+    from autoreg.study import StorageSpec, open_storage  # what the dashboard serves
+
+    study = optuna.load_study(study_name="syn", storage=open_storage(StorageSpec(str(journal), True)))
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) >= 6 and sum(t.state == TrialState.COMPLETE for t in trials) >= 5
+
+
+def test_a_torn_line_left_by_a_reader_is_closed_and_skipped(pair_yaml, tmp_path) -> None:
+    """export alone (no tune after the crash) reads the study and closes the torn line for the next writer."""
+    pair, sdir = _quick_pair(pair_yaml), tmp_path / "s"
+    assert autoreg("tune", pair, "--trials", 3, "--jobs", 1, "-q", "--study-dir", sdir).returncode == 0
+    _tear_last_line(sdir / "journal.log")
+    exported = autoreg("export", pair, "--study-dir", sdir, "-o", tmp_path / "r.yaml", "--repeats", 0)
+    assert exported.returncode == 0, exported.stderr
+    assert "torn record" in exported.stderr
+    assert (sdir / "journal.log").read_bytes().endswith(b"\n")
+
+
+def test_a_journal_continued_on_a_torn_line_is_read_again(pair_yaml, tmp_path) -> None:
+    """A journal written by an older autoreg, whose next append continued the torn line: the torn half is skipped,
+    the record glued onto it is kept, and every command works again."""
+    pair, sdir = _quick_pair(pair_yaml), tmp_path / "s"
+    assert autoreg("tune", pair, "--trials", 3, "--jobs", 1, "-q", "--study-dir", sdir).returncode == 0
+    journal = sdir / "journal.log"
+    data = journal.read_bytes()
+    lines = data.split(b"\n")[:-1]
+    glued = lines[-2][: len(lines[-2]) // 2] + lines[-1]  # the last record written onto a torn one
+    journal.write_bytes(b"\n".join([*lines[:-2], glued]) + b"\n")
+    assert autoreg("tune", pair, "--trials", 5, "--jobs", 1, "-q", "--study-dir", sdir).returncode == 0
+    exported = autoreg("export", pair, "--study-dir", sdir, "-o", tmp_path / "r.yaml", "--repeats", 0)
+    assert exported.returncode == 0, exported.stderr
+    assert "kept the record written after it" in exported.stderr
+
+
+# --- processes together -------------------------------------------------------------------------------------
+
+
+def _suggested_params(sdir: Path, name: str = "syn") -> list[tuple]:
+    from autoreg.study import StorageSpec, open_storage
+
+    study = optuna.load_study(study_name=name, storage=open_storage(StorageSpec(str(sdir / "journal.log"), True)))
+    return [tuple(sorted(t.params.items())) for t in study.get_trials(deepcopy=False)
+            if t.params and "role" not in t.user_attrs and "retry_of" not in t.user_attrs]
+
+
+def test_two_tunes_on_one_study_propose_no_duplicates(pair_yaml, tmp_path) -> None:
+    """Two processes started together on one study: each draws its own sampler stream (its launch number)."""
+    pair, sdir = _quick_pair(pair_yaml), tmp_path / "s"
+    assert autoreg("tune", pair, "--trials", 1, "--jobs", 1, "-q", "--study-dir", sdir).returncode == 0
+    procs = [subprocess.Popen([sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", "15", "--jobs", "1",
+                               "-q", "--study-dir", str(sdir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    params = _suggested_params(sdir)
+    assert len(params) >= 12
+    assert len(set(params)) == len(params), f"{len(params) - len(set(params))} duplicate proposals"
+
+
+def _descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(pid)
+    return alive
+
+
+def _wait_gone(pids: set[int], within: float) -> set[int]:
+    deadline = time.monotonic() + within
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _alive(pids)
+    for pid in left:  # do not leave them behind for the rest of the suite
+        os.kill(pid, signal.SIGKILL)
+    return left
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to list children")
+
+
+@needs_proc
+def test_a_sigkilled_tune_leaves_no_workers_mid_trial(pair_yaml, tmp_path) -> None:
+    pair, sdir = _quick_pair(pair_yaml), tmp_path / "s"
+    proc = subprocess.Popen([sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", "500", "--jobs", "2",
+                             "-q", "--study-dir", str(sdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        from autoreg.study import StorageSpec, open_storage
+
+        deadline, workers = time.monotonic() + 120, set()
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            workers = {p for p in _descendants(proc.pid) if "loky" in Path(f"/proc/{p}/cmdline").read_text()}
+            if not (sdir / "journal.log").exists() or len(workers) < 2:
+                continue
+            study = optuna.load_study(study_name="syn", storage=open_storage(StorageSpec(str(sdir / "journal.log"), True)))
+            states = [t.state for t in study.get_trials(deepcopy=False)]
+            if TrialState.RUNNING in states and TrialState.COMPLETE in states:
+                break
+        else:
+            pytest.fail("no trial was caught RUNNING with two workers up")
+        everything = _descendants(proc.pid)
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not _wait_gone(everything, 10.0), "processes outlived the killed tune"
+
+
+@needs_proc
+def test_a_sigkilled_process_leaves_no_idle_workers(pair_yaml, tmp_path) -> None:
+    """loky keeps idle workers for ~300 s: they go too when the process that launched them is killed."""
+    pair, sdir = _quick_pair(pair_yaml), tmp_path / "s"
+    code = ("import sys, time; from autoreg.cli import main; "
+            f"main(['tune', {str(pair)!r}, '--trials', '4', '--jobs', '2', '-q', '--study-dir', {str(sdir)!r}]); "
+            "print('idle', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        assert any(line.startswith("idle") for line in iter(proc.stdout.readline, ""))
+        everything = _descendants(proc.pid)
+        assert len([p for p in everything if "loky" in Path(f"/proc/{p}/cmdline").read_text()]) >= 2
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not _wait_gone(everything, 10.0), "idle workers outlived the killed process"

@@ -281,7 +281,7 @@ def _launch(plan, jobs: int, study, stop) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_best
+    from .export import export_best, write_export
 
     cfg, directory, spec = _open_study_args(args)
     if args.repeats < 0:
@@ -289,7 +289,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     text, trial = export_best(cfg, spec, fmt=args.format, repeats=args.repeats)
     out = Path(args.output)
     try:
-        out.write_text(text, encoding="utf-8")
+        write_export(out, text)
     except OSError as err:
         raise UserError(f"cannot write ({err.strerror})", file=out) from None
     _out(f"trial {trial.number} (score {trial.value:.4g}) written to {out} as {args.format}")
@@ -397,8 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the best trial as a recipe")
     p.add_argument("pair", help="PAIR.yaml")
     _study_args(p)
-    p.add_argument("-o", "--output", required=True, help="RECIPE.yaml (or recipe.py with --format python)")
-    p.add_argument("--format", choices=("yaml", "python"), default="yaml")
+    p.add_argument("-o", "--output", required=True,
+                   help="RECIPE.yaml; recipe.py with --format python; a folder of parameter maps with --format "
+                        "elastix; a shell script with --format ants")
+    p.add_argument("--format", choices=("yaml", "python", "elastix", "ants"), default="yaml")
     p.add_argument("--repeats", type=int, default=3,
                    help="re-run the best recipe this many times under other seeds and store the spread (0: skip)")
     p.set_defaults(func=cmd_export)

@@ -23,6 +23,7 @@ from .registration import (
     LINEAR_KINDS,
     RegistrationFailed,
     bspline_schedule,
+    _coarse_shrink,
     frame_scale,
     itk_seed,
     level_sizes,
@@ -150,18 +151,34 @@ def _score(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, (int, float)) else "?"
 
 
-def _initializer_notes(recipe: Recipe) -> list[str]:
+def searched_stage(recipe: Recipe) -> Stage | None:
+    """The stage whose metric autoreg's rotation search uses (the first linear one), or None where none runs."""
+    if recipe.initializer.rotation_search is None:
+        return None
+    first = next((s for s in recipe.stages if s.kind in LINEAR_KINDS), None)
+    return first if first is not None and first.kind != "translation" else None
+
+
+def _search_angles(recipe: Recipe) -> tuple[int, float]:
+    """(n, step in degrees): the engine's grid tries the angles -n*step .. n*step about each axis."""
     rs = recipe.initializer.rotation_search
-    if rs is None:
-        return []
-    return [(f"not translated: initializer.rotation_search (max_angle_deg {rs.max_angle_deg}, step_deg "
-             f"{rs.step_deg}, shift_steps {rs.shift_steps}): no grid search of rotations before the first stage")]
+    return max(1, int(math.floor(rs.max_angle_deg / rs.step_deg + 1e-9))), rs.step_deg
 
 
-def _recipe_notes(recipe: Recipe, *, threads_translated: bool) -> list[str]:
-    notes = _initializer_notes(recipe)
-    if not threads_translated and (recipe.threads or recipe.deterministic):
-        notes.append(f"not translated: threads {recipe.threads}, deterministic {recipe.deterministic}")
+def _search_shifts(recipe: Recipe, geometry: Geometry) -> tuple[int, float]:
+    """(m, step in mm): the engine's grid also tries shifts of -m*step .. m*step along each axis (m = 0: none)."""
+    rs = recipe.initializer.rotation_search
+    if rs.shift_steps == 0 or rs.max_shift_fraction == 0:
+        return 0, 0.0
+    extent = min(n * sp for n, sp in zip(geometry.size, geometry.spacing))
+    return rs.shift_steps, rs.max_shift_fraction * extent / rs.shift_steps
+
+
+def _search_notes(recipe: Recipe) -> list[str]:
+    rs = recipe.initializer.rotation_search
+    notes = []
+    if rs.max_evaluations is not None:
+        notes.append(f"not translated: rotation_search.max_evaluations {rs.max_evaluations} (the whole grid is tried)")
     return notes
 
 
@@ -188,70 +205,165 @@ def elastix_file_name(index: int, stage: Stage) -> str:
     return f"stage_{index}_{stage.kind}.txt"
 
 
+#: The parameter map of autoreg's rotation search, run before the stages' maps.
+ROTATION_SEARCH_MAP = "rotation_search.txt"
+
+
 def elastix_files(recipe: Recipe, geometry: Geometry) -> dict[str, str]:
-    """File name -> text: one parameter map per stage, in order, and ``run_elastix.sh`` that runs them."""
+    """File name -> text: the rotation search (where the recipe has one) and one parameter map per stage, in the
+    order they run, then ``run_elastix.sh`` that runs them."""
     names = [elastix_file_name(i, s) for i, s in enumerate(recipe.stages)]
-    files = {name: elastix_parameter_map(recipe, i, geometry, names) for i, name in enumerate(names)}
-    files[ELASTIX_SCRIPT] = _elastix_script(recipe, geometry, names)
+    searched = searched_stage(recipe)
+    order = _elastix_search_order(recipe, geometry) + names
+    files = {}
+    if searched is not None:
+        files.update(_elastix_search_maps(recipe, searched, geometry, order))
+    files.update({name: elastix_parameter_map(recipe, i, geometry, order) for i, name in enumerate(names)})
+    files[ELASTIX_SCRIPT] = _elastix_script(recipe, geometry, order)
     return files
 
 
-def elastix_parameter_map(recipe: Recipe, index: int, geometry: Geometry, names: list[str] | None = None) -> str:
+class _Map:
+    """An elastix parameter map being written: parameters in order and the notes on what is not translated."""
+
+    def __init__(self, dim: int, levels: int):
+        self.params: list[tuple[str, list[Any]]] = []
+        self.notes: list[str] = []
+        for key, value in (("FixedInternalImagePixelType", "float"), ("MovingInternalImagePixelType", "float"),
+                           ("FixedImageDimension", dim), ("MovingImageDimension", dim),
+                           ("UseDirectionCosines", "true"), ("Registration", "MultiResolutionRegistration"),
+                           ("NumberOfResolutions", levels)):
+            self.put(key, value)
+
+    def put(self, key: str, *values: Any) -> None:
+        self.params.append((key, list(values)))
+
+    def text(self, recipe: Recipe, geometry: Geometry, title: str, order: list[str]) -> str:
+        lines = [f"// {line}" for line in _header_lines(recipe, geometry, "elastix parameter maps")]
+        lines += [
+            f"// {title}. Run every map, in order:",
+            f"//   elastix -f FIXED -m MOVING -out OUTDIR {' '.join('-p ' + n for n in order)}",
+            f"//   or: sh {ELASTIX_SCRIPT} FIXED MOVING OUTDIR [FIXED_MASK [MOVING_MASK]]",
+            "//   itk-elastix: p = itk.ParameterObject.New(); then p.AddParameterFile(name) for each file, in order;",
+            "//   then itk.elastix_registration_method(fixed, moving, parameter_object=p)",
+            "",
+        ]
+        lines += [f"({key} {' '.join(_elastix_value(v) for v in values)})" for key, values in self.params]
+        if self.notes:
+            lines += [""] + [f"// {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+
+def _elastix_common_tail(m: _Map, *, last: bool) -> None:
+    m.put("HowToCombineTransforms", "Compose")
+    m.put("ErodeMask", "false")
+    m.put("Resampler", "DefaultResampler")
+    m.put("ResampleInterpolator", "FinalLinearInterpolator")
+    m.put("DefaultPixelValue", 0)
+    m.put("WriteResultImage", "true" if last else "false")
+    m.put("ResultImageFormat", "nii.gz")
+
+
+def _elastix_initializer(recipe: Recipe, m: _Map) -> None:
+    if recipe.initializer.kind == "none":
+        m.put("AutomaticTransformInitialization", "false")
+        return
+    m.put("AutomaticTransformInitialization", "true")
+    m.put("AutomaticTransformInitializationMethod",
+          "GeometricalCenter" if recipe.initializer.kind == "geometry" else "CenterOfGravity")
+
+
+def elastix_parameter_map(recipe: Recipe, index: int, geometry: Geometry, order: list[str] | None = None) -> str:
     """The elastix parameter-map text of stage ``index``: header, translated parameters, what is not translated."""
     stage = recipe.stages[index]
-    names = names or [elastix_file_name(i, s) for i, s in enumerate(recipe.stages)]
-    params: list[tuple[str, list[Any]]] = []
-    notes: list[str] = []
-
-    def put(key: str, *values: Any) -> None:
-        params.append((key, list(values)))
-
-    levels = _levels(stage)
-    dim = geometry.dim
-    put("FixedInternalImagePixelType", "float")
-    put("MovingInternalImagePixelType", "float")
-    put("FixedImageDimension", dim)
-    put("MovingImageDimension", dim)
-    put("UseDirectionCosines", "true")
-    put("Registration", "MultiResolutionRegistration")
-    put("NumberOfResolutions", levels)
-    _elastix_pyramid(stage, geometry, put, notes)
-    _elastix_metric(stage, put, notes)
-    _elastix_sampling(stage, geometry, put, notes)
-    put("RandomSeed", itk_seed(recipe.seed, index))
-    put("Interpolator", _ELASTIX_INTERPOLATOR[stage.interpolator])
+    order = order or [elastix_file_name(i, s) for i, s in enumerate(recipe.stages)]
+    m = _Map(geometry.dim, _levels(stage))
+    _elastix_pyramid(stage, geometry, m.put, m.notes)
+    _elastix_metric(stage, m.put, m.notes)
+    _elastix_sampling(stage, geometry, m.put, m.notes)
+    m.put("RandomSeed", itk_seed(recipe.seed, index))
+    m.put("Interpolator", _ELASTIX_INTERPOLATOR[stage.interpolator])
     if stage.interpolator == "bspline":
-        put("BSplineInterpolationOrder", 3)
-    _elastix_optimizer(stage, geometry, put, notes)
-    _elastix_transform(recipe, index, geometry, put, notes)
-    put("HowToCombineTransforms", "Compose")
-    put("ErodeMask", "false")
+        m.put("BSplineInterpolationOrder", 3)
+    _elastix_optimizer(stage, geometry, m.put, m.notes)
+    _elastix_transform(recipe, index, geometry, m)
     if not stage.use_masks:
-        notes.append("not translated: use_masks false (elastix applies -fMask/-mMask, when given, to every stage; "
-                     "leave them out to register this stage without masks)")
-    put("Resampler", "DefaultResampler")
-    put("ResampleInterpolator", "FinalLinearInterpolator")
-    put("DefaultPixelValue", 0)
-    put("WriteResultImage", "true" if index == len(recipe.stages) - 1 else "false")
-    put("ResultImageFormat", "nii.gz")
-    if index == 0:
-        notes = _recipe_notes(recipe, threads_translated=True) + notes
+        m.notes.append("not translated: use_masks false (elastix applies -fMask/-mMask, when given, to every stage; "
+                       "leave them out to register this stage without masks)")
+    _elastix_common_tail(m, last=index == len(recipe.stages) - 1)
+    title = f"Stage {index + 1} of {len(recipe.stages)} ({stage.kind}): {elastix_file_name(index, stage)}"
+    return m.text(recipe, geometry, title, order)
 
-    lines = [f"// {line}" for line in _header_lines(recipe, geometry, "elastix parameter maps")]
-    lines += [
-        f"// Stage {index + 1} of {len(recipe.stages)} ({stage.kind}): {names[index]}. Run every stage, in order:",
-        f"//   elastix -f FIXED -m MOVING -out OUTDIR {' '.join('-p ' + n for n in names)}",
-        f"//   or: sh {ELASTIX_SCRIPT} FIXED MOVING OUTDIR [FIXED_MASK [MOVING_MASK]]",
-        "//   itk-elastix: p = itk.ParameterObject.New(); then p.AddParameterFile(name) for each file, in order;",
-        "//   then itk.elastix_registration_method(fixed, moving, parameter_object=p)",
-        "",
-    ]
-    for key, values in params:
-        lines.append(f"({key} {' '.join(_elastix_value(v) for v in values)})")
-    if notes:
-        lines.append("")
-        lines += [f"// {n}" for n in notes]
-    return "\n".join(lines) + "\n"
+
+#: A map that only places the initial transform (the image centres), for a rotation search that also shifts.
+INITIALIZER_MAP = "initializer.txt"
+
+
+def _elastix_search_order(recipe: Recipe, geometry: Geometry) -> list[str]:
+    """The maps that run before the stages' maps: the rotation search, after the initializer where it shifts."""
+    if searched_stage(recipe) is None:
+        return []
+    shifts, _ = _search_shifts(recipe, geometry)
+    return ([INITIALIZER_MAP] if shifts and recipe.initializer.kind != "none" else []) + [ROTATION_SEARCH_MAP]
+
+
+def _elastix_search_maps(recipe: Recipe, stage: Stage, geometry: Geometry, order: list[str]) -> dict[str, str]:
+    """autoreg's rotation search as elastix's FullSearch of the Euler angles (and shifts): one coarse level (the
+    engine's shrink, sigma half of it in voxels), every voxel, the first linear stage's metric. FullSearch sets
+    absolute parameter values, so a search with shifts runs after a map that only places the image centres."""
+    shrink = _coarse_shrink(geometry)
+    n, step = _search_angles(recipe)
+    shifts, shift_step = _search_shifts(recipe, geometry)
+    own_initializer = INITIALIZER_MAP not in order
+
+    def coarse_map(space: list[Any]) -> _Map:
+        m = _Map(geometry.dim, 1)
+        m.put("FixedImagePyramid", "FixedGenericImagePyramid")
+        m.put("MovingImagePyramid", "MovingGenericImagePyramid")
+        m.put("FixedImagePyramidRescaleSchedule", *([shrink] * geometry.dim))
+        m.put("MovingImagePyramidRescaleSchedule", *([1] * geometry.dim))
+        sigmas = [shrink / 2.0 * sp for sp in geometry.spacing]
+        m.put("FixedImagePyramidSmoothingSchedule", *sigmas)
+        m.put("MovingImagePyramidSmoothingSchedule", *sigmas)
+        _elastix_metric(stage, m.put, m.notes)
+        m.put("ImageSampler", "Full")
+        m.put("Interpolator", "LinearInterpolator")
+        m.put("Optimizer", "FullSearch")
+        m.put("FullSearchSpace0", *space)
+        m.put("Transform", "EulerTransform")
+        return m
+
+    # the Euler transform's parameters: the angle(s), then the translation
+    angles = ["rotation"] if geometry.dim == 2 else ["rotation_x", "rotation_y", "rotation_z"]
+    files = {}
+    if not own_initializer:
+        m = coarse_map([angles[0], 0, 0.0, 0.0, 1.0])  # one point, angle 0: the centres only
+        _elastix_initializer(recipe, m)
+        _elastix_common_tail(m, last=False)
+        files[INITIALIZER_MAP] = m.text(recipe, geometry, f"initializer {recipe.initializer.kind}: the image "
+                                        "centres, before the rotation search", order)
+    space: list[Any] = []
+    limit = math.radians(n * step)
+    # FullSearch counts (max - min) / step + 1 points, truncated: a hair above the last point keeps it
+    for number, axis in enumerate(angles):
+        space += [axis, number, -limit, limit + 1e-3 * math.radians(step), math.radians(step)]
+    for number, axis in enumerate("xyz"[: geometry.dim]):
+        if shifts:
+            space += [f"shift_{axis}", len(angles) + number, -shifts * shift_step,
+                      shifts * shift_step + 1e-3 * shift_step, shift_step]
+    m = coarse_map(space)
+    if own_initializer:
+        _elastix_initializer(recipe, m)
+    else:
+        m.put("AutomaticTransformInitialization", "false")
+    _elastix_common_tail(m, last=False)
+    m.notes += _search_notes(recipe)
+    title = (f"autoreg's rotation search (initializer.rotation_search): angles -{_num(n * step)} .. {_num(n * step)} "
+             f"degrees in steps of {_num(step)}"
+             + (f", shifts -{_num(shifts * shift_step)} .. {_num(shifts * shift_step)} mm in steps of "
+                f"{_num(shift_step)}" if shifts else "") + ", before stage 1")
+    files[ROTATION_SEARCH_MAP] = m.text(recipe, geometry, title, order)
+    return files
 
 
 def _elastix_value(value: Any) -> str:
@@ -399,16 +511,15 @@ def _elastix_scales(stage: Stage, geometry: Geometry, put, notes: list[str]) -> 
                      "points per parameter, as physical_shift)")
 
 
-def _elastix_transform(recipe: Recipe, index: int, geometry: Geometry, put, notes: list[str]) -> None:
+def _elastix_transform(recipe: Recipe, index: int, geometry: Geometry, m: _Map) -> None:
     stage = recipe.stages[index]
+    put, notes = m.put, m.notes
     put("Transform", _ELASTIX_TRANSFORM[stage.kind])
     first_linear = next((i for i, s in enumerate(recipe.stages) if s.kind in LINEAR_KINDS), None)
     if stage.kind in LINEAR_KINDS:
-        if index == first_linear and recipe.initializer.kind != "none":
-            put("AutomaticTransformInitialization", "true")
-            put("AutomaticTransformInitializationMethod",
-                "GeometricalCenter" if recipe.initializer.kind == "geometry" else "CenterOfGravity")
-        else:
+        if index == first_linear and searched_stage(recipe) is None:
+            _elastix_initializer(recipe, m)
+        else:  # the rotation search's map or an earlier stage started it
             put("AutomaticTransformInitialization", "false")
         return
     if first_linear is None and index == 0 and recipe.initializer.kind != "none":
@@ -429,7 +540,7 @@ def _elastix_transform(recipe: Recipe, index: int, geometry: Geometry, put, note
                      f"the total-field Gaussian ({_num(cell)} mm)")
         return
     final = _final_mesh(stage, geometry)
-    spacing = [n * s / m for n, s, m in zip(geometry.size, geometry.spacing, final)]
+    spacing = [n * sp / cells for n, sp, cells in zip(geometry.size, geometry.spacing, final)]
     put("FinalGridSpacingInPhysicalUnits", *spacing)
     refine = getattr(stage.transform, "refine", False) and levels > 1
     put("GridSpacingSchedule", *[float(2 ** (levels - 1 - i)) if refine else 1.0 for i in range(levels)])
@@ -471,9 +582,36 @@ _ANTS_INIT = {"geometry": 0, "moments": 1}
 _ANTS_CONVERGENCE = (1e-6, 10)
 
 
+#: antsAffineInitializer's output, beside antsRegistration's (OUTPREFIX + this).
+ANTS_ROTATION_SEARCH = "rotation_search.mat"
+
+
+def ants_rotation_search(recipe: Recipe, geometry: Geometry) -> tuple[list[str], list[str]]:
+    """autoreg's rotation search as an antsAffineInitializer command (shell words; none without a search) and the
+    notes on how it differs."""
+    if searched_stage(recipe) is None:
+        return [], []
+    n, step = _search_angles(recipe)
+    words = ["antsAffineInitializer", str(geometry.dim), "$FIXED", "$MOVING", f"${{OUT}}{ANTS_ROTATION_SEARCH}",
+             _num(step), _num(min(1.0, n * step / 180.0)), "0"]
+    notes = [f"initializer.rotation_search (angles -{_num(n * step)} .. {_num(n * step)} degrees in steps of "
+             f"{_num(step)}) -> antsAffineInitializer, whose result starts antsRegistration. It differs: Mattes MI "
+             "with 32 bins on the full-resolution images, from the centres of mass (whatever initializer.kind), and "
+             "each start refined by a short affine optimisation",
+             *_search_notes(recipe)]
+    shifts, shift_step = _search_shifts(recipe, geometry)
+    if shifts:
+        notes.append(f"not translated: the shift search ({shifts} steps of {_num(shift_step)} mm each way): "
+                     "antsAffineInitializer has none (ANTs' antsAI --translation-search-grid has)")
+    return [_shell_word(w) for w in words], notes
+
+
 def ants_script(recipe: Recipe, geometry: Geometry) -> str:
-    """A POSIX shell script: header and notes as comments, then one antsRegistration command line."""
+    """A POSIX shell script: header and notes as comments, then one antsRegistration command line (after the
+    antsAffineInitializer command of the rotation search, where the recipe has one)."""
+    search, search_notes = ants_rotation_search(recipe, geometry)
     args, notes = ants_arguments(recipe, geometry)
+    notes = search_notes + notes
     lines = ["#!/bin/sh"]
     lines += [f"# {line}" for line in _header_lines(recipe, geometry, "an antsRegistration command line")]
     lines += [
@@ -495,6 +633,8 @@ def ants_script(recipe: Recipe, geometry: Geometry) -> str:
     threads = 1 if recipe.deterministic else recipe.threads
     if threads:
         lines.append(f"export ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS={threads}")
+    if search:
+        lines.append(" ".join(search))
     command = ["antsRegistration"]
     for i in range(0, len(args), 2):
         command.append(f"  {args[i]} {args[i + 1]}" if i + 1 < len(args) else f"  {args[i]}")
@@ -512,13 +652,15 @@ def _shell_word(value: str) -> str:
 def ants_arguments(recipe: Recipe, geometry: Geometry) -> tuple[list[str], list[str]]:
     """The antsRegistration arguments (shell words, images as ``$FIXED``/``$MOVING``) and the notes on what is not
     translated or differs."""
-    notes = _recipe_notes(recipe, threads_translated=True)
+    notes: list[str] = []
     words: list[str] = ["--dimensionality", str(geometry.dim), "--float", "0",
                         "--output", "[$OUT,${OUT}Warped.nii.gz]", "--interpolation", "Linear",
                         "--use-histogram-matching", "0", "--winsorize-image-intensities", "[0,1]",
                         "--collapse-output-transforms", "1", "--random-seed", str(itk_seed(recipe.seed, 0))]
     init = recipe.initializer.kind
-    if init in _ANTS_INIT:
+    if searched_stage(recipe) is not None:
+        words += ["--initial-moving-transform", f"${{OUT}}{ANTS_ROTATION_SEARCH}"]
+    elif init in _ANTS_INIT:
         words += ["--initial-moving-transform", f"[$FIXED,$MOVING,{_ANTS_INIT[init]}]"]
     notes.append("the recipe's stages sample with seeds seed + i + 1; ANTs takes one --random-seed for all")
     for index, stage in enumerate(recipe.stages):

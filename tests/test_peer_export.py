@@ -86,23 +86,37 @@ def _comments(text: str) -> str:
     return "\n".join(line for line in text.splitlines() if line.lstrip().startswith(("//", "#")))
 
 
-def _stand_in(tmp: Path, program: str) -> dict[str, str]:
-    """A PATH where ``program`` records its arguments, one per line, in ``tmp/program.args``."""
+#: The programs the exported scripts run.
+PROGRAMS = ("elastix", "antsRegistration", "antsAffineInitializer")
+
+
+def _stand_in(tmp: Path) -> dict[str, str]:
+    """An environment whose PATH holds stand-ins of ``PROGRAMS``: each records its arguments, one per line, in
+    ``tmp/PROGRAM.args``."""
     bin_dir = tmp / "bin"
     bin_dir.mkdir(exist_ok=True)
-    exe = bin_dir / program
-    exe.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > \"{tmp / program}.args\"\n")
-    exe.chmod(0o755)
+    for program in PROGRAMS:
+        exe = bin_dir / program
+        exe.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > \"{tmp / program}.args\"\n")
+        exe.chmod(0o755)
     return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
 
 def _run_script(script: Path, program: str, *args: Any) -> list[str]:
-    """Run an exported shell script for real with a stand-in ``program``; return the arguments it was given."""
+    """Run an exported shell script for real with stand-ins; return the arguments ``program`` was given."""
     tmp = script.parent
-    proc = subprocess.run(["sh", str(script), *map(str, args)], env=_stand_in(tmp, program), capture_output=True,
+    for old in tmp.glob("*.args"):
+        old.unlink()
+    proc = subprocess.run(["sh", str(script), *map(str, args)], env=_stand_in(tmp), capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    return (tmp / f"{program}.args").read_text().splitlines()
+    return _recorded(tmp, program)
+
+
+def _recorded(tmp: Path, program: str) -> list[str]:
+    """The arguments the last script run gave ``program`` ([] when it did not run it)."""
+    path = tmp / f"{program}.args"
+    return path.read_text().splitlines() if path.exists() else []
 
 
 def _option(args: list[str], name: str) -> list[str]:
@@ -115,8 +129,9 @@ def _option(args: list[str], name: str) -> list[str]:
 def test_elastix_maps_translate_every_stage(tmp_path: Path) -> None:
     recipe = recipe_from_dict(THREE_STAGES)
     files = elastix_files(recipe, GEOMETRY)
-    assert sorted(files) == [ELASTIX_SCRIPT, "stage_0_rigid.txt", "stage_1_affine.txt", "stage_2_bspline.txt"]
-    rigid, affine, bspline = (_map(files[n]) for n in sorted(files) if n.startswith("stage_"))
+    order = ["rotation_search.txt", "stage_0_rigid.txt", "stage_1_affine.txt", "stage_2_bspline.txt"]
+    assert list(files) == [*order, ELASTIX_SCRIPT]
+    search, rigid, affine, bspline = (_map(files[n]) for n in order)
 
     for m in (rigid, affine, bspline):
         assert m["Registration"] == ["MultiResolutionRegistration"]
@@ -144,9 +159,17 @@ def test_elastix_maps_translate_every_stage(tmp_path: Path) -> None:
     # optimizers
     assert rigid["Optimizer"] == ["AdaptiveStochasticGradientDescent"] and rigid["NewSamplesEveryIteration"] == ["true"]
     assert affine["Optimizer"] == ["RegularStepGradientDescent"] and _floats(affine["MinimumStepLength"]) == [0.001]
-    # initializer on the first stage only; seeds seed + i + 1
-    assert rigid["AutomaticTransformInitializationMethod"] == ["CenterOfGravity"]
-    assert affine["AutomaticTransformInitialization"] == ["false"]
+    # the rotation search: centres of mass, then angles -90..90 degrees in 30-degree steps on one coarse level
+    assert search["Optimizer"] == ["FullSearch"] and search["Transform"] == ["EulerTransform"]
+    assert search["AutomaticTransformInitializationMethod"] == ["CenterOfGravity"]
+    name, number, low, high, step = search["FullSearchSpace0"]
+    assert (name, number) == ("rotation", "0") and float(low) == pytest.approx(-math.pi / 2)
+    assert math.pi / 2 <= float(high) < math.pi / 2 + float(step) / 2 and float(step) == pytest.approx(math.pi / 6)
+    assert search["NumberOfResolutions"] == ["1"] and search["ImageSampler"] == ["Full"]
+    assert search["Metric"] == rigid["Metric"] and search["NumberOfHistogramBins"] == ["32"]  # the first stage's
+    assert "initializer.txt" not in files  # no shift search: the search map places the centres itself
+    # then the stages start from it; seeds seed + i + 1
+    assert rigid["AutomaticTransformInitialization"] == affine["AutomaticTransformInitialization"] == ["false"]
     assert [m["RandomSeed"] for m in (rigid, affine, bspline)] == [["8"], ["9"], ["10"]]
     # the BSpline grid: 4x6 cells over 32x38.4 mm, refined over 2 levels
     assert _floats(bspline["FinalGridSpacingInPhysicalUnits"]) == pytest.approx([32 / 4, 38.4 / 6])
@@ -154,22 +177,20 @@ def test_elastix_maps_translate_every_stage(tmp_path: Path) -> None:
 
     # what elastix cannot do is said, in comments
     notes = _comments(files["stage_0_rigid.txt"])
-    assert "not translated: initializer.rotation_search" in notes
     assert "differs: optimizer gradient_descent" in notes and "convergence_window_size" in notes
     assert "not translated: variance_for_joint_pdf_smoothing" in _comments(files["stage_1_affine.txt"])
     assert "not translated: use_masks false" in _comments(files["stage_2_bspline.txt"])
     # the header says where it came from and how to run it
     head = files["stage_1_affine.txt"]
     assert "study 'demo', trial 12, tre 0.4321 (baseline 3.5)" in head
-    assert "-p stage_0_rigid.txt -p stage_1_affine.txt -p stage_2_bspline.txt" in head
+    assert "-p rotation_search.txt -p stage_0_rigid.txt -p stage_1_affine.txt -p stage_2_bspline.txt" in head
     assert "size 64x48, spacing 0.5x0.8" in head
 
     # run_elastix.sh passes the maps in order, and the masks when given
     write_folder(tmp_path / "elx", files)
     args = _run_script(tmp_path / "elx" / ELASTIX_SCRIPT, "elastix", "F.png", "M.png", tmp_path / "out", "FM.png")
     assert _option(args, "-f") == ["F.png"] and _option(args, "-m") == ["M.png"]
-    assert [Path(p).name for p in _option(args, "-p")] == ["stage_0_rigid.txt", "stage_1_affine.txt",
-                                                           "stage_2_bspline.txt"]
+    assert [Path(p).name for p in _option(args, "-p")] == order
     assert _option(args, "-fMask") == ["FM.png"] and _option(args, "-mMask") == []
     assert (tmp_path / "out").is_dir()
 
@@ -182,7 +203,10 @@ def test_ants_command_translates_every_stage(tmp_path: Path) -> None:
 
     assert _option(args, "--dimensionality") == ["2"]
     assert _option(args, "--output") == [f"[{tmp_path}/r_,{tmp_path}/r_Warped.nii.gz]"]
-    assert _option(args, "--initial-moving-transform") == ["[F.nii.gz,M.nii.gz,1]"]  # moments: centre of mass
+    # the rotation search: antsAffineInitializer, 30-degree steps over +-0.5 pi, its result starts the stages
+    search = _recorded(tmp_path, "antsAffineInitializer")
+    assert search == ["2", "F.nii.gz", "M.nii.gz", f"{tmp_path}/r_rotation_search.mat", "30.0", "0.5", "0"]
+    assert _option(args, "--initial-moving-transform") == [f"{tmp_path}/r_rotation_search.mat"]
     assert _option(args, "--random-seed") == ["8"]
     assert _option(args, "--transform") == ["Rigid[0.5]", "Affine[0.5]", "BSpline[0.5,2x3]"]  # one finest voxel
     assert _option(args, "--metric") == [
@@ -197,10 +221,30 @@ def test_ants_command_translates_every_stage(tmp_path: Path) -> None:
 
     notes = _comments(text)
     assert "study 'demo', trial 12, tre 0.4321" in notes and "Usage: sh SCRIPT FIXED MOVING OUTPREFIX" in notes
-    assert "not translated: initializer.rotation_search" in notes
+    assert "initializer.rotation_search (angles -90.0 .. 90.0 degrees in steps of 30.0) -> antsAffineInitializer" \
+        in notes
     assert "stage 1 (affine): differs: optimizer regular_step_gd" in notes
     assert "stage 1 (affine): sampling points 500" in notes
     assert "stage 0 (rigid): differs: gradient_descent" in notes
+
+
+def test_a_rotation_search_with_shifts_runs_after_an_initializer_map(tmp_path: Path) -> None:
+    """FullSearch sets absolute parameters: the centres go first, in their own map, so that shifts are relative."""
+    recipe = recipe_from_dict({"initializer": {"kind": "geometry", "rotation_search": {
+        "max_angle_deg": 20, "step_deg": 10, "max_shift_fraction": 0.25, "shift_steps": 2}},
+        "stages": [{"transform": "similarity"}]})
+    files = elastix_files(recipe, Geometry((40, 60), (2.0, 1.0)))
+    assert list(files) == ["initializer.txt", "rotation_search.txt", "stage_0_similarity.txt", ELASTIX_SCRIPT]
+    init, search = _map(files["initializer.txt"]), _map(files["rotation_search.txt"])
+    assert init["AutomaticTransformInitializationMethod"] == ["GeometricalCenter"]
+    assert _floats(init["FullSearchSpace0"][2:]) == [0.0, 0.0, 1.0]  # one point: angle 0
+    assert search["AutomaticTransformInitialization"] == ["false"]
+    space = search["FullSearchSpace0"]
+    assert space[0::5] == ["rotation", "shift_x", "shift_y"] and space[1::5] == ["0", "1", "2"]
+    # shifts of 0.25 x the smallest extent (60 mm), in 2 steps each way
+    assert [float(space[7]), float(space[9])] == [-15.0, 7.5] and 15.0 <= float(space[8]) < 15.1
+    notes = ants_script(recipe, Geometry((40, 60), (2.0, 1.0)))
+    assert "not translated: the shift search (2 steps of 7.5 mm each way)" in notes
 
 
 @pytest.mark.parametrize(
@@ -298,26 +342,31 @@ BSPLINE = {"transform": {"kind": "bspline", "mesh_size": [6, 6]}, "metric": {"ki
            "sampling": {"strategy": "random", "percentage": 0.2},
            "optimizer": {"kind": "lbfgsb", "number_of_iterations": 50},
            "pyramid": {"shrink_factors": [2, 1], "smoothing_sigmas": [1.0, 0.0], "sigma_units": "voxel"}}
-#: (ground-truth transform of the synthetic pair, the recipe's stages)
+SEARCH = {"kind": "geometry", "rotation_search": {"max_angle_deg": 60, "step_deg": 10, "max_shift_fraction": 0.1,
+                                                  "shift_steps": 2}}
+#: name -> (ground-truth transform of the synthetic pair, its magnitude, the recipe). "rigid-search": a rotation of
+#: about 30 degrees and a large shift, which only the rotation search (with shifts) brings within reach.
 CASES = {
-    "affine-rsgd": ("affine", [_linear("affine", RSGD)]),
-    "rigid-affine-gd": ("affine", [_linear("rigid", GD), _linear("affine", GD)]),
-    "affine-bspline": ("bspline", [_linear("affine", RSGD), BSPLINE]),
+    "affine-rsgd": ("affine", 1.0, {"stages": [_linear("affine", RSGD)]}),
+    "rigid-affine-gd": ("affine", 1.0, {"stages": [_linear("rigid", GD), _linear("affine", GD)]}),
+    "affine-bspline": ("bspline", 1.0, {"stages": [_linear("affine", RSGD), BSPLINE]}),
+    "rigid-search": ("rigid", 3.0, {"initializer": SEARCH, "stages": [_linear("rigid", GD), _linear("affine", GD)]}),
 }
 
 
 def _make_case(name: str, folder: Path) -> dict[str, Any]:
     """The pair written to ``folder``, the recipe, and autoreg's own TRE (mean, px) on it."""
-    truth, stages = CASES[name]
-    pair = synthetic_pair(2, truth)
+    truth, magnitude, recipe_data = CASES[name]
+    pair = synthetic_pair(2, truth, magnitude=magnitude)
     paths = write_pair(pair, folder)
-    recipe = recipe_from_dict({"stages": stages, "seed": 1})
+    recipe = recipe_from_dict({**recipe_data, "seed": 1})
     data = load_images(paths["fixed"], paths["moving"])
     result = register(recipe, PairData(data.spec, data.fixed, data.moving))
     return {"paths": paths, "recipe": recipe, "fixed": data.fixed, "fp": pair.fixed_points, "mp": pair.moving_points,
             "before": tre_stats(pair.fixed_points - pair.moving_points, data.fixed).mean_vox,
             "autoreg": tre_stats(transform_points(result.transform, pair.fixed_points) - pair.moving_points,
-                                 data.fixed).mean_vox}
+                                 data.fixed).mean_vox,
+            "autoreg_start": transform_points(result.initial_transform, pair.fixed_points)}
 
 
 @pytest.fixture(scope="module")
@@ -342,9 +391,10 @@ def _check_tre(case: dict[str, Any], peer: str, mapped: np.ndarray) -> None:
     assert got <= 2 * case["autoreg"] + 0.5, f"{peer} {got:.3f} px vs autoreg {case['autoreg']:.3f} px"
 
 
-def run_elastix_export(recipe: Recipe, paths: dict[str, Path], fixed_points: np.ndarray, tmp: Path) -> np.ndarray:
-    """Export, read the parameter files in the order run_elastix.sh passes them, run itk-elastix, map the points
-    with transformix (fixed -> moving, ITK's convention)."""
+def run_elastix_export(recipe: Recipe, paths: dict[str, Path], fixed_points: np.ndarray, tmp: Path, *,
+                       stages: bool = True) -> np.ndarray:
+    """Export, read the parameter files in the order run_elastix.sh passes them (``stages=False``: only the maps
+    before the stages'), run itk-elastix, map the points with transformix (fixed -> moving, ITK's convention)."""
     import itk
 
     itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(2)
@@ -353,7 +403,8 @@ def run_elastix_export(recipe: Recipe, paths: dict[str, Path], fixed_points: np.
     args = _run_script(tmp / "elx" / ELASTIX_SCRIPT, "elastix", paths["fixed"], paths["moving"], tmp / "elx_out")
     params = itk.ParameterObject.New()
     for file in _option(args, "-p"):
-        params.AddParameterFile(file)
+        if stages or not Path(file).name.startswith("stage_"):
+            params.AddParameterFile(file)
     f = itk.imread(str(paths["fixed"]), itk.F)
     m = itk.imread(str(paths["moving"]), itk.F)
     method = itk.ElastixRegistrationMethod.New(f, m)
@@ -378,6 +429,9 @@ def run_ants_export(recipe: Recipe, paths: dict[str, Path], fixed_points: np.nda
     fixed_image = load_images(paths["fixed"], paths["moving"]).fixed
     (tmp / "ants.sh").write_text(ants_script(recipe, Geometry.of(fixed_image)))
     args = _run_script(tmp / "ants.sh", "antsRegistration", paths["fixed"], paths["moving"], tmp / "ants_")
+    search = _recorded(tmp, "antsAffineInitializer")
+    if search:  # the recipe's rotation search: ANTsPy's affine_initializer runs this program with such a list
+        assert ants.lib.antsAffineInitializer(search) == 0
     ants.registration(args, None)  # a list of arguments runs antsRegistration itself
     written = sorted(str(p) for p in tmp.glob("ants_[0-9]*") if "Inverse" not in p.name)
     assert written, "antsRegistration wrote no transform"
@@ -392,6 +446,16 @@ def run_ants_export(recipe: Recipe, paths: dict[str, Path], fixed_points: np.nda
 def test_elastix_registers_the_export_as_well_as_autoreg(name: str, case, tmp_path: Path) -> None:
     c = case(name)
     _check_tre(c, "elastix", run_elastix_export(c["recipe"], c["paths"], c["fp"], tmp_path))
+
+
+@needs_elastix
+def test_elastix_rotation_search_starts_where_autoreg_does(case, tmp_path: Path) -> None:
+    """The initializer and rotation-search maps alone (FullSearch over angle and shifts) reach autoreg's own start."""
+    c = case("rigid-search")
+    maps = elastix_files(c["recipe"], Geometry.of(c["fixed"]))
+    assert [n for n in maps if not n.startswith("stage_")] == ["initializer.txt", "rotation_search.txt", ELASTIX_SCRIPT]
+    mapped = run_elastix_export(c["recipe"], c["paths"], c["fp"], tmp_path, stages=False)
+    assert np.abs(mapped - c["autoreg_start"]).max() < 0.05, "elastix's search should pick autoreg's angle and shift"
 
 
 @needs_ants

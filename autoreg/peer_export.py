@@ -599,6 +599,9 @@ def ants_rotation_search(recipe: Recipe, geometry: Geometry) -> tuple[list[str],
              "with 32 bins on the full-resolution images, from the centres of mass (whatever initializer.kind), and "
              "each start refined by a short affine optimisation",
              *_search_notes(recipe)]
+    if searched_stage(recipe).use_masks:
+        notes.append("not translated: masks in the rotation search (the script does not pass them to "
+                     "antsAffineInitializer)")
     shifts, shift_step = _search_shifts(recipe, geometry)
     if shifts:
         notes.append(f"not translated: the shift search ({shifts} steps of {_num(shift_step)} mm each way): "
@@ -624,6 +627,9 @@ def ants_script(recipe: Recipe, geometry: Geometry) -> str:
         "# ANTs optimises every stage with its conjugate-gradient line search, learning rate re-estimated at each",
         "# iteration, the step capped at the stage's gradientStep (mm): Rigid[step] and so on.",
     ]
+    if search:
+        lines.append("# The rotation search runs first: antsAffineInitializer (ANTsPy: ants.lib.antsAffineInitializer"
+                     "(ARGS)) writes OUTPREFIXrotation_search.mat, which starts antsRegistration.")
     lines += [f"# {n}" for n in notes]
     lines += [
         "set -eu",

@@ -370,13 +370,13 @@ def _launch(plan, jobs: int, study, stop) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_best
+    from .export import export_best, write_export
 
     cfg, directory, spec = _open_study_args(args)
     text, trial = export_best(cfg, spec, fmt=args.format, repeats=args.repeats, within=args.within)
     out = Path(args.output)
     try:
-        out.write_text(text, encoding="utf-8")
+        write_export(out, text)
     except OSError as err:
         raise UserError(f"cannot write ({err.strerror})", file=out) from None
     speed = f", {trial.runtime_s:.3g} s per run" if args.within is not None and trial.runtime_s else ""
@@ -566,8 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pair", help="PAIR.yaml")
     _study_args(p)
     p.add_argument("-o", "--output", type=_output_file, required=True,
-                   help="RECIPE.yaml (or recipe.py with --format python)")
-    p.add_argument("--format", choices=("yaml", "python"), default="yaml")
+                   help="RECIPE.yaml; recipe.py with --format python; a folder of parameter maps with --format "
+                        "elastix; a shell script with --format ants")
+    p.add_argument("--format", choices=("yaml", "python", "elastix", "ants"), default="yaml")
     p.add_argument("--repeats", type=_whole(0, MAX_REPEATS), default=3,
                    help="re-run the best recipe this many times under other seeds and store the spread (0: skip)")
     p.add_argument("--within", type=_percent, metavar="PCT",

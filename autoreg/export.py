@@ -1,8 +1,10 @@
-"""The best trial of a study as a recipe with its provenance (YAML, or a standalone SimpleITK script)."""
+"""The best trial of a study as a recipe with its provenance (YAML, a standalone SimpleITK script, or the settings of
+elastix and ANTs)."""
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -11,6 +13,7 @@ import SimpleITK as sitk
 from . import __version__
 from .config import StudyConfig
 from .errors import UserError
+from .peer_export import PEER_FORMATS
 from .recipe import Recipe, recipe_from_dict, recipe_to_yaml
 from .study import StorageSpec, best_and_baseline_of, load_existing
 from .trial import TrialRecord, records
@@ -83,7 +86,8 @@ def stored_spread(study: optuna.Study, recipe: Recipe, trial: TrialRecord, cfg: 
 
 
 def export_best(cfg: StudyConfig, spec: StorageSpec, *, fmt: str = "yaml", repeats: int = 0,
-                within: float | None = None) -> tuple[str, TrialRecord]:
+                within: float | None = None) -> tuple[str | dict[str, str], TrialRecord]:
+    """The text of the export (``elastix``: file name -> text, for a folder) and the trial it comes from."""
     study = load_existing(cfg, spec)
     recipe, trial = best_recipe(study, spec, source=str(cfg.path), within=within)
     if repeats > 0:
@@ -92,6 +96,20 @@ def export_best(cfg: StudyConfig, spec: StorageSpec, *, fmt: str = "yaml", repea
         recipe = recipe.with_(provenance=prov)
     if fmt == "yaml":
         return recipe_to_yaml(recipe), trial
+    if fmt in PEER_FORMATS:
+        from .peer_export import export_text, study_geometry
+
+        return export_text(recipe, fmt, study_geometry(cfg)), trial
     from .script import recipe_to_script
 
     return recipe_to_script(recipe), trial
+
+
+def write_export(out: Path, text: str | dict[str, str]) -> None:
+    """One file, or for a dict of files (``--format elastix``) a folder holding them."""
+    if isinstance(text, dict):
+        from .peer_export import write_folder
+
+        write_folder(out, text)
+    else:
+        out.write_text(text, encoding="utf-8")

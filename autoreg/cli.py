@@ -60,14 +60,17 @@ class _RedactingFilter(logging.Filter):
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .data import load_pair
+    """Everything ``tune`` would refuse is refused here, before any trial: the file, the data, the search overrides,
+    the recipes to enqueue or warm-start from."""
     from .fingerprint import fingerprint_dataset, max_shrink
+    from .pipeline import Pipeline
     from .space import pyramid_plan
 
-    cfg = load_config(args.pair)
-    pairs = [load_pair(p) for p in (*cfg.pairs, *cfg.holdout)]
-    fp = fingerprint_dataset(pairs)
+    pipe = Pipeline.load(args.pair)
+    cfg = pipe.cfg
+    pipe.space  # noqa: B018 - builds (and so checks) the search space and its overrides on the tuning pairs
+    starting = pipe.starting_points
+    fp = fingerprint_dataset([*pipe.all_landmark_pairs, *pipe.holdout_pairs])
     _out(f"study {cfg.name}: {len(cfg.pairs)} pair(s)" + (f", {len(cfg.holdout)} holdout" if cfg.holdout else ""))
     _out(f"stages: {' -> '.join(cfg.stages)}; objective: {'TRE' if cfg.uses_landmarks else 'holdout NMI'}")
     n_warn = 0
@@ -95,6 +98,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         for w in p.warnings:
             n_warn += 1
             _out(f"  warning: {w}")
+    for name, split in pipe.split.items():
+        counts = f"{split['select']} select, {len(split['report'])} report (never seen by the search)"
+        _out(f"landmarks of {name}: {split.get('note') or counts}")
+    for point in starting:
+        _out(f"starting point {point.role}: {' -> '.join(point.recipe.kinds)}")
     plan = pyramid_plan(fp)
     _out(f"\nthe search may use: {plan}")
     _out(f"\nok ({n_warn} warning{'s' if n_warn != 1 else ''})")
@@ -241,9 +249,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from .study import TuneLock, create_or_load, write_study_info
 
     cfg, directory, spec = _open_study_args(args)
+    if args.warm_start:
+        from dataclasses import replace
+
+        cfg = replace(cfg, warm_start=(*cfg.warm_start, *(Path(p).resolve() for p in args.warm_start)))
     pipe = Pipeline(cfg, seed=args.seed)
     cfg = pipe.cfg
-    study = create_or_load(cfg, spec, pipe.space, pipe.provenance)  # refuses changed inputs before study.json
+    study = create_or_load(cfg, spec, pipe.space, pipe.provenance,  # refuses changed inputs before study.json
+                           pipe.starting_points)
     write_study_info(directory, cfg, spec, pipe.provenance)
     with TuneLock(directory) as alone:
         return _tune(args, cfg, directory, spec, study, alone)
@@ -310,6 +323,9 @@ def _tune(args, cfg, directory, spec, study, alone: bool) -> int:
         f"{snap.pruned} pruned), {time.monotonic() - t0:.1f} s this run"
     )
     _out(f"best {metric}: {best.value:.4g} (trial {best.number})" if best else "best: no completed trial yet")
+    if best is not None and best.tre_report_mean is not None:
+        _out(f"honest score of the best: mean TRE {best.tre_report_mean:.4g} on the landmarks the search never saw "
+             f"({best.tre_mean:.4g} on those it selected with)")
     if base is not None:
         _out(f"baseline (SimpleITK-notebooks default) {metric}: {_baseline_summary(base)}")
     if best is not None and cfg.holdout and not interrupted:
@@ -425,6 +441,45 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _num(v) -> str:
     return f"{v:9.4g}" if v is not None else f"{'-':>9s}"
+
+
+# --- crossval ---------------------------------------------------------------------------------------------------
+
+
+def _tune_study(pair_file: Path, study_directory: Path, trials: int, jobs: int, seed: int):
+    """One study of a cross-validation, run as ``autoreg tune`` would, quietly; returns its best recipe."""
+    from .config import load_config
+    from .export import best_recipe
+    from .study import load_existing, storage_spec
+
+    code = main(["tune", str(pair_file), "--study-dir", str(study_directory), "--trials", str(trials), "--jobs",
+                 str(jobs), "--seed", str(seed), "-q"])
+    if code != EXIT_OK:
+        raise UserError(f"tuning stopped (exit {code})", file=pair_file)
+    cfg = load_config(pair_file)
+    spec = storage_spec(cfg, study_directory, None)
+    recipe, _ = best_recipe(load_existing(cfg, spec), spec, source=str(pair_file))
+    return recipe
+
+
+def cmd_crossval(args: argparse.Namespace) -> int:
+    import json
+
+    from .config import load_config
+    from .crossval import crossval, table
+    from .study import study_dir
+
+    cfg = load_config(args.pair)
+    out = Path(args.out) if args.out else study_dir(cfg, None) / "crossval"
+    folds = args.folds or len(cfg.pairs)
+    result = crossval(cfg.path, folds=folds, trials=args.trials, jobs=args.jobs or 1, seed=args.seed,
+                      out_dir=out, tune=_tune_study, own=not args.no_own, progress=_out)
+    for line in table(result):
+        _out(line)
+    _out(f"results: {out / 'crossval.json'}" + (f" and {args.json}" if args.json else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.as_dict(), indent=2), encoding="utf-8")
+    return EXIT_OK
 
 
 # --- report / dashboard -----------------------------------------------------------------------------------------
@@ -559,6 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=_whole(1, MAX_JOBS), help="worker processes (default: all cores)")
     p.add_argument("--seed", type=_whole(0, SEED_LIMIT - 1), help="study seed (overrides PAIR.yaml's 'seed')")
     _study_args(p)
+    p.add_argument("--warm-start", action="append", metavar="RECIPE",
+                   help="an earlier study's recipe, or a folder of recipes, whose points start the search (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="no live progress, only the summary")
     p.set_defaults(func=cmd_tune)
 
@@ -583,6 +640,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout-only", action="store_true", help="only the pairs under 'holdout:'")
     p.add_argument("--json", type=_output_file, help="also write the figures as JSON")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("crossval", help="tune on K-1 folds of a dataset's pairs, score the held-out fold")
+    p.add_argument("pair", help="PAIR.yaml with 'pairs:'")
+    p.add_argument("--folds", type=_whole(2, 10_000), help="number of folds (default: one per pair, leave-one-out)")
+    p.add_argument("--trials", type=_whole(1, MAX_TRIALS), default=30, help="trials of each study (default 30)")
+    p.add_argument("--jobs", type=_whole(1, MAX_JOBS), help="worker processes of each study (default 1)")
+    p.add_argument("--seed", type=_whole(0, SEED_LIMIT - 1), default=0, help="fold assignment and study seed")
+    p.add_argument("--out", help="folder of the fold studies and crossval.json (default: beside the study)")
+    p.add_argument("--no-own", action="store_true", help="skip tuning each pair alone (its own best, the reference)")
+    p.add_argument("--json", type=_output_file, help="also write the results as JSON here")
+    p.set_defaults(func=cmd_crossval)
 
     p = sub.add_parser("report", help="write an offline HTML report of the study")
     p.add_argument("pair", help="PAIR.yaml")

@@ -90,6 +90,9 @@ class _PairFile(_Strict):
     objective: Objective = Objective()
     #: Recipe files (relative to this file) enqueued as starting points after the default recipe.
     enqueue: list[str] | None = None
+    #: Recipes of earlier studies (files, or folders of them: a recipe library) whose points start the search, so that
+    #: a dataset of a kind tuned before needs fewer trials.
+    warm_start: list[str] | None = None
     deterministic: bool = False
     prune: bool = True
     #: A trial's registrations stop (and the trial fails) after this many seconds; default: 20x the default
@@ -158,6 +161,7 @@ class StudyConfig:
     search: dict[str, SearchOverride] = field(default_factory=dict)
     objective: Objective = Objective()
     enqueue: tuple[Path, ...] = ()
+    warm_start: tuple[Path, ...] = ()
     deterministic: bool = False
     prune: bool = True
     trial_timeout: float | None = None
@@ -276,6 +280,7 @@ def parse_pair_file(data: Any, path: Path) -> StudyConfig:
         search=search,
         objective=objective,
         enqueue=tuple(_resolve(base, e) for e in raw.enqueue or []),
+        warm_start=tuple(_resolve(base, e) for e in raw.warm_start or []),
         deterministic=raw.deterministic,
         prune=raw.prune,
         trial_timeout=raw.trial_timeout,

@@ -6,15 +6,29 @@ the whole chain once; the steps themselves live in ``config``, ``data``, ``finge
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from .config import StudyConfig, load_config
 from .data import PairData, load_pair
 from .fingerprint import DatasetFingerprint, fingerprint_dataset, provenance
+from .errors import UserError
 from .landmarks import MIN_LANDMARKS_TO_SPLIT, split_landmarks
+from .recipe import Recipe, fits_stages, load_recipe
 from .space import SearchSpace, build_space
+from .trial import USER_PREFIX, WARM_PREFIX
+
+
+@dataclass(frozen=True)
+class StartingPoint:
+    """A trial queued before the search: a user's recipe, run as it is (``enqueue``), or an earlier study's recipe
+    given to the sampler as a point of this study's space (``warm_start``: ``params``)."""
+
+    role: str
+    recipe: Recipe
+    params: dict[str, Any] | None = None
 
 
 class Pipeline:
@@ -79,6 +93,26 @@ class Pipeline:
     @cached_property
     def space(self) -> SearchSpace:
         return build_space(self.cfg, self.fingerprint)
+
+    @cached_property
+    def starting_points(self) -> list[StartingPoint]:
+        """``enqueue`` and ``warm_start`` recipes, read and checked against the study's stages."""
+        out = []
+        for key, paths in (("enqueue", self.cfg.enqueue), ("warm_start", self.cfg.warm_start)):
+            for path in paths:
+                files = sorted([*path.glob("*.yaml"), *path.glob("*.yml")]) if path.is_dir() else [path]
+                if not files:
+                    raise UserError(f"no recipe (*.yaml) in the folder {path}", file=self.cfg.path, key=key)
+                for file in files:
+                    recipe = load_recipe(file)
+                    if not fits_stages(recipe.kinds, self.cfg.stages):
+                        raise UserError(f"{file}: its stages {list(recipe.kinds)} do not fit the study's stages "
+                                        f"{list(self.cfg.stages)}", file=self.cfg.path, key=key)
+                    if key == "enqueue":
+                        out.append(StartingPoint(f"{USER_PREFIX}{file.name}", recipe))
+                    else:
+                        out.append(StartingPoint(f"{WARM_PREFIX}{file.name}", recipe, self.space.params_of(recipe)))
+        return out
 
     @cached_property
     def provenance(self) -> dict:

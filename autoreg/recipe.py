@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 import yaml
 
 from .errors import UserError, excerpt
-from .registration import LINEAR_KINDS, threads_of
+from .registration import threads_of
 from .yamlio import load_yaml_file, load_yaml_text
 
 RECIPE_FORMAT = 2
@@ -392,6 +392,12 @@ def check_stage_order(kinds: list[str] | tuple[str, ...]) -> None:
             order = " < ".join(k for k in TRANSFORM_RANK if k in ("translation", "rigid", "similarity", "affine")) + \
                 " < bspline | displacement"
             raise ValueError(f"stage '{b}' after '{a}' loses freedom (expected order: {order})")
+
+
+def fits_stages(kinds: tuple[str, ...] | list[str], stages: tuple[str, ...] | list[str]) -> bool:
+    """Whether a recipe's stage kinds are those of a study (a study's ``deformable`` stage takes either kind)."""
+    return len(kinds) == len(stages) and all(
+        k == s or (s == "deformable" and k in DEFORMABLE_KINDS) for k, s in zip(kinds, stages))
 
 
 def default_stage(kind: str, dim: int) -> Stage:

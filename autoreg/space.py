@@ -26,11 +26,11 @@ from typing import Any, Protocol
 from .config import SearchOverride, StudyConfig
 from .errors import UserError
 from .fingerprint import DatasetFingerprint, level_voxels, samples_needed
+from .registration import LINEAR_KINDS
 from .recipe import (
     DEFORMABLE_KINDS,
     GRADIENT_DESCENT_KINDS,
     HISTOGRAM_METRICS,
-    LINEAR_KINDS,
     METRIC_KINDS,
     Metric,
     Optimizer,

@@ -22,7 +22,7 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import optuna
@@ -34,9 +34,9 @@ from .config import StudyConfig
 from .cost import CostModel
 from .errors import UserError, excerpt
 from .objective import RUNGS
-from .recipe import load_recipe, recipe_to_dict
+from .recipe import recipe_to_dict
 from .space import SearchSpace
-from .trial import BASELINE, SUGGESTED, USER_PREFIX, TrialRecord, attrs, best_and_baseline, records, write_to_storage
+from .trial import BASELINE, SUGGESTED, TrialRecord, attrs, best_and_baseline, records, write_to_storage
 
 log = logging.getLogger(__name__)
 
@@ -516,9 +516,10 @@ def check_identity(study: optuna.Study, cfg: StudyConfig, *, record: bool = Fals
 
 
 def create_or_load(
-    cfg: StudyConfig, spec: StorageSpec, space: SearchSpace, fingerprint: dict[str, Any]
+    cfg: StudyConfig, spec: StorageSpec, space: SearchSpace, fingerprint: dict[str, Any], starting: Sequence[Any] = ()
 ) -> optuna.Study:
-    """Create the study (enqueueing the default recipe and the user's) or load it to continue (on the same inputs)."""
+    """Create the study (enqueueing the default recipe, then the ``starting`` points: the user's recipes and warm
+    starts) or load it to continue on the same inputs (queueing starting points it has not seen yet)."""
     storage = open_storage(spec)
     pruner = make_pruner(cfg.prune, len(cfg.pairs))
     try:
@@ -544,11 +545,16 @@ def create_or_load(
             study.set_metric_names([cfg.score_name])
         baseline = space.baseline_recipe(seed=cfg.seed)
         study.enqueue_trial({}, user_attrs=attrs(recipe=recipe_to_dict(baseline), role=BASELINE))
-        for path in cfg.enqueue:
-            recipe = load_recipe(path)
-            study.enqueue_trial({}, user_attrs=attrs(recipe=recipe_to_dict(recipe), role=f"{USER_PREFIX}{path.name}"))
     else:
         check_identity(study, cfg, record=True)
+    seen = {t.role for t in records(study)}
+    for point in starting:
+        if point.role in seen:
+            continue
+        if point.params is None:  # a user's recipe runs as it is, recording no point of the space
+            study.enqueue_trial({}, user_attrs=attrs(recipe=recipe_to_dict(point.recipe), role=point.role))
+        else:  # a warm start: the sampler sees (and learns from) its point
+            study.enqueue_trial(point.params, user_attrs=attrs(role=point.role), skip_if_exists=True)
     return study
 
 
@@ -615,6 +621,12 @@ def reap_stale_trials(study: optuna.Study, *, live_pids: set[int] = frozenset(),
     return reaped
 
 
+@functools.lru_cache(maxsize=4)
+def _calibrated(threads: int) -> CostModel:
+    """One calibration per process and thread count (a cross-validation's studies share it)."""
+    return CostModel.calibrate(threads)
+
+
 def cost_model(study: optuna.Study, threads: int) -> CostModel:
     """This machine's cost coefficients at ``threads`` ITK threads: measured once per study and machine, kept in the
     study so that every worker on the machine predicts with the same numbers."""
@@ -622,7 +634,7 @@ def cost_model(study: optuna.Study, threads: int) -> CostModel:
     known = study.user_attrs.get("cost_models", {})
     if key in known:
         return CostModel(**known[key])
-    model = CostModel.calibrate(threads)
+    model = _calibrated(threads)
     study.set_user_attr("cost_models", {**known, key: model.as_dict()})
     log.info("cost model for %s: %s", key, model)
     return model

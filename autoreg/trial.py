@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict
 BASELINE = "baseline"
 SUGGESTED = "suggested"
 USER_PREFIX = "user:"
+#: A warm start: an earlier study's recipe, given to the sampler as a point of this study's space.
+WARM_PREFIX = "warm:"
 #: Statistics of a finished trial, each the mean over its pairs (``folding_fraction``: the worst pair).
 SCORE_KEYS = ("tre_mean", "tre_median", "tre_p90", "tre_max", "tre_mean_vox", "tre_report_mean", "relative_tre",
               "holdout_loss", "holdout_nmi", "folding_fraction", "score_std")
@@ -36,7 +38,8 @@ class TrialRecord(BaseModel):
     intermediate: dict[int, float] = {}
     # --- written by autoreg (user attributes) ---
     worker: str | None = None
-    #: ``baseline`` (trial 0: the SimpleITK-notebooks default), ``suggested`` (the sampler's), ``user:<file>``.
+    #: ``baseline`` (trial 0: the SimpleITK-notebooks default), ``suggested`` (the sampler's), ``user:<file>`` (a
+    #: recipe run as it is), ``warm:<file>`` (an earlier study's recipe, as a point of this space).
     role: str = SUGGESTED
     #: The whole recipe that ran (any recipe format); every trial stores it, so export never re-derives it.
     recipe: dict[str, Any] | None = None

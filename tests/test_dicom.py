@@ -216,7 +216,7 @@ def test_python_warnings_are_logged_not_printed(pair_yaml, run_cli, monkeypatch,
     """An Optuna or SQLAlchemy warning raised on the way to a user error must not come before the error line."""
     import warnings
 
-    from autoreg import config
+    from autoreg import config, pipeline
 
     real = config.load_config
 
@@ -226,6 +226,7 @@ def test_python_warnings_are_logged_not_printed(pair_yaml, run_cli, monkeypatch,
         return real(path)
 
     monkeypatch.setattr(config, "load_config", noisy)
+    monkeypatch.setattr(pipeline, "load_config", noisy)  # (check reads PAIR.yaml through the pipeline)
     path = pair_yaml()
     path.write_text(path.read_text().replace("stages:", "unknown_key: 1\nstages:"))
     result = run_cli("check", path)

@@ -818,3 +818,53 @@ def test_the_spread_is_measured_once_per_study_and_trial(tuned: Tuned, tmp_path:
     assert len(calls) == 1  # the python export reused the spread the yaml export measured
     spread = recipe_from_yaml((tmp_path / "r.yaml").read_text()).provenance["spread"]
     assert spread["repeats"] == 2 and json.dumps(spread) in (tmp_path / "r.py").read_text()
+
+
+# --- warm starts: earlier studies' recipes as points of this study's space ------------------------------------------
+
+
+def test_warm_start_queues_earlier_recipes_as_points_the_sampler_learns_from(tuned: Tuned, tmp_path: Path) -> None:
+    library = tmp_path / "library"
+    library.mkdir()
+    assert cli("export", tuned.pair, "--study-dir", tuned.study_dir, "-o", library / "a.yaml", "--repeats", 0).code == 0
+    earlier = recipe_from_yaml((library / "a.yaml").read_text())
+    pair = write_study_files(tmp_path / "data", seed=2)
+    run = tune(pair, tmp_path / "study", "--trials", 3, "--jobs", 1, "-q", "--warm-start", library)
+    assert run.code == 0, run.err
+    trials = trials_of(tmp_path / "study")
+    warm = [t for t in trials if t.user_attrs.get("role") == "warm:a.yaml"]
+    assert len(warm) == 1 and warm[0].number == 1  # right after the baseline
+    assert warm[0].params and "recipe" in warm[0].user_attrs  # a point of the space, and the recipe it ran
+    ran = recipe_from_dict(warm[0].user_attrs["recipe"])
+    assert ran.stages[0].optimizer.kind == earlier.stages[0].optimizer.kind
+    assert ran.stages[0].metric == earlier.stages[0].metric
+    # given again on resume, it is not queued twice
+    run = tune(pair, tmp_path / "study", "--trials", 4, "--jobs", 1, "-q", "--warm-start", library / "a.yaml")
+    assert run.code == 0 and len([t for t in trials_of(tmp_path / "study") if t.user_attrs.get("role") ==
+                                  "warm:a.yaml"]) == 1
+
+
+def test_check_refuses_recipes_whose_stages_do_not_fit(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "affine.yaml").write_text(yaml.safe_dump(recipe_to_dict(default_recipe(["affine"], 2))))
+    pair = write_study_files(data, stages=("translation",), extra={"enqueue": ["affine.yaml"]})
+    for command in ("check", "tune"):
+        run = cli(command, pair, *(("--study-dir", tmp_path / "s", "--trials", 1) if command == "tune" else ()))
+        assert run.code == 2 and "enqueue" in run.err and "do not fit the study's stages" in run.err, run.err
+        assert len(run.err.strip().splitlines()) == 1
+    pair = write_study_files(data, stages=("affine",), extra={"warm_start": ["affine.yaml"]})
+    run = cli("check", pair)
+    assert run.code == 0 and "starting point warm:affine.yaml: affine" in run.out
+
+
+def test_check_refuses_overrides_that_would_fail_every_trial(tmp_path: Path) -> None:
+    for search, key in (({"stage0.optimizer.kind": "lbfgsb"}, "stage0.optimizer.kind"),
+                        ({"stage0.metric.kind": "correlation", "stage0.metric.number_of_histogram_bins": 32},
+                         "stage0.metric.number_of_histogram_bins")):
+        pair = write_study_files(tmp_path / "data", extra={"search": search})
+        run = cli("check", pair)
+        assert run.code == 2 and f"search.{key}" in run.err and len(run.err.strip().splitlines()) == 1, run.err
+    # the README's own example is fine
+    pair = write_study_files(tmp_path / "data", extra={"search": {"stage0.pyramid.shrink_factors": [4, 2, 1]}})
+    assert cli("check", pair).code == 0

@@ -106,7 +106,7 @@ def write_trial_files(folder: Path, pairs: Iterable[PairData], transforms: Mappi
         sitk.WriteTransform(tx, str(tfm))
         files.append(tfm)
         png = folder / f"{ALIGNMENT_PREFIX}{stem}.png"
-        png.write_bytes(comparison_png(pair.fixed, pair.moving, tx, pair.fixed_points))
+        png.write_bytes(comparison_png(pair.fixed, pair.moving, tx, pair.every_fixed_point))
         files.append(png)
         rows = tre_rows(pair, tx)
         if rows:

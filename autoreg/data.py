@@ -72,6 +72,13 @@ class PairData:
         return self.fixed.GetDimension()
 
     @property
+    def every_fixed_point(self) -> np.ndarray | None:
+        """The fixed landmarks of both sets (selection, then report): where pictures centre their views."""
+        if self.fixed_points is None or self.report_fixed_points is None:
+            return self.fixed_points
+        return np.vstack([self.fixed_points, self.report_fixed_points])
+
+    @property
     def has_landmarks(self) -> bool:
         return self.fixed_points is not None
 

@@ -31,6 +31,19 @@ class StartingPoint:
     params: dict[str, Any] | None = None
 
 
+def split_pair(pair: PairData, cfg: StudyConfig) -> PairData:
+    """A pair with its landmarks split into selection points and report points (unchanged when there are too few)."""
+    fraction = cfg.objective.report_fraction
+    if not pair.has_landmarks or fraction <= 0:
+        return pair
+    select, report = split_landmarks(pair.fixed_points, fraction, cfg.seed)
+    if len(report) == 0:
+        return pair
+    return replace(pair, fixed_points=pair.fixed_points[select], moving_points=pair.moving_points[select],
+                   report_fixed_points=pair.fixed_points[report], report_moving_points=pair.moving_points[report],
+                   report_rows=report)
+
+
 class Pipeline:
     """The chain for one PAIR.yaml; ``seed`` overrides the file's study seed (``tune --seed``)."""
 
@@ -50,20 +63,7 @@ class Pipeline:
     def pairs(self) -> list[PairData]:
         """The tuning pairs as trials see them: each pair's landmarks split into the selection set (its points) and
         the report set the search never sees (``objective.report_fraction``, seeded by the study seed)."""
-        fraction = self.cfg.objective.report_fraction
-        out = []
-        for pair in self.all_landmark_pairs:
-            if not pair.has_landmarks or fraction <= 0:
-                out.append(pair)
-                continue
-            select, report = split_landmarks(pair.fixed_points, fraction, self.cfg.seed)
-            if len(report) == 0:
-                out.append(pair)
-                continue
-            out.append(replace(pair, fixed_points=pair.fixed_points[select], moving_points=pair.moving_points[select],
-                               report_fixed_points=pair.fixed_points[report],
-                               report_moving_points=pair.moving_points[report], report_rows=report))
-        return out
+        return [split_pair(pair, self.cfg) for pair in self.all_landmark_pairs]
 
     @cached_property
     def split(self) -> dict[str, dict]:

@@ -66,3 +66,13 @@ def test_crossval_needs_several_pairs_with_landmarks(tmp_path: Path, run_cli, pa
     assert res.code == 2 and "several pairs" in res.err and len(res.err.strip().splitlines()) == 1
     res = run_cli("crossval", _dataset(tmp_path / "d", 2), "--folds", 3, "--trials", 2)
     assert res.code == 2 and "--folds" in res.err
+
+
+def test_the_report_has_a_cross_validation_section(tmp_path: Path, run_cli) -> None:
+    pair = _dataset(tmp_path / "data")
+    assert run_cli("crossval", pair, "--trials", 2, "--jobs", 1, "--no-own").code == 0  # out: beside the study
+    assert run_cli("tune", pair, "--trials", 2, "--jobs", 1, "-q").code == 0
+    res = run_cli("report", pair, "-o", tmp_path / "r.html")
+    assert res.code == 0, res.err
+    html = (tmp_path / "r.html").read_text()
+    assert "<h2>Cross-validation</h2>" in html and html.count("<td>p") >= 3

@@ -203,8 +203,10 @@ def test_report_data_matches_the_study(reported: Reported) -> None:
     assert steps and steps <= set(data.step_labels)
     assert data.step_labels[0] == "stage 0 affine · coarsest level"
     # several pairs and stages: step = (pair * n_stages + stage) * 3 + {0: coarsest level, 1: before the finest, 2: end}
-    assert step_labels(["rigid", "bspline"], ["a", "b"])[11] == "b · stage 1 bspline · end"
-    assert step_labels(["rigid", "bspline"], ["a", "b"])[4] == "a · stage 1 bspline · before the finest level"
+    assert step_labels(["rigid", "bspline"], ["a"])[5] == "stage 1 bspline · end"
+    assert step_labels(["rigid", "bspline"], ["a"])[4] == "stage 1 bspline · before the finest level"
+    # several pairs: each pair's whole score is one step (the Wilcoxon pruner's instance)
+    assert step_labels(["rigid", "bspline"], ["a", "b"]) == {0: "a (whole pair)", 1: "b (whole pair)"}
     assert data.importances is not None and all(v >= 0 for v in data.importances.values())
 
 

@@ -12,7 +12,7 @@ import logging
 import math
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -99,6 +99,10 @@ class ReportData:
     #: The unit of TRE values (``images.physical_unit`` of the fixed images); None when unknown or mixed.
     unit: str | None = None
     transform_source: str = ""
+    #: Per pair, the landmarks the search never saw (``pipeline.Pipeline.split``), as the study recorded it.
+    split: dict[str, Any] = field(default_factory=dict)
+    #: ``autoreg crossval``'s results for this study (``crossval.json`` in its folder), when it ran.
+    crossval: dict[str, Any] | None = None
     created: str | None = None
     generated: str = ""
     versions: dict[str, str] = field(default_factory=dict)
@@ -138,9 +142,12 @@ def reason_groups(trials: Iterable[TrialRecord]) -> list[ReasonGroup]:
 
 
 def step_labels(stages: Sequence[str], pair_names: Sequence[str]) -> dict[int, str]:
-    """Readable names of the objective's report steps (``objective.report_step``: pair, stage, rung)."""
+    """Readable names of the objective's report steps: per pair, stage and rung (``objective.report_step``); with
+    several pairs, each pair's whole score is one step (the Wilcoxon pruner's instance)."""
     from ..objective import RUNGS, report_step
 
+    if len(pair_names) > 1:
+        return {i: f"{name} (whole pair)" for i, name in enumerate(pair_names)}
     labels = {}
     for p, pair in enumerate(pair_names):
         for s, kind in enumerate(stages):
@@ -201,8 +208,8 @@ def pair_results(pairs: Sequence[PairData], transforms: Mapping[str, sitk.Transf
             if btx is not None:
                 base = [r["tre_after"] for r in tre_rows(pair, btx)]
             tables.append(LandmarkTable(pair.name, rows, base, physical_unit(pair.fixed)))
-        before = view_pngs(pair.fixed, pair.moving, None, pair.fixed_points)
-        after = view_pngs(pair.fixed, pair.moving, tx, pair.fixed_points)
+        before = view_pngs(pair.fixed, pair.moving, None, pair.every_fixed_point)
+        after = view_pngs(pair.fixed, pair.moving, tx, pair.every_fixed_point)
         views = [ViewImages(v.label, v.axis, v.index, v.size, b, a) for (v, b), (_, a) in zip(before, after)]
         images.append(PairImages(pair.name, pair.dim, views))
     return tables, images
@@ -288,8 +295,12 @@ def best_transforms(study: optuna.Study, trial: TrialRecord, pairs: Sequence[Pai
 
 def build_report(cfg: Any, spec: Any, study_directory: Path) -> ReportData:
     """Open the study of ``cfg``, load its pairs and the best trial's transforms, and extract the report's data."""
+    import json
+
+    from ..crossval import CROSSVAL_JSON
     from ..data import load_pair
     from ..errors import UserError
+    from ..pipeline import split_pair
     from ..study import load_existing
 
     study = load_existing(cfg, spec)
@@ -298,7 +309,7 @@ def build_report(cfg: Any, spec: Any, study_directory: Path) -> ReportData:
     notes: list[PairImages] = []
     for p in cfg.pairs:
         try:
-            pairs.append(load_pair(p))
+            pairs.append(split_pair(load_pair(p), cfg))  # the per-landmark table marks the report set
         except UserError as err:
             log.warning("pair %s: images unavailable (%s)", p.name, err)
             notes.append(PairImages(p.name, 0, note=f"images unavailable: {err}"))
@@ -315,4 +326,12 @@ def build_report(cfg: Any, spec: Any, study_directory: Path) -> ReportData:
     data = report_data(frozen, pairs, transforms=transforms, baseline_transforms=baseline_tx, transform_source=source,
                        pair_names=[p.name for p in cfg.pairs])
     data.images.extend(notes)
-    return data
+    crossval = None
+    path = study_directory / "crossval" / CROSSVAL_JSON
+    if path.is_file():
+        try:
+            crossval = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            log.warning("%s unreadable (%s)", path, err)
+    return replace(data, split=dict((study.user_attrs.get("fingerprint") or {}).get("landmark_split") or {}),
+                   crossval=crossval)

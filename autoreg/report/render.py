@@ -73,6 +73,12 @@ def summary_cards(data: ReportData) -> list[Card]:
     if b is not None:
         cards.append(Card(f"default recipe {data.objective}", fmt(b.value) + unit if finite(b.value) else b.state.lower(),
                           f"trial {b.number}" + (f": {b.reason}" if b.reason else "")))
+    if best is not None and best.tre_report_mean is not None:
+        kept = sum(len(v.get("report", [])) for v in data.split.values())
+        cards.append(Card("honest score", fmt(best.tre_report_mean) + (f" {data.unit}" if data.unit else ""),
+                          f"the best trial's mean TRE on the {kept} landmarks the search never saw"))
+    elif any("note" in v for v in data.split.values()):
+        cards.append(Card("honest score", "-", "too few landmarks to keep some aside"))
     if best is not None and b is not None and finite(b.value) and best.value and best.value > 0:
         cards.append(Card("improvement", f"{b.value / best.value:.3g}×",
                           f"{(1 - best.value / b.value) * 100:.1f} % lower than the default"))

@@ -28,7 +28,7 @@ from .registration.pyramid import sampled_points
 
 #: Function evaluations per iteration, by optimizer (line searches evaluate several times).
 EVALUATIONS_PER_ITERATION = {"gradient_descent": 1.0, "regular_step_gd": 1.0, "cg_line_search": 3.0, "lbfgsb": 1.5,
-                             "lbfgs2": 1.5}
+                             "lbfgs2": 1.5, "demons": 1.0}
 #: LBFGS2's ``number_of_iterations: 0`` means "until convergence": counted as this many.
 UNBOUNDED_ITERATIONS = 500
 #: Trials whose prediction is off by more than this factor either way do not correct the model (crashes, cuts).
@@ -106,6 +106,8 @@ class CostModel:
             per_sample = self.bspline_s_per_sample + self.bspline_s_per_sample_parameter * parameters
         elif stage.transform.kind == "displacement":  # local support: smoothing the field is the cost
             per_iteration = self.field_s_per_voxel * voxels
+            if stage.optimizer.kind == "demons":  # a force at every voxel of the field
+                samples = voxels
         evaluations = EVALUATIONS_PER_ITERATION.get(stage.optimizer.kind, 1.0)
         return setup, evaluations * samples * per_sample + per_iteration
 

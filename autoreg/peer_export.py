@@ -501,6 +501,15 @@ def _elastix_optimizer(stage: Stage, geometry: Geometry, put, notes: list[str]) 
                          f"{o.delta_convergence_distance}, delta_convergence_tolerance "
                          f"{_num(o.delta_convergence_tolerance)}"
                          + (", number_of_iterations 0 (until convergence)" if o.number_of_iterations == 0 else ""))
+    elif o.kind == "demons":
+        stochastic = True
+        put("Optimizer", "AdaptiveStochasticGradientDescent")
+        put("MaximumNumberOfIterations", o.number_of_iterations)
+        put("AutomaticParameterEstimation", "true")
+        notes.append(f"differs: optimizer demons ({o.variant}) -> elastix has no Demons: its adaptive stochastic "
+                     "gradient descent on the stage's grid; not translated: maximum_update_step_length "
+                     f"{_num(o.maximum_update_step_length)}, intensity_difference_threshold "
+                     f"{_num(o.intensity_difference_threshold)}, maximum_rms_error {_num(o.maximum_rms_error)}")
     put("NewSamplesEveryIteration", "true" if stochastic else "false")
     _elastix_scales(stage, geometry, put, notes)
 

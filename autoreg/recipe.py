@@ -242,8 +242,23 @@ class LBFGS2(_Frozen):
     scales: Scales = "none"
 
 
+class Demons(_Frozen):
+    """SimpleITK's Demons filters on a displacement field: for images of one modality (the force is the intensity
+    difference, so the stage's metric is mean squares, every voxel). The field's smoothing comes from the transform's
+    variances (standard deviations: their square roots, in field voxels)."""
+
+    kind: Literal["demons"] = "demons"
+    variant: Literal["fast_symmetric_forces", "diffeomorphic"] = "fast_symmetric_forces"
+    number_of_iterations: int = Field(50, ge=1, le=100000)
+    #: Largest update per iteration, in voxels of the field (0: unbounded).
+    maximum_update_step_length: float = Field(0.5, ge=0)
+    intensity_difference_threshold: float = Field(0.001, ge=0)
+    #: The filter stops early once the RMS change of the field falls below this.
+    maximum_rms_error: float = Field(0.02, ge=0)
+
+
 Optimizer = Annotated[
-    Union[GradientDescent, RegularStepGradientDescent, ConjugateGradientLineSearch, LBFGSB, LBFGS2],
+    Union[GradientDescent, RegularStepGradientDescent, ConjugateGradientLineSearch, LBFGSB, LBFGS2, Demons],
     Field(discriminator="kind"),
 ]
 #: Optimizers that take a fixed or estimated learning rate, and a refining BSpline grid (LBFGSB keeps its first
@@ -324,10 +339,16 @@ class Stage(_Frozen):
         if isinstance(t, BSplineTransform) and t.refine and self.optimizer.kind not in GRADIENT_DESCENT_KINDS:
             raise ValueError(f"transform.refine needs a gradient-descent optimizer, not {self.optimizer.kind} "
                              "(its bounds and memory cannot follow a growing grid)")
+        if self.optimizer.kind == "demons":
+            if not isinstance(t, DisplacementTransform):
+                raise ValueError(f"the demons optimizer moves a displacement field, not a {t.kind} transform")
+            if self.metric.kind != "mean_squares" or self.sampling.strategy != "none":
+                raise ValueError("the demons optimizer's force is the intensity difference at every voxel: "
+                                 "use metric mean_squares and sampling 'none'")
         if isinstance(t, DisplacementTransform):
-            if self.optimizer.kind not in GRADIENT_DESCENT_KINDS:
-                raise ValueError(f"a displacement field needs a gradient-descent optimizer, not {self.optimizer.kind} "
-                                 "(ITK's local-support updates)")
+            if self.optimizer.kind not in (*GRADIENT_DESCENT_KINDS, "demons"):
+                raise ValueError(f"a displacement field needs a gradient-descent optimizer or demons, not "
+                                 f"{self.optimizer.kind} (ITK's local-support updates)")
             if not self.pyramid.shrink_images:
                 raise ValueError("a displacement field runs on prepared levels: set pyramid.shrink_images to true "
                                  "(its grid follows each level)")

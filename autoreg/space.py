@@ -228,10 +228,16 @@ class SearchSpace:
         if kind in ("displacement", "deformable"):
             # the field's grid in fixed voxels (1: every voxel of the level) and the Gaussian regularisation of each
             # update (viscous) and of the whole field (elastic), in voxels of that grid: ANTs' GaussianDisplacementField
+            demons = displacement + ((f"{s}.optimizer.demons", (True,)),)
             out += [
                 Dim(f"{s}.transform.grid_spacing", low=1.0, high=4.0, log=True, when=displacement),
                 Dim(f"{s}.transform.variance_for_update_field", low=0.0, high=4.0, when=displacement),
                 Dim(f"{s}.transform.variance_for_total_field", low=0.0, high=3.0, when=displacement),
+                # SimpleITK's Demons moves the field by the intensity difference (one modality): on same-modality
+                # deformations it ended at a quarter of gradient descent's TRE (benchmarks/demons.py)
+                Dim(f"{s}.optimizer.demons", choices=(False, True), when=displacement),
+                Dim(f"{s}.optimizer.variant", choices=("fast_symmetric_forces", "diffeomorphic"), when=demons),
+                Dim(f"{s}.optimizer.maximum_update_step_length", low=0.1, high=2.0, log=True, when=demons),
             ]
         return out
 
@@ -287,7 +293,8 @@ class SearchSpace:
         s = f"stage{i}"
         if kind == "deformable":
             kind = get(f"{s}.transform.kind")
-        metric_kind = get(f"{s}.metric.kind")
+        demons = kind == "displacement" and bool(get(f"{s}.optimizer.demons"))
+        metric_kind = "mean_squares" if demons else get(f"{s}.metric.kind")
         metric: dict[str, Any] = {"kind": metric_kind}
         bins = None
         if metric_kind in HISTOGRAM_METRICS:
@@ -308,7 +315,7 @@ class SearchSpace:
             transform.update(grid_spacing=round(float(get(f"{s}.transform.grid_spacing")), 4), spacing_units="voxel",
                              variance_for_update_field=round(float(get(f"{s}.transform.variance_for_update_field")), 4),
                              variance_for_total_field=round(float(get(f"{s}.transform.variance_for_total_field")), 4))
-        strategy = "none" if metric_kind == "ants_nc" else get(f"{s}.sampling.strategy")
+        strategy = "none" if metric_kind == "ants_nc" or demons else get(f"{s}.sampling.strategy")
         sampling: dict[str, Any] = {"strategy": strategy}
         if strategy != "none":
             points = int(get(f"{s}.sampling.points"))
@@ -344,6 +351,10 @@ class SearchSpace:
                 "shrink_images": True}
 
     def _suggest_optimizer(self, s: str, kind: str, get) -> dict[str, Any]:
+        if kind == "displacement" and get(f"{s}.optimizer.demons"):
+            return {"kind": "demons", "variant": get(f"{s}.optimizer.variant"),
+                    "number_of_iterations": int(get(f"{s}.optimizer.number_of_iterations")),
+                    "maximum_update_step_length": round(float(get(f"{s}.optimizer.maximum_update_step_length")), 4)}
         okind = "gradient_descent" if kind == "displacement" else get(f"{s}.optimizer.kind")
         opt: dict[str, Any] = {"kind": okind, "number_of_iterations": int(get(f"{s}.optimizer.number_of_iterations"))}
         if okind in GRADIENT_DESCENT_KINDS:
@@ -395,6 +406,8 @@ class SearchSpace:
                     out[f"{s}.{group}.{key}"] = value
             if stage.sampling.percentage is not None:
                 out[f"{s}.sampling.points"] = stage.sampling.percentage * level_voxels(self.fingerprint.smallest_size, 1)
+            if stage.kind == "displacement":
+                out[f"{s}.optimizer.demons"] = stage.optimizer.kind == "demons"
             mesh = getattr(stage.transform, "mesh_size", None)
             if mesh:
                 out[f"{s}.transform.control_point_spacing"] = self.fingerprint.min_extent_voxels / min(mesh)

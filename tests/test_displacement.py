@@ -96,3 +96,39 @@ def test_apply_script_and_evaluate_run_a_displacement_recipe(pair_yaml, run_cli,
     np.testing.assert_array_equal(transform_points(a, points), transform_points(b, points))  # one thread: identical
     res = run_cli("evaluate", tmp_path / "r.yaml", pair)
     assert res.code == 0, res.err
+
+
+def test_a_demons_stage_registers_a_same_modality_warp() -> None:
+    """SimpleITK's Demons on the displacement field (one modality): the warp the affine stage cannot reach."""
+    from autoreg.recipe import Demons, MeanSquares, Sampling
+
+    pair = pair_data(synthetic_pair(2, "bspline"))
+    recipe = _recipe(2)
+    data = recipe.model_dump()
+    data["stages"][1].update(metric=MeanSquares().model_dump(), sampling=Sampling(strategy="none").model_dump(),
+                             optimizer=Demons(number_of_iterations=30).model_dump())
+    levels = []
+    result = register(recipe.model_validate(data), pair, level_callback=lambda rec, get: levels.append(rec))
+    affine_only = register(quick_recipe(["affine"], 2, shrink=(4, 2, 1), sigmas=(2.0, 1.0, 0.0), deterministic=True),
+                           pair).transform
+    assert _tre(result.transform, pair) < 0.8 * _tre(affine_only, pair)
+    assert [r.iterations for r in levels if r.stage == 1] and all(0 < r.iterations <= 30 for r in levels if r.stage == 1)
+    assert all(r.stop_condition.startswith("Demons (fast_symmetric_forces)") for r in levels if r.stage == 1)
+    assert folding_fraction(result.transform, pair.fixed) < 0.001
+
+
+def test_a_demons_stage_stops_on_time() -> None:
+    from autoreg.errors import RegistrationFailed
+    from autoreg.recipe import Demons, MeanSquares, Sampling
+
+    pair = pair_data(synthetic_pair(3, "bspline", size=(48, 48, 48)))
+    recipe = _recipe(3)
+    data = recipe.model_dump()
+    data["stages"][1].update(metric=MeanSquares().model_dump(), sampling=Sampling(strategy="none").model_dump(),
+                             optimizer=Demons(number_of_iterations=100000, maximum_rms_error=0.0).model_dump())
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(RegistrationFailed) as info:
+        register(recipe.model_validate(data), pair, time_limit=2.0)
+    assert info.value.reason == "time limit" and time.monotonic() - t0 < 4.0

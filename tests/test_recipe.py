@@ -19,6 +19,7 @@ from autoreg.recipe import (
     BSplineTransform,
     ConjugateGradientLineSearch,
     Correlation,
+    Demons,
     DisplacementTransform,
     GradientDescent,
     Initializer,
@@ -118,6 +119,9 @@ def _everything_recipe(initializer: Initializer) -> Recipe:
         Stage(transform=BSplineTransform(control_point_spacing=8, spacing_units="voxel", refine=True)),
         Stage(transform=DisplacementTransform(grid_spacing=2.0, variance_for_update_field=1.5,
                                               variance_for_total_field=0.25),
+              pyramid=Pyramid(shrink_images=True)),
+        Stage(transform=DisplacementTransform(), metric=MeanSquares(), sampling=Sampling(strategy="none"),
+              optimizer=Demons(variant="diffeomorphic", number_of_iterations=9, maximum_update_step_length=1.5),
               pyramid=Pyramid(shrink_images=True)),
     )
     return Recipe(
@@ -262,6 +266,10 @@ BAD_RECIPES = {
     "displacement_with_lbfgsb": ("stages: [{transform: {kind: displacement}, optimizer: {kind: lbfgsb}, "
                                  "pyramid: {shrink_images: true}}]\n", "stages[0]", "gradient-descent optimizer"),
     "displacement_on_itk_pyramid": ("stages: [{transform: {kind: displacement}}]\n", "stages[0]", "shrink_images"),
+    "demons_on_bspline": ("stages: [{transform: {kind: bspline, mesh_size: [4, 4]}, optimizer: {kind: demons}, "
+                          "metric: {kind: mean_squares}, sampling: {strategy: none}}]\n", "stages[0]", "displacement"),
+    "demons_with_mattes": ("stages: [{transform: {kind: displacement}, optimizer: {kind: demons}, "
+                           "pyramid: {shrink_images: true}}]\n", "stages[0]", "mean_squares"),
     "refine_with_lbfgsb": ("stages: [{transform: {kind: bspline, mesh_size: [4, 4], refine: true}, "
                            "optimizer: {kind: lbfgsb}}]\n", "stages[0]", "gradient-descent optimizer"),
 }

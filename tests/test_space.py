@@ -467,3 +467,32 @@ def test_ranges_scale_with_the_image() -> None:
     pts = "stage0.sampling.points"
     assert dims_s[pts].high == 64 * 64 and dims_l[pts].high == min(MAX_SAMPLES, 512 * 384)
     assert dims_s[pts].low == dims_l[pts].low == MIN_SAMPLES
+
+
+# --- deformable stages: bspline, displacement (gradient descent or Demons), or the search's choice ----------------
+
+
+@pytest.mark.parametrize("stages", [("affine", "deformable"), ("affine", "displacement")], ids=lambda s: "+".join(s))
+def test_deformable_stages_draw_consistent_recipes(stages: tuple[str, ...]) -> None:
+    space = SearchSpace(fingerprint=FINGERPRINTS["2d-64"](), stages=stages)
+    seen = set()
+    for trial, recipe in draws(space, n=80):
+        stage, p = recipe.stages[1], trial.params
+        seen.add((stage.kind, stage.optimizer.kind))
+        if stage.kind == "displacement":
+            assert stage.pyramid.shrink_images and "stage1.transform.grid_spacing" in p
+            if stage.optimizer.kind == "demons":  # its force is the intensity difference, at every voxel
+                assert stage.metric.kind == "mean_squares" and stage.sampling.strategy == "none"
+                assert not {"stage1.metric.kind", "stage1.sampling.strategy"} & set(p)
+            else:
+                assert stage.optimizer.kind == "gradient_descent" and stage.optimizer.scales == "physical_shift"
+            assert "stage1.transform.control_point_spacing" not in p and "stage1.optimizer.kind" not in p
+        else:
+            assert "stage1.transform.grid_spacing" not in p and "stage1.optimizer.demons" not in p
+        replay = space.suggest(optuna.trial.FixedTrial(p), seed=trial.number)
+        assert recipe_to_dict(replay) == recipe_to_dict(recipe)
+    kinds = {k for k, _ in seen}
+    assert kinds == ({"bspline", "displacement"} if "deformable" in stages else {"displacement"})
+    assert ("displacement", "demons") in seen and ("displacement", "gradient_descent") in seen
+    # the default of a 'deformable' stage is the notebooks' free-form deformation
+    assert space.baseline_recipe().kinds == ("affine", "bspline" if "deformable" in stages else "displacement")

@@ -251,6 +251,8 @@ def _run_displacement(stage: Any, index: int, frame: Frame, moving_initial: sitk
     """A dense displacement field with local support over prepared levels (ANTs' Gaussian displacement field): at
     each level the field lives on that level's grid (see ``field_grid``), starts from the previous level's field
     resampled, and every update and the total field are Gaussian-smoothed (variances in field voxels)."""
+    if stage.optimizer.kind == "demons":
+        return _run_demons(stage, frame, moving_initial, tracker, clock)
     sigmas, _ = sigmas_of(stage, frame.k)
     direction = frame.fixed.GetDirection()
     previous: sitk.Image | None = None
@@ -291,6 +293,66 @@ def _run_displacement(stage: Any, index: int, frame: Frame, moving_initial: sitk
                         frame.levels.image("moving", shrink, sigma))
         _close(tracker, stop)
         previous = optimized.GetDisplacementField()
+    assert optimized is not None
+    return optimized, stop
+
+
+_DEMONS = {"fast_symmetric_forces": sitk.FastSymmetricForcesDemonsRegistrationFilter,
+           "diffeomorphic": sitk.DiffeomorphicDemonsRegistrationFilter}
+
+
+def _run_demons(stage: Any, frame: Frame, moving_initial: sitk.Transform, tracker: LevelTracker,
+                clock: Clock) -> tuple[sitk.Transform, str]:
+    """The displacement field found by one of SimpleITK's Demons filters, level by level: the moving level image
+    warped by the stages before, both images on the field's grid, the field carried up the pyramid."""
+    sigmas, _ = sigmas_of(stage, frame.k)
+    o, t = stage.optimizer, stage.transform
+    previous: sitk.Image | None = None
+    optimized: sitk.Transform | None = None
+    stop = ""
+    for level, (shrink, sigma) in enumerate(zip(stage.pyramid.shrink_factors, sigmas)):
+        size, origin, spacing = field_grid(frame, stage, shrink)
+        clock.check(tracker.level_need(level) if tracker.level_need is not None else 0.0)
+        grid = sitk.Image(size, sitk.sitkFloat32)
+        grid.SetOrigin(origin)
+        grid.SetSpacing(spacing)
+        grid.SetDirection(frame.fixed.GetDirection())
+        fixed = sitk.Resample(frame.levels.image("fixed", shrink, sigma), grid, sitk.Transform(), sitk.sitkLinear,
+                              0.0, sitk.sitkFloat32)
+        moving = sitk.Resample(frame.levels.image("moving", shrink, sigma), grid, moving_initial, sitk.sitkLinear,
+                               0.0, sitk.sitkFloat32)
+        field = (sitk.Resample(previous, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
+                 if previous is not None else sitk.Image(size, sitk.sitkVectorFloat64, frame.dim))
+        field.CopyInformation(grid)
+        demons = _DEMONS[o.variant]()
+        demons.SetNumberOfIterations(o.number_of_iterations)
+        demons.SetSmoothDisplacementField(t.variance_for_total_field > 0)
+        demons.SetStandardDeviations(float(np.sqrt(t.variance_for_total_field)) or 1.0)
+        demons.SetSmoothUpdateField(t.variance_for_update_field > 0)
+        demons.SetUpdateFieldStandardDeviations(float(np.sqrt(t.variance_for_update_field)) or 1.0)
+        demons.SetMaximumUpdateStepLength(o.maximum_update_step_length)
+        demons.SetIntensityDifferenceThreshold(o.intensity_difference_threshold)
+        demons.SetMaximumRMSError(o.maximum_rms_error)
+        tracker.start_level(level, samples=int(np.prod(size)), voxels=int(np.prod(size)))
+        count = [0]
+
+        def on_iteration() -> None:
+            count[0] += 1
+            try:
+                clock.check()
+            except Halt as halt:
+                tracker.halt = halt
+                demons.StopRegistration()
+
+        demons.AddCommand(sitk.sitkIterationEvent, on_iteration)
+        field = demons.Execute(fixed, moving, field)
+        if tracker.halt is not None:
+            raise tracker.halt
+        optimized = sitk.DisplacementFieldTransform(sitk.Image(field))
+        tracker.optimized, tracker.iterations, tracker.metric_value = optimized, count[0], demons.GetMetric()
+        stop = f"Demons ({o.variant}): {count[0]} iterations, RMS change {demons.GetRMSChange():.3g}"
+        _close(tracker, stop)
+        previous = field
     assert optimized is not None
     return optimized, stop
 

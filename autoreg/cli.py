@@ -266,7 +266,8 @@ def _tune(args, cfg, directory, spec, study, alone: bool) -> int:
     import os
     import time
 
-    from .progress import ProgressMonitor, snapshot
+    from .data import load_pair
+    from .progress import ProgressMonitor, score_unit, snapshot, terminal
     from .study import best_and_baseline_of, cost_model, reap_stale_trials, take_launch_number
     from .workers import StopRequest, WorkerPlan, budget_lock, threads_per_worker
 
@@ -302,12 +303,15 @@ def _tune(args, cfg, directory, spec, study, alone: bool) -> int:
             f"{jobs} worker(s) x {threads} ITK thread(s)"
         )
     emit = (lambda line: None) if args.quiet else _out
+    metric = study.user_attrs.get("objective", "score")
+    unit = score_unit(metric, load_pair(cfg.pairs[0]).fixed)  # (cached: the pipeline has read the pairs)
     t0 = time.monotonic()
     stop = StopRequest(plan.stop_file)
     stop.install()
     interrupted = False
     try:
-        with ProgressMonitor(study, emit, target=target, timeout=args.timeout):
+        with ProgressMonitor(study, emit, target=target, timeout=args.timeout, workers=jobs, unit=unit,
+                             console=None if args.quiet else terminal()):
             _launch(plan, jobs, study, stop)
     except KeyboardInterrupt:  # a second Ctrl-C
         interrupted = True
@@ -317,17 +321,17 @@ def _tune(args, cfg, directory, spec, study, alone: bool) -> int:
     interrupted = interrupted or stop()
     snap = snapshot(study)
     best, base = best_and_baseline_of(study)
-    metric = study.user_attrs.get("objective", "score")
     _out(
         f"{'interrupted' if interrupted else 'done'}: {snap.finished} trials ({snap.complete} complete, {snap.failed} failed, "
         f"{snap.pruned} pruned), {time.monotonic() - t0:.1f} s this run"
     )
-    _out(f"best {metric}: {best.value:.4g} (trial {best.number})" if best else "best: no completed trial yet")
+    _out(f"best {metric}: {_valued(best.value, unit)} (trial {best.number})" if best
+         else "best: no completed trial yet")
     if best is not None and best.tre_report_mean is not None:
-        _out(f"honest score of the best: mean TRE {best.tre_report_mean:.4g} on the landmarks the search never saw "
-             f"({best.tre_mean:.4g} on those it selected with)")
+        _out(f"honest score of the best: mean TRE {_valued(best.tre_report_mean, unit)} on the landmarks the search "
+             f"never saw ({_valued(best.tre_mean, unit)} on those it selected with)")
     if base is not None:
-        _out(f"baseline (SimpleITK-notebooks default) {metric}: {_baseline_summary(base)}")
+        _out(f"baseline (SimpleITK-notebooks default) {metric}: {_baseline_summary(base, unit)}")
     if best is not None and cfg.holdout and not interrupted:
         _report_holdout(cfg, best)
     _out(f"study: {directory} (storage {spec.display})")
@@ -337,13 +341,18 @@ def _tune(args, cfg, directory, spec, study, alone: bool) -> int:
     return EXIT_OK
 
 
-def _baseline_summary(base) -> str:
+def _valued(value: float, unit: str | None) -> str:
+    """A score with its unit where it has one (``progress.score_unit``)."""
+    return f"{value:.4g} {unit}" if unit else f"{value:.4g}"
+
+
+def _baseline_summary(base, unit: str | None = None) -> str:
     """The baseline's score, or how it ended; a baseline cut by the clock shows the TRE of the last level it finished."""
     if base.value is not None:
-        return f"{base.value:.4g}"
+        return _valued(base.value, unit)
     if base.state == "PRUNED" and base.pruned_at and base.pruned_at.startswith("time limit"):
         last = base.last_level_tre()
-        done = (f"; TRE {last:.4g} after stage {base.levels[-1]['stage']} level {base.levels[-1]['level']}"
+        done = (f"; TRE {_valued(last, unit)} after stage {base.levels[-1]['stage']} level {base.levels[-1]['level']}"
                 if last is not None else "; no level finished")
         return f"cut at its {base.pruned_at}{done}"
     return f"{base.state.lower()} ({base.fail_reason or base.pruned_at or ''})"
@@ -496,7 +505,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     except OSError as err:
         raise UserError(f"cannot write ({err.strerror})", file=out) from None
     c = data.counts
-    best = f"best {data.objective} {data.best.value:.4g} (trial {data.best.number})" if data.best else "no completed trial yet"
+    best = (f"best {data.objective} {_valued(data.best.value, data.objective_unit)} (trial {data.best.number})"
+            if data.best else "no completed trial yet")
     _out(f"report of {cfg.name} ({c.get('COMPLETE', 0)} complete, {c.get('PRUNED', 0)} pruned, {c.get('FAIL', 0)} failed; "
          f"{best}) written to {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return EXIT_OK
@@ -601,13 +611,73 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", help="Optuna storage URL (e.g. postgresql://...) instead of the journal file")
 
 
+#: Each command's help ends with these command lines (the first one also goes into ``autoreg --help``).
+EXAMPLES: dict[str, list[tuple[str, str]]] = {
+    "check": [
+        ("autoreg check pair.yaml", "sizes, spacings, overlap, TRE before registration, warnings"),
+        ("autoreg -v check pair.yaml", "the same, with what the image libraries said"),
+    ],
+    "tune": [
+        ("autoreg tune pair.yaml --trials 50", "run until the study holds 50 trials, on all cores"),
+        ("autoreg tune pair.yaml --timeout 3600 --jobs 4", "4 workers for an hour"),
+        ("autoreg tune pair.yaml --storage postgresql://user@host/db", "one study shared by several machines"),
+        ("autoreg tune pair.yaml --trials 30 --warm-start library/", "start from earlier studies' recipes"),
+    ],
+    "crossval": [
+        ("autoreg crossval dataset.yaml --trials 30", "leave-one-out over the dataset's pairs"),
+        ("autoreg crossval dataset.yaml --folds 3 --trials 30 --json cv.json", "3 folds, results also as JSON"),
+    ],
+    "export": [
+        ("autoreg export pair.yaml -o best.yaml", "the best trial as a recipe"),
+        ("autoreg export pair.yaml -o best.py --format python", "a standalone SimpleITK script"),
+        ("autoreg export pair.yaml -o best_elastix --format elastix", "elastix parameter maps, one per stage"),
+        ("autoreg export pair.yaml -o fast.yaml --within 5", "the fastest recipe within 5 % of the best"),
+    ],
+    "evaluate": [
+        ("autoreg evaluate best.yaml pair.yaml", "score the recipe on the file's pairs"),
+        ("autoreg evaluate best.yaml other.yaml --repeats 5", "5 runs per pair: the run-to-run spread"),
+        ("autoreg evaluate best.yaml pair.yaml --holdout-only --json scores.json", "only the 'holdout:' pairs"),
+    ],
+    "report": [
+        ("autoreg report pair.yaml -o report.html", "one offline HTML file"),
+        ("autoreg report pair.yaml --study-dir /data/studies/lung -o lung.html", "a study kept elsewhere"),
+    ],
+    "dashboard": [
+        ("autoreg dashboard pair.yaml", "optuna-dashboard at http://127.0.0.1:8080"),
+        ("autoreg dashboard pair.yaml --port 8090", "on another port"),
+    ],
+    "apply": [
+        ("autoreg apply best.yaml --fixed f.nii.gz --moving m.nii.gz --transform-out t.tfm", "register one pair"),
+        ("autoreg apply best.yaml --fixed f.png --moving m.png --transform-out t.tfm --image-out warped.png",
+         "and write the moving image on the fixed grid"),
+        ("autoreg apply best.yaml --fixed ct_dir --moving mr_dir --transform-out t.tfm "
+         "--fixed-landmarks f.csv --moving-landmarks m.csv", "DICOM folders, with the TRE printed"),
+    ],
+}
+
+
+def _example_lines(examples: list[tuple[str, str]]) -> str:
+    return "\n".join(f"  {cmd}\n      {what}" for cmd, what in examples)
+
+
+def _examples(command: str) -> dict:
+    """``add_parser`` arguments giving a command's help its examples (kept as written: no re-wrapping)."""
+    return {"epilog": f"examples:\n{_example_lines(EXAMPLES[command])}",
+            "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
+_TOP_EXAMPLES = "examples (one per command; 'autoreg COMMAND --help' shows more):\n" + _example_lines(
+    [(lines[0][0], lines[0][1]) for lines in EXAMPLES.values()])
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="autoreg", description=__doc__ and "Tune SimpleITK registration recipes.")
+    parser = _Parser(prog="autoreg", description="Tune SimpleITK registration recipes.", epilog=_TOP_EXAMPLES,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"autoreg {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("tune", help="create or resume the study and run trials")
+    p = sub.add_parser("tune", help="create or resume the study and run trials", **_examples("tune"))
     p.add_argument("pair", help="PAIR.yaml")
     p.add_argument("--trials", type=_whole(1, MAX_TRIALS), help=f"total trials in the study, all workers together (default {DEFAULT_TRIALS} without --timeout)")
     p.add_argument("--timeout", type=_seconds, help="stop starting trials after this many seconds")
@@ -619,7 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no live progress, only the summary")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("export", help="write the best trial as a recipe")
+    p = sub.add_parser("export", help="write the best trial as a recipe", **_examples("export"))
     p.add_argument("pair", help="PAIR.yaml")
     _study_args(p)
     p.add_argument("-o", "--output", type=_output_file, required=True,
@@ -632,7 +702,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the fastest recipe whose score is within PCT %% of the best, instead of the best")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("evaluate", help="score a recipe on pairs, repeated to show its run-to-run spread")
+    p = sub.add_parser("evaluate", help="score a recipe on pairs, repeated to show its run-to-run spread",
+                       **_examples("evaluate"))
     p.add_argument("recipe", help="RECIPE.yaml")
     p.add_argument("pair", help="PAIR.yaml whose pairs (and holdout pairs) to score")
     p.add_argument("--repeats", type=_whole(1, MAX_REPEATS), default=1, help="runs per pair under different sampling seeds")
@@ -641,7 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=_output_file, help="also write the figures as JSON")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("crossval", help="tune on K-1 folds of a dataset's pairs, score the held-out fold")
+    p = sub.add_parser("crossval", help="tune on K-1 folds of a dataset's pairs, score the held-out fold",
+                       **_examples("crossval"))
     p.add_argument("pair", help="PAIR.yaml with 'pairs:'")
     p.add_argument("--folds", type=_whole(2, 10_000), help="number of folds (default: one per pair, leave-one-out)")
     p.add_argument("--trials", type=_whole(1, MAX_TRIALS), default=30, help="trials of each study (default 30)")
@@ -652,24 +724,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=_output_file, help="also write the results as JSON here")
     p.set_defaults(func=cmd_crossval)
 
-    p = sub.add_parser("report", help="write an offline HTML report of the study")
+    p = sub.add_parser("report", help="write an offline HTML report of the study", **_examples("report"))
     p.add_argument("pair", help="PAIR.yaml")
     _study_args(p)
     p.add_argument("-o", "--output", type=_output_file, required=True, help="report.html")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("dashboard", help="serve optuna-dashboard over the study's storage")
+    p = sub.add_parser("dashboard", help="serve optuna-dashboard over the study's storage", **_examples("dashboard"))
     p.add_argument("pair", help="PAIR.yaml")
     _study_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_whole(1, 65535), default=8080, help="port (default 8080)")
     p.set_defaults(func=cmd_dashboard)
 
-    p = sub.add_parser("check", help="validate PAIR.yaml and its data without tuning")
+    p = sub.add_parser("check", help="validate PAIR.yaml and its data without tuning", **_examples("check"))
     p.add_argument("pair", help="PAIR.yaml")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("apply", help="run a recipe on any image pair")
+    p = sub.add_parser("apply", help="run a recipe on any image pair", **_examples("apply"))
     p.add_argument("recipe", help="RECIPE.yaml")
     p.add_argument("--fixed", required=True)
     p.add_argument("--moving", required=True)

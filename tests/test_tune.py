@@ -199,8 +199,8 @@ def test_tune_summary_names_best_baseline_and_study(tuned: Tuned) -> None:
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = min(complete, key=lambda t: (t.value, t.number))
     out = tuned.run.out
-    assert f"best tre_mean: {best.value:.4g} (trial {best.number})" in out
-    assert f"baseline (SimpleITK-notebooks default) tre_mean: {trials[0].value:.4g}" in out
+    assert f"best tre_mean: {best.value:.4g} px (trial {best.number})" in out  # (PNG files: no spacing, pixels)
+    assert f"baseline (SimpleITK-notebooks default) tre_mean: {trials[0].value:.4g} px" in out
     assert f"study: {tuned.study_dir}" in out
     assert "done: 8 trials" in out
     assert "Traceback" not in tuned.run.err

@@ -141,14 +141,17 @@ def test_an_unbudgeted_rotation_search_stops_on_time() -> None:
 
 @pytest.mark.parametrize("prepared", [False, True], ids=["itk-pyramid", "prepared"])
 def test_a_stop_request_takes_effect_within_a_second(prepared: bool) -> None:
+    """The engine polls the request at every iteration (a process that must stop at once whatever the length of an
+    iteration is ``autoreg tune``'s job: it ends its workers)."""
     pair = pair_data(synthetic_pair(3, "affine", size=(48, 48, 48)))
+    recipe = _with(_slow_3d(prepared), 1, sampling={"strategy": "random", "points": 2000})
     stop = threading.Event()
     timer = threading.Timer(1.0, stop.set)
     timer.start()
     t0 = time.monotonic()
     try:
         with pytest.raises(RegistrationFailed) as info:
-            register(_slow_3d(prepared), pair, should_stop=stop.is_set)
+            register(recipe, pair, should_stop=stop.is_set)
     finally:
         timer.cancel()
     assert info.value.reason == "interrupted"

@@ -800,9 +800,5 @@ def _log_warning(message, category, filename, lineno, file=None, line=None) -> N
     logging.getLogger(LIBRARY_LOG).debug("%s:%s: %s: %s", filename, lineno, category.__name__, message)
 
 
-def entry() -> None:  # pragma: no cover - console script
-    sys.exit(main())
-
-
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import UserError, excerpt
-from .recipe import TRANSFORM_RANK, check_stage_order, user_error_from_validation
+from .recipe import check_stage_order, user_error_from_validation
 from .yamlio import load_yaml_file
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -293,5 +293,3 @@ def load_config(path: str | Path) -> StudyConfig:
     data = load_yaml_file(path, what="YAML")
     return parse_pair_file(data, path.resolve())
 
-
-STAGE_KINDS = tuple(TRANSFORM_RANK)

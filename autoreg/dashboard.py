@@ -93,9 +93,3 @@ def serve_until_stopped(server: WSGIServer, stop: threading.Event | None = None)
         for sig, handler in previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         server.server_close()
-
-
-def serve(cfg: StudyConfig, spec: StorageSpec, study_directory: Path, *, host: str = DEFAULT_HOST,
-          port: int = DEFAULT_PORT) -> None:
-    """Serve optuna-dashboard for the study of ``cfg`` until Ctrl-C (or SIGTERM)."""
-    serve_until_stopped(make_dashboard_server(cfg, spec, study_directory, host=host, port=port))

@@ -1,4 +1,4 @@
-"""A recipe in the terms of elastix and ANTs (issue 15): one elastix parameter map per stage, one antsRegistration
+"""A recipe in the terms of elastix and ANTs: one elastix parameter map per stage, one antsRegistration
 command line.
 
 Pure functions of a recipe and the fixed image's grid (``Geometry``), which turns what the recipe states relative to

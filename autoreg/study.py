@@ -4,7 +4,8 @@ and user recipes enqueued first, trials left RUNNING by dead workers failed and 
 Storage is named by a string that travels to worker processes (never a storage object):
 
 * default: ``JournalStorage(JournalFileBackend(<study dir>/journal.log))``, a file that many local processes share
-  safely (SQLite is not safe here, see DESIGN.md);
+  safely (SQLite is not: enqueued trials and simultaneous starts crashed parallel workers with "Cannot tell a
+  COMPLETE trial");
 * ``--storage URL``: ``postgresql://...``/``mysql://...`` (RDB, with heartbeats: a killed worker's trial is failed and
   retried by Optuna), ``sqlite:///...`` (one process only), ``redis://...`` (journal), or a path to a journal file.
 """

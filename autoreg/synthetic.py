@@ -36,7 +36,6 @@ MODALITIES = ("t1", "pd")
 # Tissue intensities per modality. The PD ordering is a non-monotonic remapping of
 # the T1 ordering (CSF < dense < GM < WM < fat  vs  dense < WM < GM < fat < CSF),
 # so a T1/PD pair needs a multi-modal metric such as mutual information.
-_TISSUES = ("fat", "wm", "gm", "dense", "csf")
 _INTENSITY = {
     "t1": {"fat": 215.0, "wm": 165.0, "gm": 110.0, "dense": 70.0, "csf": 35.0},
     "pd": {"fat": 180.0, "wm": 115.0, "gm": 160.0, "dense": 55.0, "csf": 220.0},

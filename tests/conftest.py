@@ -37,6 +37,13 @@ def real_pair_yaml(folder: Path, path: Path, *, name: str, stages: Sequence[str]
     return path
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests on ../shared/data (through the ``shared_data`` fixture) carry the ``realdata`` marker."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.realdata)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The folder of real pairs with landmarks (``../shared/data``); the test is skipped where it is absent."""

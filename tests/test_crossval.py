@@ -34,6 +34,7 @@ def test_folds_deal_every_pair_once() -> None:
     assert assign_folds(names, 3, seed=1) != assign_folds(names, 3, seed=2)
 
 
+@pytest.mark.slow
 def test_leave_one_out_scores_each_pair_where_it_never_tuned(tmp_path: Path, run_cli) -> None:
     pair = _dataset(tmp_path / "data")
     out = tmp_path / "cv"
@@ -68,6 +69,7 @@ def test_crossval_needs_several_pairs_with_landmarks(tmp_path: Path, run_cli, pa
     assert res.code == 2 and "--folds" in res.err
 
 
+@pytest.mark.slow
 def test_the_report_has_a_cross_validation_section(tmp_path: Path, run_cli) -> None:
     pair = _dataset(tmp_path / "data")
     assert run_cli("crossval", pair, "--trials", 2, "--jobs", 1, "--no-own").code == 0  # out: beside the study

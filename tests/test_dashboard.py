@@ -108,6 +108,7 @@ def _tails(logs: tuple[Path, ...]) -> str:
     return "\n".join(f"--- {log.name}\n{log.read_text(encoding='utf-8')[-3000:]}" for log in logs if log.exists())
 
 
+@pytest.mark.slow
 def test_dashboard_lists_the_study_and_its_trials_while_tune_runs(tmp_path: Path) -> None:
     pair = write_pair_yaml(tmp_path / "data")
     study_dir = tmp_path / "study"

@@ -25,6 +25,8 @@ from optuna.trial import TrialState
 
 from autoreg.recipe import load_recipe
 
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
 
 def _server_bin(name: str) -> str | None:
     found = shutil.which(name)

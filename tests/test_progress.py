@@ -279,6 +279,7 @@ def main_out(*argv) -> str:
     return out.getvalue()
 
 
+@pytest.mark.slow
 def test_tune_in_a_real_terminal_draws_the_bar(tmp_path: Path) -> None:
     """``autoreg tune`` with its stdout on a pseudo-terminal, in its own process: the live display, then the
     summary as plain lines."""

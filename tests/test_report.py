@@ -32,7 +32,6 @@ from autoreg.synthetic import make_pair, write_pair
 
 from conftest import real_pair_yaml
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TRIAL_TIMEOUT = 30.0
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -369,10 +368,8 @@ def test_colour_overlay_of_identical_images_is_grey() -> None:
 # --- a real pair ------------------------------------------------------------------------------------------------
 
 
-def test_report_on_a_real_brain_pair(tmp_path: Path) -> None:
-    folder = SHARED_DATA / "itk_brain_t1_pd_shift13x17"
-    if not folder.is_dir():
-        pytest.skip(f"real data not present: {folder} (../shared/data holds the real pairs with landmarks)")
+def test_report_on_a_real_brain_pair(shared_data: Path, tmp_path: Path) -> None:
+    folder = shared_data / "itk_brain_t1_pd_shift13x17"
     pair = real_pair_yaml(folder, tmp_path / "PAIR.yaml", name="brain", stages=["rigid"], trial_timeout=TRIAL_TIMEOUT)
     run = cli("tune", pair, "--trials", 4, "--jobs", 1, "--study-dir", tmp_path / "study", "-q")
     assert run.code == 0, run.err

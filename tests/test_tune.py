@@ -41,7 +41,6 @@ from autoreg.synthetic import make_pair, write_pair
 
 from conftest import real_pair_yaml
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 #: Any single trial of these tests is cut off here (a pathological recipe must not stall the suite).
 TRIAL_TIMEOUT = 30.0
 #: A subprocess that has not reached the state we wait for by then is a failure, not a hang.
@@ -385,6 +384,7 @@ def test_time_limits_come_from_the_predicted_cost_and_spare_the_baseline(tmp_pat
         assert t.user_attrs["pruned_at"].startswith("time limit")
 
 
+@pytest.mark.slow
 def test_the_baseline_never_holds_a_study_hostage(tmp_path: Path) -> None:
     """With --timeout the study ends on time even when SimpleITK's default (trial 0) needs longer than the whole
     budget; the cut baseline is reported as cut."""
@@ -424,6 +424,7 @@ def test_user_recipe_trial_params_describe_its_recipe(tmp_path: Path) -> None:
 # --- 4. search-space overrides --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_search_overrides_fix_narrow_and_drop(tmp_path: Path) -> None:
     search = {
         "stage0.metric.kind": "mattes",
@@ -465,6 +466,7 @@ def test_unknown_search_key_is_a_user_error(tmp_path: Path, key: str) -> None:
 # --- 5. parallel workers ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_jobs_share_the_budget_exactly(tmp_path: Path) -> None:
     pair = write_study_files(tmp_path / "data")
     run = tune(pair, tmp_path / "study", "--trials", 10, "--jobs", 2)
@@ -554,6 +556,7 @@ _ITK_BOUND = {"search": {"stage0.metric.kind": "ants_nc", "stage0.pyramid.levels
                          "stage0.optimizer.number_of_iterations": {"low": 300, "high": 500}}}
 
 
+@pytest.mark.slow
 def test_sigkill_leaves_a_trial_that_the_next_run_fails_and_retries(tmp_path: Path) -> None:
     pair = _slow_pair(tmp_path / "data", _ONE_LEVEL)
     study_dir = tmp_path / "study"
@@ -638,6 +641,7 @@ def test_interrupt_in_a_trial_fails_it_and_exits_130(tuned: Tuned, tmp_path: Pat
     _kept(before, trials)
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_and_leaves_nothing_running(tmp_path: Path) -> None:
     """Ctrl-C, pressed again while nothing happens (as a user does): exit 130, nothing RUNNING, completed kept."""
     pair = _slow_pair(tmp_path / "data")
@@ -667,6 +671,7 @@ def test_ctrl_c_exits_130_and_leaves_nothing_running(tmp_path: Path) -> None:
     _kept(before, after)
 
 
+@pytest.mark.slow
 def test_one_ctrl_c_during_a_registration_stops_tune(tmp_path: Path) -> None:
     pair = _slow_pair(tmp_path / "data", _ITK_BOUND)
     study_dir = tmp_path / "study"
@@ -765,10 +770,8 @@ def test_same_seed_same_trial_params(tuned: Tuned, tmp_path: Path) -> None:
 # --- 10. real data -----------------------------------------------------------------------------------------------
 
 
-def test_tune_on_real_brain_pair_beats_or_ties_the_baseline(tmp_path: Path) -> None:
-    folder = SHARED_DATA / "itk_brain_pd_shift13x17"
-    if not folder.is_dir():
-        pytest.skip(f"real data not present: {folder} (../shared/data holds the real pairs with landmarks)")
+def test_a_searched_recipe_beats_the_baseline_on_a_real_brain_pair(shared_data: Path, tmp_path: Path) -> None:
+    folder = shared_data / "itk_brain_pd_shift13x17"
     pair = real_pair_yaml(folder, tmp_path / "PAIR.yaml", name="brain", stages=["rigid"], trial_timeout=TRIAL_TIMEOUT)
     run = tune(pair, tmp_path / "study", "--trials", 6, "--jobs", 1, "-q")
     assert run.code == 0, run.err
@@ -776,9 +779,10 @@ def test_tune_on_real_brain_pair_beats_or_ties_the_baseline(tmp_path: Path) -> N
     assert len(trials) == 6
     base = trials[0]
     assert base.user_attrs["role"] == "baseline" and base.state == TrialState.COMPLETE
-    best = min((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
-    assert best.value <= base.value
-    assert best.value < 21.40  # better than no registration at all (13, 17) px
+    searched = [t for t in suggested(trials) if t.state == TrialState.COMPLETE]
+    best = min(searched, key=lambda t: t.value)
+    assert best.value < base.value  # a recipe the search proposed beats SimpleITK's default (5.9 px here)
+    assert best.user_attrs["tre_report_mean"] < 1.0  # and holds on the landmarks it never saw (21.40 px before)
 
 
 # --- export: the fastest recipe within a margin; the spread measured once ----------------------------------------

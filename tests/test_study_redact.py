@@ -98,6 +98,7 @@ def test_every_place_a_url_is_shown_or_written(url: str, pair_yaml, run_cli, tmp
     assert SECRET not in journal.read_text()  # nor in the study's own records
 
 
+@pytest.mark.postgres
 def test_real_postgres_never_shows_the_password(postgres_url: str, pair_yaml, tmp_path) -> None:
     """A real server (trust authentication accepts any password): tune with two workers, export and report, each
     through another form of the same URL."""

@@ -16,6 +16,8 @@ from optuna.trial import TrialState
 
 from autoreg.recipe import load_recipe
 
+pytestmark = pytest.mark.slow
+
 
 def autoreg(*args, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "autoreg.cli", *map(str, args)], capture_output=True, text=True,

@@ -19,6 +19,8 @@ import yaml
 from autoreg.cli import main
 from autoreg.synthetic import make_pair, write_pair
 
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 BROWSER_TIMEOUT_S = 90
 WINDOW = (1400, 5200)  # tall enough for the whole report of one 2D pair

@@ -149,8 +149,12 @@ class Objective:
         if self.cost is None:
             return None
         raw = self.cost.predict(recipe, [p.fixed.GetSize() for p in self.pairs]) * self.cfg.objective.repeats
-        done = records(trial.study, states=(optuna.trial.TrialState.COMPLETE,))
-        ratios = [t.runtime_s / t.predicted_s for t in done[-50:] if t.runtime_s and t.predicted_s]
+        done = [t for t in records(trial.study, states=(optuna.trial.TrialState.COMPLETE,))
+                if t.runtime_s and t.predicted_s and t.recipe]
+        # optimizers differ most in how far the model is off (line searches, early convergence): learn per kind
+        kinds = [s.optimizer.kind for s in recipe.stages]
+        alike = [t for t in done if [s["optimizer"]["kind"] for s in t.recipe.get("stages", [])] == kinds]
+        ratios = [t.runtime_s / t.predicted_s for t in (alike if len(alike) >= 3 else done)[-50:]]
         return raw * self.cost.corrected(ratios)
 
     def time_limit(self, trial: optuna.Trial, predicted: float | None) -> float | None:

@@ -16,7 +16,8 @@ intensity remapping and noise of mmdef3d, and the slice thickness of aniso3d).
 
 * ``rot3d``    fixed = MNI; moving = MNI resampled through T^-1, T a 30-45 deg rotation about an oblique axis
                through the brain's centre plus a 10-20 mm shift. Stages [rigid].
-* ``affine3d`` the same with T affine: scalings 0.9-1.15, shears up to 0.08, ~10 deg rotation, 5-15 mm shift.
+* ``affine3d`` the same with T affine: scalings 0.90-0.94, 0.97-1.03 and 1.08-1.15 along the three axes (in a
+               seeded order), shears of 0.04-0.08, an 8-12 deg rotation, a 5-15 mm shift.
                Stages [affine].
 * ``mmdef3d``  T = A(D(x)): D a dense displacement field (white noise smoothed by a 20 mm Gaussian, on a 3 mm
                grid, linearly interpolated) scaled to a 3 mm mean displacement in the brain, A a small affine
@@ -254,9 +255,11 @@ def linear_transform(name: str, rng: np.random.Generator, centre: np.ndarray) ->
         matrix, shift, extra = rotation_matrix(axis, deg), random_shift(rng, 10, 20), {}
     elif name == "affine3d":
         deg = rng.uniform(8, 12)
-        scales = rng.uniform([0.90, 0.90, 0.90], [1.15, 1.15, 1.15])
+        # one axis shrunk, one kept, one stretched (in a seeded order), and every shear clearly non-zero: an
+        # unmistakably affine case, not a near-rigid draw
+        scales = rng.permutation([rng.uniform(0.90, 0.94), rng.uniform(0.97, 1.03), rng.uniform(1.08, 1.15)])
         shear = np.eye(3)
-        shear[0, 1], shear[0, 2], shear[1, 2] = rng.uniform(-0.08, 0.08, size=3)
+        shear[0, 1], shear[0, 2], shear[1, 2] = rng.uniform(0.04, 0.08, size=3) * rng.choice([-1, 1], size=3)
         matrix = rotation_matrix(axis, deg) @ shear @ np.diag(scales)
         shift = random_shift(rng, 5, 15)
         extra = {"scales": scales.tolist(), "shear_upper": shear.tolist(), "matrix_order": "R @ Shear @ diag(scales)"}

@@ -10,7 +10,8 @@ Per case of the set (its stages from its pair.yaml), one registration per tool, 
 * ``ants``: ANTsPy ``registration`` with Rigid / Affine, or SyN for a deformable last stage, 2 threads;
 * ``default1`` / ``default2``: the SimpleITK-notebooks default recipe for the stages (autoreg's trial 0), run by
   ``autoreg apply RECIPE --fixed .. --moving .. --transform-out .. --fixed-landmarks .. --moving-landmarks ..
-  --threads 1|2``; a run past ``--timeout`` seconds is killed and recorded as such.
+  --threads 1|2``; a run past ``--timeout`` seconds is killed and recorded as such. ``default1+affine`` runs the
+  default recipe of other stages (here affine) than the case's.
 
 TRE before (identity) and after, mean / median / p90 / max, from ``autoreg.scoring.tre_stats`` for every tool;
 seconds: the registration alone (elastix, ANTs: the call; autoreg: what ``apply`` reports) and the whole command's
@@ -78,20 +79,23 @@ def run_peer(tool: str, case: Path, threads: int) -> dict:
     return {"tool": tool, "threads": threads, "seconds": seconds, "setting": setting, **stats(mapped, pair)}
 
 
-def run_default(case: Path, threads: int, timeout: float) -> dict:
-    """``autoreg apply`` of the default recipe, as a user would run it, under a time limit."""
+def run_default(case: Path, threads: int, timeout: float, stages: list[str] | None = None) -> dict:
+    """``autoreg apply`` of the default recipe for the case's stages (or ``stages``), as a user would run it,
+    under a time limit."""
     import SimpleITK as sitk
 
     from autoreg.scoring import transform_points
 
     cfg, pair = load(case)
     spec = cfg.pairs[0]
-    recipe = default_recipe_file(list(cfg.stages))
-    tfm = RESULTS / "peers3d" / f"{case.name}-default-{threads}t.tfm"
+    stages = stages or list(cfg.stages)
+    recipe = default_recipe_file(stages)
+    tfm = RESULTS / "peers3d" / f"{case.name}-default-{'-'.join(stages)}-{threads}t.tfm"
     cmd = [str(Path(sys.executable).with_name("autoreg")), "apply", str(recipe), "--fixed", str(spec.fixed),
            "--moving", str(spec.moving), "--transform-out", str(tfm), "--fixed-landmarks", str(spec.fixed_landmarks),
            "--moving-landmarks", str(spec.moving_landmarks), "--threads", str(threads)]
-    row: dict = {"tool": f"default{threads}", "threads": threads, "setting": "SimpleITK-notebooks default",
+    row: dict = {"tool": f"default{threads}", "threads": threads,
+                 "setting": f"SimpleITK-notebooks default, {'+'.join(stages)}",
                  "command": " ".join(cmd)}
     t0 = time.perf_counter()
     try:
@@ -124,8 +128,9 @@ def run_isolated(tool: str, case: Path, threads: int, timeout: float) -> dict:
 
 
 def _run_isolated(tool: str, case: Path, threads: int, timeout: float) -> dict:
-    if tool.startswith("default"):
-        return run_default(case, int(tool.removeprefix("default")), timeout)
+    if tool.startswith("default"):  # defaultN, or defaultN+STAGE+STAGE for other stages than the case's
+        threads_text, *stages = tool.removeprefix("default").split("+")
+        return {**run_default(case, int(threads_text), timeout, stages or None), "tool": tool}
     cmd = [sys.executable, __file__, "--one", tool, str(case), "--threads", str(threads)]
     t0 = time.perf_counter()
     try:
@@ -158,10 +163,8 @@ def table(results: dict) -> str:
              "| setting |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for case, rec in results.items():
         b = rec.get("before", {})
-        for tool in TOOLS:
-            r = rec.get(tool)
-            if r is None:
-                continue
+        for tool in [t for t in TOOLS if t in rec] + sorted(t for t in rec if t not in (*TOOLS, "before")):
+            r = rec[tool]
             note = r.get("failed") or r.get("setting", "")
             cells = ["FAIL"] * 5 if r.get("failed") else [_f(r.get(k)) for k in ("mean", "median", "p90", "max",
                                                                                   "seconds")]

@@ -87,6 +87,8 @@ def test_parameters_lie_in_the_documented_ranges(gen, built):
     assert min(abs(c) for c in rot["rotation_axis"]) >= 0.3  # oblique
     aff = metas["affine3d"]["transform"]
     assert all(0.9 <= s <= 1.15 for s in aff["scales"]) and 8 <= aff["rotation_deg"] <= 12
+    assert max(aff["scales"]) - min(aff["scales"]) > 0.13  # anisotropic
+    assert min(abs(v) for v in np.triu(aff["shear_upper"], 1)[np.triu_indices(3, 1)]) >= 0.04
     field = metas["mmdef3d"]["transform"]["field"]
     assert field["jacobian_min"] > 0.3  # no folding
     assert field["brain_displacement_mean_mm"] == pytest.approx(3.0) and field["brain_displacement_max_mm"] < 12

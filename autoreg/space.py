@@ -142,6 +142,17 @@ class SearchSpace:
         high = max(samples_needed(None), min(MAX_SAMPLES, full))
         return min(samples_needed(None), high), high
 
+    @property
+    def dense_affordable(self) -> bool:
+        """Whether every voxel of the full-resolution image is no more than the most points a level may sample: on
+        larger images (a 3D volume has millions) dense sampling costs minutes per trial and is not offered."""
+        return level_voxels(self.fingerprint.smallest_size, 1) <= MAX_SAMPLES
+
+    def metric_kinds(self) -> tuple[str, ...]:
+        """The metrics the search draws: ITK's ANTS neighbourhood correlation is built for dense evaluation
+        (sampled, it was 10-60x slower here), so it is offered only where dense sampling is."""
+        return METRIC_KINDS if self.dense_affordable else tuple(k for k in METRIC_KINDS if k != "ants_nc")
+
     def max_cells(self) -> int:
         """Cells per axis of the finest BSpline grid the search may use: 32, or fewer where the parameter count
         would pass ``MAX_BSPLINE_PARAMETERS``."""
@@ -187,12 +198,11 @@ class SearchSpace:
             Dim(f"{s}.pyramid.coarsest_shrink", low=2, high=max(2, self.max_shrink), integer=True, log=True, when=multi),
             Dim(f"{s}.pyramid.sigma_factor", low=0.0, high=1.0, when=multi),
             Dim(f"{s}.pyramid.sigma_last", low=0.0, high=1.0, step=SIGMA_LAST_STEP),
-            Dim(f"{s}.metric.kind", choices=METRIC_KINDS),
+            Dim(f"{s}.metric.kind", choices=self.metric_kinds()),
             Dim(f"{s}.metric.number_of_histogram_bins", low=16, high=128, integer=True, log=True,
                 when=((f"{s}.metric.kind", HISTOGRAM_METRICS),)),
-            # ITK's ANTS neighbourhood correlation is built for dense evaluation: sampled, it was 10-60x slower here
-            Dim(f"{s}.sampling.strategy", choices=("none", "regular", "random"),
-                when=((f"{s}.metric.kind", tuple(k for k in METRIC_KINDS if k != "ants_nc")),)),
+            Dim(f"{s}.sampling.strategy", choices=("none", "regular", "random") if self.dense_affordable else
+                ("regular", "random"), when=((f"{s}.metric.kind", tuple(k for k in METRIC_KINDS if k != "ants_nc")),)),
             Dim(f"{s}.sampling.points", low=plo, high=phi, integer=True, log=True, when=sampled),
             # a displacement field always descends the gradient (ITK's local-support updates): not searched
             Dim(opt, choices=BSPLINE_OPTIMIZERS, when=bspline) if deformable else Dim(opt, choices=LINEAR_OPTIMIZERS),
@@ -278,10 +288,11 @@ class SearchSpace:
         init: dict[str, Any] = {"kind": get("initializer.kind")}
         if "initializer.rotation_search" in self._dims and get("initializer.rotation_search"):
             max_angle = float(get("initializer.rotation_search.max_angle_deg"))
-            step = max(5.0, max_angle / 12) if self.dim == 2 else max(5.0, max_angle / 2)
+            # 2D: 25 angles x 49 shifts, one joint grid; 3D: 9^3 rotations, then 5^3 shifts around the best three
+            # (a joint 3D grid would be 91,125 evaluations: see registration.initializer.search_plan)
+            step = max(5.0, max_angle / 12) if self.dim == 2 else max(5.0, max_angle / 4)
             shift = round(float(get("initializer.rotation_search.max_shift_fraction")), 4)
-            # the grid's size: (2n+1) shifts per axis, 7 in 2D (49 shifts per angle), 3 in 3D (27 per angle triple)
-            steps = (3 if self.dim == 2 else 1) if shift > 0 else 0
+            steps = (3 if self.dim == 2 else 2) if shift > 0 else 0
             init["rotation_search"] = {"max_angle_deg": max_angle, "step_deg": step, "max_shift_fraction": shift,
                                        "shift_steps": steps, "max_evaluations": SEARCH_EVALUATIONS}
         stages = [self._suggest_stage(i, kind, get) for i, kind in enumerate(self.stages)]

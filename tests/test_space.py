@@ -288,7 +288,10 @@ def test_only_parameters_of_the_drawn_branch_are_asked(fp_name: str, stages: tup
         assert not [n for n in names if "control_point" in n]
     first_linear = next((k for k in stages if k != "bspline"), None)
     assert ("initializer.rotation_search" in names) == (first_linear not in (None, "translation"))
-    assert "strategy none" in branches
+    # every voxel is offered only where it costs no more than the most points a level may sample
+    assert ("strategy none" in branches) == space.dense_affordable
+    assert space.dense_affordable == (level_voxels(space.fingerprint.smallest_size, 1) <= MAX_SAMPLES)
+    assert ("ants_nc" in space.metric_kinds()) == space.dense_affordable
 
 
 @pytest.mark.parametrize("fp_name, stages", CASES)

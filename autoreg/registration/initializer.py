@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
 from .core import LINEAR_KINDS, Clock, Halt, itk_seed
-from .frame import Frame, Linear
+from .frame import Frame, Linear, copy_typed
 from .method import StopExecute, configure_metric, install_quiet_stop
 
 log = logging.getLogger(__name__)
@@ -96,90 +97,133 @@ def coarse_metric_value(state: Linear, frame: Frame, stage: Any, seed: int) -> f
         return float("inf")
 
 
-def search_grid(search: Any, dim: int) -> tuple[int, float, int]:
-    """(angle steps each side, angle step in degrees, shift steps each side), coarsened to ``max_evaluations``."""
+#: When the joint grid does not fit the budget: rotations first (this share of the budget), then shifts around the
+#: ``TOP_ROTATIONS`` best of them.
+ROTATION_SHARE = 0.7
+TOP_ROTATIONS = 3
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """The grid a search runs: ``angles`` steps of ``step_deg`` each side of every rotation axis and ``shifts`` steps
+    each side of every axis; ``joint`` grids try every rotation with every shift, otherwise the rotations are tried
+    first and the shifts around the ``TOP_ROTATIONS`` best."""
+
+    angles: int
+    step_deg: float
+    shifts: int
+    joint: bool
+
+    def evaluations(self, dim: int) -> int:
+        rotations = (2 * self.angles + 1) ** (1 if dim == 2 else 3)
+        shifts = (2 * self.shifts + 1) ** dim
+        return rotations * shifts if self.joint else rotations + TOP_ROTATIONS * (shifts - 1)
+
+
+def search_plan(search: Any, dim: int) -> SearchPlan:
+    """The recipe's grid, whole when it fits ``max_evaluations`` (or there is none: version 1); otherwise rotations
+    first on a grid coarsened to ``ROTATION_SHARE`` of the budget, then shifts around the best few. A 3D grid of
+    4 angle steps and 3 shift steps each side is 729 x 343 = 250,047 evaluations joint, 729 + 1,026 in two phases."""
     n_rot = 1 if dim == 2 else 3
     angles = max(1, int(math.floor(search.max_angle_deg / search.step_deg + 1e-9)))
     shifts = search.shift_steps if search.max_shift_fraction > 0 else 0
     budget = getattr(search, "max_evaluations", None)
-    step = search.step_deg
-    if budget is not None:
-        while (2 * angles + 1) ** n_rot * (2 * shifts + 1) ** dim > budget and (angles > 1 or shifts > 0):
-            if shifts > 0 and (2 * shifts + 1) ** dim >= (2 * angles + 1) ** n_rot:
-                shifts -= 1
-            else:
-                angles -= 1
-                step = search.max_angle_deg / angles
-    return angles, step, shifts
+    if budget is None or (2 * angles + 1) ** n_rot * (2 * shifts + 1) ** dim <= budget:
+        return SearchPlan(angles, search.step_deg, shifts, True)
+    while angles > 1 and (2 * angles + 1) ** n_rot > ROTATION_SHARE * budget:
+        angles -= 1
+    left = budget - (2 * angles + 1) ** n_rot
+    while shifts > 0 and TOP_ROTATIONS * ((2 * shifts + 1) ** dim - 1) > left:
+        shifts -= 1
+    return SearchPlan(angles, search.max_angle_deg / angles, shifts, False)
+
+
+def search_grid(search: Any, dim: int) -> tuple[int, float, int]:
+    """(angle steps each side, angle step in degrees, shift steps each side) of ``search_plan``."""
+    plan = search_plan(search, dim)
+    return plan.angles, plan.step_deg, plan.shifts
 
 
 def rotation_search(search: Any, frame: Frame, state: Linear, stage: Any, seed: int, clock: Clock) -> Linear:
     """The best pose on a grid of rotations (and shifts) about the current centre, by the first linear stage's
     metric. Version-1 recipes (no ``max_evaluations``) run the whole grid on ITK's coarse level, every voxel."""
     dim = frame.dim
-    rigid = sitk.Euler2DTransform() if dim == 2 else sitk.Euler3DTransform()
-    rigid.SetCenter(tuple(state.center))
-    rigid.SetTranslation(tuple(state.translation))
     n_rot = 1 if dim == 2 else 3
-    angles, step_deg, shifts = search_grid(search, dim)
-    step = math.radians(step_deg)
+    plan = search_plan(search, dim)
+    step = math.radians(plan.step_deg)
     extent = np.array([n * s for n, s in zip(frame.fixed.GetSize(), frame.fixed.GetSpacing())])
-    shift_scale = (search.max_shift_fraction * float(np.min(extent)) / shifts) / step if shifts > 0 else 1.0
+    shift_scale = (search.max_shift_fraction * float(np.min(extent)) / plan.shifts) / step if plan.shifts else 1.0
+    budgeted = getattr(search, "max_evaluations", None) is not None
+
+    def grid(start: sitk.Transform, angles: int, shifts: int) -> tuple[sitk.Transform, list]:
+        """Exhaustive search from ``start``; returns the best pose and every (value, parameters) tried."""
+        if budgeted:
+            rm, fixed, moving = _coarse_method(frame, stage, seed)
+        else:  # version 1: ITK's own coarse level (~64 voxels across), every voxel
+            rm, fixed, moving = _v1_method(frame, stage)
+        rigid = copy_typed(start)
+        rm.SetOptimizerAsExhaustive(numberOfSteps=[angles] * n_rot + [shifts] * dim, stepLength=step)
+        rm.SetOptimizerScales([1.0] * n_rot + [shift_scale] * dim)
+        rm.SetInitialTransform(rigid, inPlace=True)
+        tried: list = []
+        halted: list[Halt] = []
+
+        def on_evaluation() -> None:
+            tried.append((rm.GetMetricValue(), tuple(rm.GetOptimizerPosition())))
+            try:
+                clock.check()
+            except Halt as halt:
+                halted.append(halt)
+                raise StopExecute() from None
+
+        rm.AddCommand(sitk.sitkIterationEvent, on_evaluation)
+        install_quiet_stop()
+        clock.check()
+        try:
+            rm.Execute(fixed, moving)
+        except RuntimeError:
+            if halted:
+                raise halted[0] from None
+            raise
+        return rigid, tried
+
+    start = sitk.Euler2DTransform() if dim == 2 else sitk.Euler3DTransform()
+    start.SetCenter(tuple(state.center))
+    start.SetTranslation(tuple(state.translation))
+    if plan.joint:
+        rigid, _ = grid(start, plan.angles, plan.shifts)
+    else:  # rotations at the centres' shift, then the shifts around the best few rotations
+        rigid, tried = grid(start, plan.angles, 0)
+        best: list[tuple[float, sitk.Transform]] = [(min(v for v, _ in tried), rigid)]
+        if plan.shifts:
+            best = []
+            for value, position in sorted(tried, key=lambda vp: vp[0])[:TOP_ROTATIONS]:
+                candidate = copy_typed(start)
+                candidate.SetParameters(position)
+                found, shifted = grid(candidate, 0, plan.shifts)
+                best.append((min(v for v, _ in shifted), found))
+        rigid = min(best, key=lambda vt: vt[0])[1]
+    result = Linear.of(rigid)
+    # keep any scale the centre initializer found (it finds none today, but stay exact if it ever does)
+    result.matrix = result.matrix @ state.matrix
+    log.debug("rotation search (%s): %s -> %s", plan, state.translation, result.translation)
+    return result
+
+
+def _v1_method(frame: Frame, stage: Any) -> tuple[sitk.ImageRegistrationMethod, sitk.Image, sitk.Image]:
+    """Version 1's search method: ITK's own coarse level (~64 voxels across, sigma half the shrink), every voxel."""
     rm = sitk.ImageRegistrationMethod()
     configure_metric(rm, stage.metric)
-    # the grid needs metric values only: no gradient images (the values do not depend on them)
-    rm.SetMetricUseFixedImageGradientFilter(False)
+    rm.SetMetricUseFixedImageGradientFilter(False)  # the grid needs metric values only (they do not depend on it)
     rm.SetMetricUseMovingImageGradientFilter(False)
     rm.SetInterpolator(sitk.sitkLinear)
-    budgeted = getattr(search, "max_evaluations", None) is not None
-    if budgeted:
-        shrink = max(1, min(frame.fixed.GetSize()) // SEARCH_AXIS_VOXELS)
-        levels = frame.levels
-        fixed, moving = levels.image("fixed", shrink, shrink / 2.0), levels.image("moving", shrink, shrink / 2.0)
-        fixed_mask, moving_mask = levels.mask("fixed", shrink), levels.mask("moving", shrink)
-        voxels = int(np.prod(fixed.GetSize()))
-        if voxels > SEARCH_POINTS:
-            rm.SetMetricSamplingStrategy(rm.RANDOM)
-            rm.SetMetricSamplingPercentage(SEARCH_POINTS / voxels, itk_seed(seed, 0))
-        else:
-            rm.SetMetricSamplingStrategy(rm.NONE)
-        rm.SetShrinkFactorsPerLevel([1])
-        rm.SetSmoothingSigmasPerLevel([0.0])
-    else:  # version 1: ITK's own coarse level (~64 voxels across), every voxel
-        fixed, moving, fixed_mask, moving_mask = frame.fixed, frame.moving, frame.fixed_mask, frame.moving_mask
-        shrink = max(1, int(min(frame.fixed.GetSize()) // 64))
-        rm.SetMetricSamplingStrategy(rm.NONE)
-        rm.SetShrinkFactorsPerLevel([shrink])
-        rm.SetSmoothingSigmasPerLevel([shrink / 2.0])
-        rm.SetSmoothingSigmasAreSpecifiedInPhysicalUnits(False)
-    if stage.use_masks and fixed_mask is not None:
-        rm.SetMetricFixedMask(fixed_mask)
-    if stage.use_masks and moving_mask is not None:
-        rm.SetMetricMovingMask(moving_mask)
-    rm.SetOptimizerAsExhaustive(numberOfSteps=[angles] * n_rot + [shifts] * dim, stepLength=step)
-    rm.SetOptimizerScales([1.0] * n_rot + [shift_scale] * dim)
-    rm.SetInitialTransform(rigid, inPlace=True)
-    halted: list[Halt] = []
-
-    def on_evaluation() -> None:
-        try:
-            clock.check()
-        except Halt as halt:
-            halted.append(halt)
-            raise StopExecute() from None
-
-    rm.AddCommand(sitk.sitkIterationEvent, on_evaluation)
-    install_quiet_stop()
-    clock.check()
-    try:
-        rm.Execute(fixed, moving)
-    except RuntimeError:
-        if halted:
-            raise halted[0] from None
-        raise
-    best = Linear.of(rigid)
-    # keep any scale the centre initializer found (it finds none today, but stay exact if it ever does)
-    best.matrix = best.matrix @ state.matrix
-    log.debug("rotation search (%d angles, %.3g deg, %d shifts each side): %s -> %s", angles, step_deg, shifts,
-              state.translation, best.translation)
-    return best
+    shrink = max(1, int(min(frame.fixed.GetSize()) // 64))
+    rm.SetMetricSamplingStrategy(rm.NONE)
+    rm.SetShrinkFactorsPerLevel([shrink])
+    rm.SetSmoothingSigmasPerLevel([shrink / 2.0])
+    rm.SetSmoothingSigmasAreSpecifiedInPhysicalUnits(False)
+    if stage.use_masks and frame.fixed_mask is not None:
+        rm.SetMetricFixedMask(frame.fixed_mask)
+    if stage.use_masks and frame.moving_mask is not None:
+        rm.SetMetricMovingMask(frame.moving_mask)
+    return rm, frame.fixed, frame.moving

@@ -1,0 +1,175 @@
+"""The 3D set at workstation cost: ``autoreg tune --trials 60 --jobs 2`` on every case, against elastix and ANTs.
+
+    python benchmarks/make_3d_set.py          # once: builds benchmarks/data3d from ../shared/data
+    python benchmarks/peers3d.py              # once: elastix, ANTs and the default recipe (results/peers3d.json)
+    python benchmarks/tune3d.py [--only rot3d,affine3d] [--trials 60] [--jobs 2] [--timeout 1800] [--no-prune]
+                                [--stages affine+deformable]
+
+Per case: the study's wall time, its best TRE (the landmarks it selected with) and honest TRE (those it never saw),
+the peers' TRE, trials completed / pruned / failed, per-trial seconds (median, p90, max), the largest overrun of a
+time limit, and the rank correlation between a trial's TRE after its coarsest level and its final TRE. Results go
+to ``benchmarks/results/tune3d.json`` (one entry per case and variant), the table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DATA3D = REPO / "benchmarks" / "data3d"
+RESULTS = REPO / "benchmarks" / "results"
+CASES = ("rot3d", "affine3d", "aniso3d", "mmdef3d", "afids")
+
+
+def study_of(folder: Path, name: str):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(folder / "journal.log"))))
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Rank correlation (ties averaged), None for fewer than 5 pairs of values."""
+    if len(a) < 5:
+        return None
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def summarise(study, wall_s: float) -> dict:
+    """The figures of one finished study (pure: reads the trial records)."""
+    from autoreg.trial import best_and_baseline, records
+
+    trials = records(study)
+    best, base = best_and_baseline(trials)
+    finished = [t for t in trials if t.state in ("COMPLETE", "PRUNED", "FAIL")]
+    seconds = [t.runtime_s for t in finished if t.runtime_s is not None]
+    overruns = [t.runtime_s - t.time_limit_s for t in finished if t.runtime_s is not None and t.time_limit_s]
+    coarse, final = [], []
+    for t in trials:
+        if t.complete and t.levels:
+            first = next((lv["tre_mean"] for lv in t.levels if lv.get("tre_mean") is not None and lv["level"] == 0), None)
+            if first is not None and np.isfinite(first) and np.isfinite(t.value):
+                coarse.append(first)
+                final.append(t.value)
+    pruned_seconds = sum(t.runtime_s or 0 for t in trials if t.state == "PRUNED")
+    return {
+        "wall_s": round(wall_s, 1),
+        "trials": len(finished),
+        "complete": sum(t.state == "COMPLETE" for t in trials),
+        "pruned": sum(t.state == "PRUNED" for t in trials),
+        "failed": sum(t.state == "FAIL" for t in trials),
+        "best": best.value if best else None,
+        "best_trial": best.number if best else None,
+        "honest": best.tre_report_mean if best else None,
+        "baseline": base.value if base else None,
+        "baseline_state": base.state if base else None,
+        "seconds_median": float(np.median(seconds)) if seconds else None,
+        "seconds_p90": float(np.percentile(seconds, 90)) if seconds else None,
+        "seconds_max": float(max(seconds)) if seconds else None,
+        "registration_s": float(sum(seconds)),
+        "pruned_s": float(pruned_seconds),
+        "largest_overrun_s": float(max(overruns)) if overruns else None,
+        "coarse_final_spearman": spearman(coarse, final),
+    }
+
+
+def tune_case(case: str, *, trials: int, jobs: int, timeout: float, prune: bool, stages: str | None) -> dict:
+    import yaml
+
+    folder = DATA3D / case
+    doc = yaml.safe_load((folder / "pair.yaml").read_text())
+    variant = ("prune" if prune else "noprune") + (f"-{stages}" if stages else "")
+    doc["name"] = f"{case}-{variant}"
+    if stages:
+        doc["stages"] = stages.split("+")
+    if not prune:
+        doc["prune"] = False
+    for key in ("fixed", "moving"):
+        doc[key] = str(folder / doc[key])
+    doc["landmarks"] = {k: str(folder / v) for k, v in doc["landmarks"].items()}
+    work = RESULTS / "tune3d" / doc["name"]
+    work.mkdir(parents=True, exist_ok=True)
+    pair = work / "pair.yaml"
+    pair.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    cmd = [sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", str(trials), "--jobs", str(jobs),
+           "--timeout", str(timeout), "--study-dir", str(work / "study"), "-q"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    out = summarise(study_of(work / "study", doc["name"]), wall)
+    out.update(case=case, variant=variant, stages=doc["stages"], command=" ".join(cmd[1:]), exit=proc.returncode,
+               summary=proc.stdout.strip().splitlines()[-6:], load=round(_load(), 2))
+    return out
+
+
+def _load() -> float:
+    import os
+
+    return os.getloadavg()[0]
+
+
+def peers() -> dict:
+    path = RESULTS / "peers3d.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _f(v, spec=".3g") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(results: list[dict]) -> str:
+    p = peers()
+    lines = ["| case | stages | wall | best TRE (honest) mm | elastix | ANTs | default | trials (pruned, failed) | "
+             "s/trial median, p90, max | largest overrun s | coarse-final rho |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        peer = p.get(r["case"], {})
+        el, an = peer.get("elastix", {}).get("mean"), peer.get("ants", {}).get("mean")
+        lines.append(
+            f"| {r['case']} ({r['variant']}) | {'+'.join(r['stages'])} | {r['wall_s'] / 60:.1f} min | "
+            f"{_f(r['best'])} ({_f(r['honest'])}) | {_f(el)} | {_f(an)} | {_f(r['baseline'])} | "
+            f"{r['trials']} ({r['pruned']}, {r['failed']}) | {_f(r['seconds_median'])}, {_f(r['seconds_p90'])}, "
+            f"{_f(r['seconds_max'])} | {_f(r['largest_overrun_s'])} | {_f(r['coarse_final_spearman'], '.2f')} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(CASES))
+    parser.add_argument("--trials", type=int, default=60)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--no-prune", action="store_true", help="the same study without multi-fidelity pruning")
+    parser.add_argument("--stages", help="override the cases' stages, e.g. affine+deformable")
+    parser.add_argument("--report", action="store_true", help="only print the table of the saved results")
+    args = parser.parse_args()
+    if not DATA3D.is_dir():
+        print(f"SKIP: {DATA3D} missing: run benchmarks/make_3d_set.py first")
+        return 0
+    path = RESULTS / "tune3d.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    if not args.report:
+        for case in args.only.split(","):
+            r = tune_case(case, trials=args.trials, jobs=args.jobs, timeout=args.timeout, prune=not args.no_prune,
+                          stages=args.stages)
+            saved[f"{case}/{r['variant']}"] = r
+            path.write_text(json.dumps(saved, indent=2), encoding="utf-8")
+            print(table([r]), flush=True)
+    print(table(list(saved.values())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -29,6 +29,7 @@ from .registration import (
     sampling_fraction,
     search_grid,
 )
+from .registration.initializer import search_plan
 from .registration.initializer import SEARCH_AXIS_VOXELS, SEARCH_POINTS
 
 PEER_FORMATS = ("elastix", "ants")
@@ -184,9 +185,12 @@ def _search_shifts(recipe: Recipe, geometry: Geometry) -> tuple[int, float]:
     return shifts, rs.max_shift_fraction * extent / shifts
 
 
-def _search_notes(recipe: Recipe) -> list[str]:
+def _search_notes(recipe: Recipe, dim: int | None = None) -> list[str]:
     rs = recipe.initializer.rotation_search
     notes = []
+    if dim is not None and not search_plan(rs, dim).joint:
+        notes.append("differs: autoreg tries the rotations first, then the shifts around its three best rotations; "
+                     "here every rotation is tried with every shift")
     if rs.max_evaluations is not None:
         notes.append(f"differs: rotation_search.max_evaluations {rs.max_evaluations} coarsened autoreg's grid to the one "
                      f"written here; autoreg scores it on {SEARCH_POINTS} random points of its coarse level")
@@ -368,7 +372,7 @@ def _elastix_search_maps(recipe: Recipe, stage: Stage, geometry: Geometry, order
     else:
         m.put("AutomaticTransformInitialization", "false")
     _elastix_common_tail(m, last=False)
-    m.notes += _search_notes(recipe)
+    m.notes += _search_notes(recipe, geometry.dim)
     title = (f"autoreg's rotation search (initializer.rotation_search): angles -{_num(n * step)} .. {_num(n * step)} "
              f"degrees in steps of {_num(step)}"
              + (f", shifts -{_num(shifts * shift_step)} .. {_num(shifts * shift_step)} mm in steps of "
@@ -618,7 +622,7 @@ def ants_rotation_search(recipe: Recipe, geometry: Geometry) -> tuple[list[str],
              f"{_num(step)}) -> antsAffineInitializer, whose result starts antsRegistration. It differs: Mattes MI "
              "with 32 bins on the full-resolution images, from the centres of mass (whatever initializer.kind), and "
              "each start refined by a short affine optimisation",
-             *_search_notes(recipe)]
+             *_search_notes(recipe, geometry.dim)]
     if searched_stage(recipe).use_masks:
         notes.append("not translated: masks in the rotation search (the script does not pass them to "
                      "antsAffineInitializer)")

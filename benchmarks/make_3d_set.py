@@ -24,12 +24,12 @@ intensity remapping and noise of mmdef3d, and the slice thickness of aniso3d).
                (2-5 deg, scalings 0.97-1.03, 2-5 mm). fixed = MNI resampled through T (the warped image is the
                FIXED one here because D has no exact inverse: so T itself is exact); moving = MNI with its intensities
                remapped non-monotonically (CSF bright, grey matter mid, white matter dark: T2-like) plus noise.
-               Stages [affine, bspline].
+               Stages [affine, deformable].
 * ``aniso3d``  fixed = MNI; moving at 1 x 1 x 3 mm: MNI resampled through T^-1 (a rigid 8-15 deg rotation and
                shift) on a 1 mm grid aligned with the moving grid, smoothed along z with a Gaussian slice
                profile of FWHM 3 mm, then every third slice kept. Stages [affine].
 * ``afids``    the real AFIDs pair (MNI152 / Colin27) and its 32 real landmarks, copied as is (no ground-truth
-               transform; see its SOURCE.txt for its ~1.5 mm landmark uncertainty). Stages [affine, bspline].
+               transform; see its SOURCE.txt for its ~1.5 mm landmark uncertainty). Stages [affine, deformable].
 
 Landmarks of the synthetic cases: 40 points by farthest-point sampling (seeded start) over the voxels at least
 10 mm inside the fixed image's brain mask, each moved by a seeded sub-voxel jitter. ``--check`` loads every case
@@ -60,8 +60,8 @@ log = logging.getLogger("make_3d_set")
 
 SOURCE_PAIR = "afids_mni152nlin6asym_colin27_t1"
 CASES = ("rot3d", "affine3d", "mmdef3d", "aniso3d", "afids")
-STAGES = {"rot3d": ["rigid"], "affine3d": ["affine"], "mmdef3d": ["affine", "bspline"], "aniso3d": ["affine"],
-          "afids": ["affine", "bspline"]}
+STAGES = {"rot3d": ["rigid"], "affine3d": ["affine"], "mmdef3d": ["affine", "deformable"], "aniso3d": ["affine"],
+          "afids": ["affine", "deformable"]}
 DEFAULT_OUT = REPO / "benchmarks" / "data3d"
 N_LANDMARKS = 40
 #: Landmarks lie at least this deep inside the brain mask (mm): inside the brain, not on its edge.

@@ -25,12 +25,12 @@ import numpy as np
 
 #: elastix's default parameter maps for autoreg's stage names (translation pairs are tuned as rigid).
 ELASTIX_MAPS = {"translation": "translation", "rigid": "rigid", "similarity": "affine", "affine": "affine",
-                "bspline": "bspline"}
+                "bspline": "bspline", "deformable": "bspline"}
 
 #: The ANTs transform type that matches a stage list: linear stages map to Rigid/Affine; a deformable last stage
 #: to SyN (ANTs' own rigid + affine + SyN pipeline, the usual choice of ANTs users).
 def ants_type(stages: list[str]) -> str:
-    if stages[-1] == "bspline":
+    if stages[-1] in ("bspline", "deformable"):
         return "SyN"
     return {"translation": "Translation", "rigid": "Rigid"}.get(stages[-1], "Affine")
 

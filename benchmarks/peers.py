@@ -61,11 +61,11 @@ def study_best(study_dir: Path, study_name: str):
     """The best trial of a finished study (None if there is no such study or nothing completed)."""
     import studyinfo
 
-    from autoreg.study import best_trial
+    from autoreg.trial import best_and_baseline, records
 
     if not (study_dir / "journal.log").exists():
         return None
-    return best_trial(studyinfo.load(study_dir, study_name))
+    return best_and_baseline(records(studyinfo.load(study_dir, study_name)))[0]
 
 
 def tuned_source(tool: str, name: str, stages: list[str]) -> tuple[Path, str] | None:
@@ -113,12 +113,11 @@ def run_one(tool: str, name: str, stages: list[str], threads: int, direction: st
         if best is None:
             row["missing"] = "no study" if source else "no other pair of this kind"
             return row
-        recipe = recipe_from_dict(best.user_attrs["recipe"])
+        recipe = recipe_from_dict(best.recipe)
         row.update(setting=f"{source[1]} trial {best.number}", study_value=best.value, threads=recipe.effective_threads)
         if tool == "autoreg":  # the study's own record of its best trial (``autoreg apply`` reproduces it exactly)
-            a = best.user_attrs
-            row.update(mean=a["tre_mean"], median=a["tre_median"], p90=a["tre_p90"], max=a["tre_max"],
-                       seconds=a["runtime_s"])
+            row.update(mean=best.tre_mean, median=best.tre_median, p90=best.tre_p90, max=best.tre_max,
+                       seconds=best.runtime_s)
             return row
     t0 = time.perf_counter()
     result = register(recipe, pair)

@@ -24,7 +24,8 @@ import SimpleITK as sitk  # noqa: E402
 from autoreg import registration  # noqa: E402
 from autoreg.config import PairSpec  # noqa: E402
 from autoreg.data import PairData  # noqa: E402
-from autoreg.recipe import BSplineGrid, Metric, Optimizer, Pyramid, Recipe, Sampling, Stage  # noqa: E402
+from autoreg.recipe import Recipe, recipe_from_dict  # noqa: E402
+from autoreg.registration import frame  # noqa: E402
 from autoreg.scoring import tre  # noqa: E402
 from autoreg.synthetic import make_pair  # noqa: E402
 
@@ -45,24 +46,25 @@ def rescaled(syn, s: float) -> PairData:
 
 
 def recipes() -> dict[str, Recipe]:
-    pyr = Pyramid(shrink_factors=(2, 1), smoothing_sigmas=(1.0, 0.0), sigma_units="voxel")
-    common = dict(metric=Metric(kind="mattes", bins=32), sampling=Sampling(strategy="regular", percentage=0.2), pyramid=pyr)
-    gd = Optimizer(kind="gradient_descent", learning_rate=1.0, estimate_learning_rate="never", iterations=100)
-    return {
-        "rigid": Recipe(stages=(Stage(transform="rigid", optimizer=gd, **common),), deterministic=True, seed=1),
-        "affine": Recipe(stages=(Stage(transform="affine", optimizer=gd, **common),), deterministic=True, seed=1),
-        "affine+bspline (LBFGS2)": Recipe(
-            stages=(Stage(transform="affine", optimizer=gd, **common),
-                    Stage(transform="bspline", bspline=BSplineGrid(mesh_size=(4, 4, 4)), scales="physical_shift",
-                          optimizer=Optimizer(kind="lbfgs2", iterations=30, gradient_tolerance=1e-5), **common)),
-            deterministic=True, seed=1),
-        "affine+bspline (GD)": Recipe(
-            stages=(Stage(transform="affine", optimizer=gd, **common),
-                    Stage(transform="bspline", bspline=BSplineGrid(mesh_size=(4, 4, 4)), scales="physical_shift",
-                          optimizer=Optimizer(kind="gradient_descent", learning_rate=1.0, estimate_learning_rate="never",
-                                              iterations=50), **common)),
-            deterministic=True, seed=1),
+    """The user report's settings in recipe format 2: voxel sigmas and mesh, so only the spacing differs."""
+    common = {"metric": {"kind": "mattes", "number_of_histogram_bins": 32},
+              "sampling": {"strategy": "regular", "percentage": 0.2},
+              "pyramid": {"shrink_factors": [2, 1], "smoothing_sigmas": [1.0, 0.0], "sigma_units": "voxel"}}
+    gd = {"kind": "gradient_descent", "learning_rate": 1.0, "estimate_learning_rate": "never", "number_of_iterations": 100}
+    linear = {"rigid": {"transform": "rigid", "optimizer": gd, **common},
+              "affine": {"transform": "affine", "optimizer": gd, **common}}
+    mesh = {"kind": "bspline", "mesh_size": [4, 4, 4]}
+    bspline = {
+        "LBFGS2": {"transform": mesh, "optimizer": {"kind": "lbfgs2", "number_of_iterations": 30,
+                                                    "solution_accuracy": 1e-5, "scales": "physical_shift"}, **common},
+        "GD": {"transform": mesh, "optimizer": {**gd, "number_of_iterations": 50}, **common},
     }
+
+    def recipe(*stages: dict) -> Recipe:
+        return recipe_from_dict({"autoreg_recipe": 2, "stages": list(stages), "deterministic": True, "seed": 1})
+
+    return {"rigid": recipe(linear["rigid"]), "affine": recipe(linear["affine"]),
+            **{f"affine+bspline ({k})": recipe(linear["affine"], v) for k, v in bspline.items()}}
 
 
 def voxel_tre(recipe: Recipe, pair: PairData) -> str:
@@ -89,7 +91,7 @@ def main() -> None:
         before = tre(sitk.Transform(3, sitk.sitkIdentity), syn.fixed_points, syn.moving_points, syn.fixed).mean_vox
         for engine in ("autoreg", "plain"):
             if engine == "plain":
-                with mock.patch.object(registration, "frame_scale", lambda image: 1.0):
+                with mock.patch.object(frame, "frame_scale", lambda image: 1.0):
                     vals = [voxel_tre(recipe, rescaled(syn, s)) for s in SPACINGS]
             else:
                 vals = [voxel_tre(recipe, rescaled(syn, s)) for s in SPACINGS]

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .registration import bspline_mesh, itk_threads, level_sizes, search_grid
+from .registration import bspline_mesh, itk_threads, level_sizes, search_work
 from .registration.pyramid import sampled_points
 
 #: Function evaluations per iteration, by optimizer (line searches evaluate several times).
@@ -64,9 +64,7 @@ class CostModel:
         seconds = self.setup_s_per_voxel * full  # the centres' initializer: one pass over the images
         search = recipe.initializer.rotation_search
         if search is not None:
-            angles, _, shifts = search_grid(search, len(size))
-            evaluations = (2 * angles + 1) ** (1 if len(size) == 2 else 3) * (2 * shifts + 1) ** len(size)
-            points = min(8192.0, full / max(1, min(size) // 48) ** len(size))
+            evaluations, points = search_work(search, size)
             seconds += evaluations * points * self.linear_s_per_sample * 0.5  # values only, no derivatives
         for stage in recipe.stages:
             seconds += self._stage(stage, size)

@@ -64,11 +64,14 @@ def summarise(study, wall_s: float) -> dict:
                 coarse.append(first)
                 final.append(t.value)
     pruned_seconds = sum(t.runtime_s or 0 for t in trials if t.state == "PRUNED")
+    # how well the cost model foresaw the trials that ran to the end (its prediction decides which run at all)
+    ratios = [t.runtime_s / t.predicted_s for t in trials if t.complete and t.runtime_s and t.predicted_s]
     return {
         "wall_s": round(wall_s, 1),
         "trials": len(finished),
         "complete": sum(t.state == "COMPLETE" for t in trials),
         "pruned": sum(t.state == "PRUNED" for t in trials),
+        "pruned_unrun": sum(t.state == "PRUNED" and (t.pruned_at or "").startswith("predicted") for t in trials),
         "failed": sum(t.state == "FAIL" for t in trials),
         "best": best.value if best else None,
         "best_trial": best.number if best else None,
@@ -82,6 +85,7 @@ def summarise(study, wall_s: float) -> dict:
         "pruned_s": float(pruned_seconds),
         "largest_overrun_s": float(max(overruns)) if overruns else None,
         "coarse_final_spearman": spearman(coarse, final),
+        "measured_over_predicted": [float(np.percentile(ratios, q)) for q in (10, 50, 90)] if ratios else None,
     }
 
 
@@ -131,17 +135,19 @@ def _f(v, spec=".3g") -> str:
 
 def table(results: list[dict]) -> str:
     p = peers()
-    lines = ["| case | stages | wall | best TRE (honest) mm | elastix | ANTs | default | trials (pruned, failed) | "
-             "s/trial median, p90, max | largest overrun s | coarse-final rho |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| case | stages | wall | best TRE (honest) mm | elastix | ANTs | default | trials (pruned: unrun, failed) | "
+             "s/trial median, p90, max | largest overrun s | coarse-final rho | measured/predicted s p10, p50, p90 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         peer = p.get(r["case"], {})
         el, an = peer.get("elastix", {}).get("mean"), peer.get("ants", {}).get("mean")
         lines.append(
             f"| {r['case']} ({r['variant']}) | {'+'.join(r['stages'])} | {r['wall_s'] / 60:.1f} min | "
             f"{_f(r['best'])} ({_f(r['honest'])}) | {_f(el)} | {_f(an)} | {_f(r['baseline'])} | "
-            f"{r['trials']} ({r['pruned']}, {r['failed']}) | {_f(r['seconds_median'])}, {_f(r['seconds_p90'])}, "
-            f"{_f(r['seconds_max'])} | {_f(r['largest_overrun_s'])} | {_f(r['coarse_final_spearman'], '.2f')} |")
+            f"{r['trials']} ({r['pruned']}: {r.get('pruned_unrun', '-')} unrun, {r['failed']}) | "
+            f"{_f(r['seconds_median'])}, {_f(r['seconds_p90'])}, {_f(r['seconds_max'])} | "
+            f"{_f(r['largest_overrun_s'])} | {_f(r['coarse_final_spearman'], '.2f')} | "
+            f"{', '.join(_f(v, '.2f') for v in r.get('measured_over_predicted') or []) or '-'} |")
     return "\n".join(lines)
 
 

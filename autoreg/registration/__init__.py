@@ -19,7 +19,7 @@ from .core import (
 )
 from .engine import register
 from .frame import Frame, Linear, compose, frame_of, frame_scale, scale_image, unscale_transform
-from .initializer import initial_linear, search_grid
+from .initializer import initial_linear, search_grid, search_work
 from .pyramid import bspline_mesh, bspline_schedule, level_sizes, refine_bspline, sampling_fraction
 
 #: The engine's modules in the order a standalone script defines them.
@@ -29,6 +29,6 @@ __all__ = [
     "ENGINE_MODULES", "LINEAR_KINDS", "Clock", "Frame", "Halt", "LevelCallback", "LevelRecord", "Linear",
     "RegistrationFailed", "RegistrationPruned", "RegistrationResult", "as_scalar_float", "bspline_mesh",
     "bspline_schedule", "compose", "failure_reason", "frame_of", "frame_scale", "initial_linear", "itk_seed",
-    "itk_threads", "level_sizes", "refine_bspline", "register", "sampling_fraction", "scale_image", "search_grid",
+    "itk_threads", "level_sizes", "refine_bspline", "register", "sampling_fraction", "scale_image", "search_grid", "search_work",
     "threads_of", "unscale_transform",
 ]

@@ -138,6 +138,16 @@ def search_plan(search: Any, dim: int) -> SearchPlan:
     return SearchPlan(angles, search.max_angle_deg / angles, shifts, False)
 
 
+def search_work(search: Any, size: tuple[int, ...]) -> tuple[int, int]:
+    """(metric evaluations, points per evaluation) of a search on a fixed image of ``size`` voxels: what the cost
+    model charges for it."""
+    dim = len(size)
+    budgeted = getattr(search, "max_evaluations", None) is not None
+    shrink = max(1, min(size) // (SEARCH_AXIS_VOXELS if budgeted else 64))
+    voxels = int(np.prod([max(1, n // shrink) for n in size]))
+    return search_plan(search, dim).evaluations(dim), min(voxels, SEARCH_POINTS) if budgeted else voxels
+
+
 def search_grid(search: Any, dim: int) -> tuple[int, float, int]:
     """(angle steps each side, angle step in degrees, shift steps each side) of ``search_plan``."""
     plan = search_plan(search, dim)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -76,6 +77,9 @@ def summarise(study, wall_s: float) -> dict:
         "best": best.value if best else None,
         "best_trial": best.number if best else None,
         "honest": best.tre_report_mean if best else None,
+        "best_seconds": best.runtime_s if best else None,
+        "best_folding": best.folding_fraction if best else None,
+        "best_kinds": list(best.recipe and [s["transform"]["kind"] for s in best.recipe["stages"]] or []) if best else None,
         "baseline": base.value if base else None,
         "baseline_state": base.state if base else None,
         "seconds_median": float(np.median(seconds)) if seconds else None,
@@ -104,7 +108,8 @@ def tune_case(case: str, *, trials: int, jobs: int, timeout: float, prune: bool,
         doc[key] = str(folder / doc[key])
     doc["landmarks"] = {k: str(folder / v) for k, v in doc["landmarks"].items()}
     work = RESULTS / "tune3d" / doc["name"]
-    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)  # a fresh study: tune would resume an earlier one
+    work.mkdir(parents=True)
     pair = work / "pair.yaml"
     pair.write_text(yaml.safe_dump(doc), encoding="utf-8")
     cmd = [sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", str(trials), "--jobs", str(jobs),
@@ -166,7 +171,12 @@ def main() -> int:
         return 0
     path = RESULTS / "tune3d.json"
     saved = json.loads(path.read_text()) if path.exists() else {}
-    if not args.report:
+    if args.report:  # re-read each saved case's study: figures added to summarise() since it ran appear too
+        for key, r in saved.items():
+            folder = RESULTS / "tune3d" / f"{r['case']}-{r['variant']}" / "study"
+            if (folder / "journal.log").exists():
+                r.update(summarise(study_of(folder, f"{r['case']}-{r['variant']}"), r["wall_s"]))
+    else:
         for case in args.only.split(","):
             r = tune_case(case, trials=args.trials, jobs=args.jobs, timeout=args.timeout, prune=not args.no_prune,
                           stages=args.stages)

@@ -55,7 +55,9 @@ def summarise(study, wall_s: float) -> dict:
     trials = records(study)
     best, base = best_and_baseline(trials)
     finished = [t for t in trials if t.state in ("COMPLETE", "PRUNED", "FAIL")]
-    seconds = [t.runtime_s for t in finished if t.runtime_s is not None]
+    unrun = [t for t in finished if t.state == "PRUNED" and (t.pruned_at or "").startswith("predicted")]
+    # per-trial seconds of the trials that ran (one pruned unrun by its prediction takes milliseconds)
+    seconds = [t.runtime_s for t in finished if t.runtime_s is not None and t not in unrun]
     overruns = [t.runtime_s - t.time_limit_s for t in finished if t.runtime_s is not None and t.time_limit_s]
     coarse, final = [], []
     for t in trials:
@@ -72,7 +74,7 @@ def summarise(study, wall_s: float) -> dict:
         "trials": len(finished),
         "complete": sum(t.state == "COMPLETE" for t in trials),
         "pruned": sum(t.state == "PRUNED" for t in trials),
-        "pruned_unrun": sum(t.state == "PRUNED" and (t.pruned_at or "").startswith("predicted") for t in trials),
+        "pruned_unrun": len(unrun),
         "failed": sum(t.state == "FAIL" for t in trials),
         "best": best.value if best else None,
         "best_trial": best.number if best else None,
@@ -169,13 +171,16 @@ def main() -> int:
     if not DATA3D.is_dir():
         print(f"SKIP: {DATA3D} missing: run benchmarks/make_3d_set.py first")
         return 0
+    import yaml
+
     path = RESULTS / "tune3d.json"
     saved = json.loads(path.read_text()) if path.exists() else {}
     if args.report:  # re-read each saved case's study: figures added to summarise() since it ran appear too
         for key, r in saved.items():
             folder = RESULTS / "tune3d" / f"{r['case']}-{r['variant']}" / "study"
-            if (folder / "journal.log").exists():
-                r.update(summarise(study_of(folder, f"{r['case']}-{r['variant']}"), r["wall_s"]))
+            name = yaml.safe_load((folder.parent / "pair.yaml").read_text())["name"] if folder.is_dir() else None
+            if name and (folder / "journal.log").exists():
+                r.update(summarise(study_of(folder, name), r["wall_s"]))
     else:
         for case in args.only.split(","):
             r = tune_case(case, trials=args.trials, jobs=args.jobs, timeout=args.timeout, prune=not args.no_prune,

@@ -16,6 +16,7 @@ from . import __version__
 from .config import SEED_LIMIT
 from .errors import RegistrationFailed, UserError, excerpt
 from .quiet import LIBRARY_LOG
+from .tuning import DEFAULT_TRIALS, MAX_JOBS, MAX_TRIALS
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -224,8 +225,6 @@ def write_warped(pair, transform: sitk.Transform, path: Path) -> None:
 
 # --- tune / export -------------------------------------------------------------------------------------------
 
-DEFAULT_TRIALS = 50
-
 
 def _open_study_args(args: argparse.Namespace):
     from .config import load_config
@@ -237,88 +236,39 @@ def _open_study_args(args: argparse.Namespace):
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from .pipeline import Pipeline
-    from .study import TuneLock, create_or_load, write_study_info
+    from .tuning import run_tune
 
-    cfg, directory, spec = _open_study_args(args)
-    pipe = Pipeline(cfg, seed=args.seed)
-    cfg = pipe.cfg
-    study = create_or_load(cfg, spec, pipe.space, pipe.provenance)  # refuses changed inputs before study.json
-    write_study_info(directory, cfg, spec, pipe.provenance)
-    with TuneLock(directory) as alone:
-        return _tune(args, cfg, directory, spec, study, alone)
+    def show(event) -> None:
+        if not args.quiet or event.kind in ("reaped", "cluster"):
+            _out(event.text)
 
-
-def _tune(args, cfg, directory, spec, study, alone: bool) -> int:
-    import os
-    import time
-
-    from .progress import ProgressMonitor, snapshot
-    from .study import best_and_baseline_of, cost_model, reap_stale_trials, take_launch_number
-    from .workers import StopRequest, WorkerPlan, budget_lock, threads_per_worker
-
-    reaped = reap_stale_trials(study, alone=alone and spec.local_journal)
-    if reaped:
-        _out(f"{len(reaped)} trial(s) left RUNNING by a dead worker were failed and queued again: {reaped}")
-    lock_path = str(directory / "trials.lock")
-    with budget_lock(lock_path):  # two tunes started together get different numbers, hence sampler streams
-        launch = take_launch_number(study)
-    target = args.trials if args.trials is not None else (None if args.timeout else DEFAULT_TRIALS)
-    jobs = args.jobs or os.cpu_count() or 1
-    threads = 1 if cfg.deterministic else threads_per_worker(jobs)
-    cost_model(study, threads)  # measured here, before the workers start, so that they share one calibration
-    plan = WorkerPlan(
-        pair_file=str(cfg.path),
-        storage=spec,
-        study_name=cfg.name,
-        lock_path=lock_path,
-        n_trials=target,
-        deadline=(time.time() + args.timeout) if args.timeout else None,
-        seed=cfg.seed,
-        threads=threads,
-        prune=cfg.prune,
-        stop_file=str(directory / f"stop.{os.getpid()}"),
-        trial_budget_s=args.timeout * jobs / target if args.timeout and target else None,
-        launch=launch,
-        launcher_pid=os.getpid(),
-    )
-    before = snapshot(study)
-    if not args.quiet:
-        _out(
-            f"study {cfg.name}: {before.finished} trial(s) so far; storage {spec.display}; "
-            f"{jobs} worker(s) x {threads} ITK thread(s)"
-        )
-    emit = (lambda line: None) if args.quiet else _out
-    t0 = time.monotonic()
-    stop = StopRequest(plan.stop_file)
-    stop.install()
-    interrupted = False
-    try:
-        with ProgressMonitor(study, emit, target=target, timeout=args.timeout):
-            _launch(plan, jobs, study, stop)
-    except KeyboardInterrupt:  # a second Ctrl-C
-        interrupted = True
-    finally:
-        stop.uninstall()
-        Path(plan.stop_file).unlink(missing_ok=True)
-    interrupted = interrupted or stop()
-    snap = snapshot(study)
-    best, base = best_and_baseline_of(study)
-    metric = study.user_attrs.get("objective", "score")
+    result = run_tune(args.pair, trials=args.trials, timeout=args.timeout, jobs=args.jobs, seed=args.seed,
+                      study_dir=args.study_dir, storage=args.storage,
+                      dask_scheduler=getattr(args, "dask_scheduler", None), progress=show)
+    snap, best, base = result.snapshot, result.best, result.baseline
     _out(
-        f"{'interrupted' if interrupted else 'done'}: {snap.finished} trials ({snap.complete} complete, {snap.failed} failed, "
-        f"{snap.pruned} pruned), {time.monotonic() - t0:.1f} s this run"
+        f"{'interrupted' if result.interrupted else 'done'}: {snap.finished} trials ({snap.complete} complete, "
+        f"{snap.failed} failed, {snap.pruned} pruned), {result.seconds:.1f} s this run"
     )
+    if result.aborted:
+        _out(f"trial(s) {result.aborted} did not stop within {_grace()} s of Ctrl-C: failed as interrupted")
+    metric = result.metric
     _out(f"best {metric}: {best.value:.4g} (trial {best.number})" if best else "best: no completed trial yet")
     if base is not None:
         _out(f"baseline (SimpleITK-notebooks default) {metric}: {_baseline_summary(base)}")
-    if best is not None and cfg.holdout and not interrupted:
-        _report_holdout(cfg, best)
-    _out(f"study: {directory} (storage {spec.display})")
-    if interrupted:
+    for h in result.holdout:
+        _out(f"holdout {h.name}: {h.metric} {f'{h.value:.4g}' if h.value is not None else f'failed ({h.failure})'}")
+    _out(f"study: {result.directory} (storage {result.storage.display})")
+    if result.interrupted:
         _out("finished trials are kept; run the same command again to continue")
         return EXIT_INTERRUPTED
     return EXIT_OK
+
+
+def _grace() -> str:
+    from .tuning import GRACE_S
+
+    return f"{GRACE_S:g}"
 
 
 def _baseline_summary(base) -> str:
@@ -331,42 +281,6 @@ def _baseline_summary(base) -> str:
                 if last is not None else "; no level finished")
         return f"cut at its {base.pruned_at}{done}"
     return f"{base.state.lower()} ({base.fail_reason or base.pruned_at or ''})"
-
-
-def _report_holdout(cfg, best) -> None:
-    """The best recipe on the pairs listed under 'holdout:' (never tuned on): how well it generalises."""
-    from .evaluate import evaluate
-    from .pipeline import Pipeline
-    from .recipe import recipe_from_dict
-
-    recipe = recipe_from_dict(best.recipe, source=f"trial {best.number}")
-    ev = evaluate(recipe, Pipeline(cfg).holdout_pairs, use_landmarks=cfg.uses_landmarks)
-    for p in ev.pairs:
-        value = f"{p.values[0]:.4g}" if p.values else f"failed ({p.failures[0]})"
-        _out(f"holdout {p.name}: {ev.metric} {value}")
-
-
-def _launch(plan, jobs: int, study, stop) -> None:
-    """Run the workers; a worker that dies is replaced after its RUNNING trial is failed and queued again."""
-    from joblib import Parallel, delayed
-    from joblib.externals.loky.process_executor import TerminatedWorkerError
-
-    from .study import reap_stale_trials
-    from .workers import run_worker
-
-    if jobs == 1:
-        run_worker(plan, 0, stop)
-        return
-    for attempt in range(4):
-        try:
-            Parallel(n_jobs=jobs, backend="loky")(delayed(run_worker)(plan, i + attempt * jobs) for i in range(jobs))
-            return
-        except TerminatedWorkerError as err:
-            if stop():
-                return
-            reaped = reap_stale_trials(study)
-            log.warning("a worker died (%s); failed and re-queued trials %s", str(err).splitlines()[0], reaped)
-    raise UserError("workers keep dying (out of memory?); see the failed trials", key="--jobs")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -534,8 +448,6 @@ def _output_file(text: str) -> Path:
 
 
 #: Ranges of the numeric options: generous, but none that would start absurd work or wrap around.
-MAX_TRIALS = 1_000_000
-MAX_JOBS = 256
 MAX_REPEATS = 1000
 MAX_THREADS = 1024
 
@@ -559,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=_whole(1, MAX_JOBS), help="worker processes (default: all cores)")
     p.add_argument("--seed", type=_whole(0, SEED_LIMIT - 1), help="study seed (overrides PAIR.yaml's 'seed')")
     _study_args(p)
+    p.add_argument("--dask-scheduler", metavar="ADDRESS",
+                   help="run the trials on the workers of this dask.distributed cluster (tcp://host:8786, or a "
+                        "scheduler file) instead of local processes; --jobs then caps how many of its workers take part")
     p.add_argument("-q", "--quiet", action="store_true", help="no live progress, only the summary")
     p.set_defaults(func=cmd_tune)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -576,8 +577,17 @@ def _log_warning(message, category, filename, lineno, file=None, line=None) -> N
 
 
 def entry() -> None:  # pragma: no cover - console script
-    sys.exit(main())
+    """The ``autoreg`` command. Interrupted, it leaves at once: a tune's in-process worker may still be inside a
+    long SimpleITK call (its trial is already recorded), and the interpreter's teardown would wait on the CPU it
+    takes; every study write is already on disk (the journal is fsynced) or committed."""
+    code = main()
+    if code == EXIT_INTERRUPTED:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

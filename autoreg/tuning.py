@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 DEFAULT_TRIALS = 50
 #: After Ctrl-C, workers get this long to stop on their own before the tune ends them and fails their trials.
 GRACE_S = 0.5
+#: After killing workers, how long the tune lets loky end the others.
+LOKY_CLEANUP_S = 0.3
 #: How often the tune looks at its workers while they run.
 POLL_S = 0.1
 #: Bounds of the numbers a caller may pass (the CLI's options have the same).
@@ -407,7 +409,8 @@ class LocalRunner:
             except ProcessLookupError:
                 pass
         failed = fail_trials(self.study, running, reason=INTERRUPTED)
-        self._done.wait(GRACE_S)  # loky ends its idle workers once it sees the killed ones
+        if self.jobs > 1:  # loky ends the idle workers once it sees the killed ones (idle ones also watch the tune)
+            self._done.wait(LOKY_CLEANUP_S)
         return failed
 
     def close(self) -> None:

@@ -358,9 +358,12 @@ class LocalRunner:
     def _run(self, stop: StopRequest) -> None:
         from .workers import run_worker
 
+        import SimpleITK as sitk
+
+        threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
         try:
             if self.jobs == 1:
-                run_worker(self.plan, 0, stop)
+                run_worker(self.plan, 0, stop)  # sets ITK's threads in this process: given back below
             else:
                 self._parallel(stop)
         except KeyboardInterrupt:  # raised inside a trial of the in-process worker: its trial is already FAIL
@@ -368,6 +371,7 @@ class LocalRunner:
         except BaseException as err:  # noqa: BLE001 - handed to the main thread
             self.error = err
         finally:
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
             self._done.set()
 
     def _parallel(self, stop: StopRequest) -> None:

@@ -250,7 +250,11 @@ class DaskRunner:
         self.slots: dict[str, _Slot] = {}
         self.dead: set[str] = set()
         self._token = secrets.token_hex(8)
-        self._tokens: dict[str, str] = {}
+        self._tokens: dict[str, str] = {}  # token file -> its content, one per folder the workers should see
+        self._journal_token: str | None = None
+        self._study_token = ""
+        self._scheduler: dict[str, Any] = {"seen": [], "dask_storage": False}
+        self._lock = ""
         self._storage_name: str | None = None
         self._queue: Any = None
         self._event: Any = None
@@ -298,7 +302,7 @@ class DaskRunner:
         if not workers:
             self.emit(TuneEvent("cluster", f"the Dask cluster at {self.address} has no workers yet; waiting"))
             self._waiting_said = True
-        self._meet(workers)
+        self._meet(workers, strict=True)
         reachable = [s for s in self.slots.values() if s.route is not None]
         if self.slots and not reachable:
             raise UserError(self._why_unreachable(), key="--dask-scheduler")
@@ -320,8 +324,9 @@ class DaskRunner:
     def _workers(self) -> dict[str, dict]:
         return dict(self.client.scheduler_info(n_workers=-1).get("workers", {}))
 
-    def _meet(self, workers: dict[str, dict]) -> None:
-        """Probe workers not seen before and decide how each reaches the study."""
+    def _meet(self, workers: dict[str, dict], *, strict: bool = False) -> None:
+        """Probe workers not seen before and decide how each reaches the study. A worker that cannot run autoreg
+        stops the tune at its start (``strict``); one that joins later is left out with a line."""
         new = [a for a in workers if a not in self.slots]
         if not new:
             return
@@ -332,10 +337,16 @@ class DaskRunner:
         for address in new:
             answer = seen.get(address)
             if isinstance(answer, BaseException) or answer is None:
-                if isinstance(answer, (ImportError, ModuleNotFoundError)) or "autoreg" in str(answer):
-                    raise UserError(f"the Dask worker {address} cannot run autoreg ({answer}); install autoreg and "
-                                    "its dependencies in the workers' environment", key="--dask-scheduler")
-                continue  # it left meanwhile
+                if answer is None:
+                    continue  # it left meanwhile
+                why = (f"the Dask worker {address} cannot run autoreg ({type(answer).__name__}: "
+                       f"{excerpt(str(answer), 200, quote=False)}); install autoreg and its dependencies in the "
+                       "workers' environment")
+                if strict:
+                    raise UserError(why, key="--dask-scheduler")
+                self.slots[address] = _Slot(address, "", None)
+                self.emit(TuneEvent("cluster", f"{why}: it takes no trials"))
+                continue
             nthreads = int(workers[address].get("nthreads") or 1)
             route = self._route(answer, nthreads)
             self.slots[address] = _Slot(address, answer["worker"], route)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from . import __version__
 from .config import SEED_LIMIT
 from .errors import RegistrationFailed, UserError, excerpt
 from .quiet import LIBRARY_LOG
+from .tuning import DEFAULT_TRIALS, MAX_JOBS, MAX_TRIALS
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -232,8 +234,6 @@ def write_warped(pair, transform: sitk.Transform, path: Path) -> None:
 
 # --- tune / export -------------------------------------------------------------------------------------------
 
-DEFAULT_TRIALS = 50
-
 
 def _open_study_args(args: argparse.Namespace):
     from .config import load_config
@@ -245,86 +245,25 @@ def _open_study_args(args: argparse.Namespace):
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from .pipeline import Pipeline
-    from .study import TuneLock, create_or_load, write_study_info
+    from .progress import terminal
+    from .tuning import run_tune
 
-    cfg, directory, spec = _open_study_args(args)
-    if args.warm_start:
-        from dataclasses import replace
+    def show(event) -> None:
+        if not args.quiet or event.kind in ("reaped", "cluster"):
+            _out(event.text)
 
-        cfg = replace(cfg, warm_start=(*cfg.warm_start, *(Path(p).resolve() for p in args.warm_start)))
-    pipe = Pipeline(cfg, seed=args.seed)
-    cfg = pipe.cfg
-    study = create_or_load(cfg, spec, pipe.space, pipe.provenance,  # refuses changed inputs before study.json
-                           pipe.starting_points)
-    write_study_info(directory, cfg, spec, pipe.provenance)
-    with TuneLock(directory) as alone:
-        return _tune(args, cfg, directory, spec, study, alone)
-
-
-def _tune(args, cfg, directory, spec, study, alone: bool) -> int:
-    import os
-    import time
-
-    from .data import load_pair
-    from .progress import ProgressMonitor, score_unit, snapshot, terminal
-    from .study import best_and_baseline_of, cost_model, reap_stale_trials, take_launch_number
-    from .workers import StopRequest, WorkerPlan, budget_lock, threads_per_worker
-
-    reaped = reap_stale_trials(study, alone=alone and spec.local_journal)
-    if reaped:
-        _out(f"{len(reaped)} trial(s) left RUNNING by a dead worker were failed and queued again: {reaped}")
-    lock_path = str(directory / "trials.lock")
-    with budget_lock(lock_path):  # two tunes started together get different numbers, hence sampler streams
-        launch = take_launch_number(study)
-    target = args.trials if args.trials is not None else (None if args.timeout else DEFAULT_TRIALS)
-    jobs = args.jobs or os.cpu_count() or 1
-    threads = 1 if cfg.deterministic else threads_per_worker(jobs)
-    cost_model(study, threads)  # measured here, before the workers start, so that they share one calibration
-    plan = WorkerPlan(
-        pair_file=str(cfg.path),
-        storage=spec,
-        study_name=cfg.name,
-        lock_path=lock_path,
-        n_trials=target,
-        deadline=(time.time() + args.timeout) if args.timeout else None,
-        seed=cfg.seed,
-        threads=threads,
-        prune=cfg.prune,
-        stop_file=str(directory / f"stop.{os.getpid()}"),
-        trial_budget_s=args.timeout * jobs / target if args.timeout and target else None,
-        launch=launch,
-        launcher_pid=os.getpid(),
-    )
-    before = snapshot(study)
-    if not args.quiet:
-        _out(
-            f"study {cfg.name}: {before.finished} trial(s) so far; storage {spec.display}; "
-            f"{jobs} worker(s) x {threads} ITK thread(s)"
-        )
-    emit = (lambda line: None) if args.quiet else _out
-    metric = study.user_attrs.get("objective", "score")
-    unit = score_unit(metric, load_pair(cfg.pairs[0]).fixed)  # (cached: the pipeline has read the pairs)
-    t0 = time.monotonic()
-    stop = StopRequest(plan.stop_file)
-    stop.install()
-    interrupted = False
-    try:
-        with ProgressMonitor(study, emit, target=target, timeout=args.timeout, workers=jobs, unit=unit,
-                             console=None if args.quiet else terminal()):
-            _launch(plan, jobs, study, stop)
-    except KeyboardInterrupt:  # a second Ctrl-C
-        interrupted = True
-    finally:
-        stop.uninstall()
-        Path(plan.stop_file).unlink(missing_ok=True)
-    interrupted = interrupted or stop()
-    snap = snapshot(study)
-    best, base = best_and_baseline_of(study)
+    result = run_tune(args.pair, trials=args.trials, timeout=args.timeout, jobs=args.jobs, seed=args.seed,
+                      study_dir=args.study_dir, storage=args.storage,
+                      dask_scheduler=getattr(args, "dask_scheduler", None), warm_start=args.warm_start or (),
+                      progress=show, console=None if args.quiet else terminal())
+    snap, best, base = result.snapshot, result.best, result.baseline
     _out(
-        f"{'interrupted' if interrupted else 'done'}: {snap.finished} trials ({snap.complete} complete, {snap.failed} failed, "
-        f"{snap.pruned} pruned), {time.monotonic() - t0:.1f} s this run"
+        f"{'interrupted' if result.interrupted else 'done'}: {snap.finished} trials ({snap.complete} complete, "
+        f"{snap.failed} failed, {snap.pruned} pruned), {result.seconds:.1f} s this run"
     )
+    if result.aborted:
+        _out(f"trial(s) {result.aborted} did not stop within {_grace()} s of Ctrl-C: failed as interrupted")
+    metric, unit = result.metric, result.unit
     _out(f"best {metric}: {_valued(best.value, unit)} (trial {best.number})" if best
          else "best: no completed trial yet")
     if best is not None and best.tre_report_mean is not None:
@@ -332,13 +271,19 @@ def _tune(args, cfg, directory, spec, study, alone: bool) -> int:
              f"never saw ({_valued(best.tre_mean, unit)} on those it selected with)")
     if base is not None:
         _out(f"baseline (SimpleITK-notebooks default) {metric}: {_baseline_summary(base, unit)}")
-    if best is not None and cfg.holdout and not interrupted:
-        _report_holdout(cfg, best)
-    _out(f"study: {directory} (storage {spec.display})")
-    if interrupted:
+    for h in result.holdout:
+        _out(f"holdout {h.name}: {h.metric} {f'{h.value:.4g}' if h.value is not None else f'failed ({h.failure})'}")
+    _out(f"study: {result.directory} (storage {result.storage.display})")
+    if result.interrupted:
         _out("finished trials are kept; run the same command again to continue")
         return EXIT_INTERRUPTED
     return EXIT_OK
+
+
+def _grace() -> str:
+    from .tuning import GRACE_S
+
+    return f"{GRACE_S:g}"
 
 
 def _valued(value: float, unit: str | None) -> str:
@@ -356,42 +301,6 @@ def _baseline_summary(base, unit: str | None = None) -> str:
                 if last is not None else "; no level finished")
         return f"cut at its {base.pruned_at}{done}"
     return f"{base.state.lower()} ({base.fail_reason or base.pruned_at or ''})"
-
-
-def _report_holdout(cfg, best) -> None:
-    """The best recipe on the pairs listed under 'holdout:' (never tuned on): how well it generalises."""
-    from .evaluate import evaluate
-    from .pipeline import Pipeline
-    from .recipe import recipe_from_dict
-
-    recipe = recipe_from_dict(best.recipe, source=f"trial {best.number}")
-    ev = evaluate(recipe, Pipeline(cfg).holdout_pairs, use_landmarks=cfg.uses_landmarks)
-    for p in ev.pairs:
-        value = f"{p.values[0]:.4g}" if p.values else f"failed ({p.failures[0]})"
-        _out(f"holdout {p.name}: {ev.metric} {value}")
-
-
-def _launch(plan, jobs: int, study, stop) -> None:
-    """Run the workers; a worker that dies is replaced after its RUNNING trial is failed and queued again."""
-    from joblib import Parallel, delayed
-    from joblib.externals.loky.process_executor import TerminatedWorkerError
-
-    from .study import reap_stale_trials
-    from .workers import run_worker
-
-    if jobs == 1:
-        run_worker(plan, 0, stop)
-        return
-    for attempt in range(4):
-        try:
-            Parallel(n_jobs=jobs, backend="loky")(delayed(run_worker)(plan, i + attempt * jobs) for i in range(jobs))
-            return
-        except TerminatedWorkerError as err:
-            if stop():
-                return
-            reaped = reap_stale_trials(study)
-            log.warning("a worker died (%s); failed and re-queued trials %s", str(err).splitlines()[0], reaped)
-    raise UserError("workers keep dying (out of memory?); see the failed trials", key="--jobs")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -455,22 +364,6 @@ def _num(v) -> str:
 # --- crossval ---------------------------------------------------------------------------------------------------
 
 
-def _tune_study(pair_file: Path, study_directory: Path, trials: int, jobs: int, seed: int):
-    """One study of a cross-validation, run as ``autoreg tune`` would, quietly; returns its best recipe."""
-    from .config import load_config
-    from .export import best_recipe
-    from .study import load_existing, storage_spec
-
-    code = main(["tune", str(pair_file), "--study-dir", str(study_directory), "--trials", str(trials), "--jobs",
-                 str(jobs), "--seed", str(seed), "-q"])
-    if code != EXIT_OK:
-        raise UserError(f"tuning stopped (exit {code})", file=pair_file)
-    cfg = load_config(pair_file)
-    spec = storage_spec(cfg, study_directory, None)
-    recipe, _ = best_recipe(load_existing(cfg, spec), spec, source=str(pair_file))
-    return recipe
-
-
 def cmd_crossval(args: argparse.Namespace) -> int:
     import json
 
@@ -482,7 +375,7 @@ def cmd_crossval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else study_dir(cfg, None) / "crossval"
     folds = args.folds or len(cfg.pairs)
     result = crossval(cfg.path, folds=folds, trials=args.trials, jobs=args.jobs or 1, seed=args.seed,
-                      out_dir=out, tune=_tune_study, own=not args.no_own, progress=_out)
+                      out_dir=out, own=not args.no_own, progress=_out)
     for line in table(result):
         _out(line)
     _out(f"results: {out / 'crossval.json'}" + (f" and {args.json}" if args.json else ""))
@@ -599,8 +492,6 @@ def _output_file(text: str) -> Path:
 
 
 #: Ranges of the numeric options: generous, but none that would start absurd work or wrap around.
-MAX_TRIALS = 1_000_000
-MAX_JOBS = 256
 MAX_REPEATS = 1000
 MAX_THREADS = 1024
 
@@ -686,6 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
     _study_args(p)
     p.add_argument("--warm-start", action="append", metavar="RECIPE",
                    help="an earlier study's recipe, or a folder of recipes, whose points start the search (repeatable)")
+    p.add_argument("--dask-scheduler", metavar="ADDRESS",
+                   help="run the trials on the workers of this dask.distributed cluster (tcp://host:8786, or a "
+                        "scheduler file) instead of local processes; --jobs then caps how many of its workers take part")
     p.add_argument("-q", "--quiet", action="store_true", help="no live progress, only the summary")
     p.set_defaults(func=cmd_tune)
 
@@ -800,5 +694,18 @@ def _log_warning(message, category, filename, lineno, file=None, line=None) -> N
     logging.getLogger(LIBRARY_LOG).debug("%s:%s: %s: %s", filename, lineno, category.__name__, message)
 
 
+def entry() -> None:  # pragma: no cover - console script
+    """The ``autoreg`` command. Interrupted, it leaves at once: a tune's in-process worker may still be inside a
+    long SimpleITK call (its trial is already recorded), and the interpreter's teardown would wait on the CPU it
+    takes; every study write is already on disk (the journal is fsynced) or committed."""
+    code = main()
+    if code == EXIT_INTERRUPTED:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

@@ -100,8 +100,20 @@ def fold_document(pair_file: Path, cfg: StudyConfig, keep: Sequence[str], name: 
     return doc
 
 
-def crossval(pair_file: str | Path, *, folds: int, trials: int, jobs: int, seed: int, out_dir: Path, tune: TuneFn,
-             own: bool = True, progress: Callable[[str], None] = lambda line: None) -> CrossValidation:
+def tune_fold(pair_file: Path, study_directory: Path, trials: int, jobs: int, seed: int) -> Recipe:
+    """One study of a cross-validation, run as ``autoreg tune`` runs it, quietly; its best recipe."""
+    from .tuning import run_tune
+
+    result = run_tune(pair_file, trials=trials, jobs=jobs, seed=seed, study_dir=study_directory)
+    if result.interrupted:
+        raise KeyboardInterrupt
+    if result.best_recipe is None:
+        raise UserError("no trial of this fold's study completed", file=pair_file)
+    return result.best_recipe
+
+
+def crossval(pair_file: str | Path, *, folds: int, trials: int, jobs: int, seed: int, out_dir: Path,
+             tune: TuneFn = tune_fold, own: bool = True, progress: Callable[[str], None] = lambda line: None) -> CrossValidation:
     """Tune on K-1 folds, score the held-out fold, for every fold; each pair also against the default recipe and
     (``own``) its own study's best. Writes the fold studies and ``crossval.json`` into ``out_dir``."""
     import yaml

@@ -597,29 +597,53 @@ def reap_stale_trials(study: optuna.Study, *, live_pids: set[int] = frozenset(),
     this study (see ``TuneLock``), so every RUNNING trial is stale, even one killed before it named its worker.
     """
     host = socket.gethostname()
-    reaped = []
+    stale = []
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        t = TrialRecord.of(frozen)
-        whost, _, pid = (t.worker or "").rpartition(":")
+        whost, _, pid = (TrialRecord.of(frozen).worker or "").rpartition(":")
         if not alone:
             if whost != host or not pid.isdigit():
                 continue
             if int(pid) in live_pids or (pid_alive(int(pid)) and int(pid) != os.getpid()):
                 continue
-        storage = study._storage  # noqa: SLF001 - Optuna has no public call to fail another process's trial
+        stale.append(frozen)
+    return fail_trials(study, stale)
+
+
+def running_trials_of(study: optuna.Study, workers: set[str]) -> list[FrozenTrial]:
+    """The RUNNING trials whose ``worker`` (host:pid) is one of ``workers``."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.user_attrs.get("worker") in workers]
+
+
+#: Why a trial was failed by someone other than its worker: the worker died, or the user stopped the tune.
+INTERRUPTED = "interrupted"
+
+
+def fail_trials(study: optuna.Study, trials: list[FrozenTrial], *, reason: str | None = None) -> list[int]:
+    """Fail trials that their workers can no longer finish; returns their numbers.
+
+    Without ``reason`` the worker died: each trial is queued again once (``retry_of``); a retry whose worker died
+    too is failed for good, since a recipe that crashes its worker would otherwise crash every retry (and, with
+    loky, the other workers' trials with it). With a ``reason`` (Ctrl-C: ``INTERRUPTED``) nothing is queued again.
+    A trial that finished meanwhile is left as it is."""
+    storage = study._storage  # noqa: SLF001 - Optuna has no public call to fail another process's trial
+    failed = []
+    for frozen in trials:
+        t = TrialRecord.of(frozen)
         again = t.retry_of is not None
-        # a retry whose worker died too is not queued a third time: a recipe that crashes its worker would
-        # otherwise crash every retry (and, with loky, the other workers' trials with it)
-        reason = "worker died again (a retry; not queued again)" if again else "worker died (trial left RUNNING)"
-        write_to_storage(storage, frozen._trial_id, fail_reason=reason)  # noqa: SLF001
-        storage.set_trial_state_values(frozen._trial_id, TrialState.FAIL)  # noqa: SLF001
-        reaped.append(t.number)
-        if again:
+        why = reason or ("worker died again (a retry; not queued again)" if again else "worker died (trial left RUNNING)")
+        try:
+            write_to_storage(storage, frozen._trial_id, fail_reason=why)  # noqa: SLF001
+            storage.set_trial_state_values(frozen._trial_id, TrialState.FAIL)  # noqa: SLF001
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # its worker finished it after all
+        failed.append(t.number)
+        if reason is not None or again:
             continue
         # an enqueued recipe (baseline, user's) runs again as it is; a suggested trial is replayed from its params
         again_attrs = attrs(recipe=t.recipe, role=t.role) if t.role != SUGGESTED else {}
         study.enqueue_trial(t.params, user_attrs=attrs(**again_attrs, retry_of=t.number))
-    return reaped
+    return failed
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,8 +1,9 @@
-"""Trials in parallel: J worker processes (joblib/loky), each loading its data once and running trials against
-the shared storage until the study holds N trials or the time is up.
+"""Trials in parallel: J worker processes (joblib/loky), or the workers of a Dask cluster (``dask_cluster``), each
+loading its data once and running trials against the shared storage until the study holds N trials or the time is up.
 
-The trial budget is exact on one machine: a worker counts the study's trials and asks for a new one under a file
-lock in the study folder. Workers on other machines (PostgreSQL) can overshoot by at most one trial each.
+The trial budget is exact: a worker counts the study's trials and asks for a new one under a lock every worker of
+the tune reaches (a file lock in the study folder on one machine, a ``distributed.Lock`` on a cluster). Workers of
+separate tunes on other machines (PostgreSQL) can overshoot by at most one trial each.
 """
 
 from __future__ import annotations
@@ -16,15 +17,17 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import optuna
 import SimpleITK as sitk
 from optuna.trial import TrialState
 
 from .artifacts import ArtifactRecorder
+from .config import StudyConfig
 from .objective import Budget, Objective
 from .pipeline import Pipeline
+from .space import SearchSpace
 from .study import StorageSpec, cost_model, make_pruner, make_sampler, open_storage, pid_alive
 
 log = logging.getLogger(__name__)
@@ -32,9 +35,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class WorkerPlan:
-    """Everything a worker needs, as plain picklable values (paths and strings, never objects)."""
+    """Everything a worker needs, as plain picklable values (the validated config, paths and strings, never storage
+    objects). The config travels rather than its file, so that a study given as a dict (``autoreg.tune``) runs too."""
 
-    pair_file: str
+    cfg: StudyConfig  # with the study seed applied (``tune --seed``)
     storage: StorageSpec
     study_name: str
     lock_path: str
@@ -131,6 +135,11 @@ class StopRequest:
                 self.event.set()
         return self.event.is_set()
 
+    def now(self) -> bool:
+        """``self()`` without the half-second cache: asked once more under the budget lock, before a new trial."""
+        self._checked = 0.0
+        return self()
+
 
 #: How often a worker process checks that the tune that launched it is alive.
 WATCH_INTERVAL_S = 0.5
@@ -166,31 +175,57 @@ def run_worker(plan: WorkerPlan, worker_index: int, stop: StopRequest | None = N
         logging.getLogger("autoreg.study").setLevel(logging.ERROR)
         stop.install()
     try:
-        return _run_trials(plan, worker_index, stop)
+        return run_trials(plan, worker_index, stop)
     finally:
         if own_stop:
             stop.uninstall()
 
 
-def _run_trials(plan: WorkerPlan, worker_index: int, stop: StopRequest) -> int:
+@dataclass(frozen=True)
+class WorkerData:
+    """What a worker's trials need from PAIR.yaml, loaded once: the config, the pairs as trials see them, the space.
+    A cluster's workers receive it from the tune (``dask_cluster``) instead of reading the files themselves."""
+
+    cfg: StudyConfig
+    pairs: list
+    space: SearchSpace
+
+    @classmethod
+    def of(cls, pipe: Pipeline) -> WorkerData:
+        return cls(pipe.cfg, pipe.pairs, pipe.space)
+
+
+def run_trials(plan: WorkerPlan, worker_index: int, stop: Callable[[], bool], *, data: WorkerData | None = None,
+               storage: optuna.storages.BaseStorage | None = None,
+               lock: Callable[[], ContextManager[Any]] | None = None, recorder: ArtifactRecorder | None = None,
+               calibrate_under_lock: bool = False) -> int:
+    """The worker loop: ask for a trial under the budget lock, run it, until the budget is spent, the time is up or
+    ``stop()`` turns true. Local workers use the defaults (files, the study's storage, a file lock, the study folder's
+    artifact store); a cluster's worker passes what it reaches instead."""
     logging.getLogger("optuna").setLevel(logging.WARNING)
-    pipe = Pipeline.load(plan.pair_file, seed=plan.seed)
-    storage = open_storage(plan.storage)
+    data = data or WorkerData.of(Pipeline(plan.cfg))
+    storage = storage or open_storage(plan.storage)
+    lock = lock or (lambda: budget_lock(plan.lock_path))
     if hasattr(storage, "get_heartbeat_interval") and storage.get_heartbeat_interval():
         optuna.storages.fail_stale_trials(optuna.load_study(study_name=plan.study_name, storage=storage))
     study = optuna.load_study(
         study_name=plan.study_name,
         storage=storage,
         sampler=make_sampler(plan.seed, worker_index, plan.launch),
-        pruner=make_pruner(plan.prune, len(pipe.cfg.pairs)),
+        pruner=make_pruner(plan.prune, len(data.cfg.pairs)),
     )
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(plan.threads)
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # a trial's problems are recorded on the trial
-    objective = Objective(pipe.cfg, pipe.pairs, pipe.space, threads=plan.threads, prune=plan.prune,
-                          cost=cost_model(study, plan.threads),
+    if calibrate_under_lock:  # workers of a cluster that start together on a new machine measure it once
+        with lock():
+            cost = cost_model(study, plan.threads)
+    else:
+        cost = cost_model(study, plan.threads)
+    objective = Objective(data.cfg, data.pairs, data.space, threads=plan.threads, prune=plan.prune, cost=cost,
                           budget=Budget(deadline=plan.deadline, per_trial_s=plan.trial_budget_s))
     objective.should_stop = stop
-    recorder = ArtifactRecorder(Path(plan.lock_path).parent)  # the study folder: <study dir>/artifacts
+    recorder = recorder or ArtifactRecorder(Path(plan.lock_path).parent)  # the study folder: <study dir>/artifacts
+    fresh = getattr(stop, "now", stop)
     done = 0
     parent = os.getppid()
     while True:
@@ -200,7 +235,9 @@ def _run_trials(plan: WorkerPlan, worker_index: int, stop: StopRequest) -> int:
             break
         if stop():
             break
-        with budget_lock(plan.lock_path):
+        with lock():
+            if fresh():  # a stop asked for while this worker waited for the lock: no new trial
+                break
             if plan.n_trials is not None:
                 # one read of the storage: every trial but the queued (WAITING) ones counts towards the budget
                 started = sum(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
@@ -208,32 +245,43 @@ def _run_trials(plan: WorkerPlan, worker_index: int, stop: StopRequest) -> int:
                     break
             trial = study.ask()
             trial.set_user_attr("worker", objective.worker)  # before anything can stop us: names who runs it
-        run_one(study, trial, objective, recorder)
+        if not run_one(study, trial, objective, recorder):
+            break
         done += 1
     return done
 
 
 def run_one(study: optuna.Study, trial: optuna.Trial, objective: Objective,
-            recorder: ArtifactRecorder | None = None) -> None:
+            recorder: ArtifactRecorder | None = None) -> bool:
     """One trial through ask/tell; Ctrl-C marks it FAIL (never left RUNNING) and propagates. An improving trial's
-    pictures are stored by ``recorder`` before ``tell`` (a finished trial takes no more artifacts)."""
+    pictures are stored by ``recorder`` before ``tell`` (a finished trial takes no more artifacts).
+
+    Returns False when someone else finished the trial meanwhile: the launching tune, stopped by Ctrl-C, fails the
+    trials its workers still run after a short grace (``tuning.GRACE_S``); this worker then stops."""
     beat = _Heartbeat(study._storage, trial._trial_id)  # noqa: SLF001 - heartbeats need the trial id
     try:
-        value = objective(trial)
-    except optuna.TrialPruned:
-        study.tell(trial, state=TrialState.PRUNED)
-        return
-    except BaseException:
         try:
-            trial.set_user_attr("fail_reason", "interrupted")
-            study.tell(trial, state=TrialState.FAIL)
-        finally:
+            value = objective(trial)
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+            return True
+        except optuna.exceptions.UpdateFinishedTrialError:
             raise
-    finally:
-        beat.close()
-    if value is None or math.isnan(value):
-        study.tell(trial, state=TrialState.FAIL)
-    else:
-        if recorder is not None:
-            recorder.record_if_improved(study, trial, value, objective.pairs, objective.last_transforms)
-        study.tell(trial, value)
+        except BaseException:
+            try:
+                trial.set_user_attr("fail_reason", "interrupted")
+                study.tell(trial, state=TrialState.FAIL)
+            finally:
+                raise
+        finally:
+            beat.close()
+        if value is None or math.isnan(value):
+            study.tell(trial, state=TrialState.FAIL)
+        else:
+            if recorder is not None:
+                recorder.record_if_improved(study, trial, value, objective.pairs, objective.last_transforms)
+            study.tell(trial, value)
+        return True
+    except optuna.exceptions.UpdateFinishedTrialError:
+        log.info("trial %d was finished by the launching tune (interrupted); this worker stops", trial.number)
+        return False

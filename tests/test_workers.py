@@ -129,10 +129,12 @@ def _descendants(pid: int) -> set[int]:
     found, todo = set(), [pid]
     while todo:
         parent = todo.pop()
-        try:
-            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
-        except OSError:
-            continue
+        children = []
+        for task in Path(f"/proc/{parent}/task").glob("*"):  # every thread's: tune starts its workers from one
+            try:
+                children += (task / "children").read_text().split()
+            except OSError:
+                continue
         for child in map(int, children):
             found.add(child)
             todo.append(child)

@@ -1,0 +1,349 @@
+"""``autoreg tune ... --dask-scheduler ADDRESS`` on a real Dask cluster: a ``dask scheduler`` and two ``dask worker``
+processes (one thread each, with their nannies) started by the tests on 127.0.0.1.
+
+The study's journal lives in the test's folder, which the workers share (same machine): the "shared filesystem"
+case. ``dask_storage="scheduler"`` makes the workers behave as if they did not see it (DaskStorage through the
+scheduler, artifacts sent to the tune). A worker is killed with SIGKILL in the middle of a trial, with the journal
+and with PostgreSQL (``test_postgres``'s throw-away server). Skipped, saying why, without dask.distributed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+pytest.importorskip("distributed", reason="dask.distributed is not installed: pip install 'autoreg[dask]'")
+
+from distributed import Client  # noqa: E402
+
+from autoreg.artifacts import artifact_store, trial_artifacts  # noqa: E402
+from autoreg.synthetic import write_pair  # noqa: E402
+
+from conftest import synthetic_pair  # noqa: E402
+from test_postgres import postgres_url  # noqa: E402,F401 - the PostgreSQL fixture
+
+WAIT_S = 120.0
+N_WORKERS = 2
+
+
+class Cluster:
+    """A scheduler and worker processes of this machine; ``client`` looks at them from the test."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.procs: list[subprocess.Popen] = []
+        scheduler_file = root / "scheduler.json"
+        self.procs.append(self._spawn("scheduler", [sys.executable, "-m", "distributed.cli.dask_scheduler",
+                                                    "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                                                    "--scheduler-file", str(scheduler_file)]))
+        deadline = time.monotonic() + WAIT_S
+        while not scheduler_file.is_file() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.2)
+        self.address = json.loads(scheduler_file.read_text())["address"]
+        for i in range(N_WORKERS):
+            self.procs.append(self._spawn(f"worker{i}", [
+                sys.executable, "-m", "distributed.cli.dask_worker", self.address, "--nthreads", "1",
+                "--host", "127.0.0.1", "--no-dashboard", "--name", f"w{i}",
+                "--local-directory", str(root / f"w{i}")]))
+        self.client = Client(self.address, set_as_default=False, timeout=30)
+        self.wait_for_workers()
+
+    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "ab")
+        try:  # in a folder of its own: nothing may depend on the tune's working directory
+            return subprocess.Popen(cmd, stdout=log, stderr=log, cwd=self.root, start_new_session=True)
+        finally:
+            log.close()
+
+    def wait_for_workers(self, n: int = N_WORKERS) -> None:
+        self.client.wait_for_workers(n, timeout=WAIT_S)
+
+    def identities(self) -> dict[str, str]:
+        from autoreg.dask_cluster import identity
+
+        return self.client.run(identity)
+
+    def executing(self) -> int:
+        """Tasks executing in the workers' threads right now (a cancelled one runs until it returns)."""
+        return sum(self.client.run(lambda dask_worker: len(dask_worker.state.executing)).values())
+
+    def close(self) -> None:
+        try:
+            self.client.close(timeout=10)
+        finally:
+            for proc in reversed(self.procs):
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGTERM)
+            for proc in reversed(self.procs):
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(tmp_path_factory.mktemp("dask-cluster"))
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def ready(cluster: Cluster) -> Cluster:
+    """The cluster with all its workers (a killed one is restarted by its nanny) and none busy."""
+    cluster.wait_for_workers()
+    deadline = time.monotonic() + WAIT_S
+    while cluster.executing() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return cluster
+
+
+def write_study(folder: Path, name: str, *, size: tuple[int, ...] = (64, 64), extra: dict[str, Any] | None = None,
+                stages: tuple[str, ...] = ("affine",)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = write_pair(synthetic_pair(len(size), "affine" if "affine" in stages else "rigid", size=size), folder,
+                       fmt="png" if len(size) == 2 else "nii.gz")
+    doc = {"name": name, "fixed": paths["fixed"].name, "moving": paths["moving"].name,
+           "landmarks": {"fixed": paths["fixed_landmarks"].name, "moving": paths["moving_landmarks"].name},
+           "stages": list(stages), "trial_timeout": 60, **(extra or {})}
+    path = folder / "PAIR.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def autoreg(*args: Any, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "autoreg.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def open_study(name: str, study_dir: Path | None = None, url: str | None = None) -> optuna.Study:
+    from autoreg.study import StorageSpec, open_storage
+
+    spec = StorageSpec(url) if url else StorageSpec(str(study_dir / "journal.log"), True)
+    return optuna.load_study(study_name=name, storage=open_storage(spec))
+
+
+def check_artifacts(study: optuna.Study, study_dir: Path) -> None:
+    """The best trial, and every trial that stored any, has its transform, picture and TRE table in the store."""
+    store = artifact_store(study_dir)
+    with_files = 0
+    for t in study.get_trials(deepcopy=False):
+        files = trial_artifacts(study, t)
+        if t.number == study.best_trial.number:
+            assert files, "the best trial has no artifacts"
+        if files:
+            with_files += 1
+            assert {n.split("-")[0] for n in files} == {"transform", "alignment", "tre"}, files
+            for artifact_id in files.values():
+                with store.open_reader(artifact_id) as fh:
+                    assert len(fh.read()) > 0
+    assert with_files >= 1
+
+
+# --- a study on the cluster -----------------------------------------------------------------------------------
+
+
+def test_tune_on_a_dask_cluster_runs_the_exact_budget_in_its_workers(ready: Cluster, tmp_path: Path) -> None:
+    pair = write_study(tmp_path / "data", "dask-basic", extra={"search": {"stage0.pyramid.levels": 1}})
+    study_dir = tmp_path / "shared" / "study"
+    run = autoreg("tune", pair, "--trials", 10, "--dask-scheduler", ready.address, "--study-dir", study_dir)
+    assert run.returncode == 0, run.stderr
+    assert f"2 Dask worker(s) at {ready.address} x 1 ITK thread(s)" in run.stdout
+    assert "storage direct, artifacts written to the study folder" in run.stdout
+    assert "Traceback" not in run.stderr
+    study = open_study("dask-basic", study_dir)
+    trials = study.get_trials(deepcopy=False)
+    assert [t.number for t in trials] == list(range(10))
+    assert all(t.state.is_finished() for t in trials)
+    workers = {t.user_attrs["worker"] for t in trials}
+    assert workers <= set(ready.identities().values()), workers  # the trials ran in the cluster's workers
+    assert len(workers) == 2
+    check_artifacts(study, study_dir)
+    report = autoreg("report", pair, "--study-dir", study_dir, "-o", tmp_path / "report.html")
+    assert report.returncode == 0, report.stderr
+    assert "stored with trial" in (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert not list(study_dir.glob(".cluster-*"))  # the tune's token files are gone
+
+
+def test_workers_that_do_not_share_the_folder_go_through_the_scheduler(ready: Cluster, tmp_path: Path) -> None:
+    """DaskStorage over the study's journal in the scheduler's process, artifacts sent to the tune."""
+    import autoreg as api
+
+    pair = write_study(tmp_path / "data", "dask-unshared", extra={"search": {"stage0.pyramid.levels": 1}})
+    events: list = []
+    result = api.tune(pair, trials=8, study_dir=tmp_path / "study", dask_scheduler=ready.address,
+                      dask_storage="scheduler", progress=events.append)
+    assert not result.interrupted
+    lines = [e.text for e in events if e.kind == "cluster"]
+    assert sum("storage through the scheduler (DaskStorage), artifacts sent to the tune" in ln for ln in lines) == 2
+    trials = result.study.get_trials(deepcopy=False)
+    assert len(trials) == 8 and all(t.state.is_finished() for t in trials)
+    assert {t.user_attrs["worker"] for t in trials} <= set(ready.identities().values())
+    check_artifacts(result.study, tmp_path / "study")
+    assert result.best_recipe is not None and result.best_score <= result.baseline_score
+    # the scheduler no longer holds the tune's storage
+    held = ready.client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.extensions["optuna"].storages))
+    assert not [n for n in held if n.startswith("autoreg-")]
+
+
+def test_a_bad_scheduler_address_is_one_line(tmp_path: Path) -> None:
+    pair = write_study(tmp_path / "data", "dask-nowhere")
+    run = autoreg("tune", pair, "--trials", 2, "--dask-scheduler", "tcp://127.0.0.1:9", "--study-dir",
+                  tmp_path / "s", timeout=120)
+    assert run.returncode == 2
+    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in lines[0], run.stderr
+
+
+# --- a worker killed mid-trial ----------------------------------------------------------------------------------
+
+#: Trials long enough to be caught inside their registration (dense ANTS correlation, one level), short enough
+#: for a retry.
+SLOW_SEARCH = {"search": {"stage0.metric.kind": "ants_nc", "stage0.pyramid.levels": 1,
+                          "initializer.rotation_search": False,
+                          "stage0.optimizer.number_of_iterations": {"low": 200, "high": 300}}}
+
+
+def _kill_a_worker_mid_trial(proc: subprocess.Popen, open_it, identities: dict[str, str]) -> int:
+    """SIGKILL the worker process of a trial that has been in its registration for a while; returns its number."""
+    pids = {w: int(w.rpartition(":")[2]) for w in identities.values()}
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"tune exited early ({proc.returncode})"
+        try:
+            trials = open_it().get_trials(deepcopy=False)
+        except (KeyError, FileNotFoundError, ValueError):
+            trials = []
+        finished = sum(t.state.is_finished() for t in trials)
+        for t in trials:
+            worker = t.user_attrs.get("worker")
+            if (finished >= 2 and t.state == TrialState.RUNNING and worker in pids and "threads" in t.user_attrs
+                    and (datetime.now() - t.datetime_start).total_seconds() > 0.3):
+                os.kill(pids[worker], signal.SIGKILL)
+                return t.number
+        time.sleep(0.05)
+    raise AssertionError("no trial was caught RUNNING in a cluster worker")
+
+
+def _check_killed_trial_retried(study: optuna.Study, killed: int, before: dict[int, Any], total: int) -> None:
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    assert len(trials) == total  # the budget is exact, the retry included
+    assert not [n for n, t in trials.items() if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert trials[killed].state == TrialState.FAIL
+    assert "worker died" in trials[killed].user_attrs["fail_reason"]
+    retries = [t for t in trials.values() if t.user_attrs.get("retry_of") == killed]
+    assert len(retries) == 1 and retries[0].state.is_finished()
+    assert retries[0].params == trials[killed].params
+    for number, (state, value) in before.items():  # nothing finished was lost or changed
+        assert (trials[number].state, trials[number].value) == (state, value)
+
+
+def _finished(study: optuna.Study) -> dict[int, Any]:
+    return {t.number: (t.state, t.value) for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+
+
+def test_a_killed_worker_s_trial_is_failed_and_retried_once(ready: Cluster, tmp_path: Path) -> None:
+    pair = write_study(tmp_path / "data", "dask-kill", size=(96, 96), extra=SLOW_SEARCH)
+    study_dir = tmp_path / "study"
+    identities = ready.identities()
+    proc = subprocess.Popen([sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", "8",
+                             "--dask-scheduler", ready.address, "--study-dir", str(study_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        killed = _kill_a_worker_mid_trial(proc, lambda: open_study("dask-kill", study_dir), identities)
+        before = _finished(open_study("dask-kill", study_dir))
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert proc.returncode == 0, err
+    assert f"were failed and queued again" in out and f"[{killed}]" in out
+    _check_killed_trial_retried(open_study("dask-kill", study_dir), killed, before, 8)
+
+
+def test_a_killed_worker_s_trial_is_retried_over_postgres(ready: Cluster, postgres_url: str, tmp_path: Path) -> None:
+    pair = write_study(tmp_path / "data", "dask-kill-pg", size=(96, 96), extra=SLOW_SEARCH)
+    identities = ready.identities()
+    proc = subprocess.Popen([sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", "8",
+                             "--dask-scheduler", ready.address, "--storage", postgres_url,
+                             "--study-dir", str(tmp_path / "study")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        killed = _kill_a_worker_mid_trial(proc, lambda: open_study("dask-kill-pg", url=postgres_url), identities)
+        before = _finished(open_study("dask-kill-pg", url=postgres_url))
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert proc.returncode == 0, err
+    assert "not-a-secret" not in out + err
+    _check_killed_trial_retried(open_study("dask-kill-pg", url=postgres_url), killed, before, 8)
+    check_artifacts(open_study("dask-kill-pg", url=postgres_url), tmp_path / "study")
+
+
+# --- Ctrl-C -----------------------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_cancels_the_trials_running_in_the_cluster(ready: Cluster, tmp_path: Path) -> None:
+    from test_interrupt import write_slow_study
+
+    pair = write_slow_study(tmp_path / "data")
+    study_dir = tmp_path / "study"
+    proc = subprocess.Popen([sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", "20",
+                             "--dask-scheduler", ready.address, "--study-dir", str(study_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline, slow = time.monotonic() + WAIT_S, None
+        while slow is None and time.monotonic() < deadline:
+            assert proc.poll() is None
+            time.sleep(0.1)
+            try:
+                trials = open_study("slow", study_dir).get_trials(deepcopy=False)
+            except (KeyError, FileNotFoundError):
+                continue
+            slow = next((t.number for t in trials if t.state == TrialState.RUNNING and "threads" in t.user_attrs
+                         and str(t.user_attrs.get("role", "")).startswith("user:")
+                         and (datetime.now() - t.datetime_start).total_seconds() > 1.0), None)
+        assert slow is not None, "the slow trial never ran"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert proc.returncode == 130, err
+    print(f"ctrl-c took {took:.2f} s")
+    assert took < 2.0, f"tune took {took:.2f} s to exit after Ctrl-C"
+    assert "Traceback" not in err
+    trials = {t.number: t for t in open_study("slow", study_dir).get_trials(deepcopy=False)}
+    assert not [n for n, t in trials.items() if t.state == TrialState.RUNNING]
+    assert trials[slow].state == TrialState.FAIL and trials[slow].user_attrs["fail_reason"] == "interrupted"
+    # the cluster holds none of the tune's tasks, and its threads come free (one inside a long SimpleITK call
+    # stops at the registration's next iteration)
+    assert not [k for k in ready.client.processing().values() for k in k if "autoreg-trials" in str(k)]
+    deadline = time.monotonic() + 30
+    while ready.executing() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ready.executing() == 0
+    assert len(trials) == len(open_study("slow", study_dir).get_trials(deepcopy=False))  # no trial since

@@ -42,8 +42,18 @@ def tune(
     ``result.best_recipe`` (an ``autoreg.Recipe``), ``result.best_score``, ``result.baseline_score`` (trial 0, the
     SimpleITK-notebooks default) and ``result.study`` (the ``optuna.Study``). ``progress=print`` shows the live
     lines."""
-    return run_tune(pair, trials=trials, timeout=timeout, jobs=jobs, seed=seed, study_dir=study_dir, storage=storage,
-                    dask_scheduler=dask_scheduler, progress=progress, dask_storage=dask_storage)
+    return run_tune(
+        pair,
+        trials=trials,
+        timeout=timeout,
+        jobs=jobs,
+        seed=seed,
+        study_dir=study_dir,
+        storage=storage,
+        dask_scheduler=dask_scheduler,
+        progress=progress,
+        dask_storage=dask_storage,
+    )
 
 
 def register(
@@ -85,8 +95,9 @@ def images_pair(fixed: Any, moving: Any, fixed_mask: Any = None, moving_mask: An
     f = _image(fixed, "fixed_image")
     m = _image(moving, "moving_image")
     if f.GetDimension() != m.GetDimension():
-        raise UserError(f"fixed image is {f.GetDimension()}D but moving image is {m.GetDimension()}D",
-                        key="moving_image")
+        raise UserError(
+            f"fixed image is {f.GetDimension()}D but moving image is {m.GetDimension()}D", key="moving_image"
+        )
     fm = mm = fc = mc = None
     if fixed_mask is not None:
         fm, fc = place_mask(_mask(fixed_mask, "fixed_mask"), f, what="fixed_mask", key="fixed_mask")
@@ -106,8 +117,9 @@ def _image(image: Any, key: str) -> sitk.Image:
         raise UserError(f"the image is {image.GetDimension()}D; expected a 2D or 3D image", key=key)
     image = _single_slice_as_2d(as_scalar_float(image))
     if min(image.GetSize()) < MIN_IMAGE_AXIS:
-        raise UserError(f"the image has size {image.GetSize()}; every axis needs at least {MIN_IMAGE_AXIS} voxels",
-                        key=key)
+        raise UserError(
+            f"the image has size {image.GetSize()}; every axis needs at least {MIN_IMAGE_AXIS} voxels", key=key
+        )
     check_intensities(image, what="the image", key=key)
     return sitk.Cast(image, sitk.sitkFloat32)
 

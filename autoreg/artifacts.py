@@ -17,8 +17,8 @@ import math
 import re
 import tempfile
 import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import numpy as np
 import optuna
@@ -147,7 +147,9 @@ class ArtifactRecorder:
             self._store = artifact_store(self.study_directory)
         return self._store
 
-    def record(self, trial: optuna.Trial, pairs: Iterable[PairData], transforms: Mapping[str, sitk.Transform]) -> list[str]:
+    def record(
+        self, trial: optuna.Trial, pairs: Iterable[PairData], transforms: Mapping[str, sitk.Transform]
+    ) -> list[str]:
         """Upload the files of a running trial; returns the artifact ids."""
         ids = []
         with tempfile.TemporaryDirectory(prefix="autoreg-artifacts-") as tmp:
@@ -157,8 +159,14 @@ class ArtifactRecorder:
                     ids.append(upload_artifact(artifact_store=self.store, file_path=str(path), study_or_trial=trial))
         return ids
 
-    def record_if_improved(self, study: optuna.Study, trial: optuna.Trial, value: float | None,
-                           pairs: Iterable[PairData], transforms: Mapping[str, sitk.Transform]) -> list[str]:
+    def record_if_improved(
+        self,
+        study: optuna.Study,
+        trial: optuna.Trial,
+        value: float | None,
+        pairs: Iterable[PairData],
+        transforms: Mapping[str, sitk.Transform],
+    ) -> list[str]:
         """Call before ``study.tell(trial, value)``: uploads only when ``value`` beats the best so far; never raises."""
         try:
             if value is None or not transforms or not improves(study, trial.number, value):
@@ -179,8 +187,9 @@ def trial_artifacts(study: optuna.Study, trial: FrozenTrial) -> dict[str, str]:
     return {m.filename: m.artifact_id for m in metas}
 
 
-def load_transform(study: optuna.Study, trial: FrozenTrial, pair_name: str,
-                   store: FileSystemArtifactStore) -> sitk.Transform | None:
+def load_transform(
+    study: optuna.Study, trial: FrozenTrial, pair_name: str, store: FileSystemArtifactStore
+) -> sitk.Transform | None:
     """A trial's stored transform for one pair, or None when it has none (not an improving trial, or files gone)."""
     artifact_id = trial_artifacts(study, trial).get(f"{TRANSFORM_PREFIX}{safe_name(pair_name)}.tfm")
     if artifact_id is None:

@@ -8,8 +8,9 @@ import math
 import os
 import re
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, NoReturn, Sequence
+from typing import NoReturn
 
 import SimpleITK as sitk
 
@@ -87,8 +88,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         _out(f"  overlap after initialization: geometry {p.overlap_geometry:.0%}, moments {p.overlap_moments:.0%}")
         for which, cov in (("fixed", p.fixed_mask_coverage), ("moving", p.moving_mask_coverage)):
             if cov is not None:
-                _out(f"  {which} mask: covers {cov.of_image:.1%} of the {which} image's voxels; "
-                     f"{cov.inside_image:.1%} of the mask lies inside the image")
+                _out(
+                    f"  {which} mask: covers {cov.of_image:.1%} of the {which} image's voxels; "
+                    f"{cov.inside_image:.1%} of the mask lies inside the image"
+                )
         if p.n_landmarks:
             _out(
                 f"  landmarks: {p.n_landmarks}; mean TRE before registration {p.tre_identity:.4g} (identity), "
@@ -160,7 +163,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if fp is not None and mp is not None:
         before = tre(sitk.Transform(pair.dim, sitk.sitkIdentity), fp, mp, pair.fixed)
         after = tre(result.transform, fp, mp, pair.fixed)
-        _out(f"  TRE mean {before.mean:.4g} -> {after.mean:.4g} (median {after.median:.4g}, p90 {after.p90:.4g}, max {after.max:.4g})")
+        _out(
+            f"  TRE mean {before.mean:.4g} -> {after.mean:.4g} "
+            f"(median {after.median:.4g}, p90 {after.p90:.4g}, max {after.max:.4g})"
+        )
     if args.image_out:
         write_warped(pair, result.transform, Path(args.image_out))
         _out(f"  warped moving image written to {args.image_out}")
@@ -201,8 +207,10 @@ class _LevelProgress:
     def __call__(self, record, _transform) -> None:
         import time
 
-        line = (f"  stage {record.stage} ({record.transform}) level {record.level + 1} (shrink {record.shrink}): "
-                f"{record.iterations} iterations, metric {record.metric_value:.4g}, {record.seconds:.1f} s")
+        line = (
+            f"  stage {record.stage} ({record.transform}) level {record.level + 1} (shrink {record.shrink}): "
+            f"{record.iterations} iterations, metric {record.metric_value:.4g}, {record.seconds:.1f} s"
+        )
         if record.tre_mean is not None:
             line += f", TRE {record.tre_mean:.4g}"
         with self._lock:
@@ -252,10 +260,19 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if not args.quiet or event.kind in ("reaped", "cluster"):
             _out(event.text)
 
-    result = run_tune(args.pair, trials=args.trials, timeout=args.timeout, jobs=args.jobs, seed=args.seed,
-                      study_dir=args.study_dir, storage=args.storage,
-                      dask_scheduler=getattr(args, "dask_scheduler", None), warm_start=args.warm_start or (),
-                      progress=show, console=None if args.quiet else terminal())
+    result = run_tune(
+        args.pair,
+        trials=args.trials,
+        timeout=args.timeout,
+        jobs=args.jobs,
+        seed=args.seed,
+        study_dir=args.study_dir,
+        storage=args.storage,
+        dask_scheduler=getattr(args, "dask_scheduler", None),
+        warm_start=args.warm_start or (),
+        progress=show,
+        console=None if args.quiet else terminal(),
+    )
     snap, best, base = result.snapshot, result.best, result.baseline
     _out(
         f"{'interrupted' if result.interrupted else 'done'}: {snap.finished} trials ({snap.complete} complete, "
@@ -264,11 +281,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if result.aborted:
         _out(f"trial(s) {result.aborted} did not stop within {_grace()} s of Ctrl-C: failed as interrupted")
     metric, unit = result.metric, result.unit
-    _out(f"best {metric}: {_valued(best.value, unit)} (trial {best.number})" if best
-         else "best: no completed trial yet")
+    _out(
+        f"best {metric}: {_valued(best.value, unit)} (trial {best.number})" if best else "best: no completed trial yet"
+    )
     if best is not None and best.tre_report_mean is not None:
-        _out(f"honest score of the best: mean TRE {_valued(best.tre_report_mean, unit)} on the landmarks the search "
-             f"never saw ({_valued(best.tre_mean, unit)} on those it selected with)")
+        _out(
+            f"honest score of the best: mean TRE {_valued(best.tre_report_mean, unit)} on the landmarks the search "
+            f"never saw ({_valued(best.tre_mean, unit)} on those it selected with)"
+        )
     if base is not None:
         _out(f"baseline (SimpleITK-notebooks default) {metric}: {_baseline_summary(base, unit)}")
     for h in result.holdout:
@@ -292,13 +312,16 @@ def _valued(value: float, unit: str | None) -> str:
 
 
 def _baseline_summary(base, unit: str | None = None) -> str:
-    """The baseline's score, or how it ended; a baseline cut by the clock shows the TRE of the last level it finished."""
+    """The baseline's score, or how it ended; cut by the clock, the TRE of the last level it finished."""
     if base.value is not None:
         return _valued(base.value, unit)
     if base.state == "PRUNED" and base.pruned_at and base.pruned_at.startswith("time limit"):
         last = base.last_level_tre()
-        done = (f"; TRE {_valued(last, unit)} after stage {base.levels[-1]['stage']} level {base.levels[-1]['level']}"
-                if last is not None else "; no level finished")
+        done = (
+            f"; TRE {_valued(last, unit)} after stage {base.levels[-1]['stage']} level {base.levels[-1]['level']}"
+            if last is not None
+            else "; no level finished"
+        )
         return f"cut at its {base.pruned_at}{done}"
     return f"{base.state.lower()} ({base.fail_reason or base.pruned_at or ''})"
 
@@ -335,7 +358,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     pairs = pipe.holdout_pairs if args.holdout_only else [*pipe.pairs, *pipe.holdout_pairs]
     for warning in check_recipe_fits(recipe, pairs, source=args.recipe):
         _err(f"warning: {warning}")
-    ev = evaluate(recipe, pairs, repeats=args.repeats, use_landmarks=cfg.uses_landmarks, deterministic=args.deterministic)
+    ev = evaluate(
+        recipe, pairs, repeats=args.repeats, use_landmarks=cfg.uses_landmarks, deterministic=args.deterministic
+    )
     tuned_on = {p.get("name") for p in ((recipe.provenance or {}).get("fingerprint") or {}).get("pairs", [])}
     mode = "deterministic (1 thread, the recipe's seed)" if args.deterministic else "sampling seeds varied"
     _out(f"{ev.metric} of {args.recipe} over {args.repeats} repeat(s), {mode}")
@@ -349,7 +374,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             notes.append("tuned on")
         if p.failures:
             notes.append(f"{len(p.failures)} failed: {'; '.join(sorted(set(p.failures)))}")
-        _out(f"{p.name:32s} {_num(sp['mean'])} {_num(sp['std'])} {_num(sp['min'])} {_num(sp['max'])}  {', '.join(notes)}")
+        _out(
+            f"{p.name:32s} {_num(sp['mean'])} {_num(sp['std'])} {_num(sp['min'])} {_num(sp['max'])}  {', '.join(notes)}"
+        )
     o = ev.overall
     _out(f"{'overall (mean over pairs)':32s} {_num(o['mean'])} {_num(o['std'])} {_num(o['min'])} {_num(o['max'])}")
     if args.json:
@@ -374,8 +401,16 @@ def cmd_crossval(args: argparse.Namespace) -> int:
     cfg = load_config(args.pair)
     out = Path(args.out) if args.out else study_dir(cfg, None) / "crossval"
     folds = args.folds or len(cfg.pairs)
-    result = crossval(cfg.path, folds=folds, trials=args.trials, jobs=args.jobs or 1, seed=args.seed,
-                      out_dir=out, own=not args.no_own, progress=_out)
+    result = crossval(
+        cfg.path,
+        folds=folds,
+        trials=args.trials,
+        jobs=args.jobs or 1,
+        seed=args.seed,
+        out_dir=out,
+        own=not args.no_own,
+        progress=_out,
+    )
     for line in table(result):
         _out(line)
     _out(f"results: {out / 'crossval.json'}" + (f" and {args.json}" if args.json else ""))
@@ -398,10 +433,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     except OSError as err:
         raise UserError(f"cannot write ({err.strerror})", file=out) from None
     c = data.counts
-    best = (f"best {data.objective} {_valued(data.best.value, data.objective_unit)} (trial {data.best.number})"
-            if data.best else "no completed trial yet")
-    _out(f"report of {cfg.name} ({c.get('COMPLETE', 0)} complete, {c.get('PRUNED', 0)} pruned, {c.get('FAIL', 0)} failed; "
-         f"{best}) written to {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    best = (
+        f"best {data.objective} {_valued(data.best.value, data.objective_unit)} (trial {data.best.number})"
+        if data.best
+        else "no completed trial yet"
+    )
+    _out(
+        f"report of {cfg.name} ({c.get('COMPLETE', 0)} complete, {c.get('PRUNED', 0)} pruned, "
+        f"{c.get('FAIL', 0)} failed; "
+        f"{best}) written to {out} ({out.stat().st_size / 1e6:.1f} MB)"
+    )
     return EXIT_OK
 
 
@@ -410,8 +451,10 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     cfg, directory, spec = _open_study_args(args)
     server = make_dashboard_server(cfg, spec, directory, host=args.host, port=args.port)
-    _out(f"optuna-dashboard for study {cfg.name} (storage {spec.display}) at {dashboard_url(args.host, args.port)}; "
-         "Ctrl-C stops it")
+    _out(
+        f"optuna-dashboard for study {cfg.name} (storage {spec.display}) at {dashboard_url(args.host, args.port)}; "
+        "Ctrl-C stops it"
+    )
     serve_until_stopped(server)
     _out("dashboard stopped")
     return EXIT_OK
@@ -436,7 +479,9 @@ def _whole(low: int, high: int) -> Callable[[str], int]:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high} (got {excerpt(text)})") from None
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number from {low} to {high} (got {excerpt(text)})"
+            ) from None
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high} (got {value})")
         return value
@@ -497,8 +542,9 @@ MAX_THREADS = 1024
 
 
 def _study_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--study-dir", type=_folder,
-                   help="folder of the study's files (default: studies/<name> beside PAIR.yaml)")
+    p.add_argument(
+        "--study-dir", type=_folder, help="folder of the study's files (default: studies/<name> beside PAIR.yaml)"
+    )
     p.add_argument("--storage", help="Optuna storage URL (e.g. postgresql://...) instead of the journal file")
 
 
@@ -539,10 +585,15 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
     ],
     "apply": [
         ("autoreg apply best.yaml --fixed f.nii.gz --moving m.nii.gz --transform-out t.tfm", "register one pair"),
-        ("autoreg apply best.yaml --fixed f.png --moving m.png --transform-out t.tfm --image-out warped.png",
-         "and write the moving image on the fixed grid"),
-        ("autoreg apply best.yaml --fixed ct_dir --moving mr_dir --transform-out t.tfm "
-         "--fixed-landmarks f.csv --moving-landmarks m.csv", "DICOM folders, with the TRE printed"),
+        (
+            "autoreg apply best.yaml --fixed f.png --moving m.png --transform-out t.tfm --image-out warped.png",
+            "and write the moving image on the fixed grid",
+        ),
+        (
+            "autoreg apply best.yaml --fixed ct_dir --moving mr_dir --transform-out t.tfm "
+            "--fixed-landmarks f.csv --moving-landmarks m.csv",
+            "DICOM folders, with the TRE printed",
+        ),
     ],
 }
 
@@ -553,61 +604,98 @@ def _example_lines(examples: list[tuple[str, str]]) -> str:
 
 def _examples(command: str) -> dict:
     """``add_parser`` arguments giving a command's help its examples (kept as written: no re-wrapping)."""
-    return {"epilog": f"examples:\n{_example_lines(EXAMPLES[command])}",
-            "formatter_class": argparse.RawDescriptionHelpFormatter}
+    return {
+        "epilog": f"examples:\n{_example_lines(EXAMPLES[command])}",
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+    }
 
 
 _TOP_EXAMPLES = "examples (one per command; 'autoreg COMMAND --help' shows more):\n" + _example_lines(
-    [(lines[0][0], lines[0][1]) for lines in EXAMPLES.values()])
+    [(lines[0][0], lines[0][1]) for lines in EXAMPLES.values()]
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="autoreg", description="Tune SimpleITK registration recipes.", epilog=_TOP_EXAMPLES,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog="autoreg",
+        description="Tune SimpleITK registration recipes.",
+        epilog=_TOP_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"autoreg {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("tune", help="create or resume the study and run trials", **_examples("tune"))
     p.add_argument("pair", help="PAIR.yaml")
-    p.add_argument("--trials", type=_whole(1, MAX_TRIALS), help=f"total trials in the study, all workers together (default {DEFAULT_TRIALS} without --timeout)")
+    p.add_argument(
+        "--trials",
+        type=_whole(1, MAX_TRIALS),
+        help=f"total trials in the study, all workers together (default {DEFAULT_TRIALS} without --timeout)",
+    )
     p.add_argument("--timeout", type=_seconds, help="stop starting trials after this many seconds")
     p.add_argument("--jobs", type=_whole(1, MAX_JOBS), help="worker processes (default: all cores)")
     p.add_argument("--seed", type=_whole(0, SEED_LIMIT - 1), help="study seed (overrides PAIR.yaml's 'seed')")
     _study_args(p)
-    p.add_argument("--warm-start", action="append", metavar="RECIPE",
-                   help="an earlier study's recipe, or a folder of recipes, whose points start the search (repeatable)")
-    p.add_argument("--dask-scheduler", metavar="ADDRESS",
-                   help="run the trials on the workers of this dask.distributed cluster (tcp://host:8786, or a "
-                        "scheduler file) instead of local processes; --jobs then caps how many of its workers take part")
+    p.add_argument(
+        "--warm-start",
+        action="append",
+        metavar="RECIPE",
+        help="an earlier study's recipe, or a folder of recipes, whose points start the search (repeatable)",
+    )
+    p.add_argument(
+        "--dask-scheduler",
+        metavar="ADDRESS",
+        help="run the trials on the workers of this dask.distributed cluster (tcp://host:8786, or a "
+        "scheduler file) instead of local processes; --jobs then caps how many of its workers take part",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no live progress, only the summary")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("export", help="write the best trial as a recipe", **_examples("export"))
     p.add_argument("pair", help="PAIR.yaml")
     _study_args(p)
-    p.add_argument("-o", "--output", type=_output_file, required=True,
-                   help="RECIPE.yaml; recipe.py with --format python; a folder of parameter maps with --format "
-                        "elastix; a shell script with --format ants")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=_output_file,
+        required=True,
+        help="RECIPE.yaml; recipe.py with --format python; a folder of parameter maps with --format "
+        "elastix; a shell script with --format ants",
+    )
     p.add_argument("--format", choices=("yaml", "python", "elastix", "ants"), default="yaml")
-    p.add_argument("--repeats", type=_whole(0, MAX_REPEATS), default=3,
-                   help="re-run the best recipe this many times under other seeds and store the spread (0: skip)")
-    p.add_argument("--within", type=_percent, metavar="PCT",
-                   help="the fastest recipe whose score is within PCT %% of the best, instead of the best")
+    p.add_argument(
+        "--repeats",
+        type=_whole(0, MAX_REPEATS),
+        default=3,
+        help="re-run the best recipe this many times under other seeds and store the spread (0: skip)",
+    )
+    p.add_argument(
+        "--within",
+        type=_percent,
+        metavar="PCT",
+        help="the fastest recipe whose score is within PCT %% of the best, instead of the best",
+    )
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("evaluate", help="score a recipe on pairs, repeated to show its run-to-run spread",
-                       **_examples("evaluate"))
+    p = sub.add_parser(
+        "evaluate", help="score a recipe on pairs, repeated to show its run-to-run spread", **_examples("evaluate")
+    )
     p.add_argument("recipe", help="RECIPE.yaml")
     p.add_argument("pair", help="PAIR.yaml whose pairs (and holdout pairs) to score")
-    p.add_argument("--repeats", type=_whole(1, MAX_REPEATS), default=1, help="runs per pair under different sampling seeds")
-    p.add_argument("--deterministic", action="store_true", help="one thread and the recipe's own seed: repeats must be identical")
+    p.add_argument(
+        "--repeats", type=_whole(1, MAX_REPEATS), default=1, help="runs per pair under different sampling seeds"
+    )
+    p.add_argument(
+        "--deterministic", action="store_true", help="one thread and the recipe's own seed: repeats must be identical"
+    )
     p.add_argument("--holdout-only", action="store_true", help="only the pairs under 'holdout:'")
     p.add_argument("--json", type=_output_file, help="also write the figures as JSON")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("crossval", help="tune on K-1 folds of a dataset's pairs, score the held-out fold",
-                       **_examples("crossval"))
+    p = sub.add_parser(
+        "crossval", help="tune on K-1 folds of a dataset's pairs, score the held-out fold", **_examples("crossval")
+    )
     p.add_argument("pair", help="PAIR.yaml with 'pairs:'")
     p.add_argument("--folds", type=_whole(2, 10_000), help="number of folds (default: one per pair, leave-one-out)")
     p.add_argument("--trials", type=_whole(1, MAX_TRIALS), default=30, help="trials of each study (default 30)")
@@ -639,7 +727,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="RECIPE.yaml")
     p.add_argument("--fixed", required=True)
     p.add_argument("--moving", required=True)
-    p.add_argument("--transform-out", type=_output_file, required=True, help="output transform (.tfm), maps fixed to moving points")
+    p.add_argument(
+        "--transform-out", type=_output_file, required=True, help="output transform (.tfm), maps fixed to moving points"
+    )
     p.add_argument("--image-out", type=_output_file, help="write the moving image resampled onto the fixed grid")
     p.add_argument("--fixed-mask")
     p.add_argument("--moving-mask")

@@ -105,9 +105,7 @@ class _PairFile(_Strict):
         if len(v) > MAX_NAME_CHARS:
             raise ValueError(f"expected at most {MAX_NAME_CHARS} characters (got {len(v)}; it names the study folder)")
         if not NAME_PATTERN.fullmatch(v):
-            raise ValueError(
-                f"expected letters, digits, '_', '-' or '.' (got {excerpt(v)}; it names the study folder)"
-            )
+            raise ValueError(f"expected letters, digits, '_', '-' or '.' (got {excerpt(v)}; it names the study folder)")
         return v
 
     @field_validator("stages")
@@ -268,7 +266,9 @@ def parse_pair_file(data: Any, path: Path) -> StudyConfig:
     if objective.kind == "tre":
         missing = next((p for p in pairs if not p.has_landmarks), None)
         if missing is not None:
-            raise UserError("objective 'tre' needs landmarks for every pair", file=source, key=missing.key_of("landmarks"))
+            raise UserError(
+                "objective 'tre' needs landmarks for every pair", file=source, key=missing.key_of("landmarks")
+            )
     search = {k: _override(k, v, source) for k, v in (raw.search or {}).items()}
     return StudyConfig(
         name=raw.name,
@@ -292,4 +292,3 @@ def load_config(path: str | Path) -> StudyConfig:
     path = Path(path)
     data = load_yaml_file(path, what="YAML")
     return parse_pair_file(data, path.resolve())
-

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -27,8 +28,14 @@ from .registration import bspline_mesh, itk_threads, level_sizes, search_work
 from .registration.pyramid import sampled_points
 
 #: Function evaluations per iteration, by optimizer (line searches evaluate several times).
-EVALUATIONS_PER_ITERATION = {"gradient_descent": 1.0, "regular_step_gd": 1.0, "cg_line_search": 3.0, "lbfgsb": 1.5,
-                             "lbfgs2": 1.5, "demons": 1.0}
+EVALUATIONS_PER_ITERATION = {
+    "gradient_descent": 1.0,
+    "regular_step_gd": 1.0,
+    "cg_line_search": 3.0,
+    "lbfgsb": 1.5,
+    "lbfgs2": 1.5,
+    "demons": 1.0,
+}
 #: LBFGS2's ``number_of_iterations: 0`` means "until convergence": counted as this many.
 UNBOUNDED_ITERATIONS = 500
 #: Trials whose prediction is off by more than this factor either way do not correct the model (crashes, cuts).
@@ -82,13 +89,19 @@ class CostModel:
                 grid = max(p.shrink_factors[level], getattr(stage.transform, "grid_spacing", 1.0))
                 voxels = int(np.prod([max(1, round(n / grid)) for n in size]))
                 parameters = len(size) * voxels
-            setup, iteration = self.level_seconds(stage, voxels=voxels, full_voxels=int(np.prod(size)),
-                                                  samples=sampled_points(stage.sampling, voxels), parameters=parameters)
+            setup, iteration = self.level_seconds(
+                stage,
+                voxels=voxels,
+                full_voxels=int(np.prod(size)),
+                samples=sampled_points(stage.sampling, voxels),
+                parameters=parameters,
+            )
             seconds += setup + iterations * iteration
         return seconds
 
-    def level_seconds(self, stage: Any, *, voxels: int, full_voxels: int, samples: int,
-                      parameters: int | None) -> tuple[float, float]:
+    def level_seconds(
+        self, stage: Any, *, voxels: int, full_voxels: int, samples: int, parameters: int | None
+    ) -> tuple[float, float]:
         """(setup, one iteration) of a stage's level: the engine asks before it starts a level, so that one that
         would not fit the time left is not begun (an iteration cannot be interrupted)."""
         gradient = stage.metric.use_moving_image_gradient_filter or stage.metric.use_fixed_image_gradient_filter
@@ -96,8 +109,9 @@ class CostModel:
         if stage.pyramid.shrink_images:
             setup += self.gradient_s_per_voxel * voxels if gradient else 0.0
         else:  # ITK smooths both full-resolution images and differentiates the moving one at every level
-            setup += 2 * self.smooth_s_per_voxel * full_voxels + (self.gradient_s_per_voxel * full_voxels if gradient
-                                                                  else 0.0)
+            setup += 2 * self.smooth_s_per_voxel * full_voxels + (
+                self.gradient_s_per_voxel * full_voxels if gradient else 0.0
+            )
         per_sample = self.linear_s_per_sample
         per_iteration = 0.0
         if stage.transform.kind == "bspline" and parameters:
@@ -132,10 +146,14 @@ class CostModel:
             linear = (_timed(fixed, moving, sitk.AffineTransform(3), 4000, 21) - setup) / (20 * 4000)
             gradient = max(0.0, _timed(fixed, moving, sitk.AffineTransform(3), 2000, 1, gradient=True) - setup) / voxels
             small, large = (sitk.BSplineTransformInitializer(fixed, [m] * 3) for m in (2, 5))
-            b_small = (_timed(fixed, moving, small, 1000, 6) - _timed(fixed, moving, sitk.BSplineTransformInitializer(
-                fixed, [2] * 3), 1000, 1)) / (5 * 1000)
-            b_large = (_timed(fixed, moving, large, 1000, 6) - _timed(fixed, moving, sitk.BSplineTransformInitializer(
-                fixed, [5] * 3), 1000, 1)) / (5 * 1000)
+            b_small = (
+                _timed(fixed, moving, small, 1000, 6)
+                - _timed(fixed, moving, sitk.BSplineTransformInitializer(fixed, [2] * 3), 1000, 1)
+            ) / (5 * 1000)
+            b_large = (
+                _timed(fixed, moving, large, 1000, 6)
+                - _timed(fixed, moving, sitk.BSplineTransformInitializer(fixed, [5] * 3), 1000, 1)
+            ) / (5 * 1000)
             t0 = time.perf_counter()
             sitk.SmoothingRecursiveGaussian(fixed, 1.0)
             smooth = (time.perf_counter() - t0) / voxels
@@ -188,8 +206,9 @@ def _geometry(size: tuple[int, ...]) -> Any:
     return _G(size)
 
 
-def _timed(fixed: sitk.Image, moving: sitk.Image, tx: sitk.Transform, points: int, iterations: int, *,
-           gradient: bool = False) -> float:
+def _timed(
+    fixed: sitk.Image, moving: sitk.Image, tx: sitk.Transform, points: int, iterations: int, *, gradient: bool = False
+) -> float:
     rm = sitk.ImageRegistrationMethod()
     rm.SetMetricAsMattesMutualInformation(32)
     rm.SetMetricSamplingStrategy(rm.RANDOM)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -52,22 +53,37 @@ class CrossValidation:
     pairs: list[PairOutcome]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "folds": self.folds, "trials": self.trials, "unit": self.unit,
-                "pairs": [asdict(p) for p in self.pairs], "summary": self.summary()}
+        return {
+            "name": self.name,
+            "folds": self.folds,
+            "trials": self.trials,
+            "unit": self.unit,
+            "pairs": [asdict(p) for p in self.pairs],
+            "summary": self.summary(),
+        }
 
     def summary(self) -> dict[str, Any]:
         """How often the out-of-sample recipe beat the default and came within 10 % of the pair's own best."""
         scored = [p for p in self.pairs if p.out_of_sample is not None]
         beats = [p for p in scored if p.default is not None and p.out_of_sample <= p.default]
         near = [p for p in scored if p.own_best is not None and p.out_of_sample <= 1.1 * p.own_best]
-        return {"pairs": len(self.pairs), "scored": len(scored), "not_worse_than_default": len(beats),
-                "within_10pct_of_own_best": len(near),
-                "mean_out_of_sample": float(np.mean([p.out_of_sample for p in scored])) if scored else None}
+        return {
+            "pairs": len(self.pairs),
+            "scored": len(scored),
+            "not_worse_than_default": len(beats),
+            "within_10pct_of_own_best": len(near),
+            "mean_out_of_sample": float(np.mean([p.out_of_sample for p in scored])) if scored else None,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CrossValidation:
-        return cls(data["name"], data["folds"], data["trials"], data.get("unit", ""),
-                   [PairOutcome(**{k: v for k, v in p.items()}) for p in data["pairs"]])
+        return cls(
+            data["name"],
+            data["folds"],
+            data["trials"],
+            data.get("unit", ""),
+            [PairOutcome(**{k: v for k, v in p.items()}) for p in data["pairs"]],
+        )
 
 
 def assign_folds(names: Sequence[str], k: int, seed: int) -> list[list[str]]:
@@ -112,8 +128,18 @@ def tune_fold(pair_file: Path, study_directory: Path, trials: int, jobs: int, se
     return result.best_recipe
 
 
-def crossval(pair_file: str | Path, *, folds: int, trials: int, jobs: int, seed: int, out_dir: Path,
-             tune: TuneFn = tune_fold, own: bool = True, progress: Callable[[str], None] = lambda line: None) -> CrossValidation:
+def crossval(
+    pair_file: str | Path,
+    *,
+    folds: int,
+    trials: int,
+    jobs: int,
+    seed: int,
+    out_dir: Path,
+    tune: TuneFn = tune_fold,
+    own: bool = True,
+    progress: Callable[[str], None] = lambda line: None,
+) -> CrossValidation:
     """Tune on K-1 folds, score the held-out fold, for every fold; each pair also against the default recipe and
     (``own``) its own study's best. Writes the fold studies and ``crossval.json`` into ``out_dir``."""
     import yaml
@@ -123,8 +149,7 @@ def crossval(pair_file: str | Path, *, folds: int, trials: int, jobs: int, seed:
     if len(cfg.pairs) < 2:
         raise UserError("cross-validation needs a dataset of several pairs ('pairs:')", file=cfg.path, key="pairs")
     if not 2 <= folds <= len(cfg.pairs):
-        raise UserError(f"expected 2 to {len(cfg.pairs)} folds for {len(cfg.pairs)} pairs (got {folds})",
-                        key="--folds")
+        raise UserError(f"expected 2 to {len(cfg.pairs)} folds for {len(cfg.pairs)} pairs (got {folds})", key="--folds")
     if not cfg.uses_landmarks:
         raise UserError("cross-validation scores TRE: every pair needs landmarks", file=cfg.path, key="pairs")
     names = [p.name for p in cfg.pairs]
@@ -142,8 +167,10 @@ def crossval(pair_file: str | Path, *, folds: int, trials: int, jobs: int, seed:
         folder = out_dir / label
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "pair.yaml"
-        path.write_text(yaml.safe_dump(fold_document(pair_file, cfg, keep, f"{cfg.name}-{label}"), sort_keys=False),
-                        encoding="utf-8")
+        path.write_text(
+            yaml.safe_dump(fold_document(pair_file, cfg, keep, f"{cfg.name}-{label}"), sort_keys=False),
+            encoding="utf-8",
+        )
         progress(f"{label}: tuning on {', '.join(keep)} ({trials} trials)")
         return tune(path, folder / "study", trials, jobs, seed)
 
@@ -190,14 +217,20 @@ def _fmt(v: float | None) -> str:
 def table(result: CrossValidation) -> list[str]:
     """The text table ``autoreg crossval`` prints: one row per pair, then the summary."""
     u = result.unit
-    lines = [f"cross-validation of {result.name}: {len(result.folds)} folds, {result.trials} trials per study "
-             f"(TRE over every landmark, {u})",
-             f"{'pair':28s} {'fold':>4s} {'before':>9s} {'default':>9s} {'out of sample':>14s} {'own best':>9s}"]
+    lines = [
+        f"cross-validation of {result.name}: {len(result.folds)} folds, {result.trials} trials per study "
+        f"(TRE over every landmark, {u})",
+        f"{'pair':28s} {'fold':>4s} {'before':>9s} {'default':>9s} {'out of sample':>14s} {'own best':>9s}",
+    ]
     for p in result.pairs:
-        lines.append(f"{p.name:28s} {p.fold + 1:4d} {_fmt(p.before):>9s} {_fmt(p.default):>9s} "
-                     f"{_fmt(p.out_of_sample):>14s} {_fmt(p.own_best):>9s}  {'; '.join(p.notes)}")
+        lines.append(
+            f"{p.name:28s} {p.fold + 1:4d} {_fmt(p.before):>9s} {_fmt(p.default):>9s} "
+            f"{_fmt(p.out_of_sample):>14s} {_fmt(p.own_best):>9s}  {'; '.join(p.notes)}"
+        )
     s = result.summary()
-    lines.append(f"out of sample: not worse than the default on {s['not_worse_than_default']} of {s['scored']} pairs, "
-                 f"within 10 % of the pair's own best on {s['within_10pct_of_own_best']}; mean "
-                 f"{_fmt(s['mean_out_of_sample'])} {u}")
+    lines.append(
+        f"out of sample: not worse than the default on {s['not_worse_than_default']} of {s['scored']} pairs, "
+        f"within 10 % of the pair's own best on {s['within_10pct_of_own_best']}; mean "
+        f"{_fmt(s['mean_out_of_sample'])} {u}"
+    )
     return lines

@@ -51,8 +51,9 @@ class _Server6(WSGIServer):
     address_family = socket.AF_INET6
 
 
-def make_dashboard_server(cfg: StudyConfig, spec: StorageSpec, study_directory: Path, *, host: str = DEFAULT_HOST,
-                          port: int = DEFAULT_PORT) -> WSGIServer:
+def make_dashboard_server(
+    cfg: StudyConfig, spec: StorageSpec, study_directory: Path, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
+) -> WSGIServer:
     """A bound (not yet serving) HTTP server of optuna-dashboard for the study of ``cfg``; clear errors otherwise."""
     from optuna_dashboard import wsgi
 
@@ -64,11 +65,14 @@ def make_dashboard_server(cfg: StudyConfig, spec: StorageSpec, study_directory: 
     app = wsgi(open_storage(spec), artifact_store=artifact_store(study_directory))
     log.info("artifacts from %s", artifact_dir(study_directory))
     try:
-        return make_server(host, port, app, server_class=_Server6 if ":" in host else WSGIServer,
-                           handler_class=_Handler)
+        return make_server(
+            host, port, app, server_class=_Server6 if ":" in host else WSGIServer, handler_class=_Handler
+        )
     except OSError as err:
         if err.errno == errno.EADDRINUSE:
-            raise UserError(f"port {port} on {host} is already in use (choose another with --port)", key="--port") from None
+            raise UserError(
+                f"port {port} on {host} is already in use (choose another with --port)", key="--port"
+            ) from None
         if isinstance(err, socket.gaierror) or err.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EACCES):
             raise UserError(f"cannot listen on {host}:{port} ({err.strerror or err})", key="--host") from None
         raise

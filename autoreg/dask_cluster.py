@@ -36,9 +36,10 @@ import socket
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from .artifacts import ArtifactRecorder, artifact_store
 from .errors import UserError, excerpt
@@ -197,8 +198,16 @@ def cluster_worker(plan: WorkerPlan, index: int, route: Route, data: WorkerData)
     stop = ClusterStop(route.stop_event)
     storage = open_dask_storage(route.dask_storage) if route.dask_storage else open_storage(plan.storage)
     recorder = SendingRecorder(route.artifact_queue) if route.artifact_queue else None
-    return run_trials(replace(plan, threads=route.threads, stop_file=None), index, stop, data=data, storage=storage,
-                      lock=lambda: Lock(route.lock), recorder=recorder, calibrate_under_lock=True)
+    return run_trials(
+        replace(plan, threads=route.threads, stop_file=None),
+        index,
+        stop,
+        data=data,
+        storage=storage,
+        lock=lambda: Lock(route.lock),
+        recorder=recorder,
+        calibrate_under_lock=True,
+    )
 
 
 # --- in the tune ----------------------------------------------------------------------------------------------
@@ -209,8 +218,9 @@ def connect(address: str) -> Any:
     try:
         from distributed import Client
     except ImportError:
-        raise UserError("needs dask.distributed, which is not installed; pip install 'autoreg[dask]'",
-                        key="--dask-scheduler") from None
+        raise UserError(
+            "needs dask.distributed, which is not installed; pip install 'autoreg[dask]'", key="--dask-scheduler"
+        ) from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # version mismatches are the user's to see with -v
@@ -219,8 +229,10 @@ def connect(address: str) -> Any:
             return Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
     except Exception as err:  # noqa: BLE001 - refused, timed out, a bad address...
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot reach the Dask scheduler at {excerpt(address, quote=False)} "
-                        f"({excerpt(msg, 200, quote=False)})", key="--dask-scheduler") from None
+        raise UserError(
+            f"cannot reach the Dask scheduler at {excerpt(address, quote=False)} ({excerpt(msg, 200, quote=False)})",
+            key="--dask-scheduler",
+        ) from None
 
 
 def _name(*parts: str) -> str:
@@ -240,8 +252,19 @@ class _Slot:
 class DaskRunner:
     """Runs a tune's trials on a Dask cluster (see the module's docstring)."""
 
-    def __init__(self, address: str, plan: WorkerPlan, study: optuna.Study, pipe: Any, directory: Path, *,
-                 jobs: int | None, timeout: float | None, emit: Callable[[TuneEvent], None], route: str = "auto"):
+    def __init__(
+        self,
+        address: str,
+        plan: WorkerPlan,
+        study: optuna.Study,
+        pipe: Any,
+        directory: Path,
+        *,
+        jobs: int | None,
+        timeout: float | None,
+        emit: Callable[[TuneEvent], None],
+        route: str = "auto",
+    ):
         self.address, self.plan, self.study, self.pipe, self.directory = address, plan, study, pipe, directory
         self.jobs, self.timeout, self.emit, self.force_scheduler = jobs, timeout, emit, route == "scheduler"
         self.error: BaseException | None = None
@@ -277,8 +300,11 @@ class DaskRunner:
         self.client = connect(self.address)
         spec = self.plan.storage
         if spec.url.startswith("sqlite"):
-            raise UserError("SQLite is one process's storage, not a cluster's; use the journal (default) on a shared "
-                            "folder or postgresql://...", key="--storage")
+            raise UserError(
+                "SQLite is one process's storage, not a cluster's; use the journal (default) on a shared "
+                "folder or postgresql://...",
+                key="--storage",
+            )
         journal = Path(spec.url) if spec.local_journal else None
         folders = {self.directory.resolve()} | ({journal.parent.resolve()} if journal is not None else set())
         for folder in folders:
@@ -317,9 +343,11 @@ class DaskRunner:
         return min(n, self.jobs) if self.jobs else n
 
     def _why_unreachable(self) -> str:
-        return (f"no worker of the Dask cluster at {self.address} can reach the study: they do not see "
-                f"{self.directory} and neither does the scheduler; put the study on a folder they share "
-                "(--study-dir) or use --storage postgresql://...")
+        return (
+            f"no worker of the Dask cluster at {self.address} can reach the study: they do not see "
+            f"{self.directory} and neither does the scheduler; put the study on a folder they share "
+            "(--study-dir) or use --storage postgresql://..."
+        )
 
     def _workers(self) -> dict[str, dict]:
         return dict(self.client.scheduler_info(n_workers=-1).get("workers", {}))
@@ -339,9 +367,11 @@ class DaskRunner:
             if isinstance(answer, BaseException) or answer is None:
                 if answer is None:
                     continue  # it left meanwhile
-                why = (f"the Dask worker {address} cannot run autoreg ({type(answer).__name__}: "
-                       f"{excerpt(str(answer), 200, quote=False)}); install autoreg and its dependencies in the "
-                       "workers' environment")
+                why = (
+                    f"the Dask worker {address} cannot run autoreg ({type(answer).__name__}: "
+                    f"{excerpt(str(answer), 200, quote=False)}); install autoreg and its dependencies in the "
+                    "workers' environment"
+                )
                 if strict:
                     raise UserError(why, key="--dask-scheduler")
                 self.slots[address] = _Slot(address, "", None)
@@ -351,14 +381,26 @@ class DaskRunner:
             route = self._route(answer, nthreads)
             self.slots[address] = _Slot(address, answer["worker"], route)
             if route is None:
-                self.emit(TuneEvent("cluster", f"Dask worker {address} ({answer['worker']}) cannot reach the study "
-                                               "(it does not see the study folder, nor does the scheduler): it takes "
-                                               "no trials"))
+                self.emit(
+                    TuneEvent(
+                        "cluster",
+                        f"Dask worker {address} ({answer['worker']}) cannot reach the study "
+                        "(it does not see the study folder, nor does the scheduler): it takes "
+                        "no trials",
+                    )
+                )
             else:
-                how = ("storage " + ("through the scheduler (DaskStorage)" if route.dask_storage else "direct")
-                       + ", artifacts " + ("sent to the tune" if route.artifact_queue else "written to the study folder"))
-                self.emit(TuneEvent("cluster", f"Dask worker {address} ({answer['worker']}, {route.threads} ITK "
-                                               f"thread(s)): {how}"))
+                how = (
+                    "storage "
+                    + ("through the scheduler (DaskStorage)" if route.dask_storage else "direct")
+                    + ", artifacts "
+                    + ("sent to the tune" if route.artifact_queue else "written to the study folder")
+                )
+                self.emit(
+                    TuneEvent(
+                        "cluster", f"Dask worker {address} ({answer['worker']}, {route.threads} ITK thread(s)): {how}"
+                    )
+                )
 
     def _route(self, answer: dict, nthreads: int) -> Route | None:
         sees = set(answer.get("seen", []))
@@ -371,8 +413,13 @@ class DaskRunner:
             dask_storage = self._dask_storage()
         if self.force_scheduler or self._study_token not in sees:
             artifact_queue = self._queue.name
-        return Route(lock=self._lock, stop_event=self._event.name, threads=threads, dask_storage=dask_storage,
-                     artifact_queue=artifact_queue)
+        return Route(
+            lock=self._lock,
+            stop_event=self._event.name,
+            threads=threads,
+            dask_storage=dask_storage,
+            artifact_queue=artifact_queue,
+        )
 
     def _dask_storage(self) -> str:
         """Register (once) a DaskStorage holding the study's journal in the scheduler's process."""
@@ -452,15 +499,27 @@ class DaskRunner:
     def _submit(self, slot: _Slot) -> None:
         index = self._submitted
         self._submitted += 1
-        slot.future = self.client.submit(cluster_worker, self.plan, index, slot.route, self._data,
-                                         key=f"autoreg-trials-{self._token}-{index}", workers=[slot.address],
-                                         allow_other_workers=False, pure=False, retries=0)
+        slot.future = self.client.submit(
+            cluster_worker,
+            self.plan,
+            index,
+            slot.route,
+            self._data,
+            key=f"autoreg-trials-{self._token}-{index}",
+            workers=[slot.address],
+            allow_other_workers=False,
+            pure=False,
+            retries=0,
+        )
 
     def _collect(self, slot: _Slot) -> None:
         future, slot.future = slot.future, None
         if future.status == "finished":
-            log.info("Dask worker %s ran %s trial(s)", slot.address, future.result())
-            self._finished = True  # the budget is spent, the time is up, or the tune stopped
+            ran = future.result()
+            log.info("Dask worker %s ran %s trial(s)", slot.address, ran)
+            # the budget is spent, the time is up or the tune stopped; unless a dead worker's trial was queued again
+            # since (its retry runs on a worker whose task ended), and this task found something to run
+            self._finished = not ran or not self._more_wanted()
             return
         if future.status == "cancelled":
             return
@@ -479,12 +538,17 @@ class DaskRunner:
             slot.future.cancel()
         reaped = fail_trials(self.study, running_trials_of(self.study, {slot.worker}))
         if reaped:
-            self.emit(TuneEvent("reaped", f"Dask worker {slot.address} ({slot.worker}) left the cluster; its trial(s) "
-                                          f"{reaped} were failed and queued again"))
+            self.emit(
+                TuneEvent(
+                    "reaped",
+                    f"Dask worker {slot.address} ({slot.worker}) left the cluster; its trial(s) "
+                    f"{reaped} were failed and queued again",
+                )
+            )
 
     def _more_wanted(self) -> bool:
         """Whether more trials are to run: not stopped, not past the deadline, the budget not spent."""
-        from optuna.trial import TrialState
+        from .workers import budget_spent
 
         if self._finished or self._halt.is_set() or (self._stop is not None and self._stop()):
             return False
@@ -492,8 +556,7 @@ class DaskRunner:
             return False
         if self.plan.n_trials is None:
             return True
-        started = sum(t.state != TrialState.WAITING for t in self.study.get_trials(deepcopy=False))
-        return started < self.plan.n_trials
+        return not budget_spent(self.study.get_trials(deepcopy=False), self.plan.n_trials)
 
     def _over(self) -> bool:
         running = any(s.future is not None for s in self.slots.values())

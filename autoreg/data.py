@@ -38,7 +38,7 @@ _SERIES_LISTED = 5
 
 @dataclass(frozen=True)
 class MaskCoverage:
-    """Where a mask lies: the share of its image's voxels it covers, and the share of its own voxels inside the image."""
+    """Where a mask lies: the share of its image's voxels it covers, and of its own voxels inside the image."""
 
     of_image: float
     inside_image: float
@@ -144,7 +144,9 @@ def _read_series(folder: Path, *, source: str, key: str) -> sitk.Image:
         with captured_stderr(f"reading the DICOM series in {folder}"):
             image = reader.Execute()
     except RuntimeError as err:
-        raise UserError(f"cannot read the DICOM series in {folder} ({_short_itk_error(err)})", file=source, key=key) from None
+        raise UserError(
+            f"cannot read the DICOM series in {folder} ({_short_itk_error(err)})", file=source, key=key
+        ) from None
     log.info("%s: DICOM series %s, %d file(s)", folder, ids[0], len(files[ids[0]]))
     return image
 
@@ -182,7 +184,9 @@ def check_intensities(image: sitk.Image, *, what: str, source: str = "", key: st
     lo, hi = float(a.min()), float(a.max())
     if lo == hi:
         raise UserError(
-            f"{what} is constant (every voxel is {lo:g}); registration needs intensities that vary", file=source, key=key
+            f"{what} is constant (every voxel is {lo:g}); registration needs intensities that vary",
+            file=source,
+            key=key,
         )
 
 
@@ -203,7 +207,9 @@ def read_image(path: Path, *, source: str, key: str, pixel=sitk.sitkFloat32) -> 
     image = _single_slice_as_2d(_read_any(path, source=source, key=key))
     if min(image.GetSize()) < MIN_IMAGE_AXIS:
         raise UserError(
-            f"{path} has size {image.GetSize()}; every axis needs at least {MIN_IMAGE_AXIS} voxels", file=source, key=key
+            f"{path} has size {image.GetSize()}; every axis needs at least {MIN_IMAGE_AXIS} voxels",
+            file=source,
+            key=key,
         )
     check_intensities(image, what=str(path), source=source, key=key)
     return sitk.Cast(image, pixel)

@@ -66,8 +66,9 @@ class Evaluation:
         }
 
 
-def evaluate(recipe: Recipe, pairs: list[PairData], *, repeats: int = 1, use_landmarks: bool = True,
-             deterministic: bool = False) -> Evaluation:
+def evaluate(
+    recipe: Recipe, pairs: list[PairData], *, repeats: int = 1, use_landmarks: bool = True, deterministic: bool = False
+) -> Evaluation:
     """Run ``recipe`` ``repeats`` times on every pair, sampling seed ``repeat_seed(recipe.seed, r)`` in repeat r.
 
     In deterministic mode (one thread) the seeds stay the recipe's own, so the repeats must be bit-identical: that

@@ -3,7 +3,7 @@ elastix and ANTs)."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,9 @@ from .study import StorageSpec, best_and_baseline_of, load_existing
 from .trial import TrialRecord, records
 
 
-def provenance_of(study: optuna.Study, trial: TrialRecord, baseline: TrialRecord | None,
-                  spec: StorageSpec) -> dict[str, Any]:
+def provenance_of(
+    study: optuna.Study, trial: TrialRecord, baseline: TrialRecord | None, spec: StorageSpec
+) -> dict[str, Any]:
     return {
         "versions": {"autoreg": __version__, "SimpleITK": sitk.Version.VersionString(), "optuna": optuna.__version__},
         "study": study.study_name,
@@ -34,7 +35,7 @@ def provenance_of(study: optuna.Study, trial: TrialRecord, baseline: TrialRecord
         "params": dict(trial.params),
         "pair_file": study.user_attrs.get("pair_file"),
         "fingerprint": study.user_attrs.get("fingerprint"),
-        "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "exported": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -46,8 +47,9 @@ def fastest_within(trials: list[TrialRecord], best: TrialRecord, pct: float) -> 
     return min(near, key=lambda t: (t.runtime_s, t.value, t.number)) if near else best
 
 
-def best_recipe(study: optuna.Study, spec: StorageSpec, *, source: str,
-                within: float | None = None) -> tuple[Recipe, TrialRecord]:
+def best_recipe(
+    study: optuna.Study, spec: StorageSpec, *, source: str, within: float | None = None
+) -> tuple[Recipe, TrialRecord]:
     """The best trial's recipe with its provenance; with ``within``, the fastest trial scoring within that many
     percent of the best (a recipe that runs in seconds for a little accuracy)."""
     best, baseline = best_and_baseline_of(study)
@@ -57,8 +59,13 @@ def best_recipe(study: optuna.Study, spec: StorageSpec, *, source: str,
     recipe = recipe_from_dict(chosen.recipe, source=f"trial {chosen.number}")
     prov = provenance_of(study, chosen, baseline, spec)
     if within is not None:
-        prov["within"] = {"pct": within, "best_trial": best.number, "best_score": best.value,
-                          "best_runtime_s": best.runtime_s, "runtime_s": chosen.runtime_s}
+        prov["within"] = {
+            "pct": within,
+            "best_trial": best.number,
+            "best_score": best.value,
+            "best_runtime_s": best.runtime_s,
+            "runtime_s": chosen.runtime_s,
+        }
     return recipe.with_(provenance=prov), chosen
 
 
@@ -69,12 +76,17 @@ def measured_spread(recipe: Recipe, cfg: StudyConfig, repeats: int) -> dict[str,
 
     ev = evaluate(recipe, Pipeline(cfg).pairs, repeats=repeats, use_landmarks=cfg.uses_landmarks)
     d = ev.as_dict()
-    return {"repeats": repeats, "metric": d["metric"], "overall": d["overall"],
-            "pairs": {k: {kk: v[kk] for kk in ("mean", "std", "min", "max")} for k, v in d["pairs"].items()}}
+    return {
+        "repeats": repeats,
+        "metric": d["metric"],
+        "overall": d["overall"],
+        "pairs": {k: {kk: v[kk] for kk in ("mean", "std", "min", "max")} for k, v in d["pairs"].items()},
+    }
 
 
-def stored_spread(study: optuna.Study, recipe: Recipe, trial: TrialRecord, cfg: StudyConfig,
-                  repeats: int) -> dict[str, Any]:
+def stored_spread(
+    study: optuna.Study, recipe: Recipe, trial: TrialRecord, cfg: StudyConfig, repeats: int
+) -> dict[str, Any]:
     """The spread of a trial's recipe, measured once per study and trial and kept in the study, so that exporting
     it again (in another format) does not register it again."""
     key = f"{trial.number}/{repeats}"
@@ -85,8 +97,9 @@ def stored_spread(study: optuna.Study, recipe: Recipe, trial: TrialRecord, cfg: 
     return known[key]
 
 
-def export_best(cfg: StudyConfig, spec: StorageSpec, *, fmt: str = "yaml", repeats: int = 0,
-                within: float | None = None) -> tuple[str | dict[str, str], TrialRecord]:
+def export_best(
+    cfg: StudyConfig, spec: StorageSpec, *, fmt: str = "yaml", repeats: int = 0, within: float | None = None
+) -> tuple[str | dict[str, str], TrialRecord]:
     """The text of the export (``elastix``: file name -> text, for a folder) and the trial it comes from."""
     study = load_existing(cfg, spec)
     recipe, trial = best_recipe(study, spec, source=str(cfg.path), within=within)

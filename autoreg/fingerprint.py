@@ -240,8 +240,18 @@ def provenance(pairs: list[PairData], fp: DatasetFingerprint) -> dict:
         out.append(
             {
                 "name": pair.name,
-                "fixed": {"file": pair.spec.fixed.name, "sha256": file_digest(pair.spec.fixed), "size": list(p.fixed.size), "spacing": list(p.fixed.spacing)},
-                "moving": {"file": pair.spec.moving.name, "sha256": file_digest(pair.spec.moving), "size": list(p.moving.size), "spacing": list(p.moving.spacing)},
+                "fixed": {
+                    "file": pair.spec.fixed.name,
+                    "sha256": file_digest(pair.spec.fixed),
+                    "size": list(p.fixed.size),
+                    "spacing": list(p.fixed.spacing),
+                },
+                "moving": {
+                    "file": pair.spec.moving.name,
+                    "sha256": file_digest(pair.spec.moving),
+                    "size": list(p.moving.size),
+                    "spacing": list(p.moving.spacing),
+                },
                 "landmarks": p.n_landmarks,
                 "tre_before": p.tre_identity,
             }

@@ -1,17 +1,18 @@
 """Pictures of an alignment: fixed against (warped) moving as a checkerboard and a colour overlay, as PNG bytes.
 
 2D pairs give one view; 3D pairs three orthogonal slices through the landmarks' centre (the image centre without
-landmarks), each at a whole voxel index of the fixed image so that it can be named (``axial z=91``). Each view is resampled onto a square-pixel grid in the fixed image's physical frame, so anisotropic
-voxels look right and the moving image is sampled through the transform directly (no full 3D warp). Intensities are
-windowed per image between percentiles, so modalities of any range show.
+landmarks), each at a whole voxel index of the fixed image so that it can be named (``axial z=91``). Each view
+is resampled onto a square-pixel grid in the fixed image's physical frame, so anisotropic voxels look right and
+the moving image is sampled through the transform directly (no full 3D warp). Intensities are windowed per image
+between percentiles, so modalities of any range show.
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -32,8 +33,11 @@ _AXIS_LETTERS = "xyz"
 def physical_unit(image: sitk.Image) -> str:
     """The unit that lengths in ``image``'s physical space (TRE, landmarks) are named in: ``px`` for a 2D picture
     without geometry (spacing 1, origin 0, as PNG, JPEG and BMP files load), else ``mm`` (ITK's convention)."""
-    plain = (image.GetDimension() == 2 and all(s == 1.0 for s in image.GetSpacing())
-             and all(o == 0.0 for o in image.GetOrigin()))
+    plain = (
+        image.GetDimension() == 2
+        and all(s == 1.0 for s in image.GetSpacing())
+        and all(o == 0.0 for o in image.GetOrigin())
+    )
     return "px" if plain else "mm"
 
 
@@ -66,8 +70,9 @@ def png_bytes(rgb: np.ndarray) -> bytes:
         return path.read_bytes()
 
 
-def window(values: np.ndarray, reference: np.ndarray | None = None,
-           percentiles: Sequence[float] = WINDOW_PERCENTILES) -> np.ndarray:
+def window(
+    values: np.ndarray, reference: np.ndarray | None = None, percentiles: Sequence[float] = WINDOW_PERCENTILES
+) -> np.ndarray:
     """Scale to 0..1 between the percentiles of ``reference`` (default: the values), clipped."""
     ref = values if reference is None else reference
     ref = ref[np.isfinite(ref)]
@@ -123,8 +128,9 @@ def _sample(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform) -> n
     return sitk.GetArrayFromImage(out).squeeze()
 
 
-def views(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform | None = None,
-          points: np.ndarray | None = None) -> list[View]:
+def views(
+    fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform | None = None, points: np.ndarray | None = None
+) -> list[View]:
     """Fixed and moving-through-``transform`` (fixed -> moving points; identity if None) on matching 2D grids."""
     dim = fixed.GetDimension()
     transform = transform if transform is not None else sitk.Transform(dim, sitk.sitkIdentity)
@@ -175,14 +181,15 @@ def _grid_of(panels: list[list[np.ndarray]]) -> np.ndarray:
     for row, h in zip(panels, heights):
         x = 0
         for p in row:
-            canvas[y:y + p.shape[0], x:x + p.shape[1]] = p
+            canvas[y : y + p.shape[0], x : x + p.shape[1]] = p
             x += p.shape[1] + GAP_PIXELS
         y += h + GAP_PIXELS
     return canvas
 
 
-def view_rows(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform | None = None,
-              points: np.ndarray | None = None) -> list[tuple[View, np.ndarray]]:
+def view_rows(
+    fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform | None = None, points: np.ndarray | None = None
+) -> list[tuple[View, np.ndarray]]:
     """Per view (1 in 2D, axial/coronal/sagittal in 3D): the view and one RGB row, checkerboard and colour overlay."""
     fixed_ref = _subsample(sitk.GetArrayViewFromImage(fixed))
     moving_ref = _subsample(sitk.GetArrayViewFromImage(moving))
@@ -193,20 +200,23 @@ def view_rows(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform |
     return out
 
 
-def comparison_rgb(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform | None = None,
-                   points: np.ndarray | None = None) -> np.ndarray:
+def comparison_rgb(
+    fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform | None = None, points: np.ndarray | None = None
+) -> np.ndarray:
     """One RGB picture: the rows of :func:`view_rows` stacked (one in 2D; axial, coronal, sagittal in 3D)."""
     return _grid_of([[rgb] for _, rgb in view_rows(fixed, moving, transform, points)])
 
 
-def comparison_png(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform | None = None,
-                   points: np.ndarray | None = None) -> bytes:
+def comparison_png(
+    fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform | None = None, points: np.ndarray | None = None
+) -> bytes:
     """``comparison_rgb`` encoded as PNG."""
     return png_bytes(comparison_rgb(fixed, moving, transform, points))
 
 
-def view_pngs(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform | None = None,
-              points: np.ndarray | None = None) -> list[tuple[View, bytes]]:
+def view_pngs(
+    fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform | None = None, points: np.ndarray | None = None
+) -> list[tuple[View, bytes]]:
     """:func:`view_rows` with each row encoded as PNG (a report captions each with its view's label)."""
     return [(view, png_bytes(rgb)) for view, rgb in view_rows(fixed, moving, transform, points)]
 

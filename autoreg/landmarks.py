@@ -26,8 +26,9 @@ import io
 import json
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -37,7 +38,20 @@ __all__ = ["read_landmarks", "write_landmarks_csv"]
 
 #: Column order of a Slicer .fcsv file without a ``# columns =`` line (Slicer 4.6 and later).
 FCSV_DEFAULT_COLUMNS: tuple[str, ...] = (
-    "id", "x", "y", "z", "ow", "ox", "oy", "oz", "vis", "sel", "lock", "label", "desc", "associatedNodeID",
+    "id",
+    "x",
+    "y",
+    "z",
+    "ow",
+    "ox",
+    "oy",
+    "oz",
+    "vis",
+    "sel",
+    "lock",
+    "label",
+    "desc",
+    "associatedNodeID",
 )
 
 _RAS_TO_LPS = np.array([-1.0, -1.0, 1.0])
@@ -79,7 +93,8 @@ def read_landmarks(
     if dim is not None and points.shape[1] != dim:
         raise UserError(
             f"has {points.shape[1]}D points; expected {dim}D landmarks",
-            file=path, key=key,
+            file=path,
+            key=key,
         )
     return points
 
@@ -106,8 +121,9 @@ def write_landmarks_csv(path: str | Path, points: Any) -> None:
 def _read_text(path: Path, key: str) -> str:
     """Read the whole file as UTF-8 text (a BOM tolerated); a missing, unreadable or blank file is a UserError."""
     if not path.exists():
-        raise UserError("file not found; expected a landmark file (.csv, .fcsv, .mrk.json or elastix .txt)",
-                        file=path, key=key)
+        raise UserError(
+            "file not found; expected a landmark file (.csv, .fcsv, .mrk.json or elastix .txt)", file=path, key=key
+        )
     if path.is_dir():
         raise UserError("is a directory; expected a landmark file", file=path, key=key)
     try:
@@ -115,8 +131,11 @@ def _read_text(path: Path, key: str) -> str:
     except UnicodeDecodeError:
         raise UserError("is not a UTF-8 text file; expected a text landmark file", file=path, key=key) from None
     except OSError as err:
-        raise UserError(f"cannot be read ({err.strerror or type(err).__name__}); expected a readable landmark file",
-                        file=path, key=key) from None
+        raise UserError(
+            f"cannot be read ({err.strerror or type(err).__name__}); expected a readable landmark file",
+            file=path,
+            key=key,
+        ) from None
     if not text.strip():
         raise UserError("file is empty; expected landmark points", file=path, key=key)
     return text
@@ -135,11 +154,13 @@ def _number(value: Any, where: str, what: str, path: Path, key: str) -> float:
             raise ValueError
         number = float(value.strip() if isinstance(value, str) else value)
     except (ValueError, OverflowError):
-        raise UserError(f"{where}: {what} is {_show(value)}, not a number; expected numeric coordinates",
-                        file=path, key=key) from None
+        raise UserError(
+            f"{where}: {what} is {_show(value)}, not a number; expected numeric coordinates", file=path, key=key
+        ) from None
     if not math.isfinite(number):
-        raise UserError(f"{where}: {what} is {_show(value)}; expected finite coordinates (no NaN or inf)",
-                        file=path, key=key)
+        raise UserError(
+            f"{where}: {what} is {_show(value)}; expected finite coordinates (no NaN or inf)", file=path, key=key
+        )
     return number
 
 
@@ -160,7 +181,8 @@ def _slicer_to_dim(points: np.ndarray, dim: int | None, path: Path, key: str) ->
         raise UserError(
             f"point {first + 1} has z = {points[first, 2]!r}; 2D landmarks from a 3D Slicer file need z = 0 "
             "for every point",
-            file=path, key=key,
+            file=path,
+            key=key,
         )
     return points[:, :2].copy()
 
@@ -173,26 +195,30 @@ def _parse_csv(text: str, path: Path, key: str) -> np.ndarray:
     """Parse a CSV whose header names x, y and optionally z (case-insensitive); other columns are ignored."""
     rows = [(number, row) for number, row in _csv_rows(text) if any(cell.strip() for cell in row)]
     if not rows:
-        raise UserError("holds only empty cells; expected a header x,y or x,y,z and landmark rows",
-                        file=path, key=key)
+        raise UserError("holds only empty cells; expected a header x,y or x,y,z and landmark rows", file=path, key=key)
     header_line, header = rows[0]
     names = [cell.strip().lower() for cell in header]
     expected = "expected a header naming the columns x,y or x,y,z"
     for name in ("x", "y", "z"):
         if names.count(name) > 1:
-            raise UserError(f"header {_show(','.join(header), 60)} has column {name!r} twice; {expected}",
-                            file=path, key=key)
+            raise UserError(
+                f"header {_show(','.join(header), 60)} has column {name!r} twice; {expected}", file=path, key=key
+            )
     if "x" not in names or "y" not in names:
-        raise UserError(f"line {header_line}: header {_show(','.join(header), 60)} lacks column x or y; {expected}",
-                        file=path, key=key)
+        raise UserError(
+            f"line {header_line}: header {_show(','.join(header), 60)} lacks column x or y; {expected}",
+            file=path,
+            key=key,
+        )
     columns = [names.index("x"), names.index("y")] + ([names.index("z")] if "z" in names else [])
     axes = "xyz"[: len(columns)]
     points: list[list[float]] = []
     for row_number, (line, row) in enumerate(rows[1:], start=1):
         where = f"row {row_number} (line {line})"
         if len(row) != len(header):
-            raise UserError(f"{where} has {len(row)} columns; expected {len(header)} like the header",
-                            file=path, key=key)
+            raise UserError(
+                f"{where} has {len(row)} columns; expected {len(header)} like the header", file=path, key=key
+            )
         points.append([_number(row[c], where, f"column {a}", path, key) for c, a in zip(columns, axes)])
     return _nonempty(points, path, key)
 
@@ -234,16 +260,23 @@ def _parse_fcsv(text: str, path: Path, key: str, dim: int | None) -> np.ndarray:
             data_numbers.append(number)
     names = [name.lower() for name in columns]
     if not all(axis in names for axis in "xyz"):
-        raise UserError(f"'# columns =' line names {_show(','.join(columns), 60)}; expected it to include x, y and z",
-                        file=path, key=key)
+        raise UserError(
+            f"'# columns =' line names {_show(','.join(columns), 60)}; expected it to include x, y and z",
+            file=path,
+            key=key,
+        )
     indices = [names.index(axis) for axis in "xyz"]
     points: list[list[float]] = []
     rows = list(csv.reader(data_lines))
     for row_number, (line, row) in enumerate(zip(data_numbers, rows), start=1):
         where = f"row {row_number} (line {line})"
         if len(row) <= max(indices):
-            raise UserError(f"{where} has {len(row)} columns; expected at least {max(indices) + 1} "
-                            f"({','.join(columns[: max(indices) + 1])})", file=path, key=key)
+            raise UserError(
+                f"{where} has {len(row)} columns; expected at least {max(indices) + 1} "
+                f"({','.join(columns[: max(indices) + 1])})",
+                file=path,
+                key=key,
+            )
         points.append([_number(row[i], where, f"column {a}", path, key) for i, a in zip(indices, "xyz")])
     array = _nonempty(points, path, key)
     if system == "RAS":
@@ -259,10 +292,13 @@ def _fcsv_system(value: str, line: int, path: Path, key: str) -> str:
     if upper in ("1", "LPS"):
         return "LPS"
     if upper in ("2", "IJK"):
-        raise UserError(f"line {line}: CoordinateSystem is IJK (image indices), which is not supported; "
-                        "expected RAS or LPS (export the points in world coordinates)", file=path, key=key)
-    raise UserError(f"line {line}: CoordinateSystem is {_show(value)}; expected RAS, LPS, 0 or 1",
-                    file=path, key=key)
+        raise UserError(
+            f"line {line}: CoordinateSystem is IJK (image indices), which is not supported; "
+            "expected RAS or LPS (export the points in world coordinates)",
+            file=path,
+            key=key,
+        )
+    raise UserError(f"line {line}: CoordinateSystem is {_show(value)}; expected RAS, LPS, 0 or 1", file=path, key=key)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,33 +310,40 @@ def _parse_markups_json(text: str, path: Path, key: str, dim: int | None) -> np.
     try:
         document = json.loads(text)
     except json.JSONDecodeError as err:
-        raise UserError(f"is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); "
-                        "expected a 3D Slicer markups .mrk.json file", file=path, key=key) from None
+        raise UserError(
+            f"is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); "
+            "expected a 3D Slicer markups .mrk.json file",
+            file=path,
+            key=key,
+        ) from None
     markups = document.get("markups") if isinstance(document, dict) else None
     if not isinstance(markups, list):
-        raise UserError("has no \"markups\" list; expected a 3D Slicer markups .mrk.json file",
-                        file=path, key=key)
-    node = next((m for m in markups if isinstance(m, dict) and isinstance(m.get("controlPoints"), list)
-                 and m["controlPoints"]), None)
+        raise UserError('has no "markups" list; expected a 3D Slicer markups .mrk.json file', file=path, key=key)
+    node = next(
+        (m for m in markups if isinstance(m, dict) and isinstance(m.get("controlPoints"), list) and m["controlPoints"]),
+        None,
+    )
     if node is None:
-        raise UserError("has no markup with control points; expected at least one placed landmark",
-                        file=path, key=key)
+        raise UserError("has no markup with control points; expected at least one placed landmark", file=path, key=key)
     system = node.get("coordinateSystem", "LPS")  # Default of the Slicer schema and of Slicer's reader.
     if not isinstance(system, str) or system.strip().upper() not in ("LPS", "RAS"):
-        raise UserError(f"coordinateSystem is {_show(system)}; expected \"LPS\" or \"RAS\"", file=path, key=key)
+        raise UserError(f'coordinateSystem is {_show(system)}; expected "LPS" or "RAS"', file=path, key=key)
     points: list[list[float]] = []
     for number, point in enumerate(node["controlPoints"], start=1):
         where = f"control point {number}"
         if not isinstance(point, dict):
-            raise UserError(f"{where} is {_show(point)}; expected an object with a \"position\"", file=path, key=key)
+            raise UserError(f'{where} is {_show(point)}; expected an object with a "position"', file=path, key=key)
         status = point.get("positionStatus", "defined")
         if status != "defined":
-            raise UserError(f"{where} (label {_show(point.get('label', ''))}) has positionStatus {_show(status)}; "
-                            "expected every landmark to be placed (\"defined\")", file=path, key=key)
+            raise UserError(
+                f"{where} (label {_show(point.get('label', ''))}) has positionStatus {_show(status)}; "
+                'expected every landmark to be placed ("defined")',
+                file=path,
+                key=key,
+            )
         position = point.get("position")
         if not isinstance(position, list) or len(position) != 3:
-            raise UserError(f"{where} has position {_show(position)}; expected a list [x, y, z]",
-                            file=path, key=key)
+            raise UserError(f"{where} has position {_show(position)}; expected a list [x, y, z]", file=path, key=key)
         points.append([_number(v, where, f"position {a}", path, key) for v, a in zip(position, "xyz")])
     array = _nonempty(points, path, key)
     if system.strip().upper() == "RAS":
@@ -318,24 +361,35 @@ def _parse_elastix(text: str, path: Path, key: str, image: ImageLike | None) -> 
     kind_line, kind = lines[0]
     kind = kind.lower()
     if kind not in ("point", "index"):
-        raise UserError(f"line {kind_line} is {_show(lines[0][1])}; expected an elastix point file whose first "
-                        "line is 'point' or 'index' (or use .csv, .fcsv or .mrk.json)", file=path, key=key)
+        raise UserError(
+            f"line {kind_line} is {_show(lines[0][1])}; expected an elastix point file whose first "
+            "line is 'point' or 'index' (or use .csv, .fcsv or .mrk.json)",
+            file=path,
+            key=key,
+        )
     if kind == "index" and image is None:
-        raise UserError("is an elastix 'index' file but no image was given to map indices to physical points; "
-                        "expected a 'point' file, or the image", file=path, key=key)
+        raise UserError(
+            "is an elastix 'index' file but no image was given to map indices to physical points; "
+            "expected a 'point' file, or the image",
+            file=path,
+            key=key,
+        )
     if len(lines) < 2:
-        raise UserError(f"has no point count after '{kind}'; expected the number of points on the second line",
-                        file=path, key=key)
+        raise UserError(
+            f"has no point count after '{kind}'; expected the number of points on the second line", file=path, key=key
+        )
     count_line, count_text = lines[1]
     try:
         count = int(count_text)
     except ValueError:
-        raise UserError(f"line {count_line} is {_show(count_text)}; expected the number of points (an integer)",
-                        file=path, key=key) from None
+        raise UserError(
+            f"line {count_line} is {_show(count_text)}; expected the number of points (an integer)", file=path, key=key
+        ) from None
     rows = lines[2:]
     if count != len(rows):
-        raise UserError(f"line {count_line} says {count} points but {len(rows)} follow; expected them to agree",
-                        file=path, key=key)
+        raise UserError(
+            f"line {count_line} says {count} points but {len(rows)} follow; expected them to agree", file=path, key=key
+        )
     points: list[list[float]] = []
     width: int | None = None
     for row_number, (line, content) in enumerate(rows, start=1):
@@ -346,17 +400,23 @@ def _parse_elastix(text: str, path: Path, key: str, image: ImageLike | None) -> 
             if width not in (2, 3):
                 raise UserError(f"{where} has {width} coordinates; expected 2 or 3", file=path, key=key)
         elif len(values) != width:
-            raise UserError(f"{where} has {len(values)} coordinates; expected {width} like the first point",
-                            file=path, key=key)
+            raise UserError(
+                f"{where} has {len(values)} coordinates; expected {width} like the first point", file=path, key=key
+            )
         points.append([_number(v, where, f"coordinate {a}", path, key) for v, a in zip(values, "xyz")])
     array = _nonempty(points, path, key)
     if kind == "index":
         assert image is not None
         if image.GetDimension() != array.shape[1]:
-            raise UserError(f"holds {array.shape[1]}D indices but the image is {image.GetDimension()}D; "
-                            "expected indices of the same dimension as the image", file=path, key=key)
-        array = np.asarray([image.TransformContinuousIndexToPhysicalPoint([float(v) for v in row]) for row in array],
-                           dtype=np.float64)
+            raise UserError(
+                f"holds {array.shape[1]}D indices but the image is {image.GetDimension()}D; "
+                "expected indices of the same dimension as the image",
+                file=path,
+                key=key,
+            )
+        array = np.asarray(
+            [image.TransformContinuousIndexToPhysicalPoint([float(v) for v in row]) for row in array], dtype=np.float64
+        )
     return array
 
 

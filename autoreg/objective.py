@@ -14,8 +14,9 @@ import os
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import optuna
@@ -75,20 +76,37 @@ class PairScore:
     stats: dict[str, Any]
 
 
-def score_pair(recipe: Recipe, pair: PairData, use_landmarks: bool, *, seed: int, level_callback=None,
-               folding: bool = False, time_limit: float | None = None, should_stop=None,
-               cost: CostModel | None = None) -> tuple[PairScore, Any]:
+def score_pair(
+    recipe: Recipe,
+    pair: PairData,
+    use_landmarks: bool,
+    *,
+    seed: int,
+    level_callback=None,
+    folding: bool = False,
+    time_limit: float | None = None,
+    should_stop=None,
+    cost: CostModel | None = None,
+) -> tuple[PairScore, Any]:
     """Register one pair and score it: mean TRE with landmarks, else the holdout loss (2 - NMI)."""
-    result = register(recipe, pair, seed=seed, level_callback=level_callback, time_limit=time_limit,
-                      should_stop=should_stop, cost=cost)
+    result = register(
+        recipe,
+        pair,
+        seed=seed,
+        level_callback=level_callback,
+        time_limit=time_limit,
+        should_stop=should_stop,
+        cost=cost,
+    )
     stats: dict[str, Any] = {"runtime_s": round(result.seconds, 4), "stop_conditions": result.stop_conditions}
     if use_landmarks:
         t = tre(result.transform, pair.fixed_points, pair.moving_points, pair.fixed)
         stats.update({f"tre_{k}": v for k, v in t.as_dict().items() if k != "n"})
         value = t.mean
         if pair.report_fixed_points is not None:  # recorded, never optimised
-            stats["tre_report_mean"] = tre(result.transform, pair.report_fixed_points, pair.report_moving_points,
-                                           pair.fixed).mean
+            stats["tre_report_mean"] = tre(
+                result.transform, pair.report_fixed_points, pair.report_moving_points, pair.fixed
+            ).mean
     else:
         h = holdout_metric(result.transform, pair.fixed, pair.moving, pair.fixed_mask)
         stats.update({"holdout_loss": h.loss, "holdout_nmi": h.nmi, "overlap": h.overlap})
@@ -120,8 +138,17 @@ class Budget:
 class Objective:
     """The callable each worker runs per trial; holds the pairs loaded once per worker."""
 
-    def __init__(self, cfg: StudyConfig, pairs: list[PairData], space: SearchSpace, *, threads: int = 0,
-                 prune: bool = True, cost: CostModel | None = None, budget: Budget = Budget()):
+    def __init__(
+        self,
+        cfg: StudyConfig,
+        pairs: list[PairData],
+        space: SearchSpace,
+        *,
+        threads: int = 0,
+        prune: bool = True,
+        cost: CostModel | None = None,
+        budget: Budget = Budget(),
+    ):
         self.cfg = cfg
         self.pairs = pairs
         self.space = space
@@ -134,8 +161,15 @@ class Objective:
         #: Several pairs: each pair's score is reported as one step, the Wilcoxon pruner's instances; relative
         #: studies divide each pair's TRE by its TRE before registration (its selection landmarks at identity).
         self.per_pair_steps = len(pairs) > 1
-        self.reference = {p.name: tre(sitk.Transform(p.dim, sitk.sitkIdentity), p.fixed_points, p.moving_points,
-                                      p.fixed).mean for p in pairs if p.has_landmarks} if cfg.relative else {}
+        self.reference = (
+            {
+                p.name: tre(sitk.Transform(p.dim, sitk.sitkIdentity), p.fixed_points, p.moving_points, p.fixed).mean
+                for p in pairs
+                if p.has_landmarks
+            }
+            if cfg.relative
+            else {}
+        )
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         #: Polled at every optimizer iteration: true once the user asked to stop (Ctrl-C).
         self.should_stop = None
@@ -149,8 +183,11 @@ class Objective:
         if self.cost is None:
             return None
         raw = self.cost.predict(recipe, [p.fixed.GetSize() for p in self.pairs]) * self.cfg.objective.repeats
-        done = [t for t in records(trial.study, states=(optuna.trial.TrialState.COMPLETE,))
-                if t.runtime_s and t.predicted_s and t.recipe]
+        done = [
+            t
+            for t in records(trial.study, states=(optuna.trial.TrialState.COMPLETE,))
+            if t.runtime_s and t.predicted_s and t.recipe
+        ]
         # optimizers differ most in how far the model is off (line searches, early convergence): learn per kind
         kinds = [s.optimizer.kind for s in recipe.stages]
         alike = [t for t in done if [s["optimizer"]["kind"] for s in t.recipe.get("stages", [])] == kinds]
@@ -178,8 +215,13 @@ class Objective:
     def over_budget(self, trial: optuna.Trial, predicted: float | None) -> bool:
         """A suggested trial predicted to need far more than its share of the study's time is not run."""
         share = self.budget.per_trial_s
-        return (share is not None and predicted is not None and read(trial, "role") in (None, SUGGESTED)
-                and self.cfg.trial_timeout is None and predicted > OVER_BUDGET_FACTOR * share)
+        return (
+            share is not None
+            and predicted is not None
+            and read(trial, "role") in (None, SUGGESTED)
+            and self.cfg.trial_timeout is None
+            and predicted > OVER_BUDGET_FACTOR * share
+        )
 
     # --- one trial ----------------------------------------------------------------------------------------------
 
@@ -212,8 +254,9 @@ class Objective:
             np.random.default_rng(trial_seed(self.cfg.seed, trial.number)).shuffle(order)
         return order
 
-    def _level_callback(self, trial: optuna.Trial, recipe: Recipe, pair_index: int, pair: PairData,
-                        levels: list[dict]) -> Callable:
+    def _level_callback(
+        self, trial: optuna.Trial, recipe: Recipe, pair_index: int, pair: PairData, levels: list[dict]
+    ) -> Callable:
         def on_level(rec: LevelRecord, transform: Callable[[], sitk.Transform]) -> None:
             entry = rec.as_dict()
             entry["pair"] = pair.name
@@ -245,12 +288,21 @@ class Objective:
             return self._fail(trial, "invalid recipe", str(err), t0)
         predicted = self.predict(trial, recipe)
         limit = self.time_limit(trial, predicted)
-        write(trial, recipe=recipe_to_dict(recipe), seed=recipe.seed, threads=recipe.effective_threads,
-              predicted_s=None if predicted is None else round(predicted, 3), time_limit_s=limit)
+        write(
+            trial,
+            recipe=recipe_to_dict(recipe),
+            seed=recipe.seed,
+            threads=recipe.effective_threads,
+            predicted_s=None if predicted is None else round(predicted, 3),
+            time_limit_s=limit,
+        )
         if self.over_budget(trial, predicted):
-            write(trial, runtime_s=round(time.perf_counter() - t0, 4),
-                  pruned_at=f"predicted {predicted:.3g} s, over {OVER_BUDGET_FACTOR:g}x the trial budget "
-                            f"({self.budget.per_trial_s:.3g} s)")
+            write(
+                trial,
+                runtime_s=round(time.perf_counter() - t0, 4),
+                pruned_at=f"predicted {predicted:.3g} s, over {OVER_BUDGET_FACTOR:g}x the trial budget "
+                f"({self.budget.per_trial_s:.3g} s)",
+            )
             raise optuna.TrialPruned("predicted over budget")
         levels: list[dict] = []
         repeats = self.cfg.objective.repeats
@@ -264,9 +316,17 @@ class Objective:
                     pair = self.pairs[i]
                     cb = self._level_callback(trial, recipe, i, pair, levels) if r == 0 else None
                     left = None if limit is None else max(limit - (time.perf_counter() - t0), 0.001)
-                    ps, result = score_pair(recipe, pair, self.use_landmarks, seed=seed, level_callback=cb,
-                                            folding=r == 0, time_limit=left, should_stop=self.should_stop,
-                                            cost=self.cost)
+                    ps, result = score_pair(
+                        recipe,
+                        pair,
+                        self.use_landmarks,
+                        seed=seed,
+                        level_callback=cb,
+                        folding=r == 0,
+                        time_limit=left,
+                        should_stop=self.should_stop,
+                        cost=self.cost,
+                    )
                     if r == 0:
                         self.last_transforms[pair.name] = result.transform
                     value = self.pair_value(pair, ps.value)
@@ -282,15 +342,21 @@ class Objective:
                     per_pair[pair.name].setdefault("repeat_values", []).append(value)
                 per_repeat.append(float(np.mean(values)))
         except RegistrationPruned as err:
-            where = f"pair {err.pair} (worse than the best trial on the pairs so far)" if err.pair else \
-                f"stage {err.stage} level {err.level}"
+            where = (
+                f"pair {err.pair} (worse than the best trial on the pairs so far)"
+                if err.pair
+                else f"stage {err.stage} level {err.level}"
+            )
             write(trial, levels=levels, runtime_s=round(time.perf_counter() - t0, 4), pruned_at=where)
             raise optuna.TrialPruned(str(err)) from None
         except RegistrationFailed as err:
             write(trial, levels=levels)
             if err.reason == "time limit":
-                write(trial, runtime_s=round(time.perf_counter() - t0, 4),
-                      pruned_at=f"time limit {limit:.3g} s ({err.detail})" if limit is not None else "time limit")
+                write(
+                    trial,
+                    runtime_s=round(time.perf_counter() - t0, 4),
+                    pruned_at=f"time limit {limit:.3g} s ({err.detail})" if limit is not None else "time limit",
+                )
                 raise optuna.TrialPruned("time limit") from None
             return self._fail(trial, err.reason, err.detail, t0)
         except MemoryError as err:
@@ -304,8 +370,9 @@ class Objective:
             write(trial, repeat_scores=per_repeat, score_std=float(np.std(per_repeat, ddof=1)))
         summary = _summary(per_pair, self.use_landmarks)
         if self.cfg.relative:
-            summary["relative_tre"] = float(np.mean([self.pair_value(p, per_pair[p.name]["tre_mean"])
-                                                     for p in self.pairs]))
+            summary["relative_tre"] = float(
+                np.mean([self.pair_value(p, per_pair[p.name]["tre_mean"]) for p in self.pairs])
+            )
         write(trial, **summary)
         return value if math.isfinite(value) else float("nan")
 
@@ -317,8 +384,11 @@ class Objective:
 
 def _summary(per_pair: dict[str, dict[str, Any]], use_landmarks: bool) -> dict[str, float]:
     """Study-level statistics: each key the mean over pairs (TRE mean, median, p90, max, or holdout loss)."""
-    keys = (("tre_mean", "tre_median", "tre_p90", "tre_max", "tre_mean_vox", "tre_report_mean") if use_landmarks
-            else ("holdout_loss", "holdout_nmi"))
+    keys = (
+        ("tre_mean", "tre_median", "tre_p90", "tre_max", "tre_mean_vox", "tre_report_mean")
+        if use_landmarks
+        else ("holdout_loss", "holdout_nmi")
+    )
     out = {}
     for k in keys:
         vals = [s[k] for s in per_pair.values() if k in s]

@@ -29,8 +29,7 @@ from .registration import (
     sampling_fraction,
     search_grid,
 )
-from .registration.initializer import search_plan
-from .registration.initializer import SEARCH_AXIS_VOXELS, SEARCH_POINTS
+from .registration.initializer import SEARCH_AXIS_VOXELS, SEARCH_POINTS, search_plan
 
 PEER_FORMATS = ("elastix", "ants")
 #: The script that runs the elastix parameter maps, beside them in the output folder.
@@ -102,8 +101,10 @@ def _level_voxels(stage: Stage, geometry: Geometry) -> list[int]:
 
 
 def _sample_fractions(stage: Stage, geometry: Geometry) -> list[float]:
-    return [sampling_fraction(stage.sampling, math.prod(size))
-            for size in level_sizes(geometry, stage.pyramid.shrink_factors)]
+    return [
+        sampling_fraction(stage.sampling, math.prod(size))
+        for size in level_sizes(geometry, stage.pyramid.shrink_factors)
+    ]
 
 
 def _coarse_shrink(recipe: Recipe, geometry: Geometry) -> int:
@@ -138,18 +139,22 @@ def _header_lines(recipe: Recipe, geometry: Geometry, what: str) -> list[str]:
     prov = recipe.provenance or {}
     if prov:
         versions = prov.get("versions") or {}
-        source = (f"study '{prov.get('study', '?')}', trial {prov.get('trial', '?')}, "
-                  f"{prov.get('objective', 'score')} {_score(prov.get('score'))} "
-                  f"(baseline {_score(prov.get('baseline_score'))}), autoreg {versions.get('autoreg', '?')}, "
-                  f"SimpleITK {versions.get('SimpleITK', '?')}")
+        source = (
+            f"study '{prov.get('study', '?')}', trial {prov.get('trial', '?')}, "
+            f"{prov.get('objective', 'score')} {_score(prov.get('score'))} "
+            f"(baseline {_score(prov.get('baseline_score'))}), autoreg {versions.get('autoreg', '?')}, "
+            f"SimpleITK {versions.get('SimpleITK', '?')}"
+        )
         lines = [f"Exported by autoreg as {what} from {source}."]
         if prov.get("pair_file"):
             lines.append(f"Tuned on {prov['pair_file']}; exported {prov.get('exported', '?')}.")
     else:
         lines = [f"Exported by autoreg as {what} from a recipe without provenance (not from a study)."]
     lines += [
-        (f"Sample counts, grid spacings and steps were computed for the fixed image '{geometry.name}' "
-         f"({geometry.describe()}); other data may need them recomputed: autoreg export again."),
+        (
+            f"Sample counts, grid spacings and steps were computed for the fixed image '{geometry.name}' "
+            f"({geometry.describe()}); other data may need them recomputed: autoreg export again."
+        ),
         "The result maps fixed physical points to moving ones, as autoreg's transform does.",
         "A peer's sampling, optimizer and pyramid are its own: expect similar, not identical, results.",
     ]
@@ -189,31 +194,47 @@ def _search_notes(recipe: Recipe, dim: int | None = None) -> list[str]:
     rs = recipe.initializer.rotation_search
     notes = []
     if dim is not None and not search_plan(rs, dim).joint:
-        notes.append("differs: autoreg tries the rotations first, then the shifts around its three best rotations; "
-                     "here every rotation is tried with every shift")
+        notes.append(
+            "differs: autoreg tries the rotations first, then the shifts around its three best rotations; "
+            "here every rotation is tried with every shift"
+        )
     if rs.max_evaluations is not None:
-        notes.append(f"differs: rotation_search.max_evaluations {rs.max_evaluations} coarsened autoreg's grid to the one "
-                     f"written here; autoreg scores it on {SEARCH_POINTS} random points of its coarse level")
+        notes.append(
+            f"differs: rotation_search.max_evaluations {rs.max_evaluations} coarsened autoreg's grid to the one "
+            f"written here; autoreg scores it on {SEARCH_POINTS} random points of its coarse level"
+        )
     return notes
 
 
 def _gradient_filter_note(stage: Stage) -> str:
     m = stage.metric
-    return (f"not translated: metric.use_fixed_image_gradient_filter {m.use_fixed_image_gradient_filter}, "
-            f"use_moving_image_gradient_filter {m.use_moving_image_gradient_filter} (how ITK differentiates the "
-            "images; elastix differentiates through its interpolators)")
+    return (
+        f"not translated: metric.use_fixed_image_gradient_filter {m.use_fixed_image_gradient_filter}, "
+        f"use_moving_image_gradient_filter {m.use_moving_image_gradient_filter} (how ITK differentiates the "
+        "images; elastix differentiates through its interpolators)"
+    )
 
 
 # --- elastix ------------------------------------------------------------------------------------------------------
 
-_ELASTIX_TRANSFORM = {"translation": "TranslationTransform", "rigid": "EulerTransform",
-                      "similarity": "SimilarityTransform", "affine": "AffineTransform",
-                      "bspline": "BSplineTransform", "displacement": "BSplineTransform"}
-_ELASTIX_INTERPOLATOR = {"linear": "LinearInterpolator", "nearest": "NearestNeighborInterpolator",
-                         "bspline": "BSplineInterpolator"}
+_ELASTIX_TRANSFORM = {
+    "translation": "TranslationTransform",
+    "rigid": "EulerTransform",
+    "similarity": "SimilarityTransform",
+    "affine": "AffineTransform",
+    "bspline": "BSplineTransform",
+    "displacement": "BSplineTransform",
+}
+_ELASTIX_INTERPOLATOR = {
+    "linear": "LinearInterpolator",
+    "nearest": "NearestNeighborInterpolator",
+    "bspline": "BSplineInterpolator",
+}
 #: Parameters of the linear transforms, for explicit unit scales (``scales: none``).
-_LINEAR_PARAMETERS = {2: {"translation": 2, "rigid": 3, "similarity": 4, "affine": 6},
-                      3: {"translation": 3, "rigid": 6, "similarity": 7, "affine": 12}}
+_LINEAR_PARAMETERS = {
+    2: {"translation": 2, "rigid": 3, "similarity": 4, "affine": 6},
+    3: {"translation": 3, "rigid": 6, "similarity": 7, "affine": 12},
+}
 
 
 def elastix_file_name(index: int, stage: Stage) -> str:
@@ -244,10 +265,15 @@ class _Map:
     def __init__(self, dim: int, levels: int):
         self.params: list[tuple[str, list[Any]]] = []
         self.notes: list[str] = []
-        for key, value in (("FixedInternalImagePixelType", "float"), ("MovingInternalImagePixelType", "float"),
-                           ("FixedImageDimension", dim), ("MovingImageDimension", dim),
-                           ("UseDirectionCosines", "true"), ("Registration", "MultiResolutionRegistration"),
-                           ("NumberOfResolutions", levels)):
+        for key, value in (
+            ("FixedInternalImagePixelType", "float"),
+            ("MovingInternalImagePixelType", "float"),
+            ("FixedImageDimension", dim),
+            ("MovingImageDimension", dim),
+            ("UseDirectionCosines", "true"),
+            ("Registration", "MultiResolutionRegistration"),
+            ("NumberOfResolutions", levels),
+        ):
             self.put(key, value)
 
     def put(self, key: str, *values: Any) -> None:
@@ -284,8 +310,10 @@ def _elastix_initializer(recipe: Recipe, m: _Map) -> None:
         m.put("AutomaticTransformInitialization", "false")
         return
     m.put("AutomaticTransformInitialization", "true")
-    m.put("AutomaticTransformInitializationMethod",
-          "GeometricalCenter" if recipe.initializer.kind == "geometry" else "CenterOfGravity")
+    m.put(
+        "AutomaticTransformInitializationMethod",
+        "GeometricalCenter" if recipe.initializer.kind == "geometry" else "CenterOfGravity",
+    )
 
 
 def elastix_parameter_map(recipe: Recipe, index: int, geometry: Geometry, order: list[str] | None = None) -> str:
@@ -303,8 +331,10 @@ def elastix_parameter_map(recipe: Recipe, index: int, geometry: Geometry, order:
     _elastix_optimizer(stage, geometry, m.put, m.notes)
     _elastix_transform(recipe, index, geometry, m)
     if not stage.use_masks:
-        m.notes.append("not translated: use_masks false (elastix applies -fMask/-mMask, when given, to every stage; "
-                       "leave them out to register this stage without masks)")
+        m.notes.append(
+            "not translated: use_masks false (elastix applies -fMask/-mMask, when given, to every stage; "
+            "leave them out to register this stage without masks)"
+        )
     _elastix_common_tail(m, last=index == len(recipe.stages) - 1)
     title = f"Stage {index + 1} of {len(recipe.stages)} ({stage.kind}): {elastix_file_name(index, stage)}"
     return m.text(recipe, geometry, title, order)
@@ -355,8 +385,12 @@ def _elastix_search_maps(recipe: Recipe, stage: Stage, geometry: Geometry, order
         m = coarse_map([angles[0], 0, 0.0, 0.0, 1.0])  # one point, angle 0: the centres only
         _elastix_initializer(recipe, m)
         _elastix_common_tail(m, last=False)
-        files[INITIALIZER_MAP] = m.text(recipe, geometry, f"initializer {recipe.initializer.kind}: the image "
-                                        "centres, before the rotation search", order)
+        files[INITIALIZER_MAP] = m.text(
+            recipe,
+            geometry,
+            f"initializer {recipe.initializer.kind}: the image centres, before the rotation search",
+            order,
+        )
     space: list[Any] = []
     limit = math.radians(n * step)
     # FullSearch counts (max - min) / step + 1 points, truncated: a hair above the last point keeps it
@@ -364,8 +398,13 @@ def _elastix_search_maps(recipe: Recipe, stage: Stage, geometry: Geometry, order
         space += [axis, number, -limit, limit + 1e-3 * math.radians(step), math.radians(step)]
     for number, axis in enumerate("xyz"[: geometry.dim]):
         if shifts:
-            space += [f"shift_{axis}", len(angles) + number, -shifts * shift_step,
-                      shifts * shift_step + 1e-3 * shift_step, shift_step]
+            space += [
+                f"shift_{axis}",
+                len(angles) + number,
+                -shifts * shift_step,
+                shifts * shift_step + 1e-3 * shift_step,
+                shift_step,
+            ]
     m = coarse_map(space)
     if own_initializer:
         _elastix_initializer(recipe, m)
@@ -373,10 +412,16 @@ def _elastix_search_maps(recipe: Recipe, stage: Stage, geometry: Geometry, order
         m.put("AutomaticTransformInitialization", "false")
     _elastix_common_tail(m, last=False)
     m.notes += _search_notes(recipe, geometry.dim)
-    title = (f"autoreg's rotation search (initializer.rotation_search): angles -{_num(n * step)} .. {_num(n * step)} "
-             f"degrees in steps of {_num(step)}"
-             + (f", shifts -{_num(shifts * shift_step)} .. {_num(shifts * shift_step)} mm in steps of "
-                f"{_num(shift_step)}" if shifts else "") + ", before stage 1")
+    title = (
+        f"autoreg's rotation search (initializer.rotation_search): angles -{_num(n * step)} .. {_num(n * step)} "
+        f"degrees in steps of {_num(step)}"
+        + (
+            f", shifts -{_num(shifts * shift_step)} .. {_num(shifts * shift_step)} mm in steps of {_num(shift_step)}"
+            if shifts
+            else ""
+        )
+        + ", before stage 1"
+    )
     files[ROTATION_SEARCH_MAP] = m.text(recipe, geometry, title, order)
     return files
 
@@ -400,8 +445,10 @@ def _elastix_pyramid(stage: Stage, geometry: Geometry, put, notes: list[str]) ->
     put("FixedImagePyramidSmoothingSchedule", *[v for level in sigmas for v in level])
     put("MovingImagePyramidSmoothingSchedule", *[v for level in sigmas for v in level])
     if p.sigma_units == "voxel":
-        notes.append("pyramid.smoothing_sigmas in voxels were converted to mm with the fixed image's spacing, "
-                     "also for the moving image")
+        notes.append(
+            "pyramid.smoothing_sigmas in voxels were converted to mm with the fixed image's spacing, "
+            "also for the moving image"
+        )
 
 
 def _elastix_metric(stage: Stage, put, notes: list[str]) -> None:
@@ -412,13 +459,17 @@ def _elastix_metric(stage: Stage, put, notes: list[str]) -> None:
     elif m.kind == "joint_hist_mi":
         put("Metric", "AdvancedMattesMutualInformation")
         put("NumberOfHistogramBins", m.number_of_histogram_bins)
-        notes.append(f"differs: metric joint_hist_mi (joint-histogram mutual information) -> elastix's "
-                     f"AdvancedMattesMutualInformation (the same quantity, Parzen-window estimate); not translated: "
-                     f"variance_for_joint_pdf_smoothing {m.variance_for_joint_pdf_smoothing}")
+        notes.append(
+            f"differs: metric joint_hist_mi (joint-histogram mutual information) -> elastix's "
+            f"AdvancedMattesMutualInformation (the same quantity, Parzen-window estimate); not translated: "
+            f"variance_for_joint_pdf_smoothing {m.variance_for_joint_pdf_smoothing}"
+        )
     elif m.kind == "ants_nc":
         put("Metric", "AdvancedNormalizedCorrelation")
-        notes.append(f"differs: metric ants_nc (local correlation in a {m.radius}-voxel neighbourhood) -> elastix's "
-                     "AdvancedNormalizedCorrelation, which is global: elastix has no local correlation metric")
+        notes.append(
+            f"differs: metric ants_nc (local correlation in a {m.radius}-voxel neighbourhood) -> elastix's "
+            "AdvancedNormalizedCorrelation, which is global: elastix has no local correlation metric"
+        )
     elif m.kind == "correlation":
         put("Metric", "AdvancedNormalizedCorrelation")
     elif m.kind == "mean_squares":
@@ -439,8 +490,10 @@ def _elastix_sampling(stage: Stage, geometry: Geometry, put, notes: list[str]) -
         steps = [max(1, round(f ** (-1.0 / geometry.dim))) for f in fractions]
         put("ImageSampler", "Grid")
         put("SampleGridSpacing", *[step for step in steps for _ in range(geometry.dim)])
-        notes.append(f"sampling regular ({asked}) -> a grid of every {_x(steps)} voxels per level (SimpleITK "
-                     "jitters its regular samples inside their voxels; elastix's grid does not)")
+        notes.append(
+            f"sampling regular ({asked}) -> a grid of every {_x(steps)} voxels per level (SimpleITK "
+            "jitters its regular samples inside their voxels; elastix's grid does not)"
+        )
     else:
         counts = [max(1, round(f * n)) for f, n in zip(fractions, voxels)]
         put("ImageSampler", "RandomCoordinate")
@@ -464,9 +517,12 @@ def _elastix_optimizer(stage: Stage, geometry: Geometry, put, notes: list[str]) 
             f"{o.learning_rate} estimated '{o.estimate_learning_rate}', stop when the metric changes less than "
             f"{_num(o.convergence_minimum_value)} over {o.convergence_window_size} iterations) -> elastix's adaptive "
             "stochastic gradient descent: new samples each iteration, step sizes estimated from the largest "
-            "allowed displacement (MaximumStepLength; default one mean voxel, as ITK's), runs all its iterations")
-        notes.append("not translated: optimizer.learning_rate, estimate_learning_rate, convergence_minimum_value, "
-                     "convergence_window_size")
+            "allowed displacement (MaximumStepLength; default one mean voxel, as ITK's), runs all its iterations"
+        )
+        notes.append(
+            "not translated: optimizer.learning_rate, estimate_learning_rate, convergence_minimum_value, "
+            "convergence_window_size"
+        )
     elif o.kind == "regular_step_gd":
         put("Optimizer", "RegularStepGradientDescent")
         put("MaximumNumberOfIterations", o.number_of_iterations)
@@ -474,46 +530,56 @@ def _elastix_optimizer(stage: Stage, geometry: Geometry, put, notes: list[str]) 
         put("RelaxationFactor", o.relaxation_factor)
         put("MinimumGradientMagnitude", o.gradient_magnitude_tolerance)
         put("MaximumStepLength", step if step is not None else min(geometry.spacing))
-        notes.append(f"differs: regular_step_gd's first step: SimpleITK estimates it ('{o.estimate_learning_rate}') "
-                     f"from the largest allowed shift; here MaximumStepLength is that shift (learning_rate "
-                     f"{o.learning_rate} not translated)")
+        notes.append(
+            f"differs: regular_step_gd's first step: SimpleITK estimates it ('{o.estimate_learning_rate}') "
+            f"from the largest allowed shift; here MaximumStepLength is that shift (learning_rate "
+            f"{o.learning_rate} not translated)"
+        )
     elif o.kind == "cg_line_search":
         put("Optimizer", "ConjugateGradient")
         put("MaximumNumberOfIterations", o.number_of_iterations)
         put("MaximumNumberOfLineSearchIterations", o.line_search_maximum_iterations)
         put("ValueTolerance", o.convergence_minimum_value)
-        notes.append("differs: cg_line_search (SimpleITK: golden-section line search in "
-                     f"[{o.line_search_lower_limit}, {o.line_search_upper_limit}] x the learning rate) -> elastix's "
-                     "ConjugateGradient (More-Thuente line search); not translated: learning_rate, "
-                     "estimate_learning_rate, line_search_lower_limit, line_search_upper_limit, line_search_epsilon, "
-                     "convergence_window_size, maximum_step_size_in_physical_units")
+        notes.append(
+            "differs: cg_line_search (SimpleITK: golden-section line search in "
+            f"[{o.line_search_lower_limit}, {o.line_search_upper_limit}] x the learning rate) -> elastix's "
+            "ConjugateGradient (More-Thuente line search); not translated: learning_rate, "
+            "estimate_learning_rate, line_search_lower_limit, line_search_upper_limit, line_search_epsilon, "
+            "convergence_window_size, maximum_step_size_in_physical_units"
+        )
     elif o.kind in ("lbfgsb", "lbfgs2"):
         put("Optimizer", "QuasiNewtonLBFGS")
         put("MaximumNumberOfIterations", max(1, o.number_of_iterations))
         if o.kind == "lbfgsb":
             put("LBFGSUpdateAccuracy", o.maximum_number_of_corrections)
             put("GradientMagnitudeTolerance", o.gradient_convergence_tolerance)
-            notes.append("differs: lbfgsb -> elastix's QuasiNewtonLBFGS (unbounded, as autoreg's LBFGSB without "
-                         "bounds); not translated: maximum_number_of_function_evaluations "
-                         f"{o.maximum_number_of_function_evaluations}, cost_function_convergence_factor "
-                         f"{_num(o.cost_function_convergence_factor)}")
+            notes.append(
+                "differs: lbfgsb -> elastix's QuasiNewtonLBFGS (unbounded, as autoreg's LBFGSB without "
+                "bounds); not translated: maximum_number_of_function_evaluations "
+                f"{o.maximum_number_of_function_evaluations}, cost_function_convergence_factor "
+                f"{_num(o.cost_function_convergence_factor)}"
+            )
         else:
             put("LBFGSUpdateAccuracy", o.hessian_approximate_accuracy)
             put("GradientMagnitudeTolerance", o.solution_accuracy)
             put("MaximumNumberOfLineSearchIterations", o.line_search_maximum_evaluations)
-            notes.append("differs: lbfgs2 -> elastix's QuasiNewtonLBFGS; not translated: delta_convergence_distance "
-                         f"{o.delta_convergence_distance}, delta_convergence_tolerance "
-                         f"{_num(o.delta_convergence_tolerance)}"
-                         + (", number_of_iterations 0 (until convergence)" if o.number_of_iterations == 0 else ""))
+            notes.append(
+                "differs: lbfgs2 -> elastix's QuasiNewtonLBFGS; not translated: delta_convergence_distance "
+                f"{o.delta_convergence_distance}, delta_convergence_tolerance "
+                f"{_num(o.delta_convergence_tolerance)}"
+                + (", number_of_iterations 0 (until convergence)" if o.number_of_iterations == 0 else "")
+            )
     elif o.kind == "demons":
         stochastic = True
         put("Optimizer", "AdaptiveStochasticGradientDescent")
         put("MaximumNumberOfIterations", o.number_of_iterations)
         put("AutomaticParameterEstimation", "true")
-        notes.append(f"differs: optimizer demons ({o.variant}) -> elastix has no Demons: its adaptive stochastic "
-                     "gradient descent on the stage's grid; not translated: maximum_update_step_length "
-                     f"{_num(o.maximum_update_step_length)}, intensity_difference_threshold "
-                     f"{_num(o.intensity_difference_threshold)}, maximum_rms_error {_num(o.maximum_rms_error)}")
+        notes.append(
+            f"differs: optimizer demons ({o.variant}) -> elastix has no Demons: its adaptive stochastic "
+            "gradient descent on the stage's grid; not translated: maximum_update_step_length "
+            f"{_num(o.maximum_update_step_length)}, intensity_difference_threshold "
+            f"{_num(o.intensity_difference_threshold)}, maximum_rms_error {_num(o.maximum_rms_error)}"
+        )
     put("NewSamplesEveryIteration", "true" if stochastic else "false")
     _elastix_scales(stage, geometry, put, notes)
 
@@ -526,13 +592,17 @@ def _elastix_scales(stage: Stage, geometry: Geometry, put, notes: list[str]) -> 
         put("AutomaticScalesEstimation", "false")
         put("Scales", *([1.0] * _LINEAR_PARAMETERS[geometry.dim][stage.kind]))
         if stage.optimizer.kind in ("gradient_descent", "regular_step_gd"):
-            notes.append("scales none: elastix's steps (MaximumStepLength) are then in raw parameter units "
-                         "(radians, matrix entries), while SimpleITK sizes its learning rate by physical shifts")
+            notes.append(
+                "scales none: elastix's steps (MaximumStepLength) are then in raw parameter units "
+                "(radians, matrix entries), while SimpleITK sizes its learning rate by physical shifts"
+            )
         return
     put("AutomaticScalesEstimation", "true")
     if scales != "physical_shift":
-        notes.append(f"differs: scales {scales} -> elastix's automatic scales (from the shift of the image's "
-                     "points per parameter, as physical_shift)")
+        notes.append(
+            f"differs: scales {scales} -> elastix's automatic scales (from the shift of the image's "
+            "points per parameter, as physical_shift)"
+        )
 
 
 def _elastix_transform(recipe: Recipe, index: int, geometry: Geometry, m: _Map) -> None:
@@ -547,8 +617,10 @@ def _elastix_transform(recipe: Recipe, index: int, geometry: Geometry, m: _Map) 
             put("AutomaticTransformInitialization", "false")
         return
     if first_linear is None and index == 0 and recipe.initializer.kind != "none":
-        notes.append(f"not translated: initializer {recipe.initializer.kind} (elastix initialises linear "
-                     "transforms only; this recipe has none)")
+        notes.append(
+            f"not translated: initializer {recipe.initializer.kind} (elastix initialises linear "
+            "transforms only; this recipe has none)"
+        )
     put("BSplineTransformSplineOrder", 3)
     levels = _levels(stage)
     if isinstance(stage.transform, DisplacementTransform):
@@ -558,18 +630,22 @@ def _elastix_transform(recipe: Recipe, index: int, geometry: Geometry, m: _Map) 
         cell = max(1.0, math.sqrt(3.0 * t.variance_for_total_field)) * grid
         put("FinalGridSpacingInPhysicalUnits", *([cell] * geometry.dim))
         put("GridSpacingSchedule", *([1.0] * levels))
-        notes.append(f"differs: displacement (a dense field on a {_num(grid)} mm grid, Gaussian-smoothed with "
-                     f"variances {t.variance_for_update_field} (update) and {t.variance_for_total_field} (total) "
-                     "grid voxels) -> elastix has no such transform: a BSpline grid whose kernel has the variance of "
-                     f"the total-field Gaussian ({_num(cell)} mm)")
+        notes.append(
+            f"differs: displacement (a dense field on a {_num(grid)} mm grid, Gaussian-smoothed with "
+            f"variances {t.variance_for_update_field} (update) and {t.variance_for_total_field} (total) "
+            "grid voxels) -> elastix has no such transform: a BSpline grid whose kernel has the variance of "
+            f"the total-field Gaussian ({_num(cell)} mm)"
+        )
         return
     final = _final_mesh(stage, geometry)
     spacing = [n * sp / cells for n, sp, cells in zip(geometry.size, geometry.spacing, final)]
     put("FinalGridSpacingInPhysicalUnits", *spacing)
     refine = getattr(stage.transform, "refine", False) and levels > 1
     put("GridSpacingSchedule", *[float(2 ** (levels - 1 - i)) if refine else 1.0 for i in range(levels)])
-    notes.append(f"bspline mesh {_x(final)} cells at the finest level -> control points every {_x(spacing)} mm "
-                 "(elastix adds its border control points itself)")
+    notes.append(
+        f"bspline mesh {_x(final)} cells at the finest level -> control points every {_x(spacing)} mm "
+        "(elastix adds its border control points itself)"
+    )
 
 
 def _elastix_script(recipe: Recipe, geometry: Geometry, names: list[str]) -> str:
@@ -616,20 +692,33 @@ def ants_rotation_search(recipe: Recipe, geometry: Geometry) -> tuple[list[str],
     if searched_stage(recipe) is None:
         return [], []
     n, step = _search_angles(recipe, geometry.dim)
-    words = ["antsAffineInitializer", str(geometry.dim), "$FIXED", "$MOVING", f"${{OUT}}{ANTS_ROTATION_SEARCH}",
-             _num(step), _num(min(1.0, n * step / 180.0)), "0"]
-    notes = [f"initializer.rotation_search (angles -{_num(n * step)} .. {_num(n * step)} degrees in steps of "
-             f"{_num(step)}) -> antsAffineInitializer, whose result starts antsRegistration. It differs: Mattes MI "
-             "with 32 bins on the full-resolution images, from the centres of mass (whatever initializer.kind), and "
-             "each start refined by a short affine optimisation",
-             *_search_notes(recipe, geometry.dim)]
+    words = [
+        "antsAffineInitializer",
+        str(geometry.dim),
+        "$FIXED",
+        "$MOVING",
+        f"${{OUT}}{ANTS_ROTATION_SEARCH}",
+        _num(step),
+        _num(min(1.0, n * step / 180.0)),
+        "0",
+    ]
+    notes = [
+        f"initializer.rotation_search (angles -{_num(n * step)} .. {_num(n * step)} degrees in steps of "
+        f"{_num(step)}) -> antsAffineInitializer, whose result starts antsRegistration. It differs: Mattes MI "
+        "with 32 bins on the full-resolution images, from the centres of mass (whatever initializer.kind), and "
+        "each start refined by a short affine optimisation",
+        *_search_notes(recipe, geometry.dim),
+    ]
     if searched_stage(recipe).use_masks:
-        notes.append("not translated: masks in the rotation search (the script does not pass them to "
-                     "antsAffineInitializer)")
+        notes.append(
+            "not translated: masks in the rotation search (the script does not pass them to antsAffineInitializer)"
+        )
     shifts, shift_step = _search_shifts(recipe, geometry)
     if shifts:
-        notes.append(f"not translated: the shift search ({shifts} steps of {_num(shift_step)} mm each way): "
-                     "antsAffineInitializer has none (ANTs' antsAI --translation-search-grid has)")
+        notes.append(
+            f"not translated: the shift search ({shifts} steps of {_num(shift_step)} mm each way): "
+            "antsAffineInitializer has none (ANTs' antsAI --translation-search-grid has)"
+        )
     return [_shell_word(w) for w in words], notes
 
 
@@ -652,13 +741,15 @@ def ants_script(recipe: Recipe, geometry: Geometry) -> str:
         "# iteration, the step capped at the stage's gradientStep (mm): Rigid[step] and so on.",
     ]
     if search:
-        lines.append("# The rotation search runs first: antsAffineInitializer (ANTsPy: ants.lib.antsAffineInitializer"
-                     "(ARGS)) writes OUTPREFIXrotation_search.mat, which starts antsRegistration.")
+        lines.append(
+            "# The rotation search runs first: antsAffineInitializer (ANTsPy: ants.lib.antsAffineInitializer"
+            "(ARGS)) writes OUTPREFIXrotation_search.mat, which starts antsRegistration."
+        )
     lines += [f"# {n}" for n in notes]
     lines += [
         "set -eu",
         'if [ $# -lt 3 ]; then echo "usage: sh $0 FIXED MOVING OUTPREFIX [FIXED_MASK [MOVING_MASK]]" >&2; exit 2; fi',
-        'FIXED=$1 MOVING=$2 OUT=$3 FIXED_MASK=${4:-NULL} MOVING_MASK=${5:-NULL}',
+        "FIXED=$1 MOVING=$2 OUT=$3 FIXED_MASK=${4:-NULL} MOVING_MASK=${5:-NULL}",
     ]
     threads = 1 if recipe.deterministic else recipe.threads
     if threads:
@@ -683,10 +774,24 @@ def ants_arguments(recipe: Recipe, geometry: Geometry) -> tuple[list[str], list[
     """The antsRegistration arguments (shell words, images as ``$FIXED``/``$MOVING``) and the notes on what is not
     translated or differs."""
     notes: list[str] = []
-    words: list[str] = ["--dimensionality", str(geometry.dim), "--float", "0",
-                        "--output", "[$OUT,${OUT}Warped.nii.gz]", "--interpolation", "Linear",
-                        "--use-histogram-matching", "0", "--winsorize-image-intensities", "[0,1]",
-                        "--collapse-output-transforms", "1", "--random-seed", str(itk_seed(recipe.seed, 0))]
+    words: list[str] = [
+        "--dimensionality",
+        str(geometry.dim),
+        "--float",
+        "0",
+        "--output",
+        "[$OUT,${OUT}Warped.nii.gz]",
+        "--interpolation",
+        "Linear",
+        "--use-histogram-matching",
+        "0",
+        "--winsorize-image-intensities",
+        "[0,1]",
+        "--collapse-output-transforms",
+        "1",
+        "--random-seed",
+        str(itk_seed(recipe.seed, 0)),
+    ]
     init = recipe.initializer.kind
     if searched_stage(recipe) is not None:
         words += ["--initial-moving-transform", f"${{OUT}}{ANTS_ROTATION_SEARCH}"]
@@ -696,8 +801,11 @@ def ants_arguments(recipe: Recipe, geometry: Geometry) -> tuple[list[str], list[
     for index, stage in enumerate(recipe.stages):
         stage_words, stage_notes = _ants_stage(stage, geometry)
         if index > 0 and recipe.stages[index - 1].kind == "bspline":
-            stage_notes.insert(0, "WARNING: antsRegistration stops with an error on a stage after a BSpline stage "
-                               "(ITK's BSplineTransform has no Jacobian with respect to position)")
+            stage_notes.insert(
+                0,
+                "WARNING: antsRegistration stops with an error on a stage after a BSpline stage "
+                "(ITK's BSplineTransform has no Jacobian with respect to position)",
+            )
         words += stage_words
         notes += [f"stage {index} ({stage.kind}): {n}" for n in stage_notes]
     return [_shell_word(w) for w in words], notes
@@ -710,8 +818,10 @@ def _ants_stage(stage: Stage, geometry: Geometry) -> tuple[list[str], list[str]]
     step = _max_step_mm(o, geometry)
     if step is None:
         step = min(geometry.spacing)
-        notes.append(f"gradientStep {_num(step)} mm: one voxel of the finest level (ITK's default step is one "
-                     "voxel of each level; ANTs takes one step for all levels)")
+        notes.append(
+            f"gradientStep {_num(step)} mm: one voxel of the finest level (ITK's default step is one "
+            "voxel of each level; ANTs takes one step for all levels)"
+        )
     transform = _ants_transform(stage, geometry, step, notes)
 
     m = stage.metric
@@ -722,41 +832,52 @@ def _ants_stage(stage: Stage, geometry: Geometry) -> tuple[list[str], list[str]]
         fractions = _sample_fractions(stage, geometry)
         strategy, fraction = s.strategy.capitalize(), fractions[-1]
         if s.points is not None and len(set(fractions)) > 1:
-            notes.append(f"sampling points {s.points} -> {_num(fraction)} of the voxels at every level (the finest "
-                         f"level's fraction; SimpleITK samples {_x([round(f, 6) for f in fractions])} per level)")
+            notes.append(
+                f"sampling points {s.points} -> {_num(fraction)} of the voxels at every level (the finest "
+                f"level's fraction; SimpleITK samples {_x([round(f, 6) for f in fractions])} per level)"
+            )
     gradient_filter = m.use_fixed_image_gradient_filter
     if m.use_fixed_image_gradient_filter != m.use_moving_image_gradient_filter:
-        notes.append("not translated: use_fixed_image_gradient_filter differs from use_moving_image_gradient_filter "
-                     "(ANTs sets both with one flag: the fixed one's value is used)")
+        notes.append(
+            "not translated: use_fixed_image_gradient_filter differs from use_moving_image_gradient_filter "
+            "(ANTs sets both with one flag: the fixed one's value is used)"
+        )
     if m.kind in ("mattes", "joint_hist_mi"):
         name, parameter = ("Mattes" if m.kind == "mattes" else "MI"), str(m.number_of_histogram_bins)
         if m.kind == "joint_hist_mi":
-            notes.append(f"not translated: variance_for_joint_pdf_smoothing {m.variance_for_joint_pdf_smoothing} "
-                         "(ANTs' MI smooths its joint histogram its own way)")
+            notes.append(
+                f"not translated: variance_for_joint_pdf_smoothing {m.variance_for_joint_pdf_smoothing} "
+                "(ANTs' MI smooths its joint histogram its own way)"
+            )
     elif m.kind == "ants_nc":
         name, parameter = "CC", str(m.radius)
     elif m.kind == "correlation":
         name, parameter = "GC", "1"
     else:
         name, parameter = "MeanSquares", "1"
-    metric = (f"{name}[$FIXED,$MOVING,1,{parameter},{strategy},{_num(fraction)},"
-              f"{_num(bool(gradient_filter))}]")
+    metric = f"{name}[$FIXED,$MOVING,1,{parameter},{strategy},{_num(fraction)},{_num(bool(gradient_filter))}]"
 
     iterations = max(1, o.number_of_iterations)
     if o.kind in ("gradient_descent", "cg_line_search"):
         threshold, window = o.convergence_minimum_value, o.convergence_window_size
     else:
         threshold, window = _ANTS_CONVERGENCE
-        notes.append(f"differs: optimizer {o.kind} -> ANTs' conjugate-gradient line search (antsRegistration has no "
-                     f"other); convergence {_num(threshold)} over {window} iterations is ANTs' default")
+        notes.append(
+            f"differs: optimizer {o.kind} -> ANTs' conjugate-gradient line search (antsRegistration has no "
+            f"other); convergence {_num(threshold)} over {window} iterations is ANTs' default"
+        )
     if o.kind == "gradient_descent":
-        notes.append(f"differs: gradient_descent (learning rate {o.learning_rate} estimated "
-                     f"'{o.estimate_learning_rate}') -> ANTs' conjugate-gradient line search, learning rate estimated "
-                     "at each iteration; not translated: learning_rate, estimate_learning_rate")
+        notes.append(
+            f"differs: gradient_descent (learning rate {o.learning_rate} estimated "
+            f"'{o.estimate_learning_rate}') -> ANTs' conjugate-gradient line search, learning rate estimated "
+            "at each iteration; not translated: learning_rate, estimate_learning_rate"
+        )
     elif o.kind == "cg_line_search":
-        notes.append(f"not translated: line search [{o.line_search_lower_limit}, {o.line_search_upper_limit}], "
-                     f"epsilon {o.line_search_epsilon}, {o.line_search_maximum_iterations} iterations (ANTs: [0, 2], "
-                     "0.2, 20), learning_rate, estimate_learning_rate")
+        notes.append(
+            f"not translated: line search [{o.line_search_lower_limit}, {o.line_search_upper_limit}], "
+            f"epsilon {o.line_search_epsilon}, {o.line_search_maximum_iterations} iterations (ANTs: [0, 2], "
+            "0.2, 20), learning_rate, estimate_learning_rate"
+        )
     if stage.interpolator != "linear":
         notes.append(f"not translated: interpolator {stage.interpolator} (ANTs' metrics interpolate linearly)")
     if o.kind in ("lbfgsb", "lbfgs2") and o.number_of_iterations == 0:
@@ -770,11 +891,20 @@ def _ants_stage(stage: Stage, geometry: Geometry) -> tuple[list[str], list[str]]
     if p.shrink_images:
         notes.append("not translated: pyramid.shrink_images (ANTs shrinks the fixed grid only, as SimpleITK)")
     mask = "[$FIXED_MASK,$MOVING_MASK]" if stage.use_masks else "[NULL,NULL]"
-    words = ["--transform", transform, "--metric", metric,
-             "--convergence", f"[{'x'.join([str(iterations)] * levels)},{_num(threshold)},{window}]",
-             "--shrink-factors", _x(p.shrink_factors),
-             "--smoothing-sigmas", _x(p.smoothing_sigmas) + units,
-             "--masks", mask]
+    words = [
+        "--transform",
+        transform,
+        "--metric",
+        metric,
+        "--convergence",
+        f"[{'x'.join([str(iterations)] * levels)},{_num(threshold)},{window}]",
+        "--shrink-factors",
+        _x(p.shrink_factors),
+        "--smoothing-sigmas",
+        _x(p.smoothing_sigmas) + units,
+        "--masks",
+        mask,
+    ]
     return words, notes
 
 
@@ -784,17 +914,23 @@ def _ants_transform(stage: Stage, geometry: Geometry, step: float, notes: list[s
         return f"{_ANTS_LINEAR[stage.kind]}[{_num(step)}]"
     if isinstance(t, DisplacementTransform):
         if not (t.spacing_units == "voxel" and t.grid_spacing == 1.0):
-            notes.append(f"not translated: grid_spacing {t.grid_spacing} {t.spacing_units} (ANTs' field lives on "
-                         "each level's fixed grid)")
-        return (f"GaussianDisplacementField[{_num(step)},{_num(t.variance_for_update_field)},"
-                f"{_num(t.variance_for_total_field)}]")
+            notes.append(
+                f"not translated: grid_spacing {t.grid_spacing} {t.spacing_units} (ANTs' field lives on "
+                "each level's fixed grid)"
+            )
+        return (
+            f"GaussianDisplacementField[{_num(step)},{_num(t.variance_for_update_field)},"
+            f"{_num(t.variance_for_total_field)}]"
+        )
     mesh, factors = _mesh_schedule(stage, geometry)
     levels = _levels(stage)
     if factors is None and levels > 1:
         # ANTs doubles the mesh at each level: start 2^(L-1) times coarser so that the finest level has the grid
         base = [max(1, -(-m // 2 ** (levels - 1))) for m in mesh]
-        notes.append(f"differs: refine false (one {_x(mesh)} grid at every level) -> ANTs doubles the mesh at each "
-                     f"level: {_x(base)} at the coarsest, {_x([b * 2 ** (levels - 1) for b in base])} at the finest")
+        notes.append(
+            f"differs: refine false (one {_x(mesh)} grid at every level) -> ANTs doubles the mesh at each "
+            f"level: {_x(base)} at the coarsest, {_x([b * 2 ** (levels - 1) for b in base])} at the finest"
+        )
         mesh = base
     return f"BSpline[{_num(step)},{_x(mesh)}]"
 
@@ -823,8 +959,7 @@ def study_geometry(cfg: StudyConfig) -> Geometry:
 def write_folder(folder: Path, files: dict[str, str]) -> None:
     """Write ``files`` into ``folder`` (created); an existing file in its place is a user error."""
     if folder.exists() and not folder.is_dir():
-        raise UserError("exists and is not a folder (--format elastix writes a folder of parameter files)",
-                        file=folder)
+        raise UserError("exists and is not a folder (--format elastix writes a folder of parameter files)", file=folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for name, text in files.items():

@@ -13,8 +13,8 @@ from typing import Any
 
 from .config import StudyConfig, load_config
 from .data import PairData, load_pair
-from .fingerprint import DatasetFingerprint, fingerprint_dataset, provenance
 from .errors import UserError
+from .fingerprint import DatasetFingerprint, fingerprint_dataset, provenance
 from .landmarks import MIN_LANDMARKS_TO_SPLIT, split_landmarks
 from .recipe import Recipe, fits_stages, load_recipe
 from .space import SearchSpace, build_space
@@ -39,9 +39,14 @@ def split_pair(pair: PairData, cfg: StudyConfig) -> PairData:
     select, report = split_landmarks(pair.fixed_points, fraction, cfg.seed)
     if len(report) == 0:
         return pair
-    return replace(pair, fixed_points=pair.fixed_points[select], moving_points=pair.moving_points[select],
-                   report_fixed_points=pair.fixed_points[report], report_moving_points=pair.moving_points[report],
-                   report_rows=report)
+    return replace(
+        pair,
+        fixed_points=pair.fixed_points[select],
+        moving_points=pair.moving_points[select],
+        report_fixed_points=pair.fixed_points[report],
+        report_moving_points=pair.moving_points[report],
+        report_rows=report,
+    )
 
 
 class Pipeline:
@@ -77,9 +82,12 @@ class Pipeline:
             if len(report):
                 out[full.name] = {"select": len(select), "report": [int(i) for i in report]}
             else:
-                out[full.name] = {"select": len(select), "report": [],
-                                  "note": f"not split: fewer than {MIN_LANDMARKS_TO_SPLIT} landmarks; the score is "
-                                          "measured on the landmarks it selects with"}
+                out[full.name] = {
+                    "select": len(select),
+                    "report": [],
+                    "note": f"not split: fewer than {MIN_LANDMARKS_TO_SPLIT} landmarks; the score is "
+                    "measured on the landmarks it selects with",
+                }
         return out
 
     @cached_property
@@ -106,8 +114,12 @@ class Pipeline:
                 for file in files:
                     recipe = load_recipe(file)
                     if not fits_stages(recipe.kinds, self.cfg.stages):
-                        raise UserError(f"{file}: its stages {list(recipe.kinds)} do not fit the study's stages "
-                                        f"{list(self.cfg.stages)}", file=self.cfg.path, key=key)
+                        raise UserError(
+                            f"{file}: its stages {list(recipe.kinds)} do not fit the study's stages "
+                            f"{list(self.cfg.stages)}",
+                            file=self.cfg.path,
+                            key=key,
+                        )
                     if key == "enqueue":
                         out.append(StartingPoint(f"{USER_PREFIX}{file.name}", recipe))
                     else:

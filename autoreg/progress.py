@@ -11,9 +11,10 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import IO, TYPE_CHECKING, Callable, Sequence
+from typing import IO, TYPE_CHECKING
 
 import optuna
 from optuna.trial import TrialState
@@ -93,11 +94,16 @@ def snapshot(study: optuna.Study) -> Snapshot:
     for ft, rec in zip(frozen, trials):
         if ft.state == TrialState.RUNNING:
             steps = sorted(rec.intermediate)
-            running.append(RunningTrial(
-                number=rec.number, worker=rec.worker, started=ft.datetime_start,
-                last_step=steps[-1] if steps else None, last_value=rec.intermediate[steps[-1]] if steps else None,
-                reports=len(steps),
-            ))
+            running.append(
+                RunningTrial(
+                    number=rec.number,
+                    worker=rec.worker,
+                    started=ft.datetime_start,
+                    last_step=steps[-1] if steps else None,
+                    last_value=rec.intermediate[steps[-1]] if steps else None,
+                    reports=len(steps),
+                )
+            )
         elif ft.state.is_finished():
             seconds = _seconds_of(ft, rec)
             if seconds is not None:
@@ -118,8 +124,16 @@ def snapshot(study: optuna.Study) -> Snapshot:
 # --- the time-left estimate -------------------------------------------------------------------------------------
 
 
-def time_left(*, target: int | None, started: int, finished: int, running_elapsed: Sequence[float],
-              durations: Sequence[float], workers: int, timeout_left: float | None = None) -> float | None:
+def time_left(
+    *,
+    target: int | None,
+    started: int,
+    finished: int,
+    running_elapsed: Sequence[float],
+    durations: Sequence[float],
+    workers: int,
+    timeout_left: float | None = None,
+) -> float | None:
     """Seconds until the study has ``target`` finished trials, or None when nothing tells yet.
 
     How long trials last is measured on the recent ``durations`` together with the running trials, whose elapsed
@@ -241,13 +255,25 @@ class StudyShape:
         return f"stage {stage} {RUNGS[t.last_step % len(RUNGS)]}"
 
 
-def progress_line(snap: Snapshot, *, target: int | None, start_finished: int, elapsed: float, timeout: float | None,
-                  workers: int | None = None, unit: str | None = None, now: datetime | None = None) -> str:
+def progress_line(
+    snap: Snapshot,
+    *,
+    target: int | None,
+    start_finished: int,
+    elapsed: float,
+    timeout: float | None,
+    workers: int | None = None,
+    unit: str | None = None,
+    now: datetime | None = None,
+) -> str:
     """The plain (log) form: one line saying everything the terminal display shows, running trials in short."""
     left = time_left(
-        target=target, started=snap.total, finished=snap.finished,
+        target=target,
+        started=snap.total,
+        finished=snap.finished,
         running_elapsed=[e for t in snap.running_trials if (e := t.elapsed(now)) is not None],
-        durations=snap.durations, workers=max(workers or 1, snap.running),
+        durations=snap.durations,
+        workers=max(workers or 1, snap.running),
         timeout_left=None if timeout is None else timeout - elapsed,
     )
     eta = f", ~{_duration(left)} left" if left is not None else ""
@@ -298,15 +324,24 @@ class _LiveView:
             bar = ProgressBar(total=None, pulse=True, width=30)
             count = f"{snap.finished} trials"
         left = time_left(
-            target=m.target, started=snap.total, finished=snap.finished,
+            target=m.target,
+            started=snap.total,
+            finished=snap.finished,
             running_elapsed=[e for t in snap.running_trials if (e := t.elapsed()) is not None],
-            durations=snap.durations, workers=m.workers_now(snap),
+            durations=snap.durations,
+            workers=m.workers_now(snap),
             timeout_left=None if m.timeout is None else m.timeout - elapsed,
         )
         stats = Text.assemble(
-            (f" {count}", "bold"), "  best ", (_fmt(snap.best, m.unit), "bold green"),
-            "  baseline ", _fmt(snap.baseline, m.unit),
-            "  failed ", (str(snap.failed), "red" if snap.failed else ""), "  pruned ", str(snap.pruned),
+            (f" {count}", "bold"),
+            "  best ",
+            (_fmt(snap.best, m.unit), "bold green"),
+            "  baseline ",
+            _fmt(snap.baseline, m.unit),
+            "  failed ",
+            (str(snap.failed), "red" if snap.failed else ""),
+            "  pruned ",
+            str(snap.pruned),
             f"  {_duration(elapsed)} elapsed",
             "" if m.stopping else ("  ~" + _duration(left) + " left") if left is not None else "  estimating time left",
         )
@@ -318,7 +353,9 @@ class _LiveView:
             e = t.elapsed()
             where = m.shape.where(t)
             rows.add_row(
-                f"  trial {t.number}", t.worker or "?", Text(_duration(e) if e is not None else "-", style="cyan"),
+                f"  trial {t.number}",
+                t.worker or "?",
+                Text(_duration(e) if e is not None else "-", style="cyan"),
                 f"{where}: {_fmt(t.last_value, m.unit)}" if where else "first level running",
             )
         if len(shown) > LIVE_RUNNING_LINES:
@@ -334,9 +371,19 @@ class ProgressMonitor:
     :func:`terminal`), else through ``emit`` a line whenever the study changes (checked every ``interval``
     seconds) and every ``heartbeat`` seconds while trials run."""
 
-    def __init__(self, study: optuna.Study, emit: Callable[[str], None], *, target: int | None, timeout: float | None,
-                 interval: float = 2.0, workers: int | None = None, unit: str | None = None,
-                 console: Console | None = None, heartbeat: float = HEARTBEAT_S):
+    def __init__(
+        self,
+        study: optuna.Study,
+        emit: Callable[[str], None],
+        *,
+        target: int | None,
+        timeout: float | None,
+        interval: float = 2.0,
+        workers: int | None = None,
+        unit: str | None = None,
+        console: Console | None = None,
+        heartbeat: float = HEARTBEAT_S,
+    ):
         self.study, self.emit, self.target, self.timeout, self.interval = study, emit, target, timeout, interval
         self.workers, self.unit, self.console, self.heartbeat = workers, unit, console, heartbeat
         self.start = time.monotonic()
@@ -360,8 +407,9 @@ class ProgressMonitor:
         if self.console is not None:
             from rich.live import Live
 
-            self._live = Live(console=self.console, get_renderable=_LiveView(self), refresh_per_second=4,
-                              transient=False)
+            self._live = Live(
+                console=self.console, get_renderable=_LiveView(self), refresh_per_second=4, transient=False
+            )
             self._live.start()
         self._thread.start()
         return self
@@ -393,7 +441,13 @@ class ProgressMonitor:
             if snap != self._last or beat:
                 self._last, self._last_emit = snap, now
                 self.emit(
-                    progress_line(snap, target=self.target, start_finished=self.start_finished,
-                                  elapsed=now - self.start, timeout=self.timeout, workers=self.workers_now(snap),
-                                  unit=self.unit)
+                    progress_line(
+                        snap,
+                        target=self.target,
+                        start_finished=self.start_finished,
+                        elapsed=now - self.start,
+                        timeout=self.timeout,
+                        workers=self.workers_now(snap),
+                        unit=self.unit,
+                    )
                 )

@@ -15,11 +15,10 @@ here.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError, excerpt
 from .registration import threads_of
@@ -29,8 +28,15 @@ RECIPE_FORMAT = 2
 
 #: Stages must not lose freedom: a rigid stage after an affine one would throw freedom away. ``deformable`` is a study
 #: stage only (the search picks ``bspline`` or ``displacement`` per trial); recipes hold the concrete kind.
-TRANSFORM_RANK = {"translation": 0, "rigid": 1, "similarity": 2, "affine": 3, "bspline": 4, "displacement": 4,
-                  "deformable": 4}
+TRANSFORM_RANK = {
+    "translation": 0,
+    "rigid": 1,
+    "similarity": 2,
+    "affine": 3,
+    "bspline": 4,
+    "displacement": 4,
+    "deformable": 4,
+}
 DEFORMABLE_KINDS = ("bspline", "displacement")
 Unit = Literal["mm", "voxel"]
 Estimate = Literal["never", "once", "each_iteration"]
@@ -107,7 +113,7 @@ class DisplacementTransform(_Frozen):
     variance_for_total_field: float = Field(2.0, ge=0)
 
 
-Transform = Annotated[Union[LinearTransform, BSplineTransform, DisplacementTransform], Field(discriminator="kind")]
+Transform = Annotated[LinearTransform | BSplineTransform | DisplacementTransform, Field(discriminator="kind")]
 
 
 # --- metrics ------------------------------------------------------------------------------------------------------
@@ -146,8 +152,7 @@ class MeanSquares(_Metric):
 
 
 Metric = Annotated[
-    Union[MattesMutualInformation, JointHistogramMutualInformation, ANTSNeighborhoodCorrelation, Correlation,
-          MeanSquares],
+    MattesMutualInformation | JointHistogramMutualInformation | ANTSNeighborhoodCorrelation | Correlation | MeanSquares,
     Field(discriminator="kind"),
 ]
 HISTOGRAM_METRICS = ("mattes", "joint_hist_mi")
@@ -258,14 +263,12 @@ class Demons(_Frozen):
 
 
 Optimizer = Annotated[
-    Union[GradientDescent, RegularStepGradientDescent, ConjugateGradientLineSearch, LBFGSB, LBFGS2, Demons],
+    GradientDescent | RegularStepGradientDescent | ConjugateGradientLineSearch | LBFGSB | LBFGS2 | Demons,
     Field(discriminator="kind"),
 ]
 #: Optimizers that take a fixed or estimated learning rate, and a refining BSpline grid (LBFGSB keeps its first
 #: level's bounds and stops when the grid grows).
 GRADIENT_DESCENT_KINDS = ("gradient_descent", "regular_step_gd", "cg_line_search")
-
-
 
 
 def kinds_of(union: Any) -> tuple[str, ...]:
@@ -337,21 +340,29 @@ class Stage(_Frozen):
     def _fits(self) -> Stage:
         t = self.transform
         if isinstance(t, BSplineTransform) and t.refine and self.optimizer.kind not in GRADIENT_DESCENT_KINDS:
-            raise ValueError(f"transform.refine needs a gradient-descent optimizer, not {self.optimizer.kind} "
-                             "(its bounds and memory cannot follow a growing grid)")
+            raise ValueError(
+                f"transform.refine needs a gradient-descent optimizer, not {self.optimizer.kind} "
+                "(its bounds and memory cannot follow a growing grid)"
+            )
         if self.optimizer.kind == "demons":
             if not isinstance(t, DisplacementTransform):
                 raise ValueError(f"the demons optimizer moves a displacement field, not a {t.kind} transform")
             if self.metric.kind != "mean_squares" or self.sampling.strategy != "none":
-                raise ValueError("the demons optimizer's force is the intensity difference at every voxel: "
-                                 "use metric mean_squares and sampling 'none'")
+                raise ValueError(
+                    "the demons optimizer's force is the intensity difference at every voxel: "
+                    "use metric mean_squares and sampling 'none'"
+                )
         if isinstance(t, DisplacementTransform):
             if self.optimizer.kind not in (*GRADIENT_DESCENT_KINDS, "demons"):
-                raise ValueError(f"a displacement field needs a gradient-descent optimizer or demons, not "
-                                 f"{self.optimizer.kind} (ITK's local-support updates)")
+                raise ValueError(
+                    f"a displacement field needs a gradient-descent optimizer or demons, not "
+                    f"{self.optimizer.kind} (ITK's local-support updates)"
+                )
             if not self.pyramid.shrink_images:
-                raise ValueError("a displacement field runs on prepared levels: set pyramid.shrink_images to true "
-                                 "(its grid follows each level)")
+                raise ValueError(
+                    "a displacement field runs on prepared levels: set pyramid.shrink_images to true "
+                    "(its grid follows each level)"
+                )
         return self
 
     @property
@@ -410,15 +421,18 @@ def check_stage_order(kinds: list[str] | tuple[str, ...]) -> None:
             raise ValueError(f"unknown stage '{kind}' (expected one of {', '.join(TRANSFORM_RANK)})")
     for a, b in zip(kinds, kinds[1:]):
         if TRANSFORM_RANK[b] < TRANSFORM_RANK[a]:
-            order = " < ".join(k for k in TRANSFORM_RANK if k in ("translation", "rigid", "similarity", "affine")) + \
-                " < bspline | displacement"
+            order = (
+                " < ".join(k for k in TRANSFORM_RANK if k in ("translation", "rigid", "similarity", "affine"))
+                + " < bspline | displacement"
+            )
             raise ValueError(f"stage '{b}' after '{a}' loses freedom (expected order: {order})")
 
 
 def fits_stages(kinds: tuple[str, ...] | list[str], stages: tuple[str, ...] | list[str]) -> bool:
     """Whether a recipe's stage kinds are those of a study (a study's ``deformable`` stage takes either kind)."""
     return len(kinds) == len(stages) and all(
-        k == s or (s == "deformable" and k in DEFORMABLE_KINDS) for k, s in zip(kinds, stages))
+        k == s or (s == "deformable" and k in DEFORMABLE_KINDS) for k, s in zip(kinds, stages)
+    )
 
 
 def default_stage(kind: str, dim: int) -> Stage:
@@ -427,8 +441,11 @@ def default_stage(kind: str, dim: int) -> Stage:
     if kind in ("bspline", "deformable"):
         return Stage(transform=BSplineTransform(mesh_size=(8,) * dim), optimizer=LBFGSB())
     if kind == "displacement":
-        return Stage(transform=DisplacementTransform(), optimizer=GradientDescent(number_of_iterations=20),
-                     pyramid=Pyramid(smoothing_sigmas=(8.0, 4.0, 0.0), shrink_images=True))
+        return Stage(
+            transform=DisplacementTransform(),
+            optimizer=GradientDescent(number_of_iterations=20),
+            pyramid=Pyramid(smoothing_sigmas=(8.0, 4.0, 0.0), shrink_images=True),
+        )
     return Stage(transform=LinearTransform(kind=kind))
 
 
@@ -442,33 +459,63 @@ def default_recipe(stages: list[str] | tuple[str, ...], dim: int, *, seed: int =
 
 #: Version-1 optimizer fields -> their format-2 names, per kind (fields a kind ignored are dropped).
 _V1_OPTIMIZER = {
-    "gradient_descent": {"learning_rate": "learning_rate", "iterations": "number_of_iterations",
-                         "convergence_minimum_value": "convergence_minimum_value",
-                         "convergence_window_size": "convergence_window_size",
-                         "estimate_learning_rate": "estimate_learning_rate"},
-    "regular_step_gd": {"learning_rate": "learning_rate", "minimum_step": "min_step", "iterations": "number_of_iterations",
-                        "relaxation_factor": "relaxation_factor", "gradient_tolerance": "gradient_magnitude_tolerance",
-                        "estimate_learning_rate": "estimate_learning_rate"},
-    "cg_line_search": {"learning_rate": "learning_rate", "iterations": "number_of_iterations",
-                       "convergence_minimum_value": "convergence_minimum_value",
-                       "convergence_window_size": "convergence_window_size",
-                       "estimate_learning_rate": "estimate_learning_rate"},
-    "lbfgsb": {"gradient_tolerance": "gradient_convergence_tolerance", "iterations": "number_of_iterations",
-               "max_corrections": "maximum_number_of_corrections",
-               "max_function_evaluations": "maximum_number_of_function_evaluations",
-               "cost_function_convergence_factor": "cost_function_convergence_factor"},
+    "gradient_descent": {
+        "learning_rate": "learning_rate",
+        "iterations": "number_of_iterations",
+        "convergence_minimum_value": "convergence_minimum_value",
+        "convergence_window_size": "convergence_window_size",
+        "estimate_learning_rate": "estimate_learning_rate",
+    },
+    "regular_step_gd": {
+        "learning_rate": "learning_rate",
+        "minimum_step": "min_step",
+        "iterations": "number_of_iterations",
+        "relaxation_factor": "relaxation_factor",
+        "gradient_tolerance": "gradient_magnitude_tolerance",
+        "estimate_learning_rate": "estimate_learning_rate",
+    },
+    "cg_line_search": {
+        "learning_rate": "learning_rate",
+        "iterations": "number_of_iterations",
+        "convergence_minimum_value": "convergence_minimum_value",
+        "convergence_window_size": "convergence_window_size",
+        "estimate_learning_rate": "estimate_learning_rate",
+    },
+    "lbfgsb": {
+        "gradient_tolerance": "gradient_convergence_tolerance",
+        "iterations": "number_of_iterations",
+        "max_corrections": "maximum_number_of_corrections",
+        "max_function_evaluations": "maximum_number_of_function_evaluations",
+        "cost_function_convergence_factor": "cost_function_convergence_factor",
+    },
     # version 1 passed max_corrections as the Hessian accuracy and gradient_tolerance as the solution accuracy
-    "lbfgs2": {"gradient_tolerance": "solution_accuracy", "iterations": "number_of_iterations",
-               "max_corrections": "hessian_approximate_accuracy"},
+    "lbfgs2": {
+        "gradient_tolerance": "solution_accuracy",
+        "iterations": "number_of_iterations",
+        "max_corrections": "hessian_approximate_accuracy",
+    },
 }
 #: Version-1 defaults of the fields above (a v1 file may leave them out).
-_V1_OPTIMIZER_DEFAULTS = {"learning_rate": 1.0, "estimate_learning_rate": "once", "iterations": 100,
-                          "convergence_minimum_value": 1e-6, "convergence_window_size": 10, "minimum_step": 1e-4,
-                          "relaxation_factor": 0.5, "gradient_tolerance": 1e-5, "max_corrections": 5,
-                          "max_function_evaluations": 1000, "cost_function_convergence_factor": 1e7}
-_V1_METRIC = {"mattes": {"bins": "number_of_histogram_bins"},
-              "joint_hist_mi": {"bins": "number_of_histogram_bins", "variance": "variance_for_joint_pdf_smoothing"},
-              "ants_nc": {"radius": "radius"}, "correlation": {}, "mean_squares": {}}
+_V1_OPTIMIZER_DEFAULTS = {
+    "learning_rate": 1.0,
+    "estimate_learning_rate": "once",
+    "iterations": 100,
+    "convergence_minimum_value": 1e-6,
+    "convergence_window_size": 10,
+    "minimum_step": 1e-4,
+    "relaxation_factor": 0.5,
+    "gradient_tolerance": 1e-5,
+    "max_corrections": 5,
+    "max_function_evaluations": 1000,
+    "cost_function_convergence_factor": 1e7,
+}
+_V1_METRIC = {
+    "mattes": {"bins": "number_of_histogram_bins"},
+    "joint_hist_mi": {"bins": "number_of_histogram_bins", "variance": "variance_for_joint_pdf_smoothing"},
+    "ants_nc": {"radius": "radius"},
+    "correlation": {},
+    "mean_squares": {},
+}
 _V1_METRIC_DEFAULTS = {"bins": 50, "variance": 1.5, "radius": 2}
 
 
@@ -505,8 +552,13 @@ def _upgrade_stage_v1(stage: dict[str, Any]) -> dict[str, Any]:
         optimizer[new] = opt_in.get(old, _V1_OPTIMIZER_DEFAULTS[old])
     if okind not in ("lbfgsb",):  # version 1 set the scales on every optimizer; LBFGSB ignores them
         optimizer["scales"] = stage.get("scales", "physical_shift")
-    out = {"transform": transform, "metric": metric, "sampling": sampling, "optimizer": optimizer,
-           "pyramid": {**(stage.get("pyramid") or {}), "shrink_images": False}}
+    out = {
+        "transform": transform,
+        "metric": metric,
+        "sampling": sampling,
+        "optimizer": optimizer,
+        "pyramid": {**(stage.get("pyramid") or {}), "shrink_images": False},
+    }
     for key in ("interpolator", "use_masks"):
         if key in stage:
             out[key] = stage[key]
@@ -543,8 +595,9 @@ def recipe_from_dict(data: Any, *, source: str = "recipe") -> Recipe:
     if version == 1:
         data = upgrade_v1(data)
     elif version != RECIPE_FORMAT:
-        raise UserError(f"unknown recipe format {excerpt(version)} (this autoreg reads 1 and 2)", file=source,
-                        key="autoreg_recipe")
+        raise UserError(
+            f"unknown recipe format {excerpt(version)} (this autoreg reads 1 and 2)", file=source, key="autoreg_recipe"
+        )
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:

@@ -33,6 +33,7 @@ def engine_source() -> str:
         parts.append(f"\n# --- engine: {name} " + "-" * (100 - len(name)) + "\n" + source)
     return "".join(parts)
 
+
 _MAIN = '''
 
 # --- the recipe (exported by autoreg) -------------------------------------------------------------------------

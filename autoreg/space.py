@@ -26,7 +26,6 @@ from typing import Any, Protocol
 from .config import SearchOverride, StudyConfig
 from .errors import UserError
 from .fingerprint import DatasetFingerprint, level_voxels, samples_needed
-from .registration import LINEAR_KINDS
 from .recipe import (
     DEFORMABLE_KINDS,
     GRADIENT_DESCENT_KINDS,
@@ -41,6 +40,7 @@ from .recipe import (
     recipe_from_dict,
     recipe_to_dict,
 )
+from .registration import LINEAR_KINDS
 
 MAX_LEVELS = 5
 MAX_SAMPLES = 250_000
@@ -62,7 +62,7 @@ RENAMED = {
     "optimizer.iterations": "optimizer.number_of_iterations",
     "optimizer.minimum_step": "optimizer.min_step",
     "optimizer.gradient_tolerance": "optimizer.gradient_convergence_tolerance (lbfgsb) or optimizer.solution_accuracy "
-                                    "(lbfgs2)",
+    "(lbfgs2)",
     "scales": "optimizer.scales",
     "bspline.control_point_spacing": "transform.control_point_spacing",
     "bspline.mesh_size": "transform.mesh_size",
@@ -117,8 +117,12 @@ class SearchSpace:
     def __post_init__(self) -> None:
         self._dims = {d.name: d for d in self._all_dims()}
         # a list given for a recipe field that is not searched is its value (shrink_factors: [4, 2, 1]), not choices
-        self.overrides = {k: SearchOverride(value=list(ov.choices), fixed=True)
-                          if k not in self._dims and ov.choices is not None else ov for k, ov in self.overrides.items()}
+        self.overrides = {
+            k: SearchOverride(value=list(ov.choices), fixed=True)
+            if k not in self._dims and ov.choices is not None
+            else ov
+            for k, ov in self.overrides.items()
+        }
         self._defaults = self.params_of(self.baseline_recipe())
         self._check_overrides()
 
@@ -174,8 +178,14 @@ class SearchSpace:
         if first_linear not in (None, "translation"):
             on = (("initializer.rotation_search", (True,)),)
             out.append(Dim("initializer.rotation_search", choices=(False, True)))
-            out.append(Dim("initializer.rotation_search.max_angle_deg", low=10.0, high=180.0 if self.dim == 2 else 90.0,
-                           when=on))
+            out.append(
+                Dim(
+                    "initializer.rotation_search.max_angle_deg",
+                    low=10.0,
+                    high=180.0 if self.dim == 2 else 90.0,
+                    when=on,
+                )
+            )
             # rotations alone, with the centres' offset held, can lock onto a flipped pose; searching the shift
             # with them found poses 3-7x closer on rotated, shifted sections (0: rotations only)
             out.append(Dim("initializer.rotation_search.max_shift_fraction", low=0.0, high=0.25, when=on))
@@ -195,14 +205,25 @@ class SearchSpace:
         out = [Dim(f"{s}.transform.kind", choices=DEFORMABLE_KINDS)] if kind == "deformable" else []
         out += [
             Dim(f"{s}.pyramid.levels", low=1, high=self.max_levels, integer=True),
-            Dim(f"{s}.pyramid.coarsest_shrink", low=2, high=max(2, self.max_shrink), integer=True, log=True, when=multi),
+            Dim(
+                f"{s}.pyramid.coarsest_shrink", low=2, high=max(2, self.max_shrink), integer=True, log=True, when=multi
+            ),
             Dim(f"{s}.pyramid.sigma_factor", low=0.0, high=1.0, when=multi),
             Dim(f"{s}.pyramid.sigma_last", low=0.0, high=1.0, step=SIGMA_LAST_STEP),
             Dim(f"{s}.metric.kind", choices=self.metric_kinds()),
-            Dim(f"{s}.metric.number_of_histogram_bins", low=16, high=128, integer=True, log=True,
-                when=((f"{s}.metric.kind", HISTOGRAM_METRICS),)),
-            Dim(f"{s}.sampling.strategy", choices=("none", "regular", "random") if self.dense_affordable else
-                ("regular", "random"), when=((f"{s}.metric.kind", tuple(k for k in METRIC_KINDS if k != "ants_nc")),)),
+            Dim(
+                f"{s}.metric.number_of_histogram_bins",
+                low=16,
+                high=128,
+                integer=True,
+                log=True,
+                when=((f"{s}.metric.kind", HISTOGRAM_METRICS),),
+            ),
+            Dim(
+                f"{s}.sampling.strategy",
+                choices=("none", "regular", "random") if self.dense_affordable else ("regular", "random"),
+                when=((f"{s}.metric.kind", tuple(k for k in METRIC_KINDS if k != "ants_nc")),),
+            ),
             Dim(f"{s}.sampling.points", low=plo, high=phi, integer=True, log=True, when=sampled),
             # a displacement field always descends the gradient (ITK's local-support updates): not searched
             Dim(opt, choices=BSPLINE_OPTIMIZERS, when=bspline) if deformable else Dim(opt, choices=LINEAR_OPTIMIZERS),
@@ -214,25 +235,50 @@ class SearchSpace:
             # of a histology pair, 12 of 14 fixed-rate trials ended above 17 px (most diverged).
             out += [
                 Dim(f"{s}.optimizer.estimate_learning_rate", choices=("never", "once"), when=gd),
-                Dim(f"{s}.optimizer.learning_rate", low=0.01, high=10.0, log=True,
-                    when=gd + ((f"{s}.optimizer.estimate_learning_rate", ("never",)),)),
+                Dim(
+                    f"{s}.optimizer.learning_rate",
+                    low=0.01,
+                    high=10.0,
+                    log=True,
+                    when=gd + ((f"{s}.optimizer.estimate_learning_rate", ("never",)),),
+                ),
                 Dim(f"{s}.optimizer.scales", choices=("physical_shift", "index_shift", "jacobian"), when=gd),
             ]
         out += [
-            Dim(f"{s}.optimizer.convergence_minimum_value", low=1e-8, high=1e-4, log=True,
-                when=((opt, ("gradient_descent", "cg_line_search")),)),
-            Dim(f"{s}.optimizer.convergence_window_size", low=5, high=20, integer=True,
-                when=((opt, ("gradient_descent", "cg_line_search")),)),
+            Dim(
+                f"{s}.optimizer.convergence_minimum_value",
+                low=1e-8,
+                high=1e-4,
+                log=True,
+                when=((opt, ("gradient_descent", "cg_line_search")),),
+            ),
+            Dim(
+                f"{s}.optimizer.convergence_window_size",
+                low=5,
+                high=20,
+                integer=True,
+                when=((opt, ("gradient_descent", "cg_line_search")),),
+            ),
             Dim(f"{s}.optimizer.min_step", low=1e-6, high=1e-2, log=True, when=((opt, ("regular_step_gd",)),)),
             Dim(f"{s}.optimizer.relaxation_factor", low=0.3, high=0.9, when=((opt, ("regular_step_gd",)),)),
         ]
         if kind in ("bspline", "deformable"):
             clo, chi = self.cp_spacing_range()
             out += [
-                Dim(f"{s}.optimizer.gradient_convergence_tolerance", low=1e-7, high=1e-3, log=True,
-                    when=bspline + ((opt, ("lbfgsb",)),)),
-                Dim(f"{s}.optimizer.solution_accuracy", low=1e-7, high=1e-3, log=True,
-                    when=bspline + ((opt, ("lbfgs2",)),)),
+                Dim(
+                    f"{s}.optimizer.gradient_convergence_tolerance",
+                    low=1e-7,
+                    high=1e-3,
+                    log=True,
+                    when=bspline + ((opt, ("lbfgsb",)),),
+                ),
+                Dim(
+                    f"{s}.optimizer.solution_accuracy",
+                    low=1e-7,
+                    high=1e-3,
+                    log=True,
+                    when=bspline + ((opt, ("lbfgs2",)),),
+                ),
                 Dim(f"{s}.transform.control_point_spacing", low=clo, high=chi, log=True, when=bspline),
             ]
         if kind in ("displacement", "deformable"):
@@ -293,8 +339,13 @@ class SearchSpace:
             step = max(5.0, max_angle / 12) if self.dim == 2 else max(5.0, max_angle / 4)
             shift = round(float(get("initializer.rotation_search.max_shift_fraction")), 4)
             steps = (3 if self.dim == 2 else 2) if shift > 0 else 0
-            init["rotation_search"] = {"max_angle_deg": max_angle, "step_deg": step, "max_shift_fraction": shift,
-                                       "shift_steps": steps, "max_evaluations": SEARCH_EVALUATIONS}
+            init["rotation_search"] = {
+                "max_angle_deg": max_angle,
+                "step_deg": step,
+                "max_shift_fraction": shift,
+                "shift_steps": steps,
+                "max_evaluations": SEARCH_EVALUATIONS,
+            }
         stages = [self._suggest_stage(i, kind, get) for i, kind in enumerate(self.stages)]
         data = {"initializer": init, "stages": stages, "seed": seed}
         self._apply_field_overrides(data)
@@ -323,20 +374,29 @@ class SearchSpace:
             size = self.fingerprint.smallest_size
             parameters = self.dim * math.prod(max(1, round(n / cps)) + 3 for n in size)
         elif kind == "displacement":
-            transform.update(grid_spacing=round(float(get(f"{s}.transform.grid_spacing")), 4), spacing_units="voxel",
-                             variance_for_update_field=round(float(get(f"{s}.transform.variance_for_update_field")), 4),
-                             variance_for_total_field=round(float(get(f"{s}.transform.variance_for_total_field")), 4))
+            transform.update(
+                grid_spacing=round(float(get(f"{s}.transform.grid_spacing")), 4),
+                spacing_units="voxel",
+                variance_for_update_field=round(float(get(f"{s}.transform.variance_for_update_field")), 4),
+                variance_for_total_field=round(float(get(f"{s}.transform.variance_for_total_field")), 4),
+            )
         strategy = "none" if metric_kind == "ants_nc" or demons else get(f"{s}.sampling.strategy")
         sampling: dict[str, Any] = {"strategy": strategy}
         if strategy != "none":
             points = int(get(f"{s}.sampling.points"))
             if parameters is not None:  # a dense BSpline Jacobian: bounded seconds per iteration
                 points = min(points, int(MAX_SAMPLE_PARAMETERS / parameters))
-            # at least the samples the metric needs (a few thousand for 128 bins): fewer end in "joint PDF summed to zero"
+            # at least the samples the metric needs (a few thousand for 128 bins):
+            # fewer end in "joint PDF summed to zero"
             sampling["points"] = max(points, samples_needed(bins))
         pyramid = self._suggest_pyramid(s, get, bins)
-        return {"transform": transform, "metric": metric, "sampling": sampling,
-                "optimizer": self._suggest_optimizer(s, kind, get), "pyramid": pyramid}
+        return {
+            "transform": transform,
+            "metric": metric,
+            "sampling": sampling,
+            "optimizer": self._suggest_optimizer(s, kind, get),
+            "pyramid": pyramid,
+        }
 
     def _suggest_pyramid(self, s: str, get, bins: int | None) -> dict[str, Any]:
         fixed_shrinks = self._fixed(f"{s}.pyramid.shrink_factors")
@@ -358,14 +418,21 @@ class SearchSpace:
             sigmas = tuple(round(factor * f, 6) for f in shrinks[:-1]) + (round(last, 6),)
             units = "voxel"
         # prepared levels (ITK's own pyramid smooths and differentiates the full images at every level: seconds in 3D)
-        return {"shrink_factors": list(shrinks), "smoothing_sigmas": list(sigmas), "sigma_units": units,
-                "shrink_images": True}
+        return {
+            "shrink_factors": list(shrinks),
+            "smoothing_sigmas": list(sigmas),
+            "sigma_units": units,
+            "shrink_images": True,
+        }
 
     def _suggest_optimizer(self, s: str, kind: str, get) -> dict[str, Any]:
         if kind == "displacement" and get(f"{s}.optimizer.demons"):
-            return {"kind": "demons", "variant": get(f"{s}.optimizer.variant"),
-                    "number_of_iterations": int(get(f"{s}.optimizer.number_of_iterations")),
-                    "maximum_update_step_length": round(float(get(f"{s}.optimizer.maximum_update_step_length")), 4)}
+            return {
+                "kind": "demons",
+                "variant": get(f"{s}.optimizer.variant"),
+                "number_of_iterations": int(get(f"{s}.optimizer.number_of_iterations")),
+                "maximum_update_step_length": round(float(get(f"{s}.optimizer.maximum_update_step_length")), 4),
+            }
         okind = "gradient_descent" if kind == "displacement" else get(f"{s}.optimizer.kind")
         opt: dict[str, Any] = {"kind": okind, "number_of_iterations": int(get(f"{s}.optimizer.number_of_iterations"))}
         if okind in GRADIENT_DESCENT_KINDS:
@@ -383,8 +450,9 @@ class SearchSpace:
             # a BSpline grid's parameters all move control points: one scale for all ("none"); physical-shift scales
             # cost 35 s of setup for 4,000 parameters in 3D, and Jacobian scales are zero outside the samples' support.
             # A displacement field's local updates are scaled by physical shift, as in ANTs (one scale per axis).
-            opt["scales"] = get(f"{s}.optimizer.scales") if linear else ("physical_shift" if kind == "displacement"
-                                                                          else "none")
+            opt["scales"] = (
+                get(f"{s}.optimizer.scales") if linear else ("physical_shift" if kind == "displacement" else "none")
+            )
         elif okind == "lbfgsb":
             opt["gradient_convergence_tolerance"] = float(get(f"{s}.optimizer.gradient_convergence_tolerance"))
         elif okind == "lbfgs2":
@@ -416,7 +484,9 @@ class SearchSpace:
                 for key, value in sdata[group].items():
                     out[f"{s}.{group}.{key}"] = value
             if stage.sampling.percentage is not None:
-                out[f"{s}.sampling.points"] = stage.sampling.percentage * level_voxels(self.fingerprint.smallest_size, 1)
+                out[f"{s}.sampling.points"] = stage.sampling.percentage * level_voxels(
+                    self.fingerprint.smallest_size, 1
+                )
             if stage.kind == "displacement":
                 out[f"{s}.optimizer.demons"] = stage.optimizer.kind == "demons"
             mesh = getattr(stage.transform, "mesh_size", None)
@@ -474,57 +544,88 @@ class SearchSpace:
                     raise UserError(f"{v!r} is not one of {list(d.choices)}", file=self.source, key=where)
                 if d.choices is None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                     raise UserError(f"expected a number, got {v!r}", file=self.source, key=where)
-            if d.choices is not None and ov.choices is None and not ov.fixed and (ov.low is not None or ov.high is not None):
+            if (
+                d.choices is not None
+                and ov.choices is None
+                and not ov.fixed
+                and (ov.low is not None or ov.high is not None)
+            ):
                 raise UserError("low/high given for a parameter with choices", file=self.source, key=where)
             for other, allowed in d.when:
                 possible = self._possible(other)
                 if possible and not set(possible) & set(allowed):
-                    raise UserError(f"never used: it applies only when {other} is one of {list(allowed)}, and this "
-                                    f"study's {other} is {list(possible)}", file=self.source, key=where)
+                    raise UserError(
+                        f"never used: it applies only when {other} is one of {list(allowed)}, and this "
+                        f"study's {other} is {list(possible)}",
+                        file=self.source,
+                        key=where,
+                    )
         try:  # field overrides must make a valid recipe
             self.suggest(_DefaultsTrial(self))
         except UserError as err:
             fixed = [k for k, ov in self.overrides.items() if ov.fixed]
-            raise UserError(f"the fixed values make an invalid recipe ({err.detail})", file=self.source,
-                            key=f"search.{fixed[0]}" if len(fixed) == 1 else "search") from None
+            raise UserError(
+                f"the fixed values make an invalid recipe ({err.detail})",
+                file=self.source,
+                key=f"search.{fixed[0]}" if len(fixed) == 1 else "search",
+            ) from None
         for key, ov in self.overrides.items():  # each fixed value or choice, on a branch where it is used
             d = self._dims.get(key)
             if d is None or ov.drop or not (ov.fixed or ov.choices is not None):
                 continue
-            branch = {other: next(v for v in allowed if v in (self._possible(other) or allowed))
-                      for other, allowed in d.when}
+            branch = {
+                other: next(v for v in allowed if v in (self._possible(other) or allowed)) for other, allowed in d.when
+            }
             for v in list(ov.choices) if ov.choices is not None else [ov.value]:
                 try:
                     self.suggest(_DefaultsTrial(self, {**branch, key: v}))
                 except UserError as err:
-                    raise UserError(f"{v!r} makes an invalid recipe ({err.detail})", file=self.source,
-                                    key=f"search.{key}") from None
+                    raise UserError(
+                        f"{v!r} makes an invalid recipe ({err.detail})", file=self.source, key=f"search.{key}"
+                    ) from None
 
     def _check_field_override(self, key: str, ov: SearchOverride) -> None:
         where = f"search.{key}"
         stage, _, rest = key.partition(".")
         if rest in RENAMED or key in RENAMED:
-            raise UserError(f"renamed in recipe format 2: use {stage}.{RENAMED[rest]}" if rest in RENAMED else
-                            f"renamed in recipe format 2: use {RENAMED[key]}", file=self.source, key=where)
+            raise UserError(
+                f"renamed in recipe format 2: use {stage}.{RENAMED[rest]}"
+                if rest in RENAMED
+                else f"renamed in recipe format 2: use {RENAMED[key]}",
+                file=self.source,
+                key=where,
+            )
         if not self._is_recipe_field(key):
-            raise UserError(f"unknown search parameter (searched: {', '.join(sorted(self._dims))}; or a recipe field "
-                            "such as stage0.interpolator)", file=self.source, key=where)
+            raise UserError(
+                f"unknown search parameter (searched: {', '.join(sorted(self._dims))}; or a recipe field "
+                "such as stage0.interpolator)",
+                file=self.source,
+                key=where,
+            )
         if rest == "pyramid.smoothing_sigmas" and f"{stage}.pyramid.shrink_factors" not in self.overrides:
-            raise UserError(f"fix {stage}.pyramid.shrink_factors with it (one sigma per level)", file=self.source,
-                            key=where)
+            raise UserError(
+                f"fix {stage}.pyramid.shrink_factors with it (one sigma per level)", file=self.source, key=where
+            )
         if not ov.fixed:
             if key.endswith(".sampling.percentage"):
-                raise UserError(f"the sampling is searched as points per level: narrow {stage}.sampling.points, or fix "
-                                "a percentage", file=self.source, key=where)
-            raise UserError("only a fixed value can be given for a recipe field that is not searched",
-                            file=self.source, key=where)
+                raise UserError(
+                    f"the sampling is searched as points per level: narrow {stage}.sampling.points, or fix "
+                    "a percentage",
+                    file=self.source,
+                    key=where,
+                )
+            raise UserError(
+                "only a fixed value can be given for a recipe field that is not searched", file=self.source, key=where
+            )
         group, _, fieldname = rest.partition(".")
         union = {"transform": Transform, "metric": Metric, "optimizer": Optimizer}.get(group)
         if union is not None and fieldname and "." not in fieldname and fieldname != "kind":
             kinds = self._possible(f"{stage}.{group}.kind")
             users = [k for k in kinds if fieldname in model_of(union, k).model_fields]
             if not users:
-                raise UserError(f"not a setting of {group} {' or '.join(map(repr, kinds))}", file=self.source, key=where)
+                raise UserError(
+                    f"not a setting of {group} {' or '.join(map(repr, kinds))}", file=self.source, key=where
+                )
 
     def _is_recipe_field(self, key: str) -> bool:
         parts = key.split(".")
@@ -537,8 +638,13 @@ class SearchSpace:
     def _apply_field_overrides(self, data: dict[str, Any]) -> None:
         """Set the fixed recipe fields that are not searched parameters, where the drawn kinds have them."""
         for key, ov in self.overrides.items():
-            if key in self._dims or not ov.fixed or ".pyramid.shrink_factors" in key or ".pyramid.smoothing_sigmas" \
-                    in key or ".pyramid.sigma_units" in key:
+            if (
+                key in self._dims
+                or not ov.fixed
+                or ".pyramid.shrink_factors" in key
+                or ".pyramid.smoothing_sigmas" in key
+                or ".pyramid.sigma_units" in key
+            ):
                 continue
             _set_path(data, key, ov.value)
 
@@ -617,5 +723,3 @@ def pyramid_plan(fingerprint: DatasetFingerprint) -> str:
         f"(e.g. {list(shrink_schedule(space.max_shrink, space.max_levels))}); {plo}..{phi} sample points per level; "
         f"BSpline control points every {clo:.3g}..{chi:.3g} voxels"
     )
-
-

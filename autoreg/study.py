@@ -20,10 +20,11 @@ import os
 import re
 import socket
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import optuna
@@ -147,8 +148,12 @@ class RepairingJournalFileBackend(JournalFileBackend):
     def _warn_torn(self, number: int, what: str) -> None:
         if (self._file_path, number) not in _warned_torn:
             _warned_torn.add((self._file_path, number))
-            log.warning("journal %s: line %d holds a torn record (a process died while writing it); %s",
-                        self._file_path, number + 1, what)
+            log.warning(
+                "journal %s: line %d holds a torn record (a process died while writing it); %s",
+                self._file_path,
+                number + 1,
+                what,
+            )
 
     def _ends_cleanly(self) -> bool:
         with open(self._file_path, "rb") as f:
@@ -239,8 +244,12 @@ def study_dir(cfg: StudyConfig, override: str | Path | None = None) -> Path:
         except (OSError, ValueError, AttributeError):
             recorded = None
         if recorded == str(cfg.path):
-            log.warning("using the study in %s (the old default, beside the working directory); move it to %s or "
-                        "pass --study-dir", legacy, default)
+            log.warning(
+                "using the study in %s (the old default, beside the working directory); move it to %s or "
+                "pass --study-dir",
+                legacy,
+                default,
+            )
             return legacy
     return default
 
@@ -336,8 +345,9 @@ def open_storage(spec: StorageSpec) -> optuna.storages.BaseStorage:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return JournalStorage(JournalRedisBackend(url))
         if _is_url(url):
-            raise UserError(f"unsupported storage URL scheme (got {excerpt(redact(url), quote=False)})",
-                            key="--storage")
+            raise UserError(
+                f"unsupported storage URL scheme (got {excerpt(redact(url), quote=False)})", key="--storage"
+            )
         path = Path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(RepairingJournalFileBackend(str(path), lock_obj=journal_lock(path)))
@@ -346,11 +356,14 @@ def open_storage(spec: StorageSpec) -> optuna.storages.BaseStorage:
     except ImportError as err:  # SQLAlchemy's missing DB-API module is the cause of Optuna's ImportError
         driver = getattr(err.__cause__, "name", None) or err.name or "its database driver"
         hint = "; pip install 'autoreg[postgres]'" if url.startswith("postgresql") else ""
-        raise UserError(f"storage {redact(url)} needs {driver}, which is not installed{hint}", key="--storage") from None
+        raise UserError(
+            f"storage {redact(url)} needs {driver}, which is not installed{hint}", key="--storage"
+        ) from None
     except Exception as err:  # noqa: BLE001 - connection refused, bad credentials...
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot open storage {redact(url)} ({excerpt(redact(msg, url), 200, quote=False)})",
-                        key="--storage") from None
+        raise UserError(
+            f"cannot open storage {redact(url)} ({excerpt(redact(msg, url), 200, quote=False)})", key="--storage"
+        ) from None
 
 
 def make_sampler(seed: int, worker: int, launch: int = 0) -> optuna.samplers.BaseSampler:
@@ -399,9 +412,11 @@ class RungPruner(optuna.pruners.BasePruner):
         if step is None:
             return False
         value = trial.intermediate_values[step]
-        others = [t.intermediate_values[step] for t in study.get_trials(deepcopy=False,
-                                                                       states=(TrialState.COMPLETE, TrialState.PRUNED))
-                  if step in t.intermediate_values and t.number != trial.number]
+        others = [
+            t.intermediate_values[step]
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+            if step in t.intermediate_values and t.number != trial.number
+        ]
         if len(others) < self.n_startup:
             return False
         return value > float(np.quantile(others, self.keep[step % len(RUNGS)]))
@@ -425,8 +440,12 @@ IDENTITY_ATTR = "identity"
 def objective_identity(cfg: StudyConfig) -> dict[str, Any]:
     """What a trial's score means: the metric and how repeats and penalties fold into it."""
     o = cfg.objective
-    return {"metric": "tre_mean" if cfg.uses_landmarks else "holdout_loss", "aggregate": o.aggregate,
-            "std_weight": o.std_weight, "folding_penalty": o.folding_penalty}
+    return {
+        "metric": "tre_mean" if cfg.uses_landmarks else "holdout_loss",
+        "aggregate": o.aggregate,
+        "std_weight": o.std_weight,
+        "folding_penalty": o.folding_penalty,
+    }
 
 
 def study_identity(cfg: StudyConfig) -> dict[str, Any]:
@@ -434,9 +453,14 @@ def study_identity(cfg: StudyConfig) -> dict[str, Any]:
     stages and the objective. A study resumed with other inputs would mix trials of different problems."""
     pairs = {}
     for spec in cfg.pairs:
-        files = {"fixed": spec.fixed, "moving": spec.moving, "landmarks.fixed": spec.fixed_landmarks,
-                 "landmarks.moving": spec.moving_landmarks, "masks.fixed": spec.fixed_mask,
-                 "masks.moving": spec.moving_mask}
+        files = {
+            "fixed": spec.fixed,
+            "moving": spec.moving,
+            "landmarks.fixed": spec.fixed_landmarks,
+            "landmarks.moving": spec.moving_landmarks,
+            "masks.fixed": spec.fixed_mask,
+            "masks.moving": spec.moving_mask,
+        }
         pairs[spec.name] = {k: _digest(path) for k, path in files.items() if path is not None}
     return {"stages": list(cfg.stages), "objective": objective_identity(cfg), "pairs": pairs}
 
@@ -512,7 +536,8 @@ def check_identity(study: optuna.Study, cfg: StudyConfig, *, record: bool = Fals
         raise UserError(
             f"the study '{cfg.name}' was made with other inputs ({what}); to tune on these, start a new study: "
             f"another 'name:' in {cfg.path.name}, or --study-dir",
-            file=cfg.path, key=key,
+            file=cfg.path,
+            key=key,
         )
 
 
@@ -540,7 +565,7 @@ def create_or_load(
         study.set_user_attr("objective", cfg.score_name)
         study.set_user_attr("seed", cfg.seed)
         study.set_user_attr("fingerprint", fingerprint)
-        study.set_user_attr("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        study.set_user_attr("created", datetime.now(UTC).isoformat(timespec="seconds"))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([cfg.score_name])
@@ -566,7 +591,8 @@ def load_existing(cfg: StudyConfig, spec: StorageSpec) -> optuna.Study:
         raise UserError(
             f"no study found: looked for {spec.display}; pass --study-dir DIR (or --storage URL) where the study "
             f"lives, or run 'autoreg tune {cfg.path}' first",
-            file=cfg.path, key="name",
+            file=cfg.path,
+            key="name",
         )
     storage = open_storage(spec)
     try:
@@ -611,8 +637,11 @@ def reap_stale_trials(study: optuna.Study, *, live_pids: set[int] = frozenset(),
 
 def running_trials_of(study: optuna.Study, workers: set[str]) -> list[FrozenTrial]:
     """The RUNNING trials whose ``worker`` (host:pid) is one of ``workers``."""
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if t.user_attrs.get("worker") in workers]
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if t.user_attrs.get("worker") in workers
+    ]
 
 
 #: Why a trial was failed by someone other than its worker: the worker died, or the user stopped the tune.
@@ -631,7 +660,9 @@ def fail_trials(study: optuna.Study, trials: list[FrozenTrial], *, reason: str |
     for frozen in trials:
         t = TrialRecord.of(frozen)
         again = t.retry_of is not None
-        why = reason or ("worker died again (a retry; not queued again)" if again else "worker died (trial left RUNNING)")
+        why = reason or (
+            "worker died again (a retry; not queued again)" if again else "worker died (trial left RUNNING)"
+        )
         try:
             write_to_storage(storage, frozen._trial_id, fail_reason=why)  # noqa: SLF001
             storage.set_trial_state_values(frozen._trial_id, TrialState.FAIL)  # noqa: SLF001

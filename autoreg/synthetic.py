@@ -150,9 +150,7 @@ def _soft_ellipsoid(
     return 1.0 / (1.0 + np.exp(np.clip(signed / edge, -50.0, 50.0)))
 
 
-def _smoothed_noise(
-    rng: np.random.Generator, size: tuple[int, ...], sigma_voxels: float
-) -> np.ndarray:
+def _smoothed_noise(rng: np.random.Generator, size: tuple[int, ...], sigma_voxels: float) -> np.ndarray:
     """Gaussian-smoothed white noise rescaled to unit standard deviation."""
     img = sitk.GetImageFromArray(rng.normal(size=size[::-1]).astype(np.float32))
     img = sitk.SmoothingRecursiveGaussian(img, sigma_voxels)
@@ -286,7 +284,11 @@ def _bspline(fixed: sitk.Image, rng: np.random.Generator, magnitude: float) -> s
     coeffs *= mask
     tx.SetParameters(coeffs.ravel().tolist())
     field = sitk.TransformToDisplacementField(
-        tx, sitk.sitkVectorFloat64, fixed.GetSize(), fixed.GetOrigin(), fixed.GetSpacing(),
+        tx,
+        sitk.sitkVectorFloat64,
+        fixed.GetSize(),
+        fixed.GetOrigin(),
+        fixed.GetSpacing(),
         fixed.GetDirection(),
     )
     peak = float(np.max(np.linalg.norm(sitk.GetArrayFromImage(field), axis=-1)))
@@ -356,9 +358,7 @@ def _landmarks(
                 break
     if len(fixed_pts) < n:
         raise RuntimeError("could not place the requested landmarks inside the body")
-    return np.array(fixed_pts, dtype=np.float64).reshape(n, dim), np.array(
-        moving_pts, dtype=np.float64
-    ).reshape(n, dim)
+    return np.array(fixed_pts, dtype=np.float64).reshape(n, dim), np.array(moving_pts, dtype=np.float64).reshape(n, dim)
 
 
 # ------------------------------------------------------------------------ public API
@@ -432,9 +432,7 @@ def make_pair(
         ground_truth = sitk.CompositeTransform([linear, bspline])  # linear(bspline(x))
         inverse = sitk.CompositeTransform([_inverse_bspline(bspline, fixed_clean), inverse])
 
-    moving_grid = sitk.Image(
-        [int(round(size[0] * _MOVING_GROW_X)), *size[1:]], sitk.sitkFloat32
-    )
+    moving_grid = sitk.Image([int(round(size[0] * _MOVING_GROW_X)), *size[1:]], sitk.sitkFloat32)
     moving_grid.SetSpacing(spacing)
     moving_clean = sitk.Resample(
         moving_anatomy,
@@ -449,9 +447,7 @@ def make_pair(
     rng_noise = _sub_rng(seed, 2)
     fixed = _add_noise(fixed_clean, rng_noise)
     moving = _add_noise(moving_clean, rng_noise)
-    fixed_points, moving_points = _landmarks(
-        _sub_rng(seed, 3), n_landmarks, anatomy.body, fixed, moving, ground_truth
-    )
+    fixed_points, moving_points = _landmarks(_sub_rng(seed, 3), n_landmarks, anatomy.body, fixed, moving, ground_truth)
     return SyntheticPair(fixed, moving, ground_truth, fixed_points, moving_points)
 
 

@@ -9,7 +9,8 @@ the best and which is the baseline.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -21,8 +22,19 @@ USER_PREFIX = "user:"
 #: A warm start: an earlier study's recipe, given to the sampler as a point of this study's space.
 WARM_PREFIX = "warm:"
 #: Statistics of a finished trial, each the mean over its pairs (``folding_fraction``: the worst pair).
-SCORE_KEYS = ("tre_mean", "tre_median", "tre_p90", "tre_max", "tre_mean_vox", "tre_report_mean", "relative_tre",
-              "holdout_loss", "holdout_nmi", "folding_fraction", "score_std")
+SCORE_KEYS = (
+    "tre_mean",
+    "tre_median",
+    "tre_p90",
+    "tre_max",
+    "tre_mean_vox",
+    "tre_report_mean",
+    "relative_tre",
+    "holdout_loss",
+    "holdout_nmi",
+    "folding_fraction",
+    "score_std",
+)
 
 
 class TrialRecord(BaseModel):

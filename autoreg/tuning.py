@@ -20,10 +20,10 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from .errors import UserError
 
@@ -139,8 +139,9 @@ def study_config(source: Any) -> StudyConfig:
         return parse_pair_file(dict(source), Path.cwd().resolve() / "<dict>")
     if isinstance(source, (str, os.PathLike)):
         return load_config(source)
-    raise UserError(f"expected a PAIR.yaml path, a dict of its keys or a StudyConfig (got {type(source).__name__})",
-                    key="pair")
+    raise UserError(
+        f"expected a PAIR.yaml path, a dict of its keys or a StudyConfig (got {type(source).__name__})", key="pair"
+    )
 
 
 def _check_arguments(trials: Any, timeout: Any, jobs: Any, seed: Any) -> None:
@@ -154,8 +155,9 @@ def _check_arguments(trials: Any, timeout: Any, jobs: Any, seed: Any) -> None:
     whole(trials, "trials", 1, MAX_TRIALS)
     whole(jobs, "jobs", 1, MAX_JOBS)
     whole(seed, "seed", 0, SEED_LIMIT - 1)
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or not math.isfinite(timeout) or timeout <= 0):
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0
+    ):
         raise UserError(f"expected a positive, finite number of seconds (got {timeout!r})", key="timeout")
 
 
@@ -182,8 +184,9 @@ def run_tune(
     ``source``: a PAIR.yaml path, a dict with its keys (paths relative to the working directory) or a
     ``StudyConfig``. ``study_dir``/``storage``/``warm_start`` as ``tune --study-dir/--storage/--warm-start`` (recipes,
     or folders of recipes, whose points start the search). ``progress`` receives ``TuneEvent``s; with ``console``
-    (a rich terminal, ``progress.terminal``) the live view is drawn there in place instead. ``dask_storage="scheduler"`` makes every cluster worker reach the study through the scheduler
-    (Optuna's ``DaskStorage``) and send its artifacts to this process, even where it sees the study folder.
+    (a rich terminal, ``progress.terminal``) the live view is drawn there in place instead.
+    ``dask_storage="scheduler"`` makes every cluster worker reach the study through the scheduler (Optuna's
+    ``DaskStorage``) and send its artifacts to this process, even where it sees the study folder.
     Errors in what was given raise ``UserError``; Ctrl-C returns a result with ``interrupted`` set."""
     from .pipeline import Pipeline
     from .study import TuneLock, create_or_load, storage_spec, write_study_info
@@ -199,14 +202,26 @@ def run_tune(
     spec = storage_spec(cfg, directory, storage)
     pipe = Pipeline(cfg, seed=seed)
     cfg = pipe.cfg
-    study = create_or_load(cfg, spec, pipe.space, pipe.provenance,  # refuses changed inputs before study.json
-                           pipe.starting_points)
+    study = create_or_load(
+        cfg,
+        spec,
+        pipe.space,
+        pipe.provenance,  # refuses changed inputs before study.json
+        pipe.starting_points,
+    )
     write_study_info(directory, cfg, spec, pipe.provenance)
     emit = progress or _log_event
     with TuneLock(directory) as alone:
         return _Tune(pipe, study, directory, spec, emit).run(
-            trials=trials, timeout=timeout, jobs=jobs, alone=alone, dask_scheduler=dask_scheduler,
-            dask_storage=dask_storage, live=progress is not None, console=console)
+            trials=trials,
+            timeout=timeout,
+            jobs=jobs,
+            alone=alone,
+            dask_scheduler=dask_scheduler,
+            dask_storage=dask_storage,
+            live=progress is not None,
+            console=console,
+        )
 
 
 def _log_event(event: TuneEvent) -> None:
@@ -230,11 +245,27 @@ class Runner(Protocol):
 
 class _Tune:
     def __init__(self, pipe: Any, study: optuna.Study, directory: Path, spec: StorageSpec, emit: Progress):
-        self.pipe, self.cfg, self.study, self.directory, self.spec, self.emit = \
-            pipe, pipe.cfg, study, directory, spec, emit
+        self.pipe, self.cfg, self.study, self.directory, self.spec, self.emit = (
+            pipe,
+            pipe.cfg,
+            study,
+            directory,
+            spec,
+            emit,
+        )
 
-    def run(self, *, trials: int | None, timeout: float | None, jobs: int | None, alone: bool,
-            dask_scheduler: str | None, dask_storage: str, live: bool, console: Console | None) -> TuneResult:
+    def run(
+        self,
+        *,
+        trials: int | None,
+        timeout: float | None,
+        jobs: int | None,
+        alone: bool,
+        dask_scheduler: str | None,
+        dask_storage: str,
+        live: bool,
+        console: Console | None,
+    ) -> TuneResult:
         from .progress import ProgressMonitor, score_unit, snapshot
         from .study import best_and_baseline_of, reap_stale_trials, take_launch_number
         from .workers import StopRequest, WorkerPlan, budget_lock
@@ -242,8 +273,12 @@ class _Tune:
         study, cfg, directory = self.study, self.cfg, self.directory
         reaped = reap_stale_trials(study, alone=alone and self.spec.local_journal)
         if reaped:
-            self.emit(TuneEvent("reaped", f"{len(reaped)} trial(s) left RUNNING by a dead worker were failed and "
-                                          f"queued again: {reaped}"))
+            self.emit(
+                TuneEvent(
+                    "reaped",
+                    f"{len(reaped)} trial(s) left RUNNING by a dead worker were failed and queued again: {reaped}",
+                )
+            )
         lock_path = str(directory / "trials.lock")
         with budget_lock(lock_path):  # two tunes started together get different numbers, hence sampler streams
             launch = take_launch_number(study)
@@ -267,8 +302,17 @@ class _Tune:
         if dask_scheduler:
             from .dask_cluster import DaskRunner
 
-            runner = DaskRunner(dask_scheduler, plan, study, self.pipe, directory, jobs=jobs, timeout=timeout,
-                                emit=self.emit, route=dask_storage)
+            runner = DaskRunner(
+                dask_scheduler,
+                plan,
+                study,
+                self.pipe,
+                directory,
+                jobs=jobs,
+                timeout=timeout,
+                emit=self.emit,
+                route=dask_storage,
+            )
         else:
             runner = LocalRunner(plan, study, jobs=jobs or os.cpu_count() or 1, timeout=timeout)
         t0 = time.monotonic()
@@ -278,11 +322,26 @@ class _Tune:
         try:
             plan = runner.plan = replace(runner.prepare(), deadline=(time.time() + timeout) if timeout else None)
             before = snapshot(study)
-            self.emit(TuneEvent("started", f"study {cfg.name}: {before.finished} trial(s) so far; storage "
-                                           f"{self.spec.display}; {runner.describe()}"))
-            monitor = ProgressMonitor(study, lambda line: self.emit(TuneEvent("progress", line)), target=target,
-                                      timeout=timeout, workers=getattr(runner, "jobs", None), unit=unit,
-                                      console=console) if live else _NoMonitor()
+            self.emit(
+                TuneEvent(
+                    "started",
+                    f"study {cfg.name}: {before.finished} trial(s) so far; storage "
+                    f"{self.spec.display}; {runner.describe()}",
+                )
+            )
+            monitor = (
+                ProgressMonitor(
+                    study,
+                    lambda line: self.emit(TuneEvent("progress", line)),
+                    target=target,
+                    timeout=timeout,
+                    workers=getattr(runner, "jobs", None),
+                    unit=unit,
+                    console=console,
+                )
+                if live
+                else _NoMonitor()
+            )
             stop.install()
             with monitor:
                 runner.start(stop)
@@ -306,9 +365,22 @@ class _Tune:
             raise runner.error
         best, base = best_and_baseline_of(study)
         holdout = self._holdout(best) if best is not None and cfg.holdout and not interrupted else []
-        return TuneResult(config=cfg, study=study, directory=directory, storage=self.spec, interrupted=interrupted,
-                          seconds=time.monotonic() - t0, snapshot=snapshot(study), best=best, baseline=base,
-                          reaped=reaped, aborted=aborted, holdout=holdout, workers=runner.describe(), unit=unit)
+        return TuneResult(
+            config=cfg,
+            study=study,
+            directory=directory,
+            storage=self.spec,
+            interrupted=interrupted,
+            seconds=time.monotonic() - t0,
+            snapshot=snapshot(study),
+            best=best,
+            baseline=base,
+            reaped=reaped,
+            aborted=aborted,
+            holdout=holdout,
+            workers=runner.describe(),
+            unit=unit,
+        )
 
     def _holdout(self, best: TrialRecord) -> list[HoldoutScore]:
         """The best recipe on the pairs listed under 'holdout:' (never tuned on): how well it generalises."""
@@ -317,9 +389,15 @@ class _Tune:
 
         recipe = recipe_from_dict(best.recipe, source=f"trial {best.number}")
         ev = evaluate(recipe, self.pipe.holdout_pairs, use_landmarks=self.cfg.uses_landmarks)
-        return [HoldoutScore(p.name, ev.metric, p.values[0] if p.values else None,
-                             None if p.values else (p.failures[0] if p.failures else "no score"))
-                for p in ev.pairs]
+        return [
+            HoldoutScore(
+                p.name,
+                ev.metric,
+                p.values[0] if p.values else None,
+                None if p.values else (p.failures[0] if p.failures else "no score"),
+            )
+            for p in ev.pairs
+        ]
 
 
 class _NoMonitor:
@@ -367,9 +445,9 @@ class LocalRunner:
         self._thread.start()
 
     def _run(self, stop: StopRequest) -> None:
-        from .workers import run_worker
-
         import SimpleITK as sitk
+
+        from .workers import run_worker
 
         threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
         try:
@@ -397,7 +475,8 @@ class LocalRunner:
         for attempt in range(self.ATTEMPTS):
             try:
                 Parallel(n_jobs=jobs, backend="loky")(
-                    delayed(run_worker)(self.plan, i + attempt * jobs) for i in range(jobs))
+                    delayed(run_worker)(self.plan, i + attempt * jobs) for i in range(jobs)
+                )
                 return
             except TerminatedWorkerError as err:
                 if stop():
@@ -416,8 +495,11 @@ class LocalRunner:
         from .study import INTERRUPTED, fail_trials, running_trials_of
 
         host, me = socket.gethostname(), os.getpid()
-        running = [t for t in running_trials_of(self.study, _workers_on(host, self.study))
-                   if _is_own(int(t.user_attrs["worker"].rpartition(":")[2]), me)]
+        running = [
+            t
+            for t in running_trials_of(self.study, _workers_on(host, self.study))
+            if _is_own(int(t.user_attrs["worker"].rpartition(":")[2]), me)
+        ]
         for pid in {int(t.user_attrs["worker"].rpartition(":")[2]) for t in running} - {me}:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -436,8 +518,11 @@ def _workers_on(host: str, study: optuna.Study) -> set[str]:
     """The ``worker`` names (host:pid) of this host's RUNNING trials."""
     from optuna.trial import TrialState
 
-    return {w for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if (w := t.user_attrs.get("worker", "")).rpartition(":")[0] == host and w.rpartition(":")[2].isdigit()}
+    return {
+        w
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if (w := t.user_attrs.get("worker", "")).rpartition(":")[0] == host and w.rpartition(":")[2].isdigit()
+    }
 
 
 def _is_own(pid: int, me: int) -> bool:

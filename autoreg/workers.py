@@ -14,14 +14,15 @@ import os
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any
 
 import optuna
 import SimpleITK as sitk
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from .artifacts import ArtifactRecorder
 from .config import StudyConfig
@@ -195,10 +196,17 @@ class WorkerData:
         return cls(pipe.cfg, pipe.pairs, pipe.space)
 
 
-def run_trials(plan: WorkerPlan, worker_index: int, stop: Callable[[], bool], *, data: WorkerData | None = None,
-               storage: optuna.storages.BaseStorage | None = None,
-               lock: Callable[[], ContextManager[Any]] | None = None, recorder: ArtifactRecorder | None = None,
-               calibrate_under_lock: bool = False) -> int:
+def run_trials(
+    plan: WorkerPlan,
+    worker_index: int,
+    stop: Callable[[], bool],
+    *,
+    data: WorkerData | None = None,
+    storage: optuna.storages.BaseStorage | None = None,
+    lock: Callable[[], AbstractContextManager[Any]] | None = None,
+    recorder: ArtifactRecorder | None = None,
+    calibrate_under_lock: bool = False,
+) -> int:
     """The worker loop: ask for a trial under the budget lock, run it, until the budget is spent, the time is up or
     ``stop()`` turns true. Local workers use the defaults (files, the study's storage, a file lock, the study folder's
     artifact store); a cluster's worker passes what it reaches instead."""
@@ -221,8 +229,15 @@ def run_trials(plan: WorkerPlan, worker_index: int, stop: Callable[[], bool], *,
             cost = cost_model(study, plan.threads)
     else:
         cost = cost_model(study, plan.threads)
-    objective = Objective(data.cfg, data.pairs, data.space, threads=plan.threads, prune=plan.prune, cost=cost,
-                          budget=Budget(deadline=plan.deadline, per_trial_s=plan.trial_budget_s))
+    objective = Objective(
+        data.cfg,
+        data.pairs,
+        data.space,
+        threads=plan.threads,
+        prune=plan.prune,
+        cost=cost,
+        budget=Budget(deadline=plan.deadline, per_trial_s=plan.trial_budget_s),
+    )
     objective.should_stop = stop
     recorder = recorder or ArtifactRecorder(Path(plan.lock_path).parent)  # the study folder: <study dir>/artifacts
     fresh = getattr(stop, "now", stop)
@@ -238,11 +253,8 @@ def run_trials(plan: WorkerPlan, worker_index: int, stop: Callable[[], bool], *,
         with lock():
             if fresh():  # a stop asked for while this worker waited for the lock: no new trial
                 break
-            if plan.n_trials is not None:
-                # one read of the storage: every trial but the queued (WAITING) ones counts towards the budget
-                started = sum(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
-                if started >= plan.n_trials:
-                    break
+            if plan.n_trials is not None and budget_spent(study.get_trials(deepcopy=False), plan.n_trials):
+                break
             trial = study.ask()
             trial.set_user_attr("worker", objective.worker)  # before anything can stop us: names who runs it
         if not run_one(study, trial, objective, recorder):
@@ -251,8 +263,24 @@ def run_trials(plan: WorkerPlan, worker_index: int, stop: Callable[[], bool], *,
     return done
 
 
-def run_one(study: optuna.Study, trial: optuna.Trial, objective: Objective,
-            recorder: ArtifactRecorder | None = None) -> bool:
+def budget_spent(trials: Sequence[FrozenTrial], n_trials: int) -> bool:
+    """Whether a worker may ask for no more trials. The budget counts trials asked for (not the queued ones); a
+    dead worker's trial, failed and queued again, gives its place to its retry, which runs even once the count is
+    reached (other workers may have filled the budget before the death was seen): nothing a user asked for is lost."""
+    retried = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
+    counted, retry_waiting = 0, False
+    for t in trials:
+        if t.state == TrialState.WAITING:
+            if "retry_of" in t.user_attrs:
+                counted, retry_waiting = counted + 1, True
+        elif t.number not in retried:
+            counted += 1
+    return counted >= n_trials and not retry_waiting
+
+
+def run_one(
+    study: optuna.Study, trial: optuna.Trial, objective: Objective, recorder: ArtifactRecorder | None = None
+) -> bool:
     """One trial through ask/tell; Ctrl-C marks it FAIL (never left RUNNING) and propagates. An improving trial's
     pictures are stored by ``recorder`` before ``tell`` (a finished trial takes no more artifacts).
 

@@ -96,8 +96,9 @@ def _check_expanded_size(root: yaml.Node) -> None:
         if ident in size:
             continue
         if ident in open_nodes:
-            raise _Refused("an alias refers to a node that contains it (a recursive structure)",
-                           node.start_mark.line + 1)
+            raise _Refused(
+                "an alias refers to a node that contains it (a recursive structure)", node.start_mark.line + 1
+            )
         open_nodes.add(ident)
         stack.append((node, True))
         for child in _children(node):

@@ -44,26 +44,47 @@ def main() -> None:
                     save_recipe(default_recipe(stages, dim, seed=seed), recipe_path)
                     t0 = time.perf_counter()
                     proc = subprocess.run(
-                        [sys.executable, "-m", "autoreg.cli", "apply", str(recipe_path),
-                         "--fixed", str(files["fixed"]), "--moving", str(files["moving"]),
-                         "--transform-out", str(Path(tmp) / "t.tfm"),
-                         "--fixed-landmarks", str(files["fixed_landmarks"]),
-                         "--moving-landmarks", str(files["moving_landmarks"])],
-                        capture_output=True, text=True,
+                        [
+                            sys.executable,
+                            "-m",
+                            "autoreg.cli",
+                            "apply",
+                            str(recipe_path),
+                            "--fixed",
+                            str(files["fixed"]),
+                            "--moving",
+                            str(files["moving"]),
+                            "--transform-out",
+                            str(Path(tmp) / "t.tfm"),
+                            "--fixed-landmarks",
+                            str(files["fixed_landmarks"]),
+                            "--moving-landmarks",
+                            str(files["moving_landmarks"]),
+                        ],
+                        capture_output=True,
+                        text=True,
                     )
                     wall = time.perf_counter() - t0
                     m = TRE_LINE.search(proc.stdout)
                     if proc.returncode != 0 or not m:
-                        fails.append(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
+                        fails.append(
+                            proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+                        )
                         continue
                     before = float(m.group(1))
                     afters.append(float(m.group(2)))
                     s = SECONDS.search(proc.stdout)
                     secs.append(float(s.group(1)) if s else wall)
-                after = f"{sum(afters) / len(afters):.2f} [{min(afters):.2f}..{max(afters):.2f}]" if afters else "all failed"
+                after = (
+                    f"{sum(afters) / len(afters):.2f} [{min(afters):.2f}..{max(afters):.2f}]"
+                    if afters
+                    else "all failed"
+                )
                 sec = f"{sum(secs) / len(secs):.2f}" if secs else "-"
                 b = f"{before:.2f}" if before is not None else "-"
-                print(f"{name:36s} {'+'.join(stages):16s} {b:>10s} {after:>26s} {sec:>7s}  {len(fails)}/{args.repeats} {'; '.join(sorted(set(fails)))}")
+                print(
+                    f"{name:36s} {'+'.join(stages):16s} {b:>10s} {after:>26s} {sec:>7s}  {len(fails)}/{args.repeats} {'; '.join(sorted(set(fails)))}"
+                )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,9 +81,26 @@ def tune(pair: Path, study_dir: Path, trials: int, jobs: int, *extra: str, check
 
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", str(trials), "--jobs", str(jobs),
-         "--seed", "0", "--study-dir", str(study_dir), "-q", *extra],
-        check=check, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "autoreg.cli",
+            "tune",
+            str(pair),
+            "--trials",
+            str(trials),
+            "--jobs",
+            str(jobs),
+            "--seed",
+            "0",
+            "--study-dir",
+            str(study_dir),
+            "-q",
+            *extra,
+        ],
+        check=check,
+        capture_output=True,
+        text=True,
     )
     return proc, time.perf_counter() - t0
 
@@ -93,4 +110,4 @@ def machine() -> str:
 
 
 def stamp() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")

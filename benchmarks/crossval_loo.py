@@ -43,8 +43,14 @@ def dataset_yaml(folder: Path, name: str, pairs: list[str], stages: list[str], a
     doc = {"name": name, "stages": stages, "objective": {"across_pairs": across}, "pairs": []}
     for p in pairs:
         f = pair_files(p)
-        doc["pairs"].append({"name": p, "fixed": str(f["fixed"]), "moving": str(f["moving"]),
-                             "landmarks": {"fixed": str(f["fixed_landmarks"]), "moving": str(f["moving_landmarks"])}})
+        doc["pairs"].append(
+            {
+                "name": p,
+                "fixed": str(f["fixed"]),
+                "moving": str(f["moving"]),
+                "landmarks": {"fixed": str(f["fixed_landmarks"]), "moving": str(f["moving_landmarks"])},
+            }
+        )
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
@@ -84,23 +90,29 @@ def warm_starts(out: Path, folds: list[list[str]], trials: int, jobs: int) -> li
         for n in held:
             own = out / f"own-{n}"
             warm = out / f"warm-{n}"
-            proc, wall = tune(own / "pair.yaml", warm / "study", trials, jobs, "--warm-start", str(recipe),
-                              check=False)
+            proc, wall = tune(own / "pair.yaml", warm / "study", trials, jobs, "--warm-start", str(recipe), check=False)
             cold_v = [t.value if t.complete else None for t in study_records(own / "study")]
             warm_v = [t.value if t.complete else None for t in study_records(warm / "study")]
             target = min(v for v in cold_v + warm_v if v is not None)
-            rows.append({"pair": n, "target": target, "cold_best": min(v for v in cold_v if v is not None),
-                         "warm_best": min((v for v in warm_v if v is not None), default=None),
-                         "cold_trials": trials_to_near(cold_v, target), "warm_trials": trials_to_near(warm_v, target),
-                         "warm_wall_s": round(wall, 1), "exit": proc.returncode})
+            rows.append(
+                {
+                    "pair": n,
+                    "target": target,
+                    "cold_best": min(v for v in cold_v if v is not None),
+                    "warm_best": min((v for v in warm_v if v is not None), default=None),
+                    "cold_trials": trials_to_near(cold_v, target),
+                    "warm_trials": trials_to_near(warm_v, target),
+                    "warm_wall_s": round(wall, 1),
+                    "exit": proc.returncode,
+                }
+            )
     return rows
 
 
 def peers(pairs: list[str], stages: list[str]) -> dict[str, dict]:
     import peers as peers_mod
 
-    return {p: {tool: peers_mod.run_isolated(tool, p, stages, 2, 1800) for tool in ("elastix", "ants")}
-            for p in pairs}
+    return {p: {tool: peers_mod.run_isolated(tool, p, stages, 2, 1800) for tool in ("elastix", "ants")} for p in pairs}
 
 
 def run(key: str, trials: int, jobs: int, across: str) -> dict:
@@ -108,15 +120,40 @@ def run(key: str, trials: int, jobs: int, across: str) -> dict:
     label = f"{key}-{across}"
     out = RESULTS / "crossval" / label
     path = dataset_yaml(out, label, pairs, stages, across)
-    cmd = [sys.executable, "-m", "autoreg.cli", "crossval", str(path), "--trials", str(trials), "--jobs", str(jobs),
-           "--seed", "0", "--out", str(out), "--json", str(out / "result.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "autoreg.cli",
+        "crossval",
+        str(path),
+        "--trials",
+        str(trials),
+        "--jobs",
+        str(jobs),
+        "--seed",
+        "0",
+        "--out",
+        str(out),
+        "--json",
+        str(out / "result.json"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"crossval failed: {proc.stderr.strip().splitlines()[-1:]}")
     result = json.loads((out / "result.json").read_text())
-    return {"dataset": key, "across": across, "stages": stages, "trials": trials, "stamp": stamp(),
-            "machine": machine(), "command": " ".join(cmd[1:]), "crossval": result, "text": proc.stdout,
-            "peers": peers(pairs, stages), "warm": warm_starts(out, result["folds"], trials, jobs)}
+    return {
+        "dataset": key,
+        "across": across,
+        "stages": stages,
+        "trials": trials,
+        "stamp": stamp(),
+        "machine": machine(),
+        "command": " ".join(cmd[1:]),
+        "crossval": result,
+        "text": proc.stdout,
+        "peers": peers(pairs, stages),
+        "warm": warm_starts(out, result["folds"], trials, jobs),
+    }
 
 
 def _f(v) -> str:
@@ -125,27 +162,45 @@ def _f(v) -> str:
 
 def table(entry: dict) -> str:
     cv = entry["crossval"]
-    lines = [f"### {entry['dataset']} ({'+'.join(entry['stages'])}, across_pairs {entry['across']}, "
-             f"{entry['trials']} trials per study; TRE over every landmark, {cv['unit']})", "",
-             "| pair | before | default | **out of sample** | own study's best | elastix | ANTs | out of sample vs "
-             "default, best peer |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"### {entry['dataset']} ({'+'.join(entry['stages'])}, across_pairs {entry['across']}, "
+        f"{entry['trials']} trials per study; TRE over every landmark, {cv['unit']})",
+        "",
+        "| pair | before | default | **out of sample** | own study's best | elastix | ANTs | out of sample vs "
+        "default, best peer |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for p in cv["pairs"]:
         peer = entry["peers"].get(p["name"], {})
         el, an = (peer.get(t, {}).get("mean") for t in ("elastix", "ants"))
         best_peer = min((v for v in (el, an) if v is not None), default=None)
         oos = p["out_of_sample"]
-        verdict = "-" if oos is None else (
-            f"{'not worse' if p['default'] is not None and oos <= p['default'] else 'WORSE'} / "
-            f"{'below' if best_peer is not None and oos < best_peer else 'not below'}")
-        lines.append(f"| {p['name']} | {_f(p['before'])} | {_f(p['default'])} | **{_f(oos)}** | {_f(p['own_best'])} | "
-                     f"{_f(el)} | {_f(an)} | {verdict} |")
+        verdict = (
+            "-"
+            if oos is None
+            else (
+                f"{'not worse' if p['default'] is not None and oos <= p['default'] else 'WORSE'} / "
+                f"{'below' if best_peer is not None and oos < best_peer else 'not below'}"
+            )
+        )
+        lines.append(
+            f"| {p['name']} | {_f(p['before'])} | {_f(p['default'])} | **{_f(oos)}** | {_f(p['own_best'])} | "
+            f"{_f(el)} | {_f(an)} | {verdict} |"
+        )
     if entry["warm"]:
-        lines += ["", f"Warm starts: trials until within {NEAR:.0%} of the better final best (cold: the pair's own "
-                  "study; warm: the same study started from the fold's best recipe).", "",
-                  "| pair | target | cold best | warm best | cold: trials | warm: trials |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"Warm starts: trials until within {NEAR:.0%} of the better final best (cold: the pair's own "
+            "study; warm: the same study started from the fold's best recipe).",
+            "",
+            "| pair | target | cold best | warm best | cold: trials | warm: trials |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for w in entry["warm"]:
-            lines.append(f"| {w['pair']} | {_f(w['target'])} | {_f(w['cold_best'])} | {_f(w['warm_best'])} | "
-                         f"{w['cold_trials'] or 'never'} | {w['warm_trials'] or 'never'} |")
+            lines.append(
+                f"| {w['pair']} | {_f(w['target'])} | {_f(w['cold_best'])} | {_f(w['warm_best'])} | "
+                f"{w['cold_trials'] or 'never'} | {w['warm_trials'] or 'never'} |"
+            )
     return "\n".join(lines)
 
 

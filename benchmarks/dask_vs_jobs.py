@@ -39,19 +39,51 @@ QUICKSTART = REPO / "examples" / "quickstart" / "pair.yaml"
 def start_cluster(root: Path) -> tuple[str, list[subprocess.Popen]]:
     root.mkdir(parents=True, exist_ok=True)
     sched_file = root / "scheduler.json"
-    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                               "--port", "0", "--no-dashboard", "--scheduler-file", str(sched_file)],
-                              stdout=subprocess.DEVNULL, stderr=open(root / "scheduler.log", "wb"),
-                              start_new_session=True)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "distributed.cli.dask_scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-dashboard",
+                "--scheduler-file",
+                str(sched_file),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(root / "scheduler.log", "wb"),
+            start_new_session=True,
+        )
+    ]
     while not sched_file.is_file():
         time.sleep(0.1)
     time.sleep(0.3)
     address = json.loads(sched_file.read_text())["address"]
-    procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers", "2",
-                                   "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard",
-                                   "--local-directory", str(root / "workers")],
-                                  stdout=subprocess.DEVNULL, stderr=open(root / "workers.log", "wb"),
-                                  start_new_session=True))
+    procs.append(
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "distributed.cli.dask_worker",
+                address,
+                "--nworkers",
+                "2",
+                "--nthreads",
+                "1",
+                "--host",
+                "127.0.0.1",
+                "--no-dashboard",
+                "--local-directory",
+                str(root / "workers"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(root / "workers.log", "wb"),
+            start_new_session=True,
+        )
+    )
     from distributed import Client
 
     with Client(address, set_as_default=False, timeout=60) as client:
@@ -79,8 +111,11 @@ def pair_doc(label: str, name: str | None) -> dict:
         doc["landmarks"] = {k: str(QUICKSTART.parent / v) for k, v in doc["landmarks"].items()}
     else:
         files = pair_files(name)
-        doc = {"fixed": str(files["fixed"]), "moving": str(files["moving"]),
-               "landmarks": {"fixed": str(files["fixed_landmarks"]), "moving": str(files["moving_landmarks"])}}
+        doc = {
+            "fixed": str(files["fixed"]),
+            "moving": str(files["moving"]),
+            "landmarks": {"fixed": str(files["fixed_landmarks"]), "moving": str(files["moving_landmarks"])},
+        }
     doc.update({"name": label, "stages": ["affine"], "prune": False})
     return doc
 
@@ -111,8 +146,25 @@ def run(pair: Path, study_dir: Path, trials: int, *how: str) -> float:
     if study_dir.exists():
         shutil.rmtree(study_dir)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", str(trials),
-                           "--seed", "0", "--study-dir", str(study_dir), "-q", *how], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "autoreg.cli",
+            "tune",
+            str(pair),
+            "--trials",
+            str(trials),
+            "--seed",
+            "0",
+            "--study-dir",
+            str(study_dir),
+            "-q",
+            *how,
+        ],
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"tune failed ({' '.join(how)}):\n{proc.stderr[-2000:]}")
@@ -127,9 +179,16 @@ def measure(study_dir: Path, name: str, wall: float) -> dict:
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
     span = (max(ends) - min(starts)).total_seconds()
     n = len(trials)
-    return {"trials": n, "wall": wall, "span": span, "per_min": n / wall * 60, "per_min_span": n / span * 60,
-            "overhead": (2 * wall - runtime) / n, "in_trial": runtime / n,
-            "complete": sum(t.state.name == "COMPLETE" for t in trials)}
+    return {
+        "trials": n,
+        "wall": wall,
+        "span": span,
+        "per_min": n / wall * 60,
+        "per_min_span": n / span * 60,
+        "overhead": (2 * wall - runtime) / n,
+        "in_trial": runtime / n,
+        "complete": sum(t.state.name == "COMPLETE" for t in trials),
+    }
 
 
 def main() -> None:
@@ -159,22 +218,34 @@ def main() -> None:
                     rows.append((label, way, measure(sdir, doc["name"], wall)))
     finally:
         stop_cluster(procs)
-    print(f"# dask_vs_jobs: {args.trials} drawn recipes + the default per study, stages [affine], pruning off, "
-          f"{args.repeats} run(s) each ({stamp()}, {machine()})")
-    print(f"{'pair':34s} {'way':9s} {'trials':>6s} {'wall s':>7s} {'tr/min':>7s} {'tr/min*':>7s} "
-          f"{'ovh s/tr':>8s} {'in-trial s':>10s}")
+    print(
+        f"# dask_vs_jobs: {args.trials} drawn recipes + the default per study, stages [affine], pruning off, "
+        f"{args.repeats} run(s) each ({stamp()}, {machine()})"
+    )
+    print(
+        f"{'pair':34s} {'way':9s} {'trials':>6s} {'wall s':>7s} {'tr/min':>7s} {'tr/min*':>7s} "
+        f"{'ovh s/tr':>8s} {'in-trial s':>10s}"
+    )
     for label, way, m in rows:
-        print(f"{label:34s} {way:9s} {m['trials']:6d} {m['wall']:7.1f} {m['per_min']:7.1f} {m['per_min_span']:7.1f} "
-              f"{m['overhead']:8.3f} {m['in_trial']:10.3f}")
-    print("(tr/min: over the wall time; tr/min*: over the span of the trials; ovh: (2 x wall - sum of trial "
-          "runtimes) / trials)")
+        print(
+            f"{label:34s} {way:9s} {m['trials']:6d} {m['wall']:7.1f} {m['per_min']:7.1f} {m['per_min_span']:7.1f} "
+            f"{m['overhead']:8.3f} {m['in_trial']:10.3f}"
+        )
+    print(
+        "(tr/min: over the wall time; tr/min*: over the span of the trials; ovh: (2 x wall - sum of trial "
+        "runtimes) / trials)"
+    )
     for label in dict.fromkeys(r[0] for r in rows):
         by = {way: [m for lb, w, m in rows if lb == label and w == way] for way in ("jobs 2", "dask 2x1")}
-        mean = {w: {k: sum(m[k] for m in ms) / len(ms) for k in ("per_min", "per_min_span", "overhead")}
-                for w, ms in by.items()}
-        print(f"{label}: dask/jobs trials per minute = {mean['dask 2x1']['per_min'] / mean['jobs 2']['per_min']:.2f} "
-              f"(steady: {mean['dask 2x1']['per_min_span'] / mean['jobs 2']['per_min_span']:.2f}); overhead per "
-              f"trial {mean['jobs 2']['overhead']:.3f} s (jobs) vs {mean['dask 2x1']['overhead']:.3f} s (dask)")
+        mean = {
+            w: {k: sum(m[k] for m in ms) / len(ms) for k in ("per_min", "per_min_span", "overhead")}
+            for w, ms in by.items()
+        }
+        print(
+            f"{label}: dask/jobs trials per minute = {mean['dask 2x1']['per_min'] / mean['jobs 2']['per_min']:.2f} "
+            f"(steady: {mean['dask 2x1']['per_min_span'] / mean['jobs 2']['per_min_span']:.2f}); overhead per "
+            f"trial {mean['jobs 2']['overhead']:.3f} s (jobs) vs {mean['dask 2x1']['overhead']:.3f} s (dask)"
+        )
 
 
 if __name__ == "__main__":

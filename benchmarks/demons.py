@@ -14,31 +14,45 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autoreg.config import PairSpec  # noqa: E402
 from autoreg.data import PairData  # noqa: E402
-from autoreg.recipe import (DisplacementTransform, GradientDescent, LinearTransform, MeanSquares, Pyramid,  # noqa: E402
-                            Recipe, RegularStepGradientDescent, Sampling, Stage)
+from autoreg.recipe import (  # noqa: E402
+    DisplacementTransform,
+    GradientDescent,
+    LinearTransform,
+    MeanSquares,
+    Pyramid,
+    Recipe,
+    RegularStepGradientDescent,
+    Sampling,
+    Stage,
+)
 from autoreg.registration import register  # noqa: E402
 from autoreg.scoring import tre  # noqa: E402
 from autoreg.synthetic import make_pair  # noqa: E402
 
 PYRAMID = Pyramid(shrink_factors=(4, 2, 1), smoothing_sigmas=(2.0, 1.0, 0.0), sigma_units="voxel", shrink_images=True)
-AFFINE = Stage(transform=LinearTransform(kind="affine"), metric=MeanSquares(use_fixed_image_gradient_filter=False,
-                                                                            use_moving_image_gradient_filter=False),
-               sampling=Sampling(strategy="random", points=20000),
-               optimizer=RegularStepGradientDescent(number_of_iterations=200, gradient_magnitude_tolerance=1e-6),
-               pyramid=PYRAMID)
+AFFINE = Stage(
+    transform=LinearTransform(kind="affine"),
+    metric=MeanSquares(use_fixed_image_gradient_filter=False, use_moving_image_gradient_filter=False),
+    sampling=Sampling(strategy="random", points=20000),
+    optimizer=RegularStepGradientDescent(number_of_iterations=200, gradient_magnitude_tolerance=1e-6),
+    pyramid=PYRAMID,
+)
 
 
 def displacement_stage(iterations: int) -> Stage:
-    return Stage(transform=DisplacementTransform(variance_for_update_field=2.0, variance_for_total_field=1.0),
-                 metric=MeanSquares(), sampling=Sampling(strategy="none"),
-                 optimizer=GradientDescent(number_of_iterations=iterations, scales="physical_shift"), pyramid=PYRAMID)
+    return Stage(
+        transform=DisplacementTransform(variance_for_update_field=2.0, variance_for_total_field=1.0),
+        metric=MeanSquares(),
+        sampling=Sampling(strategy="none"),
+        optimizer=GradientDescent(number_of_iterations=iterations, scales="physical_shift"),
+        pyramid=PYRAMID,
+    )
 
 
 def demons(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, iterations: int) -> sitk.Transform:
@@ -49,7 +63,10 @@ def demons(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, itera
         f = sitk.BinShrink(fixed, [shrink] * fixed.GetDimension())
         m = sitk.BinShrink(warped, [shrink] * fixed.GetDimension())
         if sigma > 0:
-            f, m = sitk.SmoothingRecursiveGaussian(f, sigma * shrink), sitk.SmoothingRecursiveGaussian(m, sigma * shrink)
+            f, m = (
+                sitk.SmoothingRecursiveGaussian(f, sigma * shrink),
+                sitk.SmoothingRecursiveGaussian(m, sigma * shrink),
+            )
         filt = sitk.FastSymmetricForcesDemonsRegistrationFilter()
         filt.SetNumberOfIterations(iterations)
         filt.SetSmoothDisplacementField(True)
@@ -78,22 +95,29 @@ def main() -> int:
     print(f"{'pair':18s} {'method':26s} {'TRE before':>10s} {'TRE after':>10s} {'seconds':>8s}")
     for dim, size in ((2, args.size2d), (3, args.size3d)):
         syn = make_pair((size,) * dim, transform="bspline", seed=4, magnitude=2.0)
-        pair = PairData(PairSpec("syn", Path("f"), Path("m")), syn.fixed, syn.moving, syn.fixed_points,
-                        syn.moving_points)
+        pair = PairData(
+            PairSpec("syn", Path("f"), Path("m")), syn.fixed, syn.moving, syn.fixed_points, syn.moving_points
+        )
         name = f"{dim}D bspline {size}^{dim}"
         before = tre(sitk.Transform(dim, sitk.sitkIdentity), syn.fixed_points, syn.moving_points, syn.fixed).mean
         t0 = time.perf_counter()
         affine = register(Recipe(stages=(AFFINE,), threads=2), pair).transform
         t_affine = time.perf_counter() - t0
-        print(f"{name:18s} {'affine':26s} {before:10.3f} {tre(affine, syn.fixed_points, syn.moving_points, syn.fixed).mean:10.3f} {t_affine:8.2f}")
+        print(
+            f"{name:18s} {'affine':26s} {before:10.3f} {tre(affine, syn.fixed_points, syn.moving_points, syn.fixed).mean:10.3f} {t_affine:8.2f}"
+        )
         t0 = time.perf_counter()
         disp = register(Recipe(stages=(AFFINE, displacement_stage(args.iterations)), threads=2), pair).transform
         t_disp = time.perf_counter() - t0
-        print(f"{name:18s} {'affine + displacement':26s} {before:10.3f} {tre(disp, syn.fixed_points, syn.moving_points, syn.fixed).mean:10.3f} {t_disp:8.2f}")
+        print(
+            f"{name:18s} {'affine + displacement':26s} {before:10.3f} {tre(disp, syn.fixed_points, syn.moving_points, syn.fixed).mean:10.3f} {t_disp:8.2f}"
+        )
         t0 = time.perf_counter()
         dem = demons(syn.fixed, syn.moving, affine, args.iterations)
         t_dem = time.perf_counter() - t0 + t_affine
-        print(f"{name:18s} {'affine + Demons (FSF)':26s} {before:10.3f} {tre(dem, syn.fixed_points, syn.moving_points, syn.fixed).mean:10.3f} {t_dem:8.2f}")
+        print(
+            f"{name:18s} {'affine + Demons (FSF)':26s} {before:10.3f} {tre(dem, syn.fixed_points, syn.moving_points, syn.fixed).mean:10.3f} {t_dem:8.2f}"
+        )
     return 0
 
 

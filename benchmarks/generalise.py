@@ -29,8 +29,12 @@ from autoreg.recipe import default_recipe, recipe_from_dict  # noqa: E402
 
 def entry(name: str) -> dict:
     f = pair_files(name)
-    return {"name": name, "fixed": str(f["fixed"]), "moving": str(f["moving"]),
-            "landmarks": {"fixed": str(f["fixed_landmarks"]), "moving": str(f["moving_landmarks"])}}
+    return {
+        "name": name,
+        "fixed": str(f["fixed"]),
+        "moving": str(f["moving"]),
+        "landmarks": {"fixed": str(f["fixed_landmarks"]), "moving": str(f["moving_landmarks"])},
+    }
 
 
 def main() -> None:
@@ -48,8 +52,12 @@ def main() -> None:
     if tune_all.exists():
         own = json.loads(tune_all.read_text())
     results = {}
-    print(f"# generalise: tune on 3 histology pairs, score the 4th; {args.trials} trials [{args.stages}] ({stamp()}, {machine()})")
-    print(f"{'held-out pair':34s} {'default':>8s} {'tuned on self':>14s} {'tuned on other 3':>17s} {'other 3 (in study)':>19s}")
+    print(
+        f"# generalise: tune on 3 histology pairs, score the 4th; {args.trials} trials [{args.stages}] ({stamp()}, {machine()})"
+    )
+    print(
+        f"{'held-out pair':34s} {'default':>8s} {'tuned on self':>14s} {'tuned on other 3':>17s} {'other 3 (in study)':>19s}"
+    )
     for held in HISTOLOGY:
         others = [n for n in HISTOLOGY if n != held]
         name = f"gen-{held}-{'-'.join(stages)}"
@@ -67,11 +75,18 @@ def main() -> None:
         tuned = evaluate(recipe_from_dict(best_trial.user_attrs["recipe"]), held_pair, repeats=3).pairs[0].spread
         default = evaluate(default_recipe(stages, 2), held_pair, repeats=3).pairs[0].spread
         self_fig = own.get(f"{held}:{'+'.join(stages)}", {})
-        results[held] = {"default": default, "tuned_on_others": tuned, "tuned_on_self": self_fig.get("best"),
-                         "study_best_on_others": best["best"]}
+        results[held] = {
+            "default": default,
+            "tuned_on_others": tuned,
+            "tuned_on_self": self_fig.get("best"),
+            "study_best_on_others": best["best"],
+        }
         (out / "generalise.json").write_text(json.dumps(results, indent=2))
-        print(f"{held:34s} {_f(default['mean']):>8s} {_f(self_fig.get('best')):>14s} "
-              f"{_f(tuned['mean']) + ' +-' + _f(tuned['std']):>17s} {_f(best['best']):>19s}", flush=True)
+        print(
+            f"{held:34s} {_f(default['mean']):>8s} {_f(self_fig.get('best')):>14s} "
+            f"{_f(tuned['mean']) + ' +-' + _f(tuned['std']):>17s} {_f(best['best']):>19s}",
+            flush=True,
+        )
 
 
 def _f(v) -> str:

@@ -19,13 +19,16 @@ from common import PAIR_STAGES, machine, pair_files, require_shared_data, stamp 
 from autoreg.config import PairSpec  # noqa: E402
 from autoreg.data import load_pair  # noqa: E402
 from autoreg.recipe import Initializer, RotationSearch, default_recipe  # noqa: E402
-from autoreg.registration import Frame as _Frame, initial_linear  # noqa: E402  (the engine's own initializer)
+from autoreg.registration import Frame as _Frame  # noqa: E402  (the engine's own initializer)
+from autoreg.registration import initial_linear
 from autoreg.scoring import tre  # noqa: E402
 
 SEARCHES = {
     "centres only": None,
     "rotation +-180 deg (step 15)": RotationSearch(max_angle_deg=180, step_deg=15),
-    "rotation + shift 15 % (7x7)": RotationSearch(max_angle_deg=180, step_deg=15, max_shift_fraction=0.15, shift_steps=3),
+    "rotation + shift 15 % (7x7)": RotationSearch(
+        max_angle_deg=180, step_deg=15, max_shift_fraction=0.15, shift_steps=3
+    ),
 }
 
 
@@ -37,12 +40,21 @@ def main() -> None:
         files = pair_files(name)
         if files["fixed"].suffix != ".png":
             continue
-        pair = load_pair(PairSpec(name=name, fixed=files["fixed"], moving=files["moving"],
-                                  fixed_landmarks=files["fixed_landmarks"], moving_landmarks=files["moving_landmarks"]))
+        pair = load_pair(
+            PairSpec(
+                name=name,
+                fixed=files["fixed"],
+                moving=files["moving"],
+                fixed_landmarks=files["fixed_landmarks"],
+                moving_landmarks=files["moving_landmarks"],
+            )
+        )
         for kind in ("geometry", "moments"):
             cells = []
             for search in SEARCHES.values():
-                recipe = default_recipe(["affine"], 2).with_(initializer=Initializer(kind=kind, rotation_search=search).model_dump())
+                recipe = default_recipe(["affine"], 2).with_(
+                    initializer=Initializer(kind=kind, rotation_search=search).model_dump()
+                )
                 t0 = time.perf_counter()
                 state = initial_linear(recipe, _Frame(pair), recipe.seed)
                 seconds = time.perf_counter() - t0

@@ -60,8 +60,13 @@ log = logging.getLogger("make_3d_set")
 
 SOURCE_PAIR = "afids_mni152nlin6asym_colin27_t1"
 CASES = ("rot3d", "affine3d", "mmdef3d", "aniso3d", "afids")
-STAGES = {"rot3d": ["rigid"], "affine3d": ["affine"], "mmdef3d": ["affine", "deformable"], "aniso3d": ["affine"],
-          "afids": ["affine", "deformable"]}
+STAGES = {
+    "rot3d": ["rigid"],
+    "affine3d": ["affine"],
+    "mmdef3d": ["affine", "deformable"],
+    "aniso3d": ["affine"],
+    "afids": ["affine", "deformable"],
+}
 DEFAULT_OUT = REPO / "benchmarks" / "data3d"
 N_LANDMARKS = 40
 #: Landmarks lie at least this deep inside the brain mask (mm): inside the brain, not on its edge.
@@ -189,8 +194,12 @@ def remap_intensities(image: sitk.Image, rng: np.random.Generator) -> tuple[sitk
     np.clip(b, 0.0, None, out=b)
     out = sitk.GetImageFromArray(b)
     out.CopyInformation(image)
-    return out, {"reference_p99": ref, "knots_fraction_of_reference": list(REMAP_KNOTS),
-                 "values": list(REMAP_VALUES), "noise_sigma": REMAP_NOISE}
+    return out, {
+        "reference_p99": ref,
+        "knots_fraction_of_reference": list(REMAP_KNOTS),
+        "values": list(REMAP_VALUES),
+        "noise_sigma": REMAP_NOISE,
+    }
 
 
 def anisotropic(source: sitk.Image, tx_inverse: sitk.Transform, grid: sitk.Image) -> tuple[sitk.Image, dict]:
@@ -198,8 +207,9 @@ def anisotropic(source: sitk.Image, tx_inverse: sitk.Transform, grid: sitk.Image
     source along z and aligned with ``grid``, smoothed along z (Gaussian slice profile), every ANISO_FACTOR-th slice
     kept."""
     sz = grid.GetSpacing()[2] / ANISO_FACTOR
-    fine = sitk.Image([grid.GetSize()[0], grid.GetSize()[1], ANISO_FACTOR * (grid.GetSize()[2] - 1) + 1],
-                      sitk.sitkFloat32)
+    fine = sitk.Image(
+        [grid.GetSize()[0], grid.GetSize()[1], ANISO_FACTOR * (grid.GetSize()[2] - 1) + 1], sitk.sitkFloat32
+    )
     fine.SetSpacing([grid.GetSpacing()[0], grid.GetSpacing()[1], sz])
     fine.SetOrigin(grid.GetOrigin())
     fine.SetDirection(grid.GetDirection())
@@ -210,8 +220,13 @@ def anisotropic(source: sitk.Image, tx_inverse: sitk.Transform, grid: sitk.Image
     # slices 0, k, 2k, ... of the fine grid lie exactly on the grid's slices
     out = sitk.GetImageFromArray(sitk.GetArrayFromImage(smooth)[::ANISO_FACTOR])
     out.CopyInformation(grid)
-    return out, {"slice_profile": "Gaussian", "fwhm_mm": fwhm, "sigma_mm": float(sigma),
-                 "fine_z_spacing_mm": sz, "kept_every": ANISO_FACTOR}
+    return out, {
+        "slice_profile": "Gaussian",
+        "fwhm_mm": fwhm,
+        "sigma_mm": float(sigma),
+        "fine_z_spacing_mm": sz,
+        "kept_every": ANISO_FACTOR,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ landmarks
@@ -220,8 +235,9 @@ def anisotropic(source: sitk.Image, tx_inverse: sitk.Transform, grid: sitk.Image
 def sample_landmarks(fixed: sitk.Image, rng: np.random.Generator, n: int = N_LANDMARKS) -> np.ndarray:
     """``n`` physical points spread over the brain: farthest-point sampling (seeded start) over the voxels at least
     LANDMARK_DEPTH_MM inside the brain mask, then a seeded sub-voxel jitter."""
-    depth = sitk.SignedMaurerDistanceMap(brain_mask(fixed), insideIsPositive=True, squaredDistance=False,
-                                         useImageSpacing=True)
+    depth = sitk.SignedMaurerDistanceMap(
+        brain_mask(fixed), insideIsPositive=True, squaredDistance=False, useImageSpacing=True
+    )
     zyx = np.argwhere(sitk.GetArrayFromImage(depth) >= LANDMARK_DEPTH_MM)
     if len(zyx) < n:
         raise RuntimeError(f"only {len(zyx)} voxels lie {LANDMARK_DEPTH_MM} mm inside the brain")
@@ -240,8 +256,12 @@ def sample_landmarks(fixed: sitk.Image, rng: np.random.Generator, n: int = N_LAN
 
 def tre_summary(errors: np.ndarray) -> dict:
     mm = np.linalg.norm(errors, axis=1)
-    return {"mean": float(mm.mean()), "median": float(np.median(mm)), "p90": float(np.percentile(mm, 90)),
-            "max": float(mm.max())}
+    return {
+        "mean": float(mm.mean()),
+        "median": float(np.median(mm)),
+        "p90": float(np.percentile(mm, 90)),
+        "max": float(mm.max()),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ cases
@@ -269,13 +289,21 @@ def linear_transform(name: str, rng: np.random.Generator, centre: np.ndarray) ->
     else:
         raise ValueError(name)
     tx = affine(matrix, centre, shift)
-    return tx, {"kind": "affine", "formula": "T(x) = M (x - c) + c + t", "rotation_axis": axis.tolist(),
-                "rotation_deg": float(deg), "M": np.asarray(matrix).tolist(), "c": centre.tolist(),
-                "t": shift.tolist(), **extra}
+    return tx, {
+        "kind": "affine",
+        "formula": "T(x) = M (x - c) + c + t",
+        "rotation_axis": axis.tolist(),
+        "rotation_deg": float(deg),
+        "M": np.asarray(matrix).tolist(),
+        "c": centre.tolist(),
+        "t": shift.tolist(),
+        **extra,
+    }
 
 
-def deformable_transform(fixed: sitk.Image, rng: np.random.Generator, centre: np.ndarray,
-                         brain: np.ndarray) -> tuple[sitk.CompositeTransform, dict]:
+def deformable_transform(
+    fixed: sitk.Image, rng: np.random.Generator, centre: np.ndarray, brain: np.ndarray
+) -> tuple[sitk.CompositeTransform, dict]:
     """T(x) = A(D(x)): D(x) = x + u(x), u Gaussian-smoothed white noise on a DEFORM_FIELD_SPACING_MM grid over the
     fixed image (linearly interpolated), scaled to a mean of DEFORM_MEAN_MM in the brain; then a small affine A."""
     spacing = max(DEFORM_FIELD_SPACING_MM, *fixed.GetSpacing())
@@ -302,8 +330,7 @@ def deformable_transform(fixed: sitk.Image, rng: np.random.Generator, centre: np
     raw = np.linalg.norm(map_points(field_transform(u), brain) - brain, axis=1)
     scale = DEFORM_MEAN_MM / float(raw.mean())
     u *= scale
-    jac = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(
-        field_transform(u).GetDisplacementField()))
+    jac = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(field_transform(u).GetDisplacementField()))
     disp = raw * scale
     axis = random_oblique_axis(rng)
     deg = rng.uniform(2, 5)
@@ -311,21 +338,43 @@ def deformable_transform(fixed: sitk.Image, rng: np.random.Generator, centre: np
     shift = random_shift(rng, 2, 5)
     lin = affine(rotation_matrix(axis, deg) @ np.diag(scales), centre, shift)
     tx = sitk.CompositeTransform([lin, field_transform(u)])  # applies the last first: T(x) = A(D(x))
-    return tx, {"kind": "composite", "formula": "T(x) = A(D(x)), D(x) = x + u(x)",
-                "field": {"what": "Gaussian-smoothed white noise per component, linearly interpolated",
-                          "grid_spacing_mm": spacing, "grid_size": size, "smoothing_sigma_mm": DEFORM_SIGMA_MM,
-                          "noise_padding_voxels": pad,
-                          "noise_to_mm_scale": scale,
-                          "brain_displacement_mean_mm": float(disp.mean()),
-                          "brain_displacement_max_mm": float(disp.max()),
-                          "brain_displacement_p90_mm": float(np.percentile(disp, 90)),
-                          "jacobian_min": float(jac.min()), "jacobian_max": float(jac.max())},
-                "A": {"rotation_axis": axis.tolist(), "rotation_deg": float(deg), "scales": scales.tolist(),
-                      "c": centre.tolist(), "t": shift.tolist(), "formula": "M = R @ diag(scales)"}}
+    return tx, {
+        "kind": "composite",
+        "formula": "T(x) = A(D(x)), D(x) = x + u(x)",
+        "field": {
+            "what": "Gaussian-smoothed white noise per component, linearly interpolated",
+            "grid_spacing_mm": spacing,
+            "grid_size": size,
+            "smoothing_sigma_mm": DEFORM_SIGMA_MM,
+            "noise_padding_voxels": pad,
+            "noise_to_mm_scale": scale,
+            "brain_displacement_mean_mm": float(disp.mean()),
+            "brain_displacement_max_mm": float(disp.max()),
+            "brain_displacement_p90_mm": float(np.percentile(disp, 90)),
+            "jacobian_min": float(jac.min()),
+            "jacobian_max": float(jac.max()),
+        },
+        "A": {
+            "rotation_axis": axis.tolist(),
+            "rotation_deg": float(deg),
+            "scales": scales.tolist(),
+            "c": centre.tolist(),
+            "t": shift.tolist(),
+            "formula": "M = R @ diag(scales)",
+        },
+    }
 
 
-def write_case(folder: Path, name: str, fixed: sitk.Image, moving: sitk.Image, fixed_pts: np.ndarray,
-               moving_pts: np.ndarray, meta: dict, tx: sitk.Transform | None) -> None:
+def write_case(
+    folder: Path,
+    name: str,
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    fixed_pts: np.ndarray,
+    moving_pts: np.ndarray,
+    meta: dict,
+    tx: sitk.Transform | None,
+) -> None:
     import yaml
 
     from autoreg.landmarks import write_landmarks_csv
@@ -337,14 +386,29 @@ def write_case(folder: Path, name: str, fixed: sitk.Image, moving: sitk.Image, f
     write_landmarks_csv(folder / "moving_landmarks.csv", moving_pts)
     if tx is not None:
         sitk.WriteTransform(tx, str(folder / ground_truth_name(tx)))
-    pair = {"name": name, "fixed": "fixed.nii.gz", "moving": "moving.nii.gz",
-            "landmarks": {"fixed": "fixed_landmarks.csv", "moving": "moving_landmarks.csv"}, "stages": STAGES[name]}
+    pair = {
+        "name": name,
+        "fixed": "fixed.nii.gz",
+        "moving": "moving.nii.gz",
+        "landmarks": {"fixed": "fixed_landmarks.csv", "moving": "moving_landmarks.csv"},
+        "stages": STAGES[name],
+    }
     (folder / "pair.yaml").write_text(yaml.safe_dump(pair, sort_keys=False), encoding="utf-8")
-    meta = {**meta, "images": {k: {"size": list(im.GetSize()), "spacing": list(im.GetSpacing()),
-                                   "origin": list(im.GetOrigin()), "direction": list(im.GetDirection())}
-                               for k, im in (("fixed", fixed), ("moving", moving))},
-            "ground_truth_file": ground_truth_name(tx) if tx is not None else None,
-            "n_landmarks": int(len(fixed_pts)), "initial_tre_mm": tre_summary(fixed_pts - moving_pts)}
+    meta = {
+        **meta,
+        "images": {
+            k: {
+                "size": list(im.GetSize()),
+                "spacing": list(im.GetSpacing()),
+                "origin": list(im.GetOrigin()),
+                "direction": list(im.GetDirection()),
+            }
+            for k, im in (("fixed", fixed), ("moving", moving))
+        },
+        "ground_truth_file": ground_truth_name(tx) if tx is not None else None,
+        "n_landmarks": int(len(fixed_pts)),
+        "initial_tre_mm": tre_summary(fixed_pts - moving_pts),
+    }
     (folder / "SOURCE.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     (folder / "SOURCE.txt").write_text(source_text(name, meta), encoding="utf-8")
 
@@ -354,15 +418,19 @@ def ground_truth_name(tx: sitk.Transform) -> str:
 
 
 def source_text(name: str, meta: dict) -> str:
-    lines = [f"Case {name} of the autoreg 3D benchmark set, made by benchmarks/make_3d_set.py "
-             f"(seed {meta['seed']}, shrink {meta['shrink']}).",
-             f"Source volume: {meta['source']} (sha256 {meta['source_sha256'][:16]}...).",
-             meta["how"],
-             "Convention: T maps fixed physical points (LPS mm) to moving ones; moving(T(x)) ~ fixed(x); "
-             "moving_landmarks = T(fixed_landmarks); TRE_i = |T(fixed_i) - moving_i|.",
-             f"Initial TRE (identity), mm: {json.dumps(meta['initial_tre_mm'])}.",
-             "Every parameter (transform, grids, remapping, landmark sampling) is in SOURCE.json; T is in "
-             f"{meta['ground_truth_file']} (SimpleITK.ReadTransform)." if meta.get("transform") else ""]
+    lines = [
+        f"Case {name} of the autoreg 3D benchmark set, made by benchmarks/make_3d_set.py "
+        f"(seed {meta['seed']}, shrink {meta['shrink']}).",
+        f"Source volume: {meta['source']} (sha256 {meta['source_sha256'][:16]}...).",
+        meta["how"],
+        "Convention: T maps fixed physical points (LPS mm) to moving ones; moving(T(x)) ~ fixed(x); "
+        "moving_landmarks = T(fixed_landmarks); TRE_i = |T(fixed_i) - moving_i|.",
+        f"Initial TRE (identity), mm: {json.dumps(meta['initial_tre_mm'])}.",
+        "Every parameter (transform, grids, remapping, landmark sampling) is in SOURCE.json; T is in "
+        f"{meta['ground_truth_file']} (SimpleITK.ReadTransform)."
+        if meta.get("transform")
+        else "",
+    ]
     return "\n".join(ln for ln in lines if ln) + "\n"
 
 
@@ -379,17 +447,28 @@ def build_case(name: str, out: Path, seed: int, shrink: int) -> dict:
     source, source_path = read_source(shrink)
     brain = brain_points(source)
     centre = brain.mean(axis=0)
-    meta: dict = {"case": name, "seed": seed, "shrink": shrink, "source": f"{SOURCE_PAIR}/fixed.nii.gz",
-                  "source_sha256": sha256(source_path), "stages": STAGES[name], "landmark_sampling": {
-                      "n": N_LANDMARKS, "depth_mm": LANDMARK_DEPTH_MM, "brain_fraction_of_p99": BRAIN_FRACTION,
-                      "method": "farthest-point over a seeded 20000-voxel subset, seeded start, jitter U(-0.5, 0.5) "
-                                "voxel"}}
+    meta: dict = {
+        "case": name,
+        "seed": seed,
+        "shrink": shrink,
+        "source": f"{SOURCE_PAIR}/fixed.nii.gz",
+        "source_sha256": sha256(source_path),
+        "stages": STAGES[name],
+        "landmark_sampling": {
+            "n": N_LANDMARKS,
+            "depth_mm": LANDMARK_DEPTH_MM,
+            "brain_fraction_of_p99": BRAIN_FRACTION,
+            "method": "farthest-point over a seeded 20000-voxel subset, seeded start, jitter U(-0.5, 0.5) voxel",
+        },
+    }
     if name == "mmdef3d":
         tx, meta["transform"] = deformable_transform(source, rng, centre, brain)
         fixed = resample(source, source, tx)
         moving, meta["intensity_remap"] = remap_intensities(source, rng)
-        meta["how"] = ("fixed = source resampled through T on the source grid (cubic BSpline interpolation); "
-                       "moving = source with intensities remapped non-monotonically plus Gaussian noise.")
+        meta["how"] = (
+            "fixed = source resampled through T on the source grid (cubic BSpline interpolation); "
+            "moving = source with intensities remapped non-monotonically plus Gaussian noise."
+        )
     else:
         tx, meta["transform"] = linear_transform(name, rng, centre)
         inverse = tx.GetInverse()
@@ -402,10 +481,15 @@ def build_case(name: str, out: Path, seed: int, shrink: int) -> dict:
             moving, meta["anti_aliasing"] = anisotropic(source, inverse, grid)
         else:
             moving = resample(source, grid, inverse)
-        meta["how"] = ("fixed = source; moving = source resampled through T^-1 (exact inverse) on a grid holding the "
-                       f"transformed brain plus {GRID_MARGIN_MM} mm (cubic BSpline interpolation)"
-                       + ("; anti-aliased along z (Gaussian slice profile) before keeping every third slice."
-                          if name == "aniso3d" else "."))
+        meta["how"] = (
+            "fixed = source; moving = source resampled through T^-1 (exact inverse) on a grid holding the "
+            f"transformed brain plus {GRID_MARGIN_MM} mm (cubic BSpline interpolation)"
+            + (
+                "; anti-aliased along z (Gaussian slice profile) before keeping every third slice."
+                if name == "aniso3d"
+                else "."
+            )
+        )
     fixed_pts = sample_landmarks(fixed, rng)
     moving_pts = map_points(tx, fixed_pts)
     write_case(folder, name, fixed, moving, fixed_pts, moving_pts, meta, tx)
@@ -424,10 +508,17 @@ def copy_afids(folder: Path, seed: int, shrink: int) -> dict:
 
     fp = read_landmarks(src / "fixed_landmarks.csv", dim=3)
     mp = read_landmarks(src / "moving_landmarks.csv", dim=3)
-    meta = {"case": "afids", "seed": seed, "shrink": shrink, "source": SOURCE_PAIR,
-            "source_sha256": sha256(src / "fixed.nii.gz"), "stages": STAGES["afids"],
-            "how": "the real AFIDs pair (fixed MNI152, moving Colin27) and its 32 real landmarks, copied as is; "
-                   "no ground-truth transform. The original SOURCE.txt follows.", "transform": None}
+    meta = {
+        "case": "afids",
+        "seed": seed,
+        "shrink": shrink,
+        "source": SOURCE_PAIR,
+        "source_sha256": sha256(src / "fixed.nii.gz"),
+        "stages": STAGES["afids"],
+        "how": "the real AFIDs pair (fixed MNI152, moving Colin27) and its 32 real landmarks, copied as is; "
+        "no ground-truth transform. The original SOURCE.txt follows.",
+        "transform": None,
+    }
     write_case(folder, "afids", fixed, moving, fp, mp, meta, None)
     if shrink == 1:  # byte copies: the real files, not a re-encoding
         for f in ("fixed.nii.gz", "moving.nii.gz", "fixed_landmarks.csv", "moving_landmarks.csv"):
@@ -474,11 +565,16 @@ def check_case(folder: Path) -> dict:
     pair = load_pair(load_config(folder / "pair.yaml").pairs[0])
     identity = sitk.Transform(3, sitk.sitkIdentity)
     before = tre(identity, pair.fixed_points, pair.moving_points, pair.fixed)
-    row = {"case": folder.name, "fixed_size": list(pair.fixed.GetSize()),
-           "fixed_spacing": list(pair.fixed.GetSpacing()),
-           "moving_size": list(pair.moving.GetSize()), "moving_spacing": list(pair.moving.GetSpacing()),
-           "n": before.n, "identity": before.as_dict(),
-           "identity_matches_build": abs(before.mean - meta["initial_tre_mm"]["mean"]) < 1e-6}
+    row = {
+        "case": folder.name,
+        "fixed_size": list(pair.fixed.GetSize()),
+        "fixed_spacing": list(pair.fixed.GetSpacing()),
+        "moving_size": list(pair.moving.GetSize()),
+        "moving_spacing": list(pair.moving.GetSpacing()),
+        "n": before.n,
+        "identity": before.as_dict(),
+        "identity_matches_build": abs(before.mean - meta["initial_tre_mm"]["mean"]) < 1e-6,
+    }
     if not meta.get("ground_truth_file"):
         return row
     gt_path = folder / meta["ground_truth_file"]
@@ -492,7 +588,8 @@ def check_case(folder: Path) -> dict:
             delta = [0.0, 0.0, 0.0]
             delta[axis] = sign * step
             others[f"T shifted {sign * step:+g} mm along {'xyz'[axis]}"] = sitk.CompositeTransform(
-                [gt, sitk.TranslationTransform(3, delta)])
+                [gt, sitk.TranslationTransform(3, delta)]
+            )
     if meta["transform"]["kind"] == "affine":
         others["T^-1 (the other convention)"] = gt.GetInverse()
     at_gt = mattes(pair.fixed, pair.moving, gt, mask)
@@ -509,17 +606,21 @@ def check(out: Path) -> list[dict]:
 
 
 def print_check(rows: list[dict]) -> bool:
-    print("| case | fixed size @ spacing | moving size @ spacing | n | initial TRE mean / median / p90 / max (mm) "
-          "| TRE of T (mm) | MI at T best |")
+    print(
+        "| case | fixed size @ spacing | moving size @ spacing | n | initial TRE mean / median / p90 / max (mm) "
+        "| TRE of T (mm) | MI at T best |"
+    )
     print("|---|---|---|---:|---|---:|---|")
     ok = True
     for r in rows:
         i = r["identity"]
         gt = r.get("ground_truth_tre")
         fmt = "{}x{}x{} @ {:g}x{:g}x{:g}"
-        line = (f"| {r['case']} | {fmt.format(*r['fixed_size'], *r['fixed_spacing'])} | "
-                f"{fmt.format(*r['moving_size'], *r['moving_spacing'])} | {r['n']} | "
-                f"{i['mean']:.2f} / {i['median']:.2f} / {i['p90']:.2f} / {i['max']:.2f} |")
+        line = (
+            f"| {r['case']} | {fmt.format(*r['fixed_size'], *r['fixed_spacing'])} | "
+            f"{fmt.format(*r['moving_size'], *r['moving_spacing'])} | {r['n']} | "
+            f"{i['mean']:.2f} / {i['median']:.2f} / {i['p90']:.2f} / {i['max']:.2f} |"
+        )
         if gt:
             worst = min(r["mi_others"].values())
             line += f" {gt['max']:.1e} | {r['truth_is_best']} ({r['mi_at_truth']:.4f} vs best other {worst:.4f}) |"

@@ -41,15 +41,21 @@ from autoreg.scoring import tre  # noqa: E402
 
 def bare(fixed: sitk.Image, moving: sitk.Image, seed: int) -> sitk.Transform:
     """The notebooks' default affine registration, in plain SimpleITK (one thread)."""
-    tx = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(fixed.GetDimension()),
-                                           sitk.CenteredTransformInitializerFilter.GEOMETRY)
+    tx = sitk.CenteredTransformInitializer(
+        fixed, moving, sitk.AffineTransform(fixed.GetDimension()), sitk.CenteredTransformInitializerFilter.GEOMETRY
+    )
     r = sitk.ImageRegistrationMethod()
     r.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
     r.SetMetricSamplingStrategy(r.RANDOM)
     r.SetMetricSamplingPercentage(0.01, seed)
     r.SetInterpolator(sitk.sitkLinear)
-    r.SetOptimizerAsGradientDescent(learningRate=1.0, numberOfIterations=100, convergenceMinimumValue=1e-6,
-                                    convergenceWindowSize=10, estimateLearningRate=r.Once)
+    r.SetOptimizerAsGradientDescent(
+        learningRate=1.0,
+        numberOfIterations=100,
+        convergenceMinimumValue=1e-6,
+        convergenceWindowSize=10,
+        estimateLearningRate=r.Once,
+    )
     r.SetOptimizerScalesFromPhysicalShift()
     r.SetShrinkFactorsPerLevel([4, 2, 1])
     r.SetSmoothingSigmasPerLevel([2, 1, 0])
@@ -95,8 +101,9 @@ def main() -> None:
     # tune: trial 0 is the default (baseline); the others are the same recipe, enqueued
     path = out / "default-affine.yaml"
     save_recipe(recipe, path)
-    pair_yaml = write_pair_yaml(out, args.pair, ["affine"], prune=False, deterministic=True,
-                                enqueue=[str(path)] * (args.trials - 1))
+    pair_yaml = write_pair_yaml(
+        out, args.pair, ["affine"], prune=False, deterministic=True, enqueue=[str(path)] * (args.trials - 1)
+    )
     _, t_tune = tune(pair_yaml, out / "study", args.trials, 1)
     study = studyinfo.load(out / "study", pair_yaml.stem)
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
@@ -104,16 +111,24 @@ def main() -> None:
     span = studyinfo.figures(study)["span_s"]  # first trial's start to last trial's end: the per-trial part
 
     same = np.allclose(tre_bare, tre_engine, atol=1e-6) and np.allclose(tre_engine, tre_tune, atol=1e-6)
-    print(f"# overhead: {args.pair} [affine], notebooks default recipe, 1 ITK thread, {args.trials} runs "
-          f"({stamp()}, {machine()})")
+    print(
+        f"# overhead: {args.pair} [affine], notebooks default recipe, 1 ITK thread, {args.trials} runs "
+        f"({stamp()}, {machine()})"
+    )
     print(f"bare SimpleITK : {t_bare:7.2f} s = {t_bare / args.trials:6.3f} s per registration")
     print(f"autoreg engine : {t_engine:7.2f} s = {t_engine / args.trials:6.3f} s per registration")
-    print(f"autoreg tune   : {span:7.2f} s = {span / args.trials:6.3f} s per trial (first start to last end), plus "
-          f"{t_tune - span:.2f} s once per command (start-up, imports, data, study; {t_tune:.2f} s in all)")
-    print(f"same TRE in all three, run by run: {same} (mean TRE {np.mean(tre_bare):.3f} / {np.mean(tre_engine):.3f} / "
-          f"{np.mean(tre_tune):.3f})")
-    print(f"engine / bare = {t_engine / t_bare:.3f}; tune per trial / bare = {span / t_bare:.3f}; "
-          f"whole command / bare = {t_tune / t_bare:.3f}")
+    print(
+        f"autoreg tune   : {span:7.2f} s = {span / args.trials:6.3f} s per trial (first start to last end), plus "
+        f"{t_tune - span:.2f} s once per command (start-up, imports, data, study; {t_tune:.2f} s in all)"
+    )
+    print(
+        f"same TRE in all three, run by run: {same} (mean TRE {np.mean(tre_bare):.3f} / {np.mean(tre_engine):.3f} / "
+        f"{np.mean(tre_tune):.3f})"
+    )
+    print(
+        f"engine / bare = {t_engine / t_bare:.3f}; tune per trial / bare = {span / t_bare:.3f}; "
+        f"whole command / bare = {t_tune / t_bare:.3f}"
+    )
 
 
 if __name__ == "__main__":

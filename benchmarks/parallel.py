@@ -14,7 +14,6 @@ import shutil
 import sys
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import studyinfo  # noqa: E402
 from common import REPO, machine, require_shared_data, stamp, write_pair_yaml  # noqa: E402
@@ -29,8 +28,9 @@ def tune(pair: Path, study_dir: Path, trials: int, jobs: int) -> float:
     return run_tune(pair, study_dir, trials, jobs)[1]
 
 
-def measure(out: Path, name: str, stages: list[str], trials: int, jobs: int, one_thread: bool,
-            recipes: list[str] | None) -> tuple[dict, float, list[str]]:
+def measure(
+    out: Path, name: str, stages: list[str], trials: int, jobs: int, one_thread: bool, recipes: list[str] | None
+) -> tuple[dict, float, list[str]]:
     """One study; the first one draws recipes, the others replay exactly those (enqueued, same trial numbers)."""
     extra = {"prune": False, "deterministic": one_thread}
     if recipes:
@@ -62,11 +62,18 @@ def main() -> None:
     f1, w1, recipes = measure(out, args.pair, stages, args.trials, 1, True, None)
     f2, w2, _ = measure(out, args.pair, stages, args.trials, 2, True, recipes)
     ft, wt, _ = measure(out, args.pair, stages, args.trials, 1, False, recipes)
-    print(f"# parallel: {args.pair} [{args.stages}], {args.trials} identical recipes, pruning off ({stamp()}, {machine()})")
-    for label, f, w in (("jobs 1 x 1 ITK thread ", f1, w1), ("jobs 2 x 1 ITK thread ", f2, w2),
-                        ("jobs 1 x all ITK threads", ft, wt)):
-        print(f"{label}: {f['trials']} trials in {w:6.1f} s = {f['trials'] / w * 60:6.2f} trials/min "
-              f"(sum of registration time {f['registration_s']:.1f} s)")
+    print(
+        f"# parallel: {args.pair} [{args.stages}], {args.trials} identical recipes, pruning off ({stamp()}, {machine()})"
+    )
+    for label, f, w in (
+        ("jobs 1 x 1 ITK thread ", f1, w1),
+        ("jobs 2 x 1 ITK thread ", f2, w2),
+        ("jobs 1 x all ITK threads", ft, wt),
+    ):
+        print(
+            f"{label}: {f['trials']} trials in {w:6.1f} s = {f['trials'] / w * 60:6.2f} trials/min "
+            f"(sum of registration time {f['registration_s']:.1f} s)"
+        )
     tpm1, tpm2, tpmt = (f["trials"] / w for f, w in ((f1, w1), (f2, w2), (ft, wt)))
     print(f"speed-up jobs 2 / jobs 1 (1 thread each) = {tpm2 / tpm1:.2f}; parallel efficiency = {tpm2 / tpm1 / 2:.2f}")
     print(f"jobs 2 x 1 thread against jobs 1 x all threads (same cores) = {tpm2 / tpmt:.2f}")

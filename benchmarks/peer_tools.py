@@ -24,8 +24,15 @@ from pathlib import Path
 import numpy as np
 
 #: elastix's default parameter maps for autoreg's stage names (translation pairs are tuned as rigid).
-ELASTIX_MAPS = {"translation": "translation", "rigid": "rigid", "similarity": "affine", "affine": "affine",
-                "bspline": "bspline", "deformable": "bspline"}
+ELASTIX_MAPS = {
+    "translation": "translation",
+    "rigid": "rigid",
+    "similarity": "affine",
+    "affine": "affine",
+    "bspline": "bspline",
+    "deformable": "bspline",
+}
+
 
 #: The ANTs transform type that matches a stage list: linear stages map to Rigid/Affine; a deformable last stage
 #: to SyN (ANTs' own rigid + affine + SyN pipeline, the usual choice of ANTs users).
@@ -39,8 +46,9 @@ def elastix_maps(stages: list[str]) -> list[str]:
     return [ELASTIX_MAPS[s] for s in stages]
 
 
-def run_elastix(fixed: Path, moving: Path, fixed_points: np.ndarray, stages: list[str], *, threads: int = 2,
-                seed: int = 1) -> tuple[np.ndarray, float]:
+def run_elastix(
+    fixed: Path, moving: Path, fixed_points: np.ndarray, stages: list[str], *, threads: int = 2, seed: int = 1
+) -> tuple[np.ndarray, float]:
     import itk
 
     # Threads through ITK's global default: SetNumberOfThreads(2) on the method segfaults itk-elastix 0.25.4 in
@@ -65,8 +73,9 @@ def run_elastix(fixed: Path, moving: Path, fixed_points: np.ndarray, stages: lis
         points_file = Path(tmp) / "fixed_points.txt"
         rows = "".join(" ".join(f"{c:.6f}" for c in p) + "\n" for p in fixed_points)
         points_file.write_text(f"point\n{len(fixed_points)}\n{rows}")
-        itk.transformix_pointset(m, method.GetTransformParameterObject(),
-                                 fixed_point_set_file_name=str(points_file), output_directory=tmp)
+        itk.transformix_pointset(
+            m, method.GetTransformParameterObject(), fixed_point_set_file_name=str(points_file), output_directory=tmp
+        )
         text = (Path(tmp) / "outputpoints.txt").read_text()
     mapped = np.array([[float(c) for c in found.split()] for found in _OUTPUT_POINT.findall(text)], dtype=float)
     if mapped.shape != fixed_points.shape:
@@ -77,8 +86,16 @@ def run_elastix(fixed: Path, moving: Path, fixed_points: np.ndarray, stages: lis
 _OUTPUT_POINT = re.compile(r"OutputPoint = \[([^\]]*)\]")
 
 
-def run_ants(fixed: Path, moving: Path, fixed_points: np.ndarray, stages: list[str], *, threads: int = 2,
-             seed: int = 1, direction: str = "fwd") -> tuple[np.ndarray, float]:
+def run_ants(
+    fixed: Path,
+    moving: Path,
+    fixed_points: np.ndarray,
+    stages: list[str],
+    *,
+    threads: int = 2,
+    seed: int = 1,
+    direction: str = "fwd",
+) -> tuple[np.ndarray, float]:
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
     import ants
     import pandas as pd
@@ -99,8 +116,9 @@ def run_ants(fixed: Path, moving: Path, fixed_points: np.ndarray, stages: list[s
     return out[cols].to_numpy(dtype=float), seconds
 
 
-def elastix_inverse_convention(fixed: Path, moving: Path, fixed_points: np.ndarray, stages: list[str],
-                               **kw) -> tuple[np.ndarray, float]:
+def elastix_inverse_convention(
+    fixed: Path, moving: Path, fixed_points: np.ndarray, stages: list[str], **kw
+) -> tuple[np.ndarray, float]:
     """elastix run with fixed and moving swapped: the wrong convention, for the check only."""
     return run_elastix(moving, fixed, fixed_points, stages, **kw)
 

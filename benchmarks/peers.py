@@ -33,8 +33,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (HISTOLOGY, PAIR_STAGES, REPO, machine, pair_files, require_shared_data, selected, stamp,  # noqa: E402
-                    write_pair_yaml)
+from common import (  # noqa: E402
+    HISTOLOGY,
+    PAIR_STAGES,
+    REPO,
+    machine,
+    pair_files,
+    require_shared_data,
+    selected,
+    stamp,
+    write_pair_yaml,
+)
 
 RESULTS = REPO / "benchmarks" / "results"
 TOOLS = ("default", "elastix", "ants", "autoreg", "generalise")
@@ -94,9 +103,11 @@ def run_one(tool: str, name: str, stages: list[str], threads: int, direction: st
         if tool == "elastix" and direction == "inv":
             fn = peer_tools.elastix_inverse_convention
         mapped, seconds = fn(files["fixed"], files["moving"], pair.fixed_points, stages, threads=threads, **kw)
-        row.update(stats_of(mapped, pair), seconds=seconds,
-                   setting=("+".join(peer_tools.elastix_maps(stages)) if tool == "elastix"
-                            else peer_tools.ants_type(stages)))
+        row.update(
+            stats_of(mapped, pair),
+            seconds=seconds,
+            setting=("+".join(peer_tools.elastix_maps(stages)) if tool == "elastix" else peer_tools.ants_type(stages)),
+        )
         return row
     from autoreg.recipe import default_recipe
     from autoreg.registration import register
@@ -116,8 +127,9 @@ def run_one(tool: str, name: str, stages: list[str], threads: int, direction: st
         recipe = recipe_from_dict(best.recipe)
         row.update(setting=f"{source[1]} trial {best.number}", study_value=best.value, threads=recipe.effective_threads)
         if tool == "autoreg":  # the study's own record of its best trial (``autoreg apply`` reproduces it exactly)
-            row.update(mean=best.tre_mean, median=best.tre_median, p90=best.tre_p90, max=best.tre_max,
-                       seconds=best.runtime_s)
+            row.update(
+                mean=best.tre_mean, median=best.tre_median, p90=best.tre_p90, max=best.tre_max, seconds=best.runtime_s
+            )
             return row
     t0 = time.perf_counter()
     result = register(recipe, pair)
@@ -127,8 +139,18 @@ def run_one(tool: str, name: str, stages: list[str], threads: int, direction: st
 
 
 def run_isolated(tool: str, name: str, stages: list[str], threads: int, timeout: float, direction: str = "fwd") -> dict:
-    cmd = [sys.executable, __file__, "--one", tool, name, "+".join(stages), "--threads", str(threads),
-           "--direction", direction]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--one",
+        tool,
+        name,
+        "+".join(stages),
+        "--threads",
+        str(threads),
+        "--direction",
+        direction,
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -162,8 +184,10 @@ def table(results: dict) -> str:
             if r is None:
                 continue
             note = r.get("failed") or r.get("missing") or r.get("setting", "")
-            lines.append(f"{name:34s} {stages:15s} {tool:10s} {cell(r, 'mean'):>7s} {cell(r, 'median'):>7s} "
-                         f"{cell(r, 'p90'):>7s} {cell(r, 'seconds'):>7s}  {note}")
+            lines.append(
+                f"{name:34s} {stages:15s} {tool:10s} {cell(r, 'mean'):>7s} {cell(r, 'median'):>7s} "
+                f"{cell(r, 'p90'):>7s} {cell(r, 'seconds'):>7s}  {note}"
+            )
     return "\n".join(lines)
 
 
@@ -171,15 +195,19 @@ def check(threads: int, timeout: float) -> None:
     """Each peer on the known-shift pair with both point conventions: the right one must give ~0, the other ~2x."""
     pair = load(CHECK_PAIR, ["rigid"])
     before = float(np.linalg.norm(pair.fixed_points - pair.moving_points, axis=1).mean())
-    print(f"# convention check on {CHECK_PAIR} (pure shift, TRE before registration {before:.2f}); "
-          f"the wrong convention doubles the error")
+    print(
+        f"# convention check on {CHECK_PAIR} (pure shift, TRE before registration {before:.2f}); "
+        f"the wrong convention doubles the error"
+    )
     ok = True
     for tool in ("elastix", "ants"):
         for stages in (["rigid"], ["affine", "bspline"]):
             right = run_isolated(tool, CHECK_PAIR, stages, threads, timeout, "fwd")
             wrong = run_isolated(tool, CHECK_PAIR, stages, threads, timeout, "inv")
-            print(f"{tool:8s} {'+'.join(stages):15s} used convention {cell(right, 'mean'):>8s}   "
-                  f"other convention {cell(wrong, 'mean'):>8s}")
+            print(
+                f"{tool:8s} {'+'.join(stages):15s} used convention {cell(right, 'mean'):>8s}   "
+                f"other convention {cell(wrong, 'mean'):>8s}"
+            )
             ok &= bool(right.get("mean") is not None and right["mean"] < 0.5)
     print("conventions OK" if ok else "CONVENTION CHECK FAILED")
     if not ok:

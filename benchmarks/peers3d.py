@@ -91,12 +91,29 @@ def run_default(case: Path, threads: int, timeout: float, stages: list[str] | No
     stages = stages or list(cfg.stages)
     recipe = default_recipe_file(stages)
     tfm = RESULTS / "peers3d" / f"{case.name}-default-{'-'.join(stages)}-{threads}t.tfm"
-    cmd = [str(Path(sys.executable).with_name("autoreg")), "apply", str(recipe), "--fixed", str(spec.fixed),
-           "--moving", str(spec.moving), "--transform-out", str(tfm), "--fixed-landmarks", str(spec.fixed_landmarks),
-           "--moving-landmarks", str(spec.moving_landmarks), "--threads", str(threads)]
-    row: dict = {"tool": f"default{threads}", "threads": threads,
-                 "setting": f"SimpleITK-notebooks default, {'+'.join(stages)}",
-                 "command": " ".join(cmd)}
+    cmd = [
+        str(Path(sys.executable).with_name("autoreg")),
+        "apply",
+        str(recipe),
+        "--fixed",
+        str(spec.fixed),
+        "--moving",
+        str(spec.moving),
+        "--transform-out",
+        str(tfm),
+        "--fixed-landmarks",
+        str(spec.fixed_landmarks),
+        "--moving-landmarks",
+        str(spec.moving_landmarks),
+        "--threads",
+        str(threads),
+    ]
+    row: dict = {
+        "tool": f"default{threads}",
+        "threads": threads,
+        "setting": f"SimpleITK-notebooks default, {'+'.join(stages)}",
+        "command": " ".join(cmd),
+    }
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -148,10 +165,15 @@ def _run_isolated(tool: str, case: Path, threads: int, timeout: float) -> dict:
 
 def before(case: Path) -> dict:
     cfg, pair = load(case)
-    return {"stages": list(cfg.stages), "fixed_size": list(pair.fixed.GetSize()),
-            "fixed_spacing": list(pair.fixed.GetSpacing()), "moving_size": list(pair.moving.GetSize()),
-            "moving_spacing": list(pair.moving.GetSpacing()), "n": int(len(pair.fixed_points)),
-            **stats(pair.fixed_points, pair)}
+    return {
+        "stages": list(cfg.stages),
+        "fixed_size": list(pair.fixed.GetSize()),
+        "fixed_spacing": list(pair.fixed.GetSpacing()),
+        "moving_size": list(pair.moving.GetSize()),
+        "moving_spacing": list(pair.moving.GetSpacing()),
+        "n": int(len(pair.fixed_points)),
+        **stats(pair.fixed_points, pair),
+    }
 
 
 def _f(v) -> str:
@@ -159,18 +181,24 @@ def _f(v) -> str:
 
 
 def table(results: dict) -> str:
-    lines = ["| case | stages | tool | threads | TRE before mean | mean | median | p90 | max | seconds | CPU s | load "
-             "| setting |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| case | stages | tool | threads | TRE before mean | mean | median | p90 | max | seconds | CPU s | load "
+        "| setting |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for case, rec in results.items():
         b = rec.get("before", {})
         for tool in [t for t in TOOLS if t in rec] + sorted(t for t in rec if t not in (*TOOLS, "before")):
             r = rec[tool]
             note = r.get("failed") or r.get("setting", "")
-            cells = ["FAIL"] * 5 if r.get("failed") else [_f(r.get(k)) for k in ("mean", "median", "p90", "max",
-                                                                                  "seconds")]
+            cells = (
+                ["FAIL"] * 5 if r.get("failed") else [_f(r.get(k)) for k in ("mean", "median", "p90", "max", "seconds")]
+            )
             load = f"{r['load_before']:.1f}-{r['load_after']:.1f}" if "load_before" in r else "-"
-            lines.append(f"| {case} | {'+'.join(b.get('stages', []))} | {tool} | {r.get('threads', '-')} | "
-                         f"{_f(b.get('mean'))} | " + " | ".join(cells) + f" | {_f(r.get('cpu_s'))} | {load} | {note} |")
+            lines.append(
+                f"| {case} | {'+'.join(b.get('stages', []))} | {tool} | {r.get('threads', '-')} | "
+                f"{_f(b.get('mean'))} | " + " | ".join(cells) + f" | {_f(r.get('cpu_s'))} | {load} | {note} |"
+            )
     return "\n".join(lines)
 
 
@@ -202,8 +230,11 @@ def main() -> None:
         sys.exit(f"no case folders under {data}: run benchmarks/make_3d_set.py first")
     import peer_tools
 
-    print(f"# peers3d ({stamp()}, {machine()}, {args.threads} threads for elastix and ANTs; "
-          f"{peer_tools.versions()}; limit {args.timeout:.0f} s)", flush=True)
+    print(
+        f"# peers3d ({stamp()}, {machine()}, {args.threads} threads for elastix and ANTs; "
+        f"{peer_tools.versions()}; limit {args.timeout:.0f} s)",
+        flush=True,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     for tool in args.tools.split(","):
         for case in cases:

@@ -59,15 +59,24 @@ def main() -> None:
         recipes.append(str(path))
     pruner = run(out, "pruner", args.pair, stages, args.trials, prune=True, trial_timeout=NO_LIMIT_S, enqueue=recipes)
     default = run(out, "default", args.pair, stages, args.trials, prune=True, enqueue=recipes)
-    print(f"# pruning: {args.pair} [{args.stages}], the same {args.trials} recipes three ways, --jobs 1, 1 thread "
-          f"({stamp()}, {machine()})")
-    for label, f in (("no pruning, no time limit", free), ("pruner, no time limit", pruner),
-                     ("pruner + time limit (default)", default)):
-        print(f"{label:30s}: best {f['best']:.4g} (trial {f['best_trial']}), stopped {f['pruned']}, failed "
-              f"{f['failed']}, registration {f['registration_s']:7.1f} s = {f['registration_s'] / free['registration_s']:.3f} "
-              f"of the free run, wall {f['wall_s']:.1f} s")
-    print(f"best TRE kept: pruner {pruner['best'] / free['best']:.3f}, default {default['best'] / free['best']:.3f} "
-          f"of the free run's best")
+    print(
+        f"# pruning: {args.pair} [{args.stages}], the same {args.trials} recipes three ways, --jobs 1, 1 thread "
+        f"({stamp()}, {machine()})"
+    )
+    for label, f in (
+        ("no pruning, no time limit", free),
+        ("pruner, no time limit", pruner),
+        ("pruner + time limit (default)", default),
+    ):
+        print(
+            f"{label:30s}: best {f['best']:.4g} (trial {f['best_trial']}), stopped {f['pruned']}, failed "
+            f"{f['failed']}, registration {f['registration_s']:7.1f} s = {f['registration_s'] / free['registration_s']:.3f} "
+            f"of the free run, wall {f['wall_s']:.1f} s"
+        )
+    print(
+        f"best TRE kept: pruner {pruner['best'] / free['best']:.3f}, default {default['best'] / free['best']:.3f} "
+        f"of the free run's best"
+    )
 
 
 if __name__ == "__main__":

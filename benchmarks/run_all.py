@@ -29,8 +29,19 @@ HERE = Path(__file__).resolve().parent
 def steps(trials: int, jobs: int, timeout_3d: int) -> list[tuple[str, list[str]]]:
     py = sys.executable
     return [
-        ("tune_all", [py, str(HERE / "tune_all.py"), "--trials", str(trials), "--jobs", str(jobs),
-                      "--timeout-3d", str(timeout_3d)]),
+        (
+            "tune_all",
+            [
+                py,
+                str(HERE / "tune_all.py"),
+                "--trials",
+                str(trials),
+                "--jobs",
+                str(jobs),
+                "--timeout-3d",
+                str(timeout_3d),
+            ],
+        ),
         ("generalise", [py, str(HERE / "generalise.py"), "--trials", str(trials), "--jobs", str(jobs)]),
         ("parallel", [py, str(HERE / "parallel.py")]),
         ("pruning", [py, str(HERE / "pruning.py")]),

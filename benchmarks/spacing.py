@@ -17,9 +17,8 @@ from pathlib import Path
 from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, stamp  # noqa: E402
-
 import SimpleITK as sitk  # noqa: E402
+from common import machine, stamp  # noqa: E402
 
 from autoreg import registration  # noqa: E402
 from autoreg.config import PairSpec  # noqa: E402
@@ -41,30 +40,55 @@ def rescaled(syn, s: float) -> PairData:
         out.SetSpacing((s,) * i.GetDimension())
         return out
 
-    return PairData(PairSpec(name=f"s{s}", fixed=Path("f"), moving=Path("m")), img(syn.fixed), img(syn.moving),
-                    syn.fixed_points * s, syn.moving_points * s)
+    return PairData(
+        PairSpec(name=f"s{s}", fixed=Path("f"), moving=Path("m")),
+        img(syn.fixed),
+        img(syn.moving),
+        syn.fixed_points * s,
+        syn.moving_points * s,
+    )
 
 
 def recipes() -> dict[str, Recipe]:
     """The user report's settings in recipe format 2: voxel sigmas and mesh, so only the spacing differs."""
-    common = {"metric": {"kind": "mattes", "number_of_histogram_bins": 32},
-              "sampling": {"strategy": "regular", "percentage": 0.2},
-              "pyramid": {"shrink_factors": [2, 1], "smoothing_sigmas": [1.0, 0.0], "sigma_units": "voxel"}}
-    gd = {"kind": "gradient_descent", "learning_rate": 1.0, "estimate_learning_rate": "never", "number_of_iterations": 100}
-    linear = {"rigid": {"transform": "rigid", "optimizer": gd, **common},
-              "affine": {"transform": "affine", "optimizer": gd, **common}}
+    common = {
+        "metric": {"kind": "mattes", "number_of_histogram_bins": 32},
+        "sampling": {"strategy": "regular", "percentage": 0.2},
+        "pyramid": {"shrink_factors": [2, 1], "smoothing_sigmas": [1.0, 0.0], "sigma_units": "voxel"},
+    }
+    gd = {
+        "kind": "gradient_descent",
+        "learning_rate": 1.0,
+        "estimate_learning_rate": "never",
+        "number_of_iterations": 100,
+    }
+    linear = {
+        "rigid": {"transform": "rigid", "optimizer": gd, **common},
+        "affine": {"transform": "affine", "optimizer": gd, **common},
+    }
     mesh = {"kind": "bspline", "mesh_size": [4, 4, 4]}
     bspline = {
-        "LBFGS2": {"transform": mesh, "optimizer": {"kind": "lbfgs2", "number_of_iterations": 30,
-                                                    "solution_accuracy": 1e-5, "scales": "physical_shift"}, **common},
+        "LBFGS2": {
+            "transform": mesh,
+            "optimizer": {
+                "kind": "lbfgs2",
+                "number_of_iterations": 30,
+                "solution_accuracy": 1e-5,
+                "scales": "physical_shift",
+            },
+            **common,
+        },
         "GD": {"transform": mesh, "optimizer": {**gd, "number_of_iterations": 50}, **common},
     }
 
     def recipe(*stages: dict) -> Recipe:
         return recipe_from_dict({"autoreg_recipe": 2, "stages": list(stages), "deterministic": True, "seed": 1})
 
-    return {"rigid": recipe(linear["rigid"]), "affine": recipe(linear["affine"]),
-            **{f"affine+bspline ({k})": recipe(linear["affine"], v) for k, v in bspline.items()}}
+    return {
+        "rigid": recipe(linear["rigid"]),
+        "affine": recipe(linear["affine"]),
+        **{f"affine+bspline ({k})": recipe(linear["affine"], v) for k, v in bspline.items()},
+    }
 
 
 def voxel_tre(recipe: Recipe, pair: PairData) -> str:
@@ -80,7 +104,12 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=40)
     ap.add_argument("--only", default="", help="comma-separated parts of recipe names to run (default: all)")
     args = ap.parse_args()
-    kinds = {"rigid": "rigid", "affine": "affine", "affine+bspline (LBFGS2)": "bspline", "affine+bspline (GD)": "bspline"}
+    kinds = {
+        "rigid": "rigid",
+        "affine": "affine",
+        "affine+bspline (LBFGS2)": "bspline",
+        "affine+bspline (GD)": "bspline",
+    }
     print(f"# spacing invariance: voxel TRE on identical {args.size}^3 voxels ({stamp()}, {machine()})")
     print(f"{'recipe':26s} {'engine':8s} " + " ".join(f"{'s=' + str(s):>16s}" for s in SPACINGS) + "   max/min")
     only = [n for n in args.only.split(",") if n]
@@ -97,7 +126,10 @@ def main() -> None:
                 vals = [voxel_tre(recipe, rescaled(syn, s)) for s in SPACINGS]
             nums = [float(v) for v in vals if not v.startswith("fail")]
             ratio = f"{max(nums) / min(nums):.3f}" if len(nums) == len(vals) and min(nums) > 0 else "-"
-            print(f"{name:26s} {engine:8s} " + " ".join(f"{v:>16s}" for v in vals) + f"   {ratio}  (before {before:.2f})", flush=True)
+            print(
+                f"{name:26s} {engine:8s} " + " ".join(f"{v:>16s}" for v in vals) + f"   {ratio}  (before {before:.2f})",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,8 @@ def figures(study: optuna.Study) -> dict:
     best_trial = min((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value, default=None)
     within_s = _seconds_until(trials, starts, lambda best_so_far: best is not None and best_so_far <= 1.1 * best)
     within_gain_s = _seconds_until(
-        trials, starts,
-        lambda best_so_far: within_gain is not None and best_so_far <= best + 0.1 * (base_value - best))
+        trials, starts, lambda best_so_far: within_gain is not None and best_so_far <= best + 0.1 * (base_value - best)
+    )
     return {
         "trials": len(trials),
         "complete": states.count(TrialState.COMPLETE),
@@ -79,8 +79,10 @@ def _seconds_until(trials, starts, reached) -> float | None:
     (workers finish out of number order), first satisfies ``reached``."""
     if not starts:
         return None
-    done = sorted((t for t in trials if t.state == TrialState.COMPLETE and t.datetime_complete and t.value is not None),
-                  key=lambda t: t.datetime_complete)
+    done = sorted(
+        (t for t in trials if t.state == TrialState.COMPLETE and t.datetime_complete and t.value is not None),
+        key=lambda t: t.datetime_complete,
+    )
     running = float("inf")
     for t in done:
         running = min(running, t.value)

@@ -16,8 +16,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PAIR_STAGES, REPO  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-LABELS = {"default": "(a) SimpleITK default", "elastix": "(b) elastix default maps", "ants": "(c) ANTsPy",
-          "autoreg": "(d) autoreg, 60 trials", "generalise": "(e) autoreg, tuned on the others"}
+LABELS = {
+    "default": "(a) SimpleITK default",
+    "elastix": "(b) elastix default maps",
+    "ants": "(c) ANTsPy",
+    "autoreg": "(d) autoreg, 60 trials",
+    "generalise": "(e) autoreg, tuned on the others",
+}
 PEERS = ("default", "elastix", "ants")
 
 
@@ -30,27 +35,33 @@ def _f(v, digits: int = 3) -> str:
 
 
 def accuracy(peers: dict) -> str:
-    out = ["| pair | stages | tool | mean | median | p90 | seconds | setting |", "|---|---|---|---:|---:|---:|---:|---|"]
+    out = [
+        "| pair | stages | tool | mean | median | p90 | seconds | setting |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
     for name, stage_lists in PAIR_STAGES.items():
         for stages in stage_lists:
             key = f"{name}:{'+'.join(stages)}"
             rows = peers.get(key, {})
-            best_peer = min((rows[t]["mean"] for t in PEERS if rows.get(t, {}).get("mean") is not None),
-                            default=None)
+            best_peer = min((rows[t]["mean"] for t in PEERS if rows.get(t, {}).get("mean") is not None), default=None)
             for tool, label in LABELS.items():
                 r = rows.get(tool)
                 if r is None:
                     continue
                 if r.get("failed") or r.get("missing"):
-                    out.append(f"| {name} | {'+'.join(stages)} | {label} | {r.get('failed') and 'FAIL' or 'n/a'} "
-                               f"| | | | {r.get('failed') or r.get('missing')} |")
+                    out.append(
+                        f"| {name} | {'+'.join(stages)} | {label} | {r.get('failed') and 'FAIL' or 'n/a'} "
+                        f"| | | | {r.get('failed') or r.get('missing')} |"
+                    )
                     continue
                 mean = _f(r["mean"])
                 if tool in ("autoreg", "generalise") and best_peer is not None and r["mean"] < best_peer:
                     mean = f"**{mean}**"
                 threads = f", {r['threads']} thr" if r.get("threads") is not None else ""
-                out.append(f"| {name} | {'+'.join(stages)} | {label} | {mean} | {_f(r['median'])} | {_f(r['p90'])} "
-                           f"| {_f(r.get('seconds'))} | {r.get('setting', '')}{threads} |")
+                out.append(
+                    f"| {name} | {'+'.join(stages)} | {label} | {mean} | {_f(r['median'])} | {_f(r['p90'])} "
+                    f"| {_f(r.get('seconds'))} | {r.get('setting', '')}{threads} |"
+                )
     return "\n".join(out)
 
 
@@ -70,9 +81,11 @@ def refreshed(tune: dict) -> dict:
 
 
 def tuning(tune: dict) -> str:
-    out = ["| pair | stages | trials | default | tuned | tuned / default | failed | pruned | within 10 % at trial "
-           "| within 10 % after | 90 % of the gain after | trials/min | wall min |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = [
+        "| pair | stages | trials | default | tuned | tuned / default | failed | pruned | within 10 % at trial "
+        "| within 10 % after | 90 % of the gain after | trials/min | wall min |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     order = [f"{n}:{'+'.join(st)}" for n, sts in PAIR_STAGES.items() for st in sts]
     for key in sorted(tune, key=lambda k: order.index(k) if k in order else len(order)):
         f = tune[key]
@@ -82,7 +95,8 @@ def tuning(tune: dict) -> str:
             f"| {name} | {stages} | {f['trials']} | {_f(f['baseline'])} | {_f(f['best'])} | {_f(ratio, 2)} "
             f"| {f['failed']} | {f['pruned']} | {f['within_10pct_at_trial']} "
             f"| {_secs(f.get('within_10pct_s'))} | {_secs(f.get('within_10pct_of_gain_s'))} "
-            f"| {f['trials_per_min']:.1f} | {f['wall_s'] / 60:.1f} |")
+            f"| {f['trials_per_min']:.1f} | {f['wall_s'] / 60:.1f} |"
+        )
     return "\n".join(out)
 
 

@@ -62,7 +62,9 @@ def summarise(study, wall_s: float) -> dict:
     coarse, final = [], []
     for t in trials:
         if t.complete and t.levels:
-            first = next((lv["tre_mean"] for lv in t.levels if lv.get("tre_mean") is not None and lv["level"] == 0), None)
+            first = next(
+                (lv["tre_mean"] for lv in t.levels if lv.get("tre_mean") is not None and lv["level"] == 0), None
+            )
             if first is not None and np.isfinite(first) and np.isfinite(t.value):
                 coarse.append(first)
                 final.append(t.value)
@@ -81,7 +83,9 @@ def summarise(study, wall_s: float) -> dict:
         "honest": best.tre_report_mean if best else None,
         "best_seconds": best.runtime_s if best else None,
         "best_folding": best.folding_fraction if best else None,
-        "best_kinds": list(best.recipe and [s["transform"]["kind"] for s in best.recipe["stages"]] or []) if best else None,
+        "best_kinds": list(best.recipe and [s["transform"]["kind"] for s in best.recipe["stages"]] or [])
+        if best
+        else None,
         "baseline": base.value if base else None,
         "baseline_state": base.state if base else None,
         "seconds_median": float(np.median(seconds)) if seconds else None,
@@ -114,14 +118,35 @@ def tune_case(case: str, *, trials: int, jobs: int, timeout: float, prune: bool,
     work.mkdir(parents=True)
     pair = work / "pair.yaml"
     pair.write_text(yaml.safe_dump(doc), encoding="utf-8")
-    cmd = [sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", str(trials), "--jobs", str(jobs),
-           "--timeout", str(timeout), "--study-dir", str(work / "study"), "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "autoreg.cli",
+        "tune",
+        str(pair),
+        "--trials",
+        str(trials),
+        "--jobs",
+        str(jobs),
+        "--timeout",
+        str(timeout),
+        "--study-dir",
+        str(work / "study"),
+        "-q",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     out = summarise(study_of(work / "study", doc["name"]), wall)
-    out.update(case=case, variant=variant, stages=doc["stages"], command=" ".join(cmd[1:]), exit=proc.returncode,
-               summary=proc.stdout.strip().splitlines()[-6:], load=round(_load(), 2))
+    out.update(
+        case=case,
+        variant=variant,
+        stages=doc["stages"],
+        command=" ".join(cmd[1:]),
+        exit=proc.returncode,
+        summary=proc.stdout.strip().splitlines()[-6:],
+        load=round(_load(), 2),
+    )
     return out
 
 
@@ -142,9 +167,11 @@ def _f(v, spec=".3g") -> str:
 
 def table(results: list[dict]) -> str:
     p = peers()
-    lines = ["| case | stages | wall | best TRE (honest) mm | elastix | ANTs | default | trials (pruned: unrun, failed) | "
-             "s/trial median, p90, max | largest overrun s | coarse-final rho | measured/predicted s p10, p50, p90 |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| case | stages | wall | best TRE (honest) mm | elastix | ANTs | default | trials (pruned: unrun, failed) | "
+        "s/trial median, p90, max | largest overrun s | coarse-final rho | measured/predicted s p10, p50, p90 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         peer = p.get(r["case"], {})
         el, an = peer.get("elastix", {}).get("mean"), peer.get("ants", {}).get("mean")
@@ -154,7 +181,8 @@ def table(results: list[dict]) -> str:
             f"{r['trials']} ({r['pruned']}: {r.get('pruned_unrun', '-')} unrun, {r['failed']}) | "
             f"{_f(r['seconds_median'])}, {_f(r['seconds_p90'])}, {_f(r['seconds_max'])} | "
             f"{_f(r['largest_overrun_s'])} | {_f(r['coarse_final_spearman'], '.2f')} | "
-            f"{', '.join(_f(v, '.2f') for v in r.get('measured_over_predicted') or []) or '-'} |")
+            f"{', '.join(_f(v, '.2f') for v in r.get('measured_over_predicted') or []) or '-'} |"
+        )
     return "\n".join(lines)
 
 
@@ -176,15 +204,21 @@ def main() -> int:
     path = RESULTS / "tune3d.json"
     saved = json.loads(path.read_text()) if path.exists() else {}
     if args.report:  # re-read each saved case's study: figures added to summarise() since it ran appear too
-        for key, r in saved.items():
+        for r in saved.values():
             folder = RESULTS / "tune3d" / f"{r['case']}-{r['variant']}" / "study"
             name = yaml.safe_load((folder.parent / "pair.yaml").read_text())["name"] if folder.is_dir() else None
             if name and (folder / "journal.log").exists():
                 r.update(summarise(study_of(folder, name), r["wall_s"]))
     else:
         for case in args.only.split(","):
-            r = tune_case(case, trials=args.trials, jobs=args.jobs, timeout=args.timeout, prune=not args.no_prune,
-                          stages=args.stages)
+            r = tune_case(
+                case,
+                trials=args.trials,
+                jobs=args.jobs,
+                timeout=args.timeout,
+                prune=not args.no_prune,
+                stages=args.stages,
+            )
             saved[f"{case}/{r['variant']}"] = r
             path.write_text(json.dumps(saved, indent=2), encoding="utf-8")
             print(table([r]), flush=True)

@@ -28,8 +28,12 @@ def main() -> None:
     ap.add_argument("--stages", default="", help="run only this stage list, e.g. affine+bspline")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--report", action="store_true", help="only print the table from the studies already run")
-    ap.add_argument("--timeout-3d", type=int, default=0,
-                    help="tune --timeout for the 3D pair (0: none); its trials take minutes each on 2 cores")
+    ap.add_argument(
+        "--timeout-3d",
+        type=int,
+        default=0,
+        help="tune --timeout for the 3D pair (0: none); its trials take minutes each on 2 cores",
+    )
     args = ap.parse_args()
     require_shared_data()
     out = Path(args.out)

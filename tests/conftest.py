@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import functools
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -52,7 +60,7 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def synthetic_pair(
     dim: int = 2,
     transform: str = "rigid",
@@ -65,7 +73,11 @@ def synthetic_pair(
 ) -> SyntheticPair:
     """``make_pair`` cached per process (the pairs are immutable in use: tests copy before changing them)."""
     return make_pair(
-        size or SIZE[dim], transform=transform, seed=seed, multimodal=multimodal, n_landmarks=n_landmarks,
+        size or SIZE[dim],
+        transform=transform,
+        seed=seed,
+        multimodal=multimodal,
+        n_landmarks=n_landmarks,
         magnitude=magnitude,
     )
 
@@ -186,19 +198,31 @@ def quick_recipe(
     Mattes MI with ``bins`` bins (50 is too many for a few thousand samples); linear stages: regular-step gradient
     descent (its learning rate is re-estimated once per level, as in the default); BSpline stages: LBFGSB on a
     ``mesh``-cell grid; displacement stages: gradient descent on a field at every voxel (update and total field
-    smoothed with variances 2 and 1). Sigmas are in voxels, so the recipe means the same on any spacing. ``top`` replaces
-    top-level fields (seed, deterministic...).
+    smoothed with variances 2 and 1). Sigmas are in voxels, so the recipe means the same on any spacing. ``top``
+    replaces top-level fields (seed, deterministic...).
     """
-    from autoreg.recipe import (LBFGSB, BSplineTransform, DisplacementTransform, GradientDescent,
-                                MattesMutualInformation, Pyramid, RegularStepGradientDescent, Sampling, default_recipe)
+    from autoreg.recipe import (
+        LBFGSB,
+        BSplineTransform,
+        DisplacementTransform,
+        GradientDescent,
+        MattesMutualInformation,
+        Pyramid,
+        RegularStepGradientDescent,
+        Sampling,
+        default_recipe,
+    )
 
     base = default_recipe(stages, dim)
     pyramid = Pyramid(shrink_factors=shrink, smoothing_sigmas=sigmas, sigma_units="voxel")
     sampling = Sampling(strategy=strategy) if strategy == "none" else Sampling(strategy=strategy, percentage=percentage)
     updated = []
     for stage in base.stages:
-        update: dict[str, Any] = {"sampling": sampling, "pyramid": pyramid,
-                                  "metric": MattesMutualInformation(number_of_histogram_bins=bins)}
+        update: dict[str, Any] = {
+            "sampling": sampling,
+            "pyramid": pyramid,
+            "metric": MattesMutualInformation(number_of_histogram_bins=bins),
+        }
         if stage.kind == "bspline":
             update["optimizer"] = LBFGSB(number_of_iterations=bspline_iterations)
             update["transform"] = BSplineTransform(mesh_size=(mesh,) * dim)
@@ -207,8 +231,72 @@ def quick_recipe(
             update["transform"] = DisplacementTransform(variance_for_update_field=2.0, variance_for_total_field=1.0)
             update["pyramid"] = pyramid.model_copy(update={"shrink_images": True})
         else:
-            update["optimizer"] = RegularStepGradientDescent(learning_rate=learning_rate, number_of_iterations=iterations,
-                                                             gradient_magnitude_tolerance=1e-5)
+            update["optimizer"] = RegularStepGradientDescent(
+                learning_rate=learning_rate, number_of_iterations=iterations, gradient_magnitude_tolerance=1e-5
+            )
         updated.append(stage.model_copy(update=update))
     # model_copy does not validate: validate the whole recipe once more
     return Recipe.model_validate({**base.model_dump(), "stages": [s.model_dump() for s in updated], **top})
+
+
+# --- a throw-away PostgreSQL server (test_study_postgres, test_dask, test_study_redact) ----------------------------
+
+
+def _server_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return candidates[-1] if candidates else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL server of its own (trust authentication, 127.0.0.1 on a free port) for the module's tests; skips,
+    saying why, without the server programs or the driver."""
+    pytest.importorskip("psycopg", reason="psycopg (the PostgreSQL driver SQLAlchemy uses) is not installed")
+    initdb, pg_ctl = _server_bin("initdb"), _server_bin("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL server programs (initdb, pg_ctl) not found; install Debian's 'postgresql'")
+    # not under pytest's own temp folder: that is private to root, and the server runs as another account
+    root = Path(tempfile.mkdtemp(prefix="autoreg-pg-"))
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root: run it as the 'postgres' account
+        try:
+            account = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' account to run the server")
+        for p in (root, sock):
+            os.chown(p, account.pw_uid, account.pw_gid)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    run = lambda *cmd: subprocess.run([*prefix, *cmd], capture_output=True, text=True, timeout=120)  # noqa: E731
+    made = run(initdb, "-D", str(data), "-A", "trust", "-U", "autoreg", "--no-sync")
+    if made.returncode != 0:
+        pytest.skip(f"initdb failed: {made.stderr.strip()[-300:]}")
+    started = run(
+        pg_ctl,
+        "-D",
+        str(data),
+        "-l",
+        str(root / "server.log"),
+        "-w",
+        "-o",
+        f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off",
+        "start",
+    )
+    if started.returncode != 0:
+        pytest.skip(f"PostgreSQL did not start: {started.stderr.strip()[-300:]}")
+    try:
+        yield f"postgresql://autoreg:not-a-secret@127.0.0.1:{port}/postgres"
+    finally:
+        run(pg_ctl, "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)

@@ -11,13 +11,12 @@ import optuna
 import pytest
 import SimpleITK as sitk
 import yaml
+from conftest import quick_recipe, synthetic_pair
 
 import autoreg
 from autoreg.errors import UserError
 from autoreg.recipe import save_recipe
 from autoreg.synthetic import write_pair
-
-from conftest import quick_recipe, synthetic_pair
 
 
 def parameters(transform: sitk.Transform) -> list[tuple[str, tuple[float, ...], tuple[float, ...]]]:
@@ -56,9 +55,26 @@ def test_register_on_images_in_memory_gives_the_transform_apply_writes(tmp_path:
     assert isinstance(transform, sitk.Transform)
 
     written = tmp_path / "apply.tfm"
-    done = subprocess.run([sys.executable, "-m", "autoreg.cli", "apply", str(recipe_file), "--fixed",
-                           str(files["fixed"]), "--moving", str(files["moving"]), "--fixed-mask", str(files["mask"]),
-                           "--transform-out", str(written)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "autoreg.cli",
+            "apply",
+            str(recipe_file),
+            "--fixed",
+            str(files["fixed"]),
+            "--moving",
+            str(files["moving"]),
+            "--fixed-mask",
+            str(files["mask"]),
+            "--transform-out",
+            str(written),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     from_apply = sitk.ReadTransform(str(written))
     ours, theirs = parameters(transform), parameters(from_apply)
@@ -97,9 +113,14 @@ def _pair_files(folder: Path) -> dict[str, str]:
 def test_tune_from_a_dict_relative_to_the_working_directory(tmp_path: Path, monkeypatch) -> None:
     files = _pair_files(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
-    pair = {"name": "from-dict", "fixed": files["fixed"], "moving": files["moving"],
-            "landmarks": {"fixed": files["fixed_landmarks"], "moving": files["moving_landmarks"]},
-            "stages": ["affine"], "search": {"stage0.pyramid.levels": 1}}
+    pair = {
+        "name": "from-dict",
+        "fixed": files["fixed"],
+        "moving": files["moving"],
+        "landmarks": {"fixed": files["fixed_landmarks"], "moving": files["moving_landmarks"]},
+        "stages": ["affine"],
+        "search": {"stage0.pyramid.levels": 1},
+    }
     lines = []
     result = autoreg.tune(pair, trials=4, jobs=1, seed=2, study_dir=tmp_path / "study", progress=lines.append)
     assert not result.interrupted
@@ -121,9 +142,14 @@ def test_tune_from_a_dict_relative_to_the_working_directory(tmp_path: Path, monk
 
 def test_tune_from_a_path_resumes_the_same_study(tmp_path: Path) -> None:
     files = _pair_files(tmp_path / "data")
-    doc = {"name": "from-path", "fixed": Path(files["fixed"]).name, "moving": Path(files["moving"]).name,
-           "landmarks": {"fixed": Path(files["fixed_landmarks"]).name, "moving": Path(files["moving_landmarks"]).name},
-           "stages": ["affine"], "search": {"stage0.pyramid.levels": 1}}
+    doc = {
+        "name": "from-path",
+        "fixed": Path(files["fixed"]).name,
+        "moving": Path(files["moving"]).name,
+        "landmarks": {"fixed": Path(files["fixed_landmarks"]).name, "moving": Path(files["moving_landmarks"]).name},
+        "stages": ["affine"],
+        "search": {"stage0.pyramid.levels": 1},
+    }
     path = tmp_path / "data" / "pair.yaml"
     path.write_text(yaml.safe_dump(doc), encoding="utf-8")
     first = autoreg.tune(path, trials=2, jobs=1)
@@ -132,10 +158,16 @@ def test_tune_from_a_path_resumes_the_same_study(tmp_path: Path) -> None:
     assert len(second.study.trials) == 3 and second.snapshot.finished == 3
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    ({"trials": 0}, "trials"), ({"trials": 2.5}, "trials"), ({"jobs": 0}, "jobs"), ({"timeout": -1}, "timeout"),
-    ({"seed": -3}, "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"trials": 0}, "trials"),
+        ({"trials": 2.5}, "trials"),
+        ({"jobs": 0}, "jobs"),
+        ({"timeout": -1}, "timeout"),
+        ({"seed": -3}, "seed"),
+    ],
+)
 def test_tune_refuses_bad_arguments_with_a_user_error(tmp_path: Path, kwargs: dict, key: str) -> None:
     with pytest.raises(UserError, match=rf"^{key}: expected"):
         autoreg.tune({"name": "x", "fixed": "f.png", "moving": "m.png", "stages": ["affine"]}, **kwargs)
@@ -156,7 +188,9 @@ def test_tune_errors_are_user_errors_not_exits(tmp_path: Path, monkeypatch) -> N
 
 
 def test_import_autoreg_is_light_and_lists_the_api() -> None:
-    code = ("import sys, autoreg; heavy = [m for m in ('optuna', 'SimpleITK', 'pydantic') if m in sys.modules]; "
-            "print(heavy, sorted(n for n in ('tune', 'register', 'Recipe') if n in dir(autoreg)))")
+    code = (
+        "import sys, autoreg; heavy = [m for m in ('optuna', 'SimpleITK', 'pydantic') if m in sys.modules]; "
+        "print(heavy, sorted(n for n in ('tune', 'register', 'Recipe') if n in dir(autoreg)))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "[] ['Recipe', 'register', 'tune']", done.stdout + done.stderr

@@ -38,8 +38,15 @@ def test_every_case_is_a_complete_pair_folder(gen, built):
     assert set(metas) == set(gen.CASES)
     for name in gen.CASES:
         files = {p.name for p in (out / name).iterdir()}
-        assert {"fixed.nii.gz", "moving.nii.gz", "fixed_landmarks.csv", "moving_landmarks.csv", "pair.yaml",
-                "SOURCE.json", "SOURCE.txt"} <= files
+        assert {
+            "fixed.nii.gz",
+            "moving.nii.gz",
+            "fixed_landmarks.csv",
+            "moving_landmarks.csv",
+            "pair.yaml",
+            "SOURCE.json",
+            "SOURCE.txt",
+        } <= files
         truth = {"afids": set(), "mmdef3d": {"ground_truth.h5"}}.get(name, {"ground_truth.tfm"})
         assert {f for f in files if f.startswith("ground_truth")} == truth, name
         assert (out / name / "fixed_landmarks.csv").read_text().startswith("x,y,z\n")

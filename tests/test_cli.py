@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import quick_recipe, real_pair_yaml
 
 from autoreg.config import load_config
 from autoreg.data import load_images, load_pair
 from autoreg.recipe import default_recipe, save_recipe
 from autoreg.registration import register
 from autoreg.scoring import transform_points
-
-from conftest import real_pair_yaml, quick_recipe
 
 
 def _assert_one_line_error(result, code: int, *fragments: str) -> str:
@@ -91,9 +90,18 @@ def applied(tmp_path: Path, pair_yaml, run_cli):
     save_recipe(recipe, recipe_path)
     tfm = tmp_path / "out.tfm"
     result = run_cli(
-        "apply", recipe_path, "--fixed", folder / "fixed.png", "--moving", folder / "moving.png",
-        "--transform-out", tfm,
-        "--fixed-landmarks", folder / "fixed_landmarks.csv", "--moving-landmarks", folder / "moving_landmarks.csv",
+        "apply",
+        recipe_path,
+        "--fixed",
+        folder / "fixed.png",
+        "--moving",
+        folder / "moving.png",
+        "--transform-out",
+        tfm,
+        "--fixed-landmarks",
+        folder / "fixed_landmarks.csv",
+        "--moving-landmarks",
+        folder / "moving_landmarks.csv",
     )
     return path, recipe, tfm, result
 
@@ -129,8 +137,16 @@ def test_apply_image_out_has_the_fixed_grid(tmp_path: Path, pair_yaml, run_cli, 
     save_recipe(quick_recipe(["rigid"], 2, iterations=30), recipe_path)
     warped = tmp_path / f"warped{suffix}"
     result = run_cli(
-        "apply", recipe_path, "--fixed", folder / "fixed.png", "--moving", folder / "moving.png",
-        "--transform-out", tmp_path / "t.tfm", "--image-out", warped,
+        "apply",
+        recipe_path,
+        "--fixed",
+        folder / "fixed.png",
+        "--moving",
+        folder / "moving.png",
+        "--transform-out",
+        tmp_path / "t.tfm",
+        "--image-out",
+        warped,
     )
     assert result.code == 0, result.err
     image = sitk.ReadImage(str(warped))
@@ -149,8 +165,18 @@ def test_apply_3d(tmp_path: Path, pair_yaml, run_cli) -> None:
     recipe_path = tmp_path / "RECIPE.yaml"
     save_recipe(recipe, recipe_path)
     result = run_cli(
-        "apply", recipe_path, "--fixed", folder / "fixed.nii.gz", "--moving", folder / "moving.nii.gz",
-        "--transform-out", tmp_path / "t.tfm", "--image-out", tmp_path / "w.nii.gz", "--threads", "1",
+        "apply",
+        recipe_path,
+        "--fixed",
+        folder / "fixed.nii.gz",
+        "--moving",
+        folder / "moving.nii.gz",
+        "--transform-out",
+        tmp_path / "t.tfm",
+        "--image-out",
+        tmp_path / "w.nii.gz",
+        "--threads",
+        "1",
     )
     assert result.code == 0, result.err
     assert sitk.ReadTransform(str(tmp_path / "t.tfm")).GetDimension() == 3
@@ -161,8 +187,14 @@ def test_apply_with_a_missing_recipe(tmp_path: Path, pair_yaml, run_cli) -> None
     folder = pair_yaml().parent
     missing = tmp_path / "no_recipe.yaml"
     result = run_cli(
-        "apply", missing, "--fixed", folder / "fixed.png", "--moving", folder / "moving.png",
-        "--transform-out", tmp_path / "t.tfm",
+        "apply",
+        missing,
+        "--fixed",
+        folder / "fixed.png",
+        "--moving",
+        folder / "moving.png",
+        "--transform-out",
+        tmp_path / "t.tfm",
     )
     _assert_one_line_error(result, 2, str(missing))
     assert not (tmp_path / "t.tfm").exists()
@@ -173,8 +205,14 @@ def test_apply_with_a_bad_recipe(tmp_path: Path, pair_yaml, run_cli) -> None:
     recipe_path = tmp_path / "RECIPE.yaml"
     recipe_path.write_text("stages:\n- transform: rigid\n  pyramid: {shrink_factors: [2, 1], smoothing_sigmas: [1]}\n")
     result = run_cli(
-        "apply", recipe_path, "--fixed", folder / "fixed.png", "--moving", folder / "moving.png",
-        "--transform-out", tmp_path / "t.tfm",
+        "apply",
+        recipe_path,
+        "--fixed",
+        folder / "fixed.png",
+        "--moving",
+        folder / "moving.png",
+        "--transform-out",
+        tmp_path / "t.tfm",
     )
     _assert_one_line_error(result, 2, str(recipe_path), "stages[0].pyramid")
 
@@ -184,8 +222,14 @@ def test_apply_with_a_binary_recipe(tmp_path: Path, pair_yaml, run_cli) -> None:
     recipe_path = tmp_path / "RECIPE.yaml"
     recipe_path.write_bytes(b"\xff\xfe\x00\x01binary")
     result = run_cli(
-        "apply", recipe_path, "--fixed", folder / "fixed.png", "--moving", folder / "moving.png",
-        "--transform-out", tmp_path / "t.tfm",
+        "apply",
+        recipe_path,
+        "--fixed",
+        folder / "fixed.png",
+        "--moving",
+        folder / "moving.png",
+        "--transform-out",
+        tmp_path / "t.tfm",
     )
     _assert_one_line_error(result, 2, str(recipe_path))
 
@@ -204,8 +248,16 @@ def test_apply_with_a_moving_mask_that_misses_its_image(tmp_path: Path, pair_yam
     recipe_path = tmp_path / "RECIPE.yaml"
     save_recipe(quick_recipe(["rigid"], 2, iterations=5), recipe_path)
     result = run_cli(
-        "apply", recipe_path, "--fixed", folder / "fixed.png", "--moving", folder / "moving.png",
-        "--transform-out", tmp_path / "t.tfm", "--moving-mask", mask,
+        "apply",
+        recipe_path,
+        "--fixed",
+        folder / "fixed.png",
+        "--moving",
+        folder / "moving.png",
+        "--transform-out",
+        tmp_path / "t.tfm",
+        "--moving-mask",
+        mask,
     )
     _assert_one_line_error(result, 2, "--moving-mask", "lies outside its image")
 
@@ -216,8 +268,16 @@ def test_apply_with_a_fixed_mask_that_misses_its_image(tmp_path: Path, pair_yaml
     recipe_path = tmp_path / "RECIPE.yaml"
     save_recipe(quick_recipe(["rigid"], 2, iterations=5), recipe_path)
     result = run_cli(
-        "apply", recipe_path, "--fixed", folder / "fixed.png", "--moving", folder / "moving.png",
-        "--transform-out", tmp_path / "t.tfm", "--fixed-mask", mask,
+        "apply",
+        recipe_path,
+        "--fixed",
+        folder / "fixed.png",
+        "--moving",
+        folder / "moving.png",
+        "--transform-out",
+        tmp_path / "t.tfm",
+        "--fixed-mask",
+        mask,
     )
     _assert_one_line_error(result, 2, "--fixed-mask", "mask spans [499.5, 509.5] x [499.5, 509.5]")
 
@@ -227,8 +287,14 @@ def test_apply_with_a_missing_image(tmp_path: Path, pair_yaml, run_cli) -> None:
     recipe_path = tmp_path / "RECIPE.yaml"
     save_recipe(default_recipe(["rigid"], 2), recipe_path)
     result = run_cli(
-        "apply", recipe_path, "--fixed", folder / "fixed.png", "--moving", folder / "absent.png",
-        "--transform-out", tmp_path / "t.tfm",
+        "apply",
+        recipe_path,
+        "--fixed",
+        folder / "fixed.png",
+        "--moving",
+        folder / "absent.png",
+        "--transform-out",
+        tmp_path / "t.tfm",
     )
     _assert_one_line_error(result, 2, "absent.png")
 
@@ -240,9 +306,18 @@ def test_apply_with_mismatched_landmarks(tmp_path: Path, pair_yaml, run_cli) -> 
     recipe_path = tmp_path / "RECIPE.yaml"
     save_recipe(quick_recipe(["rigid"], 2, iterations=5), recipe_path)
     result = run_cli(
-        "apply", recipe_path, "--fixed", folder / "fixed.png", "--moving", folder / "moving.png",
-        "--transform-out", tmp_path / "t.tfm",
-        "--fixed-landmarks", folder / "fixed_landmarks.csv", "--moving-landmarks", short,
+        "apply",
+        recipe_path,
+        "--fixed",
+        folder / "fixed.png",
+        "--moving",
+        folder / "moving.png",
+        "--transform-out",
+        tmp_path / "t.tfm",
+        "--fixed-landmarks",
+        folder / "fixed_landmarks.csv",
+        "--moving-landmarks",
+        short,
     )
     _assert_one_line_error(result, 2, "short.csv")
 
@@ -253,8 +328,14 @@ def test_apply_that_fails_exits_1_with_the_reason(tmp_path: Path, pair_yaml, run
     recipe_path = tmp_path / "RECIPE.yaml"
     save_recipe(default_recipe(["affine"], 2).with_(deterministic=True), recipe_path)
     result = run_cli(
-        "apply", recipe_path, "--fixed", folder / "fixed.png", "--moving", folder / "moving.png",
-        "--transform-out", tmp_path / "t.tfm",
+        "apply",
+        recipe_path,
+        "--fixed",
+        folder / "fixed.png",
+        "--moving",
+        folder / "moving.png",
+        "--transform-out",
+        tmp_path / "t.tfm",
     )
     _assert_one_line_error(result, 1, "registration failed", "samples")
 

@@ -23,17 +23,30 @@ def _one_line(result, *fragments: str) -> str:
 @pytest.mark.parametrize(
     "option, value",
     [
-        ("--timeout", "0"), ("--timeout", "-5"), ("--timeout", "nan"), ("--timeout", "inf"), ("--timeout", "soon"),
-        ("--seed", "-1"), ("--seed", str(2**31)), ("--seed", "1e3"),
-        ("--trials", "0"), ("--trials", "-3"), ("--trials", "many"),
-        ("--jobs", "0"), ("--jobs", "100000"),
+        ("--timeout", "0"),
+        ("--timeout", "-5"),
+        ("--timeout", "nan"),
+        ("--timeout", "inf"),
+        ("--timeout", "soon"),
+        ("--seed", "-1"),
+        ("--seed", str(2**31)),
+        ("--seed", "1e3"),
+        ("--trials", "0"),
+        ("--trials", "-3"),
+        ("--trials", "many"),
+        ("--jobs", "0"),
+        ("--jobs", "100000"),
     ],
 )
 def test_tune_option_values(option: str, value: str, pair_yaml, tmp_path) -> None:
     """A real process (a bad value used to hang: --timeout nan ran forever, --jobs 100000 forked without end)."""
     sdir = tmp_path / "s"
-    done = subprocess.run([sys.executable, "-m", "autoreg.cli", "tune", str(pair_yaml()), option, value,
-                           "--study-dir", str(sdir)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "autoreg.cli", "tune", str(pair_yaml()), option, value, "--study-dir", str(sdir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"autoreg: error: {option}: "), done.stderr
@@ -43,7 +56,11 @@ def test_tune_option_values(option: str, value: str, pair_yaml, tmp_path) -> Non
 def test_study_dir_that_is_a_file_or_a_device(pair_yaml, run_cli, tmp_path) -> None:
     a_file = tmp_path / "f.txt"
     a_file.write_text("x")
-    for cmd in (("tune", "--trials", "1"), ("export", "-o", tmp_path / "r.yaml"), ("report", "-o", tmp_path / "r.html")):
+    for cmd in (
+        ("tune", "--trials", "1"),
+        ("export", "-o", tmp_path / "r.yaml"),
+        ("report", "-o", tmp_path / "r.html"),
+    ):
         for where in (a_file, a_file / "below", "/dev/null"):
             line = _one_line(run_cli(cmd[0], pair_yaml(), *cmd[1:], "--study-dir", where), "--study-dir")
             assert "is a file" in line or "device" in line
@@ -74,8 +91,21 @@ def _recipe(tmp_path: Path) -> Path:
 def test_apply_threads_below_one(pair_yaml, run_cli, tmp_path) -> None:
     data = pair_yaml().parent
     for value in ("0", "-2"):
-        _one_line(run_cli("apply", _recipe(tmp_path), "--fixed", data / "fixed.png", "--moving", data / "moving.png",
-                          "--transform-out", tmp_path / "t.tfm", "--threads", value), "--threads")
+        _one_line(
+            run_cli(
+                "apply",
+                _recipe(tmp_path),
+                "--fixed",
+                data / "fixed.png",
+                "--moving",
+                data / "moving.png",
+                "--transform-out",
+                tmp_path / "t.tfm",
+                "--threads",
+                value,
+            ),
+            "--threads",
+        )
     assert not (tmp_path / "t.tfm").exists()
 
 
@@ -86,18 +116,26 @@ def test_outputs_into_a_missing_folder_fail_before_any_work(pair_yaml, run_cli, 
     _one_line(run_cli("export", pair, "-o", missing / "r.yaml", "--study-dir", tmp_path / "s"), "--output")
     _one_line(run_cli("report", pair, "-o", missing / "r.html", "--study-dir", tmp_path / "s"), "--output")
     _one_line(run_cli("report", pair, "-o", tmp_path, "--study-dir", tmp_path / "s"), "--output", "is a folder")
-    _one_line(run_cli("apply", tmp_path / "r.yaml", "--fixed", "f", "--moving", "m",
-                      "--transform-out", missing / "t.tfm"), "--transform-out")
+    _one_line(
+        run_cli("apply", tmp_path / "r.yaml", "--fixed", "f", "--moving", "m", "--transform-out", missing / "t.tfm"),
+        "--transform-out",
+    )
 
 
-@pytest.mark.parametrize("cmd, option, value", [
-    ("export", "--repeats", "-1"), ("evaluate", "--repeats", "0"), ("dashboard", "--port", "0"),
-    ("dashboard", "--port", "70000"),
-])
+@pytest.mark.parametrize(
+    "cmd, option, value",
+    [
+        ("export", "--repeats", "-1"),
+        ("evaluate", "--repeats", "0"),
+        ("dashboard", "--port", "0"),
+        ("dashboard", "--port", "70000"),
+    ],
+)
 def test_other_ranges(cmd: str, option: str, value: str, pair_yaml, run_cli, tmp_path) -> None:
     pair = pair_yaml()
-    args = {"export": (pair, "-o", tmp_path / "r.yaml"), "evaluate": (_recipe(tmp_path), pair),
-            "dashboard": (pair,)}[cmd]
+    args = {"export": (pair, "-o", tmp_path / "r.yaml"), "evaluate": (_recipe(tmp_path), pair), "dashboard": (pair,)}[
+        cmd
+    ]
     _one_line(run_cli(cmd, *args, option, value), option)
 
 

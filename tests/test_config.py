@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import yaml
+from conftest import synthetic_pair
 
 from autoreg.config import load_config
 from autoreg.data import load_pair
 from autoreg.errors import UserError
-
-from conftest import synthetic_pair
 
 LANDMARKS = {"fixed": "fixed_landmarks.csv", "moving": "moving_landmarks.csv"}
 
@@ -265,7 +264,10 @@ def test_optional_keys_are_parsed(pair_yaml) -> None:
             "deterministic": True,
             "prune": False,
             "objective": {"kind": "holdout", "repeats": 3, "aggregate": "worst"},
-            "search": {"stage0.metric.number_of_histogram_bins": {"low": 16, "high": 64}, "stage0.interpolator": "bspline"},
+            "search": {
+                "stage0.metric.number_of_histogram_bins": {"low": 16, "high": 64},
+                "stage0.interpolator": "bspline",
+            },
         }
     )
     cfg = load_config(path)

@@ -22,8 +22,9 @@ def test_a_budgeted_search_is_charged_for_the_evaluations_it_runs(shift_steps: i
     evaluations of ``SEARCH_POINTS`` points, not the joint grid (which over-charged a 3D search ~50x and pruned
     trials that took seconds as if they took minutes)."""
     model = CostModel()
-    search = RotationSearch(max_angle_deg=90, step_deg=22.5, max_shift_fraction=0.1, shift_steps=shift_steps,
-                            max_evaluations=2000)
+    search = RotationSearch(
+        max_angle_deg=90, step_deg=22.5, max_shift_fraction=0.1, shift_steps=shift_steps, max_evaluations=2000
+    )
     rotations, shifts = 9**3, 5**3  # 4 steps each side of 3 angles; 2 steps each side of 3 axes
     evaluations = rotations + (TOP_ROTATIONS * (shifts - 1) if shift_steps else 0)
     extra = model.predict_pair(_with_search(search), BRAIN) - model.predict_pair(_with_search(None), BRAIN)

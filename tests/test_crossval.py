@@ -15,10 +15,20 @@ from autoreg.synthetic import make_pair, write_pair
 def _dataset(folder: Path, n: int = 3) -> Path:
     for i in range(n):
         write_pair(make_pair((64, 64), transform="affine", seed=10 + i), folder / f"p{i}")
-    doc = {"name": "cv", "stages": ["affine"], "trial_timeout": 30,
-           "pairs": [{"name": f"p{i}", "fixed": f"p{i}/fixed.png", "moving": f"p{i}/moving.png",
-                      "landmarks": {"fixed": f"p{i}/fixed_landmarks.csv", "moving": f"p{i}/moving_landmarks.csv"}}
-                     for i in range(n)]}
+    doc = {
+        "name": "cv",
+        "stages": ["affine"],
+        "trial_timeout": 30,
+        "pairs": [
+            {
+                "name": f"p{i}",
+                "fixed": f"p{i}/fixed.png",
+                "moving": f"p{i}/moving.png",
+                "landmarks": {"fixed": f"p{i}/fixed_landmarks.csv", "moving": f"p{i}/moving_landmarks.csv"},
+            }
+            for i in range(n)
+        ],
+    }
     path = folder / "pair.yaml"
     path.write_text(yaml.safe_dump(doc), encoding="utf-8")
     return path

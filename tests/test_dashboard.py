@@ -1,4 +1,4 @@
-"""``autoreg dashboard``: optuna-dashboard's HTTP API over a study that ``autoreg tune`` is filling in another process."""
+"""``autoreg dashboard``: optuna-dashboard's HTTP API over a study that ``autoreg tune`` fills in another process."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import optuna
 import pytest
@@ -42,8 +43,10 @@ def write_pair_yaml(folder: Path, name: str = "syn") -> Path:
         "stages": ["affine"],
         "trial_timeout": 20,
         # quick trials, so that new ones keep arriving while the test watches
-        "search": {"stage0.optimizer.number_of_iterations": {"low": 20, "high": 80},
-                   "stage0.metric.kind": ["mattes", "mean_squares", "correlation"]},
+        "search": {
+            "stage0.optimizer.number_of_iterations": {"low": 20, "high": 80},
+            "stage0.metric.kind": ["mattes", "mean_squares", "correlation"],
+        },
     }
     path = folder / "PAIR.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
@@ -72,8 +75,9 @@ def cli(*argv: Any) -> tuple[int, str, str]:
 def started(argv: list[str], log: Path) -> Iterator[subprocess.Popen]:
     """``python -m autoreg.cli ARGV`` in its own process group; stopped (SIGINT, then SIGKILL) on exit."""
     fh = open(log, "w", encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, "-m", "autoreg.cli", *argv], stdout=fh, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autoreg.cli", *argv], stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         yield proc
     finally:
@@ -115,14 +119,18 @@ def test_dashboard_lists_the_study_and_its_trials_while_tune_runs(tmp_path: Path
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     tune_log, dash_log = tmp_path / "tune.log", tmp_path / "dashboard.log"
-    with started(["tune", str(pair), "--trials", "400", "--jobs", "1", "--study-dir", str(study_dir), "-q"],
-                 tune_log) as tune:
+    with started(
+        ["tune", str(pair), "--trials", "400", "--jobs", "1", "--study-dir", str(study_dir), "-q"], tune_log
+    ) as tune:
         wait_for("the study's journal", lambda: (study_dir / "journal.log").exists(), procs=(tune,), logs=(tune_log,))
         with started(["dashboard", str(pair), "--study-dir", str(study_dir), "--port", str(port)], dash_log) as dash:
             logs = (tune_log, dash_log)
-            studies = wait_for("the study in /api/studies",
-                               lambda: [s for s in get_json(f"{base}/api/studies")["study_summaries"]
-                                        if s["study_name"] == "syn"], procs=(tune, dash), logs=logs)
+            studies = wait_for(
+                "the study in /api/studies",
+                lambda: [s for s in get_json(f"{base}/api/studies")["study_summaries"] if s["study_name"] == "syn"],
+                procs=(tune, dash),
+                logs=logs,
+            )
             study_id = studies[0]["study_id"]
             assert studies[0]["directions"] == ["minimize"]
 
@@ -131,14 +139,20 @@ def test_dashboard_lists_the_study_and_its_trials_while_tune_runs(tmp_path: Path
                 done = [t for t in detail["trials"] if t["state"] == "Complete" and t["artifacts"]]
                 return {"detail": detail, "trial": done[0]} if done else None
 
-            found = wait_for("a completed trial with artifacts", finished_trial_with_artifacts, procs=(tune, dash), logs=logs)
+            found = wait_for(
+                "a completed trial with artifacts", finished_trial_with_artifacts, procs=(tune, dash), logs=logs
+            )
             assert tune.poll() is None, "the tune finished before the dashboard was checked: give it more trials"
             detail, trial = found["detail"], found["trial"]
             assert len(detail["trials"]) > 0
             assert detail["objective_names"] == ["tre_mean"]
             # the dotted, readable parameter names (the default recipe, trial 0, may have no params of its own)
-            with_params = wait_for("a trial with parameters", lambda: [
-                t for t in get_json(f"{base}/api/studies/{study_id}")["trials"] if t["params"]], procs=(tune, dash), logs=logs)
+            with_params = wait_for(
+                "a trial with parameters",
+                lambda: [t for t in get_json(f"{base}/api/studies/{study_id}")["trials"] if t["params"]],
+                procs=(tune, dash),
+                logs=logs,
+            )
             names = {p["name"] for p in with_params[0]["params"]}
             assert "stage0.optimizer.kind" in names and "initializer.kind" in names, names
             assert trial["user_attrs"] and any(a["key"] == "tre_mean" for a in trial["user_attrs"])
@@ -152,8 +166,12 @@ def test_dashboard_lists_the_study_and_its_trials_while_tune_runs(tmp_path: Path
                 assert resp.read(8) == PNG_SIGNATURE
             # trials keep arriving while the dashboard serves
             n = len(detail["trials"])
-            wait_for("more trials", lambda: len(get_json(f"{base}/api/studies/{study_id}")["trials"]) > n,
-                     procs=(tune, dash), logs=logs)
+            wait_for(
+                "more trials",
+                lambda: len(get_json(f"{base}/api/studies/{study_id}")["trials"]) > n,
+                procs=(tune, dash),
+                logs=logs,
+            )
             assert dash.poll() is None
     assert dash.returncode == 0  # Ctrl-C (SIGINT) is how a dashboard is meant to stop
     out = dash_log.read_text(encoding="utf-8")
@@ -188,8 +206,9 @@ def test_dashboard_on_a_busy_port_is_one_clear_error(tmp_path: Path) -> None:
 
 def test_dashboard_never_prints_a_storage_password(tmp_path: Path) -> None:
     pair = write_pair_yaml(tmp_path / "data")
-    code, out, err = cli("dashboard", pair, "--storage", "postgresql://alice:hunter2@127.0.0.1:1/db",
-                         "--port", free_port())
+    code, out, err = cli(
+        "dashboard", pair, "--storage", "postgresql://alice:hunter2@127.0.0.1:1/db", "--port", free_port()
+    )
     assert code == 2
     assert "hunter2" not in out + err
     assert "alice" in out + err

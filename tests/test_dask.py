@@ -4,7 +4,7 @@ processes (one thread each, with their nannies) started by the tests on 127.0.0.
 The study's journal lives in the test's folder, which the workers share (same machine): the "shared filesystem"
 case. ``dask_storage="scheduler"`` makes the workers behave as if they did not see it (DaskStorage through the
 scheduler, artifacts sent to the tune). A worker is killed with SIGKILL in the middle of a trial, with the journal
-and with PostgreSQL (``test_postgres``'s throw-away server). Skipped, saying why, without dask.distributed.
+and with PostgreSQL (conftest's throw-away server). Skipped, saying why, without dask.distributed.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import optuna
 import pytest
@@ -26,13 +27,11 @@ from optuna.trial import TrialState
 
 pytest.importorskip("distributed", reason="dask.distributed is not installed: pip install 'autoreg[dask]'")
 
+from conftest import synthetic_pair  # noqa: E402
 from distributed import Client  # noqa: E402
 
 from autoreg.artifacts import artifact_store, trial_artifacts  # noqa: E402
 from autoreg.synthetic import write_pair  # noqa: E402
-
-from conftest import synthetic_pair  # noqa: E402
-from test_postgres import postgres_url  # noqa: E402,F401 - the PostgreSQL fixture
 
 WAIT_S = 120.0
 N_WORKERS = 2
@@ -45,19 +44,49 @@ class Cluster:
         self.root = root
         self.procs: list[subprocess.Popen] = []
         scheduler_file = root / "scheduler.json"
-        self.procs.append(self._spawn("scheduler", [sys.executable, "-m", "distributed.cli.dask_scheduler",
-                                                    "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                                                    "--scheduler-file", str(scheduler_file)]))
+        self.procs.append(
+            self._spawn(
+                "scheduler",
+                [
+                    sys.executable,
+                    "-m",
+                    "distributed.cli.dask_scheduler",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "0",
+                    "--no-dashboard",
+                    "--scheduler-file",
+                    str(scheduler_file),
+                ],
+            )
+        )
         deadline = time.monotonic() + WAIT_S
         while not scheduler_file.is_file() and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(0.2)
         self.address = json.loads(scheduler_file.read_text())["address"]
         for i in range(N_WORKERS):
-            self.procs.append(self._spawn(f"worker{i}", [
-                sys.executable, "-m", "distributed.cli.dask_worker", self.address, "--nthreads", "1",
-                "--host", "127.0.0.1", "--no-dashboard", "--name", f"w{i}",
-                "--local-directory", str(root / f"w{i}")]))
+            self.procs.append(
+                self._spawn(
+                    f"worker{i}",
+                    [
+                        sys.executable,
+                        "-m",
+                        "distributed.cli.dask_worker",
+                        self.address,
+                        "--nthreads",
+                        "1",
+                        "--host",
+                        "127.0.0.1",
+                        "--no-dashboard",
+                        "--name",
+                        f"w{i}",
+                        "--local-directory",
+                        str(root / f"w{i}"),
+                    ],
+                )
+            )
         self.client = Client(self.address, set_as_default=False, timeout=30)
         self.wait_for_workers()
 
@@ -114,22 +143,38 @@ def ready(cluster: Cluster) -> Cluster:
     return cluster
 
 
-def write_study(folder: Path, name: str, *, size: tuple[int, ...] = (64, 64), extra: dict[str, Any] | None = None,
-                stages: tuple[str, ...] = ("affine",)) -> Path:
+def write_study(
+    folder: Path,
+    name: str,
+    *,
+    size: tuple[int, ...] = (64, 64),
+    extra: dict[str, Any] | None = None,
+    stages: tuple[str, ...] = ("affine",),
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    paths = write_pair(synthetic_pair(len(size), "affine" if "affine" in stages else "rigid", size=size), folder,
-                       fmt="png" if len(size) == 2 else "nii.gz")
-    doc = {"name": name, "fixed": paths["fixed"].name, "moving": paths["moving"].name,
-           "landmarks": {"fixed": paths["fixed_landmarks"].name, "moving": paths["moving_landmarks"].name},
-           "stages": list(stages), "trial_timeout": 60, **(extra or {})}
+    paths = write_pair(
+        synthetic_pair(len(size), "affine" if "affine" in stages else "rigid", size=size),
+        folder,
+        fmt="png" if len(size) == 2 else "nii.gz",
+    )
+    doc = {
+        "name": name,
+        "fixed": paths["fixed"].name,
+        "moving": paths["moving"].name,
+        "landmarks": {"fixed": paths["fixed_landmarks"].name, "moving": paths["moving_landmarks"].name},
+        "stages": list(stages),
+        "trial_timeout": 60,
+        **(extra or {}),
+    }
     path = folder / "PAIR.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
     return path
 
 
 def autoreg(*args: Any, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "autoreg.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "autoreg.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def open_study(name: str, study_dir: Path | None = None, url: str | None = None) -> optuna.Study:
@@ -187,8 +232,14 @@ def test_workers_that_do_not_share_the_folder_go_through_the_scheduler(ready: Cl
 
     pair = write_study(tmp_path / "data", "dask-unshared", extra={"search": {"stage0.pyramid.levels": 1}})
     events: list = []
-    result = api.tune(pair, trials=8, study_dir=tmp_path / "study", dask_scheduler=ready.address,
-                      dask_storage="scheduler", progress=events.append)
+    result = api.tune(
+        pair,
+        trials=8,
+        study_dir=tmp_path / "study",
+        dask_scheduler=ready.address,
+        dask_storage="scheduler",
+        progress=events.append,
+    )
     assert not result.interrupted
     lines = [e.text for e in events if e.kind == "cluster"]
     assert sum("storage through the scheduler (DaskStorage), artifacts sent to the tune" in ln for ln in lines) == 2
@@ -204,8 +255,9 @@ def test_workers_that_do_not_share_the_folder_go_through_the_scheduler(ready: Cl
 
 def test_a_bad_scheduler_address_is_one_line(tmp_path: Path) -> None:
     pair = write_study(tmp_path / "data", "dask-nowhere")
-    run = autoreg("tune", pair, "--trials", 2, "--dask-scheduler", "tcp://127.0.0.1:9", "--study-dir",
-                  tmp_path / "s", timeout=120)
+    run = autoreg(
+        "tune", pair, "--trials", 2, "--dask-scheduler", "tcp://127.0.0.1:9", "--study-dir", tmp_path / "s", timeout=120
+    )
     assert run.returncode == 2
     lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in lines[0], run.stderr
@@ -215,9 +267,14 @@ def test_a_bad_scheduler_address_is_one_line(tmp_path: Path) -> None:
 
 #: Trials long enough to be caught inside their registration (dense ANTS correlation, one level), short enough
 #: for a retry.
-SLOW_SEARCH = {"search": {"stage0.metric.kind": "ants_nc", "stage0.pyramid.levels": 1,
-                          "initializer.rotation_search": False,
-                          "stage0.optimizer.number_of_iterations": {"low": 200, "high": 300}}}
+SLOW_SEARCH = {
+    "search": {
+        "stage0.metric.kind": "ants_nc",
+        "stage0.pyramid.levels": 1,
+        "initializer.rotation_search": False,
+        "stage0.optimizer.number_of_iterations": {"low": 200, "high": 300},
+    }
+}
 
 
 def _kill_a_worker_mid_trial(proc: subprocess.Popen, open_it, identities: dict[str, str]) -> int:
@@ -233,8 +290,13 @@ def _kill_a_worker_mid_trial(proc: subprocess.Popen, open_it, identities: dict[s
         finished = sum(t.state.is_finished() for t in trials)
         for t in trials:
             worker = t.user_attrs.get("worker")
-            if (finished >= 2 and t.state == TrialState.RUNNING and worker in pids and "threads" in t.user_attrs
-                    and (datetime.now() - t.datetime_start).total_seconds() > 0.3):
+            if (
+                finished >= 2
+                and t.state == TrialState.RUNNING
+                and worker in pids
+                and "threads" in t.user_attrs
+                and (datetime.now() - t.datetime_start).total_seconds() > 0.3
+            ):
                 os.kill(pids[worker], signal.SIGKILL)
                 return t.number
         time.sleep(0.05)
@@ -243,7 +305,11 @@ def _kill_a_worker_mid_trial(proc: subprocess.Popen, open_it, identities: dict[s
 
 def _check_killed_trial_retried(study: optuna.Study, killed: int, before: dict[int, Any], total: int) -> None:
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    assert len(trials) == total  # the budget is exact, the retry included
+    shown = [
+        (n, t.state.name, t.user_attrs.get("retry_of"), t.user_attrs.get("fail_reason")) for n, t in trials.items()
+    ]  # noqa: E501
+    # the budget is exact: the killed trial gives its place to its retry
+    assert len(trials) == total + 1, shown
     assert not [n for n, t in trials.items() if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     assert trials[killed].state == TrialState.FAIL
     assert "worker died" in trials[killed].user_attrs["fail_reason"]
@@ -262,9 +328,24 @@ def test_a_killed_worker_s_trial_is_failed_and_retried_once(ready: Cluster, tmp_
     pair = write_study(tmp_path / "data", "dask-kill", size=(96, 96), extra=SLOW_SEARCH)
     study_dir = tmp_path / "study"
     identities = ready.identities()
-    proc = subprocess.Popen([sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", "8",
-                             "--dask-scheduler", ready.address, "--study-dir", str(study_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "autoreg.cli",
+            "tune",
+            str(pair),
+            "--trials",
+            "8",
+            "--dask-scheduler",
+            ready.address,
+            "--study-dir",
+            str(study_dir),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         killed = _kill_a_worker_mid_trial(proc, lambda: open_study("dask-kill", study_dir), identities)
         before = _finished(open_study("dask-kill", study_dir))
@@ -274,17 +355,33 @@ def test_a_killed_worker_s_trial_is_failed_and_retried_once(ready: Cluster, tmp_
             proc.kill()
             proc.wait(timeout=30)
     assert proc.returncode == 0, err
-    assert f"were failed and queued again" in out and f"[{killed}]" in out
+    assert "were failed and queued again" in out and f"[{killed}]" in out
     _check_killed_trial_retried(open_study("dask-kill", study_dir), killed, before, 8)
 
 
 def test_a_killed_worker_s_trial_is_retried_over_postgres(ready: Cluster, postgres_url: str, tmp_path: Path) -> None:
     pair = write_study(tmp_path / "data", "dask-kill-pg", size=(96, 96), extra=SLOW_SEARCH)
     identities = ready.identities()
-    proc = subprocess.Popen([sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", "8",
-                             "--dask-scheduler", ready.address, "--storage", postgres_url,
-                             "--study-dir", str(tmp_path / "study")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "autoreg.cli",
+            "tune",
+            str(pair),
+            "--trials",
+            "8",
+            "--dask-scheduler",
+            ready.address,
+            "--storage",
+            postgres_url,
+            "--study-dir",
+            str(tmp_path / "study"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         killed = _kill_a_worker_mid_trial(proc, lambda: open_study("dask-kill-pg", url=postgres_url), identities)
         before = _finished(open_study("dask-kill-pg", url=postgres_url))
@@ -307,10 +404,25 @@ def test_ctrl_c_cancels_the_trials_running_in_the_cluster(ready: Cluster, tmp_pa
 
     pair = write_slow_study(tmp_path / "data")
     study_dir = tmp_path / "study"
-    proc = subprocess.Popen([sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", "20",
-                             "--dask-scheduler", ready.address, "--study-dir", str(study_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "autoreg.cli",
+            "tune",
+            str(pair),
+            "--trials",
+            "20",
+            "--dask-scheduler",
+            ready.address,
+            "--study-dir",
+            str(study_dir),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline, slow = time.monotonic() + WAIT_S, None
         while slow is None and time.monotonic() < deadline:
@@ -320,9 +432,17 @@ def test_ctrl_c_cancels_the_trials_running_in_the_cluster(ready: Cluster, tmp_pa
                 trials = open_study("slow", study_dir).get_trials(deepcopy=False)
             except (KeyError, FileNotFoundError):
                 continue
-            slow = next((t.number for t in trials if t.state == TrialState.RUNNING and "threads" in t.user_attrs
-                         and str(t.user_attrs.get("role", "")).startswith("user:")
-                         and (datetime.now() - t.datetime_start).total_seconds() > 1.0), None)
+            slow = next(
+                (
+                    t.number
+                    for t in trials
+                    if t.state == TrialState.RUNNING
+                    and "threads" in t.user_attrs
+                    and str(t.user_attrs.get("role", "")).startswith("user:")
+                    and (datetime.now() - t.datetime_start).total_seconds() > 1.0
+                ),
+                None,
+            )
         assert slow is not None, "the slow trial never ran"
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)

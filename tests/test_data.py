@@ -120,8 +120,13 @@ def test_a_nan_image_is_refused_by_a_real_process_within_seconds(degenerate_setu
     bad = _degenerate("nan", folder / "fixed.png", folder / "nan.mha")
     _edit(path, fixed=bad.name)
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "autoreg.cli", "check", str(path)], capture_output=True, text=True,
-                          timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "autoreg.cli", "check", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert time.monotonic() - t0 < 30
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "NaN or infinite" in proc.stderr and str(bad) in proc.stderr
@@ -147,8 +152,18 @@ def test_empty_mask_in_apply(degenerate_setup, run_cli, tmp_path) -> None:
     _, folder, recipe = degenerate_setup
     empty = tmp_path / "empty.png"
     sitk.WriteImage(sitk.Image(64, 64, sitk.sitkUInt8), str(empty))
-    result = run_cli("apply", recipe, "--fixed", folder / "fixed.png", "--moving", folder / "moving.png",
-                     "--transform-out", tmp_path / "t.tfm", "--moving-mask", empty)
+    result = run_cli(
+        "apply",
+        recipe,
+        "--fixed",
+        folder / "fixed.png",
+        "--moving",
+        folder / "moving.png",
+        "--transform-out",
+        tmp_path / "t.tfm",
+        "--moving-mask",
+        empty,
+    )
     _assert_one_line(result, 2, "--moving-mask: ", str(empty), "is empty")
 
 
@@ -209,8 +224,15 @@ def test_a_mask_with_a_wrong_origin_is_refused(pair_yaml, run_cli) -> None:
     path = pair_yaml()
     _box_mask(path.parent / "off.nrrd", (64, 64), (1000.0, 0.0))
     _edit(path, masks={"fixed": "off.nrrd"})
-    _assert_one_line(run_cli("check", path), 2, str(path), ": masks.fixed: ", "lies outside its image",
-                     "mask spans [999.5, 1064] x [-0.5, 63.5]", "check the mask's origin")
+    _assert_one_line(
+        run_cli("check", path),
+        2,
+        str(path),
+        ": masks.fixed: ",
+        "lies outside its image",
+        "mask spans [999.5, 1064] x [-0.5, 63.5]",
+        "check the mask's origin",
+    )
 
 
 def test_a_mask_of_another_dimension_is_refused(pair_yaml, run_cli) -> None:
@@ -243,14 +265,26 @@ def test_apply_reads_masks_as_tune_does(pair_yaml, run_cli, tmp_path) -> None:
     recipe = quick_recipe(["affine"], 2, iterations=50, deterministic=True)
     recipe_path = tmp_path / "RECIPE.yaml"
     save_recipe(recipe, recipe_path)
-    result = run_cli("apply", recipe_path, "--fixed", folder / "fixed.png", "--moving", folder / "moving.png",
-                     "--transform-out", tmp_path / "t.tfm", "--fixed-mask", folder / "fm.nrrd",
-                     "--moving-mask", folder / "mm.nrrd")
+    result = run_cli(
+        "apply",
+        recipe_path,
+        "--fixed",
+        folder / "fixed.png",
+        "--moving",
+        folder / "moving.png",
+        "--transform-out",
+        tmp_path / "t.tfm",
+        "--fixed-mask",
+        folder / "fm.nrrd",
+        "--moving-mask",
+        folder / "mm.nrrd",
+    )
     assert result.code == 0, result.err
     back = sitk.ReadTransform(str(tmp_path / "t.tfm"))
     in_process = register(recipe, pair).transform
-    np.testing.assert_allclose(transform_points(back, pair.fixed_points),
-                               transform_points(in_process, pair.fixed_points), atol=1e-6)
+    np.testing.assert_allclose(
+        transform_points(back, pair.fixed_points), transform_points(in_process, pair.fixed_points), atol=1e-6
+    )
 
 
 # --- a recipe checked against the data it is applied to -------------------------------------------------------
@@ -268,8 +302,16 @@ def test_apply_refuses_a_recipe_tuned_in_another_dimension(pair_yaml, run_cli, t
     recipe = tmp_path / "R2.yaml"
     save_recipe(quick_recipe(["rigid"], 2).with_(provenance=_provenance(2, (64, 64), (1.0, 1.0))), recipe)
     t0 = time.monotonic()
-    result = run_cli("apply", recipe, "--fixed", folder / "fixed.nii.gz", "--moving", folder / "moving.nii.gz",
-                     "--transform-out", tmp_path / "t.tfm")
+    result = run_cli(
+        "apply",
+        recipe,
+        "--fixed",
+        folder / "fixed.nii.gz",
+        "--moving",
+        folder / "moving.nii.gz",
+        "--transform-out",
+        tmp_path / "t.tfm",
+    )
     assert time.monotonic() - t0 < FAST_S
     _assert_one_line(result, 2, f"{recipe}: provenance.fingerprint.dim: ", "tuned on 2D images", "is 3D")
     assert not (tmp_path / "t.tfm").exists()
@@ -287,8 +329,16 @@ def test_apply_refuses_a_bspline_mesh_of_another_length(pair_yaml, run_cli, tmp_
     folder = pair_yaml(dim=3, stages=["rigid"]).parent
     recipe = tmp_path / "B2.yaml"
     save_recipe(quick_recipe(["rigid", "bspline"], 2), recipe)
-    result = run_cli("apply", recipe, "--fixed", folder / "fixed.nii.gz", "--moving", folder / "moving.nii.gz",
-                     "--transform-out", tmp_path / "t.tfm")
+    result = run_cli(
+        "apply",
+        recipe,
+        "--fixed",
+        folder / "fixed.nii.gz",
+        "--moving",
+        folder / "moving.nii.gz",
+        "--transform-out",
+        tmp_path / "t.tfm",
+    )
     _assert_one_line(result, 2, "stages[1].transform.mesh_size", "mesh_size has 2 entries", "is 3D")
 
 
@@ -304,7 +354,9 @@ def test_apply_warns_once_when_the_spacing_is_far_from_the_tuned_data(pair_yaml,
     fixed = _respaced(folder / "fixed.png", tmp_path / "fixed.mha", 0.2)
     moving = _respaced(folder / "moving.png", tmp_path / "moving.mha", 0.2)
     recipe = tmp_path / "R.yaml"
-    save_recipe(quick_recipe(["rigid"], 2, iterations=10).with_(provenance=_provenance(2, (64, 64), (1.0, 1.0))), recipe)
+    save_recipe(
+        quick_recipe(["rigid"], 2, iterations=10).with_(provenance=_provenance(2, (64, 64), (1.0, 1.0))), recipe
+    )
     result = run_cli("apply", recipe, "--fixed", fixed, "--moving", moving, "--transform-out", tmp_path / "t.tfm")
     assert result.code == 0, result.err
     assert len(result.err_lines) == 1, result.err
@@ -312,8 +364,16 @@ def test_apply_warns_once_when_the_spacing_is_far_from_the_tuned_data(pair_yaml,
     assert line.startswith(f"autoreg: warning: {recipe}: {fixed} (spacing 0.2x0.2, size 64x64) differs more than 4x")
     assert "nearest: spacing 1x1, size 64x64" in line
     # the same recipe on data like its own: no warning
-    result = run_cli("apply", recipe, "--fixed", folder / "fixed.png", "--moving", folder / "moving.png",
-                     "--transform-out", tmp_path / "t.tfm")
+    result = run_cli(
+        "apply",
+        recipe,
+        "--fixed",
+        folder / "fixed.png",
+        "--moving",
+        folder / "moving.png",
+        "--transform-out",
+        tmp_path / "t.tfm",
+    )
     assert result.code == 0 and result.err == "", result.err
 
 
@@ -333,9 +393,20 @@ def test_apply_shows_a_line_per_level_once_it_runs_long(pair_yaml, run_cli, tmp_
     folder = pair_yaml(stages=["rigid"]).parent
     recipe = tmp_path / "R.yaml"
     save_recipe(quick_recipe(["rigid", "affine"], 2, iterations=10), recipe)
-    argv = ("apply", recipe, "--fixed", folder / "fixed.png", "--moving", folder / "moving.png",
-            "--transform-out", tmp_path / "t.tfm", "--fixed-landmarks", folder / "fixed_landmarks.csv",
-            "--moving-landmarks", folder / "moving_landmarks.csv")
+    argv = (
+        "apply",
+        recipe,
+        "--fixed",
+        folder / "fixed.png",
+        "--moving",
+        folder / "moving.png",
+        "--transform-out",
+        tmp_path / "t.tfm",
+        "--fixed-landmarks",
+        folder / "fixed_landmarks.csv",
+        "--moving-landmarks",
+        folder / "moving_landmarks.csv",
+    )
     quiet = run_cli(*argv)  # well under APPLY_PROGRESS_AFTER_S: no progress lines
     assert quiet.code == 0 and "registering" not in quiet.out and "level 1" not in quiet.out
     monkeypatch.setattr(cli, "APPLY_PROGRESS_AFTER_S", 0.0)
@@ -345,8 +416,10 @@ def test_apply_shows_a_line_per_level_once_it_runs_long(pair_yaml, run_cli, tmp_
     assert lines[0] == "registering (rigid -> affine); a line per pyramid level as it ends:"
     levels = [line for line in lines if "iterations, metric" in line]
     assert [line.split(":")[0].strip() for line in levels] == [
-        "stage 0 (rigid) level 1 (shrink 2)", "stage 0 (rigid) level 2 (shrink 1)",
-        "stage 1 (affine) level 1 (shrink 2)", "stage 1 (affine) level 2 (shrink 1)",
+        "stage 0 (rigid) level 1 (shrink 2)",
+        "stage 0 (rigid) level 2 (shrink 1)",
+        "stage 1 (affine) level 1 (shrink 2)",
+        "stage 1 (affine) level 2 (shrink 1)",
     ]
     assert all(", TRE " in line for line in levels)
     assert lines.index(levels[-1]) < next(i for i, line in enumerate(lines) if line.startswith("registered in"))

@@ -40,7 +40,7 @@ def write_series(image: sitk.Image, folder: Path, series_uid: str, description: 
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     saved_locale = locale.setlocale(locale.LC_ALL)  # GDCM's writer leaves LC_CTYPE at "C": Python's default encoding
-    try:                                            # would turn ASCII for every later test in the process
+    try:  # would turn ASCII for every later test in the process
         for k in range(image.GetDepth()):
             slice_k = image[:, :, k]
             for tag, value in tags.items():
@@ -71,8 +71,12 @@ def dicom_pair(tmp_path: Path) -> dict[str, Path]:
         "fixed": write_series(fixed, tmp_path / "fixed_dcm", "1.2.826.0.1.3680043.2.1125.11"),
         "moving": write_series(moving, tmp_path / "moving_dcm", "1.2.826.0.1.3680043.2.1125.12"),
         "mask": write_series(mask, tmp_path / "mask_dcm", "1.2.826.0.1.3680043.2.1125.13"),
-        "two": write_series(moving, write_series(fixed, tmp_path / "two", "1.2.826.0.1.3680043.2.1125.21", "T1"),
-                            "1.2.826.0.1.3680043.2.1125.22", "T2"),
+        "two": write_series(
+            moving,
+            write_series(fixed, tmp_path / "two", "1.2.826.0.1.3680043.2.1125.21", "T1"),
+            "1.2.826.0.1.3680043.2.1125.22",
+            "T2",
+        ),
     }
 
 
@@ -104,19 +108,34 @@ def test_check_tune_and_apply_take_dicom_folders(dicom_pair, tmp_path, run_cli) 
     assert result.code == 0, result.err
     recipe = tmp_path / "R.yaml"
     save_recipe(quick_recipe(["rigid"], 3, strategy="random", percentage=0.2, iterations=20), recipe)
-    result = run_cli("apply", recipe, "--fixed", dicom_pair["fixed"], "--moving", dicom_pair["moving"],
-                     "--fixed-mask", dicom_pair["mask"], "--transform-out", tmp_path / "t.tfm",
-                     "--image-out", tmp_path / "w.nii.gz")
+    result = run_cli(
+        "apply",
+        recipe,
+        "--fixed",
+        dicom_pair["fixed"],
+        "--moving",
+        dicom_pair["moving"],
+        "--fixed-mask",
+        dicom_pair["mask"],
+        "--transform-out",
+        tmp_path / "t.tfm",
+        "--image-out",
+        tmp_path / "w.nii.gz",
+    )
     assert result.code == 0, result.err
     assert sitk.ReadImage(str(tmp_path / "w.nii.gz")).GetSize() == (32, 32, 32)
 
 
 def test_a_single_dicom_file_is_a_2d_image(tmp_path, pair_yaml, run_cli) -> None:
-    """One DICOM file reads as a 3D image one slice thick; it registers as the 2D image it is (so does a 1-slice mask)."""
+    """One DICOM file reads as a 3D image one slice thick; it registers as the 2D image it is (so does a 1-slice
+    mask)."""
     path = pair_yaml()
     folder = path.parent
-    write_series(sitk.JoinSeries(sitk.ReadImage(str(folder / "fixed.png"), sitk.sitkFloat32)), tmp_path / "one",
-                 "1.2.826.0.1.3680043.2.1125.31")
+    write_series(
+        sitk.JoinSeries(sitk.ReadImage(str(folder / "fixed.png"), sitk.sitkFloat32)),
+        tmp_path / "one",
+        "1.2.826.0.1.3680043.2.1125.31",
+    )
     (dcm,) = (tmp_path / "one").iterdir()
     mask = sitk.Image((64, 64, 1), sitk.sitkUInt8) + 1
     sitk.WriteImage(mask, str(folder / "slab.nrrd"))
@@ -179,8 +198,9 @@ EXPECTED = {
 
 
 def _autoreg(*argv: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "autoreg.cli", *map(str, argv)], capture_output=True, text=True,
-                          timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "autoreg.cli", *map(str, argv)], capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 @pytest.mark.parametrize("case", sorted(EXPECTED))
@@ -197,8 +217,16 @@ def test_stderr_is_one_line_from_a_real_process(bad_inputs, dicom_pair, tmp_path
 def test_apply_stderr_is_one_line_from_a_real_process(bad_inputs, dicom_pair, tmp_path) -> None:
     recipe = tmp_path / "R.yaml"
     save_recipe(quick_recipe(["rigid"], 3), recipe)
-    proc = _autoreg("apply", recipe, "--fixed", dicom_pair["fixed"], "--moving", bad_inputs["folder without images"],
-                    "--transform-out", tmp_path / "t.tfm")
+    proc = _autoreg(
+        "apply",
+        recipe,
+        "--fixed",
+        dicom_pair["fixed"],
+        "--moving",
+        bad_inputs["folder without images"],
+        "--transform-out",
+        tmp_path / "t.tfm",
+    )
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [proc.stderr.strip()], proc.stderr
     assert proc.stderr.startswith("autoreg: error: --moving: ")
@@ -221,8 +249,8 @@ def test_python_warnings_are_logged_not_printed(pair_yaml, run_cli, monkeypatch,
     real = config.load_config
 
     def noisy(path):
-        warnings.warn("a library's UserWarning", UserWarning)
-        warnings.warn("an experimental feature", RuntimeWarning)
+        warnings.warn("a library's UserWarning", UserWarning, stacklevel=2)
+        warnings.warn("an experimental feature", RuntimeWarning, stacklevel=2)
         return real(path)
 
     monkeypatch.setattr(config, "load_config", noisy)

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import yaml
+from conftest import quick_recipe
 
 from autoreg.recipe import load_recipe, save_recipe
-
-from conftest import quick_recipe
 
 FAST = {"trial_timeout": 30}
 
@@ -41,21 +40,30 @@ def test_exported_script_reproduces_apply(stages, pair_yaml, run_cli, tmp_path: 
     fixed, moving = pair.parent / "fixed.png", pair.parent / "moving.png"
     proc = subprocess.run(
         [sys.executable, "-I", str(tmp_path / "r.py"), str(fixed), str(moving), str(tmp_path / "script.tfm")],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    res = run_cli("apply", tmp_path / "r.yaml", "--fixed", fixed, "--moving", moving, "--transform-out", tmp_path / "apply.tfm")
+    res = run_cli(
+        "apply", tmp_path / "r.yaml", "--fixed", fixed, "--moving", moving, "--transform-out", tmp_path / "apply.tfm"
+    )
     assert res.code == 0, res.err
     a = _params(sitk.ReadTransform(str(tmp_path / "apply.tfm")))
     b = _params(sitk.ReadTransform(str(tmp_path / "script.tfm")))
     np.testing.assert_array_equal(a, b)
 
 
-def test_evaluate_deterministic_repeats_are_identical_and_random_ones_spread(pair_yaml, run_cli, tmp_path: Path) -> None:
+def test_evaluate_deterministic_repeats_are_identical_and_random_ones_spread(
+    pair_yaml, run_cli, tmp_path: Path
+) -> None:
     pair = pair_yaml(transform="affine", stages=["affine"])
     recipe = quick_recipe(["affine"], 2, strategy="random", percentage=0.05, shrink=(2, 1), sigmas=(1.0, 0.0))
     save_recipe(recipe, tmp_path / "r.yaml")
-    res = run_cli("evaluate", tmp_path / "r.yaml", pair, "--repeats", 3, "--deterministic", "--json", tmp_path / "d.json")
+    res = run_cli(
+        "evaluate", tmp_path / "r.yaml", pair, "--repeats", 3, "--deterministic", "--json", tmp_path / "d.json"
+    )
     assert res.code == 0, res.err
     det = json.loads((tmp_path / "d.json").read_text())
     values = det["pairs"]["syn"]["values"]
@@ -75,8 +83,9 @@ def test_variability_aware_objective_scores_the_worst_repeat(pair_yaml, run_cli,
     from autoreg.config import load_config
     from autoreg.study import load_existing, storage_spec
 
-    pair = pair_yaml(transform="affine", stages=["affine"],
-                     extra={**FAST, "objective": {"repeats": 3, "aggregate": "worst"}})
+    pair = pair_yaml(
+        transform="affine", stages=["affine"], extra={**FAST, "objective": {"repeats": 3, "aggregate": "worst"}}
+    )
     study_dir = tmp_path / "study"
     assert run_cli("tune", pair, "--trials", 3, "--jobs", 1, "--study-dir", study_dir, "-q").code == 0
     cfg = load_config(pair)
@@ -104,8 +113,13 @@ def test_holdout_pairs_are_scored_not_tuned(pair_yaml, run_cli, tmp_path: Path) 
     pair = pair_yaml(transform="affine", stages=["affine"], extra=FAST)
     doc = yaml.safe_load(pair.read_text())
     other = {"name": "held", "fixed": doc["fixed"], "moving": doc["moving"], "landmarks": doc["landmarks"]}
-    doc = {"name": "gen", "pairs": [{"name": "tuned", "fixed": doc["fixed"], "moving": doc["moving"],
-                                     "landmarks": doc["landmarks"]}], "holdout": [other], "stages": ["affine"], **FAST}
+    doc = {
+        "name": "gen",
+        "pairs": [{"name": "tuned", "fixed": doc["fixed"], "moving": doc["moving"], "landmarks": doc["landmarks"]}],
+        "holdout": [other],
+        "stages": ["affine"],
+        **FAST,
+    }
     pair.write_text(yaml.safe_dump(doc))
     res = run_cli("tune", pair, "--trials", 2, "--jobs", 1, "--study-dir", tmp_path / "study", "-q")
     assert res.code == 0, res.err
@@ -117,14 +131,26 @@ def test_holdout_pairs_are_scored_not_tuned(pair_yaml, run_cli, tmp_path: Path) 
 
 def test_evaluate_on_a_real_pair_is_deterministic(shared_data: Path, run_cli, tmp_path: Path) -> None:
     d = shared_data / "itk_brain_t1_pd_shift13x17"
-    doc = {"name": "t1pd", "fixed": str(d / "fixed.png"), "moving": str(d / "moving.png"),
-           "landmarks": {"fixed": str(d / "fixed_landmarks.csv"), "moving": str(d / "moving_landmarks.csv")},
-           "stages": ["rigid"]}
+    doc = {
+        "name": "t1pd",
+        "fixed": str(d / "fixed.png"),
+        "moving": str(d / "moving.png"),
+        "landmarks": {"fixed": str(d / "fixed_landmarks.csv"), "moving": str(d / "moving_landmarks.csv")},
+        "stages": ["rigid"],
+    }
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(doc))
     recipe = quick_recipe(["rigid"], 2, strategy="random", percentage=0.1, shrink=(2, 1), sigmas=(1.0, 0.0), bins=32)
     save_recipe(recipe, tmp_path / "r.yaml")
-    res = run_cli("evaluate", tmp_path / "r.yaml", tmp_path / "p.yaml", "--repeats", 2, "--deterministic",
-                  "--json", tmp_path / "e.json")
+    res = run_cli(
+        "evaluate",
+        tmp_path / "r.yaml",
+        tmp_path / "p.yaml",
+        "--repeats",
+        2,
+        "--deterministic",
+        "--json",
+        tmp_path / "e.json",
+    )
     assert res.code == 0, res.err
     e = json.loads((tmp_path / "e.json").read_text())
     values = e["pairs"]["t1pd"]["values"]

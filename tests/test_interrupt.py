@@ -19,12 +19,11 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from conftest import quick_recipe, synthetic_pair
 from optuna.trial import TrialState
 
 from autoreg.recipe import ANTSNeighborhoodCorrelation, Recipe, save_recipe
 from autoreg.synthetic import write_pair
-
-from conftest import quick_recipe, synthetic_pair
 
 #: What the issue asks for: the tune is gone this long after Ctrl-C.
 EXIT_WITHIN_S = 2.0
@@ -104,9 +103,12 @@ def wait_for_slow_trial(proc: subprocess.Popen, study_dir: Path, inside_s: float
             except KeyError:
                 trials = []
             for t in trials:
-                if (t.state == TrialState.RUNNING and str(t.user_attrs.get("role", "")).startswith("user:")
-                        and "threads" in t.user_attrs
-                        and (datetime.now() - t.datetime_start).total_seconds() >= inside_s):
+                if (
+                    t.state == TrialState.RUNNING
+                    and str(t.user_attrs.get("role", "")).startswith("user:")
+                    and "threads" in t.user_attrs
+                    and (datetime.now() - t.datetime_start).total_seconds() >= inside_s
+                ):
                     return t.number
         time.sleep(0.05)
     raise AssertionError(f"the slow trial was not running within {WAIT_S} s")
@@ -120,9 +122,22 @@ def test_ctrl_c_ends_tune_within_two_seconds_during_a_long_itk_call(tmp_path: Pa
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with open(out, "wb") as fo, open(err, "wb") as fe:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", "20", "--jobs", str(jobs),
-             "--study-dir", str(study_dir)],
-            stdout=fo, stderr=fe, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            [
+                sys.executable,
+                "-m",
+                "autoreg.cli",
+                "tune",
+                str(pair),
+                "--trials",
+                "20",
+                "--jobs",
+                str(jobs),
+                "--study-dir",
+                str(study_dir),
+            ],
+            stdout=fo,
+            stderr=fe,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     try:

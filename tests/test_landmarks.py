@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -48,8 +48,10 @@ def _points(image: sitk.Image) -> np.ndarray:
     fractions = [(0.1, 0.2, 0.3), (0.5, 0.5, 0.5), (0.9, 0.15, 0.75), (0.33, 0.81, 0.05)]
     size = image.GetSize()
     return np.array(
-        [image.TransformContinuousIndexToPhysicalPoint([f * (n - 1) for f, n in zip(frac, size)])
-         for frac in fractions],
+        [
+            image.TransformContinuousIndexToPhysicalPoint([f * (n - 1) for f, n in zip(frac, size)])
+            for frac in fractions
+        ],
         dtype=np.float64,
     )
 
@@ -220,22 +222,47 @@ ERROR_CASES: dict[str, tuple[str, str | None, dict, str]] = {
     "fcsv_columns_lack_z": ("noz.fcsv", "# columns = id,x,y\nF,1,2\n", {}, "x, y and z"),
     "fcsv_2d_nonzero_z": ("z.fcsv", "# CoordinateSystem = LPS\nF,1,2,0\nG,1,2,0.5\n", {"dim": 2}, "point 2"),
     "fcsv_nan": ("nan.fcsv", "# CoordinateSystem = LPS\nF,1,2,nan\n", {}, "NaN"),
-    "json_invalid": ("bad.mrk.json", "{\"markups\": [", {}, "not valid JSON"),
-    "json_no_markups": ("nomark.mrk.json", "{\"other\": 1}", {}, "markups"),
-    "json_no_points": ("nopts.mrk.json", "{\"markups\": [{\"type\": \"Fiducial\", \"controlPoints\": []}]}", {},
-                       "control points"),
-    "json_bad_system": ("sys.mrk.json", json.dumps({"markups": [{"coordinateSystem": "IJK",
-                                                                 "controlPoints": [{"position": [1, 2, 3]}]}]}),
-                        {}, "coordinateSystem"),
-    "json_short_position": ("pos.mrk.json", json.dumps({"markups": [{"controlPoints": [{"position": [1, 2]}]}]}),
-                            {}, "control point 1"),
-    "json_string_position": ("str.mrk.json", json.dumps({"markups": [{"controlPoints": [
-        {"position": [1, 2, 3]}, {"position": [1, "b", 3]}]}]}), {}, "control point 2"),
-    "json_nan": ("nan.mrk.json", "{\"markups\": [{\"controlPoints\": [{\"position\": [1, NaN, 3]}]}]}", {}, "NaN"),
-    "json_missing_point": ("miss.mrk.json", json.dumps({"markups": [{"controlPoints": [
-        {"label": "AC", "position": [0, 0, 0], "positionStatus": "missing"}]}]}), {}, "positionStatus"),
-    "json_2d_nonzero_z": ("z.mrk.json", json.dumps({"markups": [{"controlPoints": [{"position": [1, 2, 3]}]}]}),
-                          {"dim": 2}, "z = 0"),
+    "json_invalid": ("bad.mrk.json", '{"markups": [', {}, "not valid JSON"),
+    "json_no_markups": ("nomark.mrk.json", '{"other": 1}', {}, "markups"),
+    "json_no_points": (
+        "nopts.mrk.json",
+        '{"markups": [{"type": "Fiducial", "controlPoints": []}]}',
+        {},
+        "control points",
+    ),
+    "json_bad_system": (
+        "sys.mrk.json",
+        json.dumps({"markups": [{"coordinateSystem": "IJK", "controlPoints": [{"position": [1, 2, 3]}]}]}),
+        {},
+        "coordinateSystem",
+    ),
+    "json_short_position": (
+        "pos.mrk.json",
+        json.dumps({"markups": [{"controlPoints": [{"position": [1, 2]}]}]}),
+        {},
+        "control point 1",
+    ),
+    "json_string_position": (
+        "str.mrk.json",
+        json.dumps({"markups": [{"controlPoints": [{"position": [1, 2, 3]}, {"position": [1, "b", 3]}]}]}),
+        {},
+        "control point 2",
+    ),
+    "json_nan": ("nan.mrk.json", '{"markups": [{"controlPoints": [{"position": [1, NaN, 3]}]}]}', {}, "NaN"),
+    "json_missing_point": (
+        "miss.mrk.json",
+        json.dumps(
+            {"markups": [{"controlPoints": [{"label": "AC", "position": [0, 0, 0], "positionStatus": "missing"}]}]}
+        ),
+        {},
+        "positionStatus",
+    ),
+    "json_2d_nonzero_z": (
+        "z.mrk.json",
+        json.dumps({"markups": [{"controlPoints": [{"position": [1, 2, 3]}]}]}),
+        {"dim": 2},
+        "z = 0",
+    ),
     "elastix_bad_first_line": ("bad.txt", "1 2 3\n4 5 6\n", {}, "'point' or 'index'"),
     "elastix_index_without_image": ("idx.txt", "index\n1\n1 2 3\n", {}, "no image"),
     "elastix_index_wrong_dimension": ("idx2.txt", "index\n1\n1 2\n", {"image": _image_3d()}, "image is 3D"),

@@ -15,11 +15,13 @@ import os
 import re
 import shlex
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
+from conftest import synthetic_pair
 
 from autoreg.data import PairData, load_images
 from autoreg.peer_export import ELASTIX_SCRIPT, Geometry, ants_script, elastix_files, write_folder
@@ -27,8 +29,6 @@ from autoreg.recipe import Recipe, recipe_from_dict
 from autoreg.registration import register
 from autoreg.scoring import transform_points, tre_stats
 from autoreg.synthetic import write_pair
-
-from conftest import synthetic_pair
 
 
 def _installed(distribution: str, module: str) -> bool:
@@ -48,21 +48,36 @@ THREE_STAGES = {
     "initializer": {"kind": "moments", "rotation_search": {"max_angle_deg": 90, "step_deg": 30}},
     "seed": 7,
     "stages": [
-        {"transform": "rigid", "metric": {"kind": "mattes", "number_of_histogram_bins": 32},
-         "sampling": {"strategy": "random", "percentage": 0.1},
-         "optimizer": {"kind": "gradient_descent", "number_of_iterations": 150, "convergence_window_size": 7},
-         "pyramid": {"shrink_factors": [4, 2, 1], "smoothing_sigmas": [2.0, 1.0, 0.0], "sigma_units": "voxel"}},
-        {"transform": "affine", "metric": {"kind": "joint_hist_mi", "number_of_histogram_bins": 40},
-         "sampling": {"strategy": "regular", "points": 500},
-         "optimizer": {"kind": "regular_step_gd", "number_of_iterations": 80, "min_step": 0.001},
-         "pyramid": {"shrink_factors": [2, 1], "smoothing_sigmas": [1.5, 0.0], "sigma_units": "mm"}},
-        {"transform": {"kind": "bspline", "mesh_size": [4, 6], "refine": True},
-         "sampling": {"strategy": "none"}, "use_masks": False,
-         "optimizer": {"kind": "gradient_descent", "number_of_iterations": 30},
-         "pyramid": {"shrink_factors": [2, 1], "smoothing_sigmas": [1.0, 0.0]}},
+        {
+            "transform": "rigid",
+            "metric": {"kind": "mattes", "number_of_histogram_bins": 32},
+            "sampling": {"strategy": "random", "percentage": 0.1},
+            "optimizer": {"kind": "gradient_descent", "number_of_iterations": 150, "convergence_window_size": 7},
+            "pyramid": {"shrink_factors": [4, 2, 1], "smoothing_sigmas": [2.0, 1.0, 0.0], "sigma_units": "voxel"},
+        },
+        {
+            "transform": "affine",
+            "metric": {"kind": "joint_hist_mi", "number_of_histogram_bins": 40},
+            "sampling": {"strategy": "regular", "points": 500},
+            "optimizer": {"kind": "regular_step_gd", "number_of_iterations": 80, "min_step": 0.001},
+            "pyramid": {"shrink_factors": [2, 1], "smoothing_sigmas": [1.5, 0.0], "sigma_units": "mm"},
+        },
+        {
+            "transform": {"kind": "bspline", "mesh_size": [4, 6], "refine": True},
+            "sampling": {"strategy": "none"},
+            "use_masks": False,
+            "optimizer": {"kind": "gradient_descent", "number_of_iterations": 30},
+            "pyramid": {"shrink_factors": [2, 1], "smoothing_sigmas": [1.0, 0.0]},
+        },
     ],
-    "provenance": {"study": "demo", "trial": 12, "score": 0.4321, "baseline_score": 3.5, "objective": "tre",
-                   "versions": {"autoreg": "0.1.0", "SimpleITK": "2.4"}},
+    "provenance": {
+        "study": "demo",
+        "trial": 12,
+        "score": 0.4321,
+        "baseline_score": 3.5,
+        "objective": "tre",
+        "versions": {"autoreg": "0.1.0", "SimpleITK": "2.4"},
+    },
 }
 GEOMETRY = Geometry((64, 48), (0.5, 0.8), "demo")
 
@@ -97,7 +112,7 @@ def _stand_in(tmp: Path) -> dict[str, str]:
     bin_dir.mkdir(exist_ok=True)
     for program in PROGRAMS:
         exe = bin_dir / program
-        exe.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > \"{tmp / program}.args\"\n")
+        exe.write_text(f'#!/bin/sh\nprintf \'%s\\n\' "$@" > "{tmp / program}.args"\n')
         exe.chmod(0o755)
     return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
@@ -107,8 +122,9 @@ def _run_script(script: Path, program: str, *args: Any) -> list[str]:
     tmp = script.parent
     for old in tmp.glob("*.args"):
         old.unlink()
-    proc = subprocess.run(["sh", str(script), *map(str, args)], env=_stand_in(tmp), capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        ["sh", str(script), *map(str, args)], env=_stand_in(tmp), capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     return _recorded(tmp, program)
 
@@ -136,8 +152,11 @@ def test_elastix_maps_translate_every_stage(tmp_path: Path) -> None:
     for m in (rigid, affine, bspline):
         assert m["Registration"] == ["MultiResolutionRegistration"]
         assert m["FixedImageDimension"] == ["2"] and m["HowToCombineTransforms"] == ["Compose"]
-    assert [m["Transform"][0] for m in (rigid, affine, bspline)] == ["EulerTransform", "AffineTransform",
-                                                                     "BSplineTransform"]
+    assert [m["Transform"][0] for m in (rigid, affine, bspline)] == [
+        "EulerTransform",
+        "AffineTransform",
+        "BSplineTransform",
+    ]
     # pyramids: shrink factors per level and axis; sigmas in mm per axis (voxel sigmas times each axis's spacing)
     assert rigid["NumberOfResolutions"] == ["3"]
     assert rigid["FixedImagePyramidRescaleSchedule"] == ["4", "4", "2", "2", "1", "1"]
@@ -221,8 +240,9 @@ def test_ants_command_translates_every_stage(tmp_path: Path) -> None:
 
     notes = _comments(text)
     assert "study 'demo', trial 12, tre 0.4321" in notes and "Usage: sh SCRIPT FIXED MOVING OUTPREFIX" in notes
-    assert "initializer.rotation_search (angles -90.0 .. 90.0 degrees in steps of 30.0) -> antsAffineInitializer" \
-        in notes
+    assert (
+        "initializer.rotation_search (angles -90.0 .. 90.0 degrees in steps of 30.0) -> antsAffineInitializer" in notes
+    )
     assert "stage 1 (affine): differs: optimizer regular_step_gd" in notes
     assert "stage 1 (affine): sampling points 500" in notes
     assert "stage 0 (rigid): differs: gradient_descent" in notes
@@ -230,9 +250,15 @@ def test_ants_command_translates_every_stage(tmp_path: Path) -> None:
 
 def test_a_rotation_search_with_shifts_runs_after_an_initializer_map(tmp_path: Path) -> None:
     """FullSearch sets absolute parameters: the centres go first, in their own map, so that shifts are relative."""
-    recipe = recipe_from_dict({"initializer": {"kind": "geometry", "rotation_search": {
-        "max_angle_deg": 20, "step_deg": 10, "max_shift_fraction": 0.25, "shift_steps": 2}},
-        "stages": [{"transform": "similarity"}]})
+    recipe = recipe_from_dict(
+        {
+            "initializer": {
+                "kind": "geometry",
+                "rotation_search": {"max_angle_deg": 20, "step_deg": 10, "max_shift_fraction": 0.25, "shift_steps": 2},
+            },
+            "stages": [{"transform": "similarity"}],
+        }
+    )
     files = elastix_files(recipe, Geometry((40, 60), (2.0, 1.0)))
     assert list(files) == ["initializer.txt", "rotation_search.txt", "stage_0_similarity.txt", ELASTIX_SCRIPT]
     init, search = _map(files["initializer.txt"]), _map(files["rotation_search.txt"])
@@ -249,11 +275,13 @@ def test_a_rotation_search_with_shifts_runs_after_an_initializer_map(tmp_path: P
 
 @pytest.mark.parametrize(
     ("metric", "elastix", "ants"),
-    [({"kind": "mattes", "number_of_histogram_bins": 20}, "AdvancedMattesMutualInformation", "Mattes[F,M,1,20,"),
-     ({"kind": "joint_hist_mi"}, "AdvancedMattesMutualInformation", "MI[F,M,1,20,"),
-     ({"kind": "ants_nc", "radius": 3}, "AdvancedNormalizedCorrelation", "CC[F,M,1,3,"),
-     ({"kind": "correlation"}, "AdvancedNormalizedCorrelation", "GC[F,M,1,1,"),
-     ({"kind": "mean_squares"}, "AdvancedMeanSquares", "MeanSquares[F,M,1,1,")],
+    [
+        ({"kind": "mattes", "number_of_histogram_bins": 20}, "AdvancedMattesMutualInformation", "Mattes[F,M,1,20,"),
+        ({"kind": "joint_hist_mi"}, "AdvancedMattesMutualInformation", "MI[F,M,1,20,"),
+        ({"kind": "ants_nc", "radius": 3}, "AdvancedNormalizedCorrelation", "CC[F,M,1,3,"),
+        ({"kind": "correlation"}, "AdvancedNormalizedCorrelation", "GC[F,M,1,1,"),
+        ({"kind": "mean_squares"}, "AdvancedMeanSquares", "MeanSquares[F,M,1,1,"),
+    ],
 )
 def test_each_metric_has_its_peer(metric: dict, elastix: str, ants: str, tmp_path: Path) -> None:
     recipe = recipe_from_dict({"stages": [{"transform": "affine", "metric": metric}]})
@@ -267,11 +295,13 @@ def test_each_metric_has_its_peer(metric: dict, elastix: str, ants: str, tmp_pat
 
 @pytest.mark.parametrize(
     ("optimizer", "elastix"),
-    [({"kind": "gradient_descent"}, "AdaptiveStochasticGradientDescent"),
-     ({"kind": "regular_step_gd"}, "RegularStepGradientDescent"),
-     ({"kind": "cg_line_search"}, "ConjugateGradient"),
-     ({"kind": "lbfgsb"}, "QuasiNewtonLBFGS"),
-     ({"kind": "lbfgs2"}, "QuasiNewtonLBFGS")],
+    [
+        ({"kind": "gradient_descent"}, "AdaptiveStochasticGradientDescent"),
+        ({"kind": "regular_step_gd"}, "RegularStepGradientDescent"),
+        ({"kind": "cg_line_search"}, "ConjugateGradient"),
+        ({"kind": "lbfgsb"}, "QuasiNewtonLBFGS"),
+        ({"kind": "lbfgs2"}, "QuasiNewtonLBFGS"),
+    ],
 )
 def test_each_optimizer_has_its_peer_or_a_comment(optimizer: dict, elastix: str) -> None:
     recipe = recipe_from_dict({"stages": [{"transform": "rigid", "optimizer": optimizer}]})
@@ -285,10 +315,21 @@ def test_each_optimizer_has_its_peer_or_a_comment(optimizer: dict, elastix: str)
 
 
 def test_displacement_is_gaussian_in_ants_and_an_approximating_bspline_in_elastix(tmp_path: Path) -> None:
-    recipe = recipe_from_dict({"stages": [
-        {"transform": "affine"},
-        {"transform": {"kind": "displacement", "variance_for_update_field": 0.5, "variance_for_total_field": 3.0},
-         "pyramid": {"shrink_images": True}}]})
+    recipe = recipe_from_dict(
+        {
+            "stages": [
+                {"transform": "affine"},
+                {
+                    "transform": {
+                        "kind": "displacement",
+                        "variance_for_update_field": 0.5,
+                        "variance_for_total_field": 3.0,
+                    },
+                    "pyramid": {"shrink_images": True},
+                },
+            ]
+        }
+    )
     geometry = Geometry((64, 64), (2.0, 2.0))
     text = elastix_files(recipe, geometry)["stage_1_displacement.txt"]
     assert _map(text)["Transform"] == ["BSplineTransform"]
@@ -313,8 +354,11 @@ def test_cli_exports_a_tuned_study_for_both_peers(pair_yaml, run_cli, tmp_path: 
     assert run_cli("tune", pair, "--trials", 2, "--jobs", 1, "--study-dir", study, "-q").code == 0
     res = run_cli("export", pair, "--study-dir", study, "-o", tmp_path / "elx", "--format", "elastix", "--repeats", 0)
     assert res.code == 0, res.err
-    assert sorted(p.name for p in (tmp_path / "elx").iterdir()) == [ELASTIX_SCRIPT, "stage_0_rigid.txt",
-                                                                     "stage_1_affine.txt"]
+    assert sorted(p.name for p in (tmp_path / "elx").iterdir()) == [
+        ELASTIX_SCRIPT,
+        "stage_0_rigid.txt",
+        "stage_1_affine.txt",
+    ]
     res = run_cli("export", pair, "--study-dir", study, "-o", tmp_path / "a.sh", "--format", "ants", "--repeats", 0)
     assert res.code == 0, res.err
     text = (tmp_path / "a.sh").read_text()
@@ -330,21 +374,35 @@ def test_cli_exports_a_tuned_study_for_both_peers(pair_yaml, run_cli, tmp_path: 
 
 
 def _linear(kind: str, optimizer: dict) -> dict:
-    return {"transform": kind, "metric": {"kind": "mattes", "number_of_histogram_bins": 24},
-            "sampling": {"strategy": "random", "percentage": 0.25}, "optimizer": optimizer,
-            "pyramid": {"shrink_factors": [2, 1], "smoothing_sigmas": [1.0, 0.0], "sigma_units": "voxel"}}
+    return {
+        "transform": kind,
+        "metric": {"kind": "mattes", "number_of_histogram_bins": 24},
+        "sampling": {"strategy": "random", "percentage": 0.25},
+        "optimizer": optimizer,
+        "pyramid": {"shrink_factors": [2, 1], "smoothing_sigmas": [1.0, 0.0], "sigma_units": "voxel"},
+    }
 
 
 RSGD = {"kind": "regular_step_gd", "learning_rate": 2.0, "number_of_iterations": 300}
-GD = {"kind": "gradient_descent", "number_of_iterations": 200, "estimate_learning_rate": "each_iteration",
-      "maximum_step_size_in_physical_units": 0.25, "convergence_minimum_value": 1e-7, "convergence_window_size": 20}
-BSPLINE = {"transform": {"kind": "bspline", "mesh_size": [6, 6]}, "metric": {"kind": "mattes",
-                                                                             "number_of_histogram_bins": 24},
-           "sampling": {"strategy": "random", "percentage": 0.2},
-           "optimizer": {"kind": "lbfgsb", "number_of_iterations": 50},
-           "pyramid": {"shrink_factors": [2, 1], "smoothing_sigmas": [1.0, 0.0], "sigma_units": "voxel"}}
-SEARCH = {"kind": "geometry", "rotation_search": {"max_angle_deg": 60, "step_deg": 10, "max_shift_fraction": 0.1,
-                                                  "shift_steps": 2}}
+GD = {
+    "kind": "gradient_descent",
+    "number_of_iterations": 200,
+    "estimate_learning_rate": "each_iteration",
+    "maximum_step_size_in_physical_units": 0.25,
+    "convergence_minimum_value": 1e-7,
+    "convergence_window_size": 20,
+}
+BSPLINE = {
+    "transform": {"kind": "bspline", "mesh_size": [6, 6]},
+    "metric": {"kind": "mattes", "number_of_histogram_bins": 24},
+    "sampling": {"strategy": "random", "percentage": 0.2},
+    "optimizer": {"kind": "lbfgsb", "number_of_iterations": 50},
+    "pyramid": {"shrink_factors": [2, 1], "smoothing_sigmas": [1.0, 0.0], "sigma_units": "voxel"},
+}
+SEARCH = {
+    "kind": "geometry",
+    "rotation_search": {"max_angle_deg": 60, "step_deg": 10, "max_shift_fraction": 0.1, "shift_steps": 2},
+}
 #: name -> (ground-truth transform of the synthetic pair, its magnitude, the recipe). "rigid-search": a rotation of
 #: about 30 degrees and a large shift, which only the rotation search (with shifts) brings within reach.
 CASES = {
@@ -363,11 +421,18 @@ def _make_case(name: str, folder: Path) -> dict[str, Any]:
     recipe = recipe_from_dict({**recipe_data, "seed": 1})
     data = load_images(paths["fixed"], paths["moving"])
     result = register(recipe, PairData(data.spec, data.fixed, data.moving))
-    return {"paths": paths, "recipe": recipe, "fixed": data.fixed, "fp": pair.fixed_points, "mp": pair.moving_points,
-            "before": tre_stats(pair.fixed_points - pair.moving_points, data.fixed).mean_vox,
-            "autoreg": tre_stats(transform_points(result.transform, pair.fixed_points) - pair.moving_points,
-                                 data.fixed).mean_vox,
-            "autoreg_start": transform_points(result.initial_transform, pair.fixed_points)}
+    return {
+        "paths": paths,
+        "recipe": recipe,
+        "fixed": data.fixed,
+        "fp": pair.fixed_points,
+        "mp": pair.moving_points,
+        "before": tre_stats(pair.fixed_points - pair.moving_points, data.fixed).mean_vox,
+        "autoreg": tre_stats(
+            transform_points(result.transform, pair.fixed_points) - pair.moving_points, data.fixed
+        ).mean_vox,
+        "autoreg_start": transform_points(result.initial_transform, pair.fixed_points),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -392,8 +457,9 @@ def _check_tre(case: dict[str, Any], peer: str, mapped: np.ndarray) -> None:
     assert got <= 2 * case["autoreg"] + 0.5, f"{peer} {got:.3f} px vs autoreg {case['autoreg']:.3f} px"
 
 
-def run_elastix_export(recipe: Recipe, paths: dict[str, Path], fixed_points: np.ndarray, tmp: Path, *,
-                       stages: bool = True) -> np.ndarray:
+def run_elastix_export(
+    recipe: Recipe, paths: dict[str, Path], fixed_points: np.ndarray, tmp: Path, *, stages: bool = True
+) -> np.ndarray:
     """Export, read the parameter files in the order run_elastix.sh passes them (``stages=False``: only the maps
     before the stages'), run itk-elastix, map the points with transformix (fixed -> moving, ITK's convention)."""
     import itk
@@ -413,10 +479,12 @@ def run_elastix_export(recipe: Recipe, paths: dict[str, Path], fixed_points: np.
     method.SetLogToConsole(False)
     method.UpdateLargestPossibleRegion()
     points = tmp / "fixed_points.txt"
-    points.write_text(f"point\n{len(fixed_points)}\n" + "".join(" ".join(f"{c:.6f}" for c in p) + "\n"
-                                                                for p in fixed_points))
-    itk.transformix_pointset(m, method.GetTransformParameterObject(), fixed_point_set_file_name=str(points),
-                             output_directory=str(tmp))
+    points.write_text(
+        f"point\n{len(fixed_points)}\n" + "".join(" ".join(f"{c:.6f}" for c in p) + "\n" for p in fixed_points)
+    )
+    itk.transformix_pointset(
+        m, method.GetTransformParameterObject(), fixed_point_set_file_name=str(points), output_directory=str(tmp)
+    )
     found = re.findall(r"OutputPoint = \[([^\]]*)\]", (tmp / "outputpoints.txt").read_text())
     return np.array([[float(c) for c in row.split()] for row in found])
 
@@ -468,20 +536,42 @@ def test_ants_registers_the_export_as_well_as_autoreg(name: str, case, tmp_path:
 
 #: Stages that between them use every metric, optimizer, sampling, interpolator and transform kind.
 EVERY_KIND = [
-    {"transform": "translation", "metric": {"kind": "joint_hist_mi"}, "sampling": {"strategy": "regular",
-                                                                                   "percentage": 0.3},
-     "optimizer": {"kind": "cg_line_search", "number_of_iterations": 5}},
-    {"transform": "rigid", "metric": {"kind": "ants_nc"}, "sampling": {"strategy": "none"},
-     "optimizer": {"kind": "lbfgs2", "number_of_iterations": 5, "scales": "physical_shift"}},
-    {"transform": "similarity", "metric": {"kind": "correlation"}, "sampling": {"strategy": "random", "points": 800},
-     "optimizer": {"kind": "lbfgsb", "number_of_iterations": 5}, "interpolator": "bspline"},
-    {"transform": "affine", "metric": {"kind": "mean_squares"}, "sampling": {"strategy": "regular", "points": 900},
-     "optimizer": {"kind": "regular_step_gd", "number_of_iterations": 5, "scales": "none"}, "interpolator": "nearest"},
+    {
+        "transform": "translation",
+        "metric": {"kind": "joint_hist_mi"},
+        "sampling": {"strategy": "regular", "percentage": 0.3},
+        "optimizer": {"kind": "cg_line_search", "number_of_iterations": 5},
+    },
+    {
+        "transform": "rigid",
+        "metric": {"kind": "ants_nc"},
+        "sampling": {"strategy": "none"},
+        "optimizer": {"kind": "lbfgs2", "number_of_iterations": 5, "scales": "physical_shift"},
+    },
+    {
+        "transform": "similarity",
+        "metric": {"kind": "correlation"},
+        "sampling": {"strategy": "random", "points": 800},
+        "optimizer": {"kind": "lbfgsb", "number_of_iterations": 5},
+        "interpolator": "bspline",
+    },
+    {
+        "transform": "affine",
+        "metric": {"kind": "mean_squares"},
+        "sampling": {"strategy": "regular", "points": 900},
+        "optimizer": {"kind": "regular_step_gd", "number_of_iterations": 5, "scales": "none"},
+        "interpolator": "nearest",
+    },
     # displacement before bspline: antsRegistration fails on any stage after a BSpline one (the export says so)
-    {"transform": {"kind": "displacement"}, "optimizer": {"kind": "gradient_descent", "number_of_iterations": 3},
-     "pyramid": {"shrink_images": True}},
-    {"transform": {"kind": "bspline", "control_point_spacing": 16, "refine": True},
-     "optimizer": {"kind": "gradient_descent", "number_of_iterations": 5}},
+    {
+        "transform": {"kind": "displacement"},
+        "optimizer": {"kind": "gradient_descent", "number_of_iterations": 3},
+        "pyramid": {"shrink_images": True},
+    },
+    {
+        "transform": {"kind": "bspline", "control_point_spacing": 16, "refine": True},
+        "optimizer": {"kind": "gradient_descent", "number_of_iterations": 5},
+    },
 ]
 
 
@@ -496,4 +586,3 @@ def test_every_kind_of_setting_runs_in_the_peer(peer: str, tmp_path: Path) -> No
     run = run_elastix_export if peer == "elastix" else run_ants_export
     mapped = run(recipe, paths, pair.fixed_points, tmp_path)
     assert mapped.shape == pair.fixed_points.shape and np.all(np.isfinite(mapped))
-

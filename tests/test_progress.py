@@ -23,7 +23,7 @@ import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
-from test_tune import tune, write_study_files
+from test_tuning import tune, write_study_files
 
 from autoreg.cli import EXAMPLES, build_parser, main
 from autoreg.progress import (
@@ -55,8 +55,14 @@ def estimate_at(runs: list[tuple[float, float]], t: float, workers: int) -> floa
     """What the display would say at time ``t`` of this history (the trials' order is their number)."""
     finished = [end - start for start, end in runs if end <= t]
     running = [t - start for start, end in runs if start <= t < end]
-    return time_left(target=len(runs), started=sum(start <= t for start, _ in runs), finished=len(finished),
-                     running_elapsed=running, durations=finished, workers=workers)
+    return time_left(
+        target=len(runs),
+        started=sum(start <= t for start, _ in runs),
+        finished=len(finished),
+        running_elapsed=running,
+        durations=finished,
+        workers=workers,
+    )
 
 
 def test_steady_trials_give_the_exact_time_left() -> None:
@@ -64,8 +70,9 @@ def test_steady_trials_give_the_exact_time_left() -> None:
     runs = schedule([10.0] * 100, 4)
     assert estimate_at(runs, 102.5, 4) == pytest.approx(250 - 102.5)
     # and trials of 10 s each on 4 workers: 56 trials not started are 14 rounds, not 56 * 10 s
-    assert time_left(target=100, started=44, finished=40, running_elapsed=[0, 0, 0, 0], durations=[10.0] * 40,
-                     workers=4) == pytest.approx(150)
+    assert time_left(
+        target=100, started=44, finished=40, running_elapsed=[0, 0, 0, 0], durations=[10.0] * 40, workers=4
+    ) == pytest.approx(150)
 
 
 def test_a_burst_of_workers_is_not_read_as_one_trial_at_a_time() -> None:
@@ -80,8 +87,9 @@ def test_a_burst_of_workers_is_not_read_as_one_trial_at_a_time() -> None:
 
 
 def test_one_trial_left_takes_one_trial_whatever_the_workers() -> None:
-    assert time_left(target=10, started=9, finished=9, running_elapsed=[], durations=[20.0] * 9,
-                     workers=8) == pytest.approx(20)
+    assert time_left(
+        target=10, started=9, finished=9, running_elapsed=[], durations=[20.0] * 9, workers=8
+    ) == pytest.approx(20)
 
 
 @pytest.mark.parametrize("workers", [1, 4, 16])
@@ -89,8 +97,11 @@ def test_one_trial_left_takes_one_trial_whatever_the_workers() -> None:
 def test_estimate_tracks_random_histories(law: str, workers: int) -> None:
     """Trials of random length: at each tenth of the run the estimate is within 2x of the truth at the median, and
     never off by 10x before the last tenth (where the one longest trial decides)."""
-    draw = {"lognormal": lambda r: r.lognormvariate(2, 0.6), "bimodal": lambda r: 1.0 if r.random() < 0.6 else 30.0,
-            "exponential": lambda r: r.expovariate(0.1)}[law]
+    draw = {
+        "lognormal": lambda r: r.lognormvariate(2, 0.6),
+        "bimodal": lambda r: 1.0 if r.random() < 0.6 else 30.0,
+        "exponential": lambda r: r.expovariate(0.1),
+    }[law]
     errors = []
     for seed in range(4):
         rng = random.Random(seed)
@@ -106,17 +117,23 @@ def test_estimate_tracks_random_histories(law: str, workers: int) -> None:
 
 
 def test_the_clock_caps_the_estimate_and_nothing_known_says_nothing() -> None:
-    assert time_left(target=100, started=2, finished=1, running_elapsed=[5], durations=[60.0], workers=1,
-                     timeout_left=30) == 30
+    assert (
+        time_left(target=100, started=2, finished=1, running_elapsed=[5], durations=[60.0], workers=1, timeout_left=30)
+        == 30
+    )
     assert time_left(target=100, started=1, finished=0, running_elapsed=[5], durations=[], workers=1) is None
-    assert time_left(target=None, started=1, finished=0, running_elapsed=[5], durations=[], workers=1,
-                     timeout_left=12) == 12
+    assert (
+        time_left(target=None, started=1, finished=0, running_elapsed=[5], durations=[], workers=1, timeout_left=12)
+        == 12
+    )
     assert time_left(target=5, started=5, finished=5, running_elapsed=[], durations=[1.0], workers=1) == 0
 
 
 def test_a_trial_longer_than_any_seen_raises_the_estimate_as_it_runs() -> None:
-    left = [time_left(target=20, started=11, finished=10, running_elapsed=[e], durations=[10.0] * 10, workers=1)
-            for e in (5, 30, 60, 120)]
+    left = [
+        time_left(target=20, started=11, finished=10, running_elapsed=[e], durations=[10.0] * 10, workers=1)
+        for e in (5, 30, 60, 120)
+    ]
     assert left == sorted(left) and left[-1] > left[1] > 9 * 10
     law = Durations([10.0] * 10, [30.0])
     assert law.rest(30.0) == pytest.approx(30.0)  # longer than any seen: as long again
@@ -126,14 +143,31 @@ def test_a_trial_longer_than_any_seen_raises_the_estimate_as_it_runs() -> None:
 
 # --- a study to watch -------------------------------------------------------------------------------------------
 
-def frozen(number: int, state: TrialState, *, value: float | None = None, seconds: float = 10.0, ago: float = 0.0,
-           worker: str = "host:1", intermediate: dict[int, float] | None = None, role: str = "suggested") -> FrozenTrial:
+
+def frozen(
+    number: int,
+    state: TrialState,
+    *,
+    value: float | None = None,
+    seconds: float = 10.0,
+    ago: float = 0.0,
+    worker: str = "host:1",
+    intermediate: dict[int, float] | None = None,
+    role: str = "suggested",
+) -> FrozenTrial:
     start = datetime.now() - timedelta(seconds=ago + seconds)  # (Optuna's times are naive local ones)
     return FrozenTrial(
-        number=number, state=state, value=value, datetime_start=start,
+        number=number,
+        state=state,
+        value=value,
+        datetime_start=start,
         datetime_complete=None if state == TrialState.RUNNING else start + timedelta(seconds=seconds),
-        params={}, distributions={}, user_attrs={"worker": worker, "role": role}, system_attrs={},
-        intermediate_values=intermediate or {}, trial_id=number,
+        params={},
+        distributions={},
+        user_attrs={"worker": worker, "role": role},
+        system_attrs={},
+        intermediate_values=intermediate or {},
+        trial_id=number,
     )
 
 
@@ -165,16 +199,19 @@ def test_report_steps_read_back_as_rungs_or_pairs() -> None:
     (t,) = snap.running_trials
     assert StudyShape(n_stages=1, n_pairs=1).where(t) == "stage 0 coarsest level"
     assert StudyShape(n_stages=2, n_pairs=1).where(t.__class__(4, None, None, last_step=5, reports=3)) == "stage 1 end"
-    assert StudyShape(n_stages=1, n_pairs=3).where(t.__class__(4, None, None, last_step=1, reports=2)) == \
-        "2 of 3 pairs done"
+    assert (
+        StudyShape(n_stages=1, n_pairs=3).where(t.__class__(4, None, None, last_step=1, reports=2))
+        == "2 of 3 pairs done"
+    )
 
 
 # --- plain lines (not a terminal) -------------------------------------------------------------------------------
 
 
 def test_plain_line_says_everything_with_units() -> None:
-    line = progress_line(snapshot(watched_study()), target=10, start_finished=0, elapsed=75.0, timeout=None,
-                         workers=1, unit="px")
+    line = progress_line(
+        snapshot(watched_study()), target=10, start_finished=0, elapsed=75.0, timeout=None, workers=1, unit="px"
+    )
     assert line.startswith("trials 4/10 done (1 running, longest 1m")
     assert "best 1.25 px | baseline 2.5 px | failed 1, pruned 1 | 1m15s, ~" in line and line.endswith(" left")
 
@@ -266,7 +303,9 @@ def test_quiet_tune_prints_no_progress_and_names_the_unit(tmp_path: Path) -> Non
     assert run.code == 0, run.err
     assert not [ln for ln in run.out.splitlines() if ln.startswith("trials ")], run.out
     assert re.search(r"^best tre_mean: [0-9.e+-]+ px \(trial \d\)$", run.out, re.MULTILINE), run.out
-    assert re.search(r"^baseline \(SimpleITK-notebooks default\) tre_mean: [0-9.e+-]+ px$", run.out, re.MULTILINE), run.out
+    assert re.search(r"^baseline \(SimpleITK-notebooks default\) tre_mean: [0-9.e+-]+ px$", run.out, re.MULTILINE), (
+        run.out
+    )
     html = tmp_path / "report.html"
     rep = main_out("report", pair, "--study-dir", tmp_path / "study", "-o", html)
     assert re.search(r"best tre_mean [0-9.e+-]+ px \(trial \d\)", rep), rep
@@ -286,8 +325,24 @@ def test_tune_in_a_real_terminal_draws_the_bar(tmp_path: Path) -> None:
     pair = write_study_files(tmp_path / "pair")
     main_fd, child_fd = pty.openpty()
     env = {**os.environ, "COLUMNS": "150", "TERM": "xterm"}
-    proc = subprocess.Popen([sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", "3", "--jobs", "1",
-                             "--study-dir", str(tmp_path / "study")], stdout=child_fd, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "autoreg.cli",
+            "tune",
+            str(pair),
+            "--trials",
+            "3",
+            "--jobs",
+            "1",
+            "--study-dir",
+            str(tmp_path / "study"),
+        ],
+        stdout=child_fd,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     os.close(child_fd)
     chunks = []
     while True:
@@ -320,7 +375,7 @@ def help_of(*argv: str) -> str:
 @pytest.mark.parametrize("command", list(EXAMPLES))
 def test_every_command_help_ends_with_examples(command: str) -> None:
     text = help_of(command)
-    tail = text[text.index("examples:"):]
+    tail = text[text.index("examples:") :]
     commands = [ln.strip() for ln in tail.splitlines() if ln.strip().startswith("autoreg ")]
     assert 2 <= len(commands) <= 4, tail
     assert all(f"autoreg {command} " in c or c.startswith(f"autoreg -v {command} ") for c in commands)
@@ -328,7 +383,7 @@ def test_every_command_help_ends_with_examples(command: str) -> None:
 
 def test_top_level_help_has_one_example_per_command() -> None:
     text = help_of()
-    tail = text[text.index("examples"):]
+    tail = text[text.index("examples") :]
     for command in EXAMPLES:
         assert re.search(rf"^  autoreg (-v )?{command} ", tail, re.MULTILINE), (command, tail)
 

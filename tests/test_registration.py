@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import pair_data, quick_recipe, synthetic_pair
 
 from autoreg.config import PairSpec
 from autoreg.data import load_pair
@@ -14,8 +15,6 @@ from autoreg.errors import RegistrationFailed, RegistrationPruned
 from autoreg.recipe import BSplineTransform, default_recipe
 from autoreg.registration import LevelRecord, register
 from autoreg.scoring import has_deformable, transform_points, tre
-
-from conftest import pair_data, quick_recipe, synthetic_pair
 
 IDENTITY = {2: sitk.Transform(2, sitk.sitkIdentity), 3: sitk.Transform(3, sitk.sitkIdentity)}
 
@@ -105,8 +104,11 @@ def test_bspline_grid_refinement_starts_coarse_and_ends_on_the_stage_grid() -> N
     bspline = sitk.CompositeTransform(result.transform).GetNthTransform(1)
     assert bspline.GetName() == "BSplineTransform"
     assert sitk.BSplineTransform(bspline).GetTransformDomainMeshSize() == (8, 8)  # 2 cells, doubled twice
-    meshes = [sitk.BSplineTransform(sitk.CompositeTransform(tx).GetNthTransform(1)).GetTransformDomainMeshSize()
-              for rec, tx in levels if rec.stage == 1]
+    meshes = [
+        sitk.BSplineTransform(sitk.CompositeTransform(tx).GetNthTransform(1)).GetTransformDomainMeshSize()
+        for rec, tx in levels
+        if rec.stage == 1
+    ]
     assert meshes == [(2, 2), (4, 4), (8, 8)]  # each level's record sees that level's grid
     # one thread: the same numbers every run; the coarse 2x2 grid overshoots, the finer levels recover
     assert [rec.tre_mean for rec, _ in levels if rec.stage == 1][-1] < 0.5 * _tre(IDENTITY[2], pair)
@@ -149,7 +151,11 @@ def _mixed_pyramid_recipe():
     recipe = quick_recipe(["rigid", "bspline"], 2, iterations=40, bspline_iterations=10)
     rigid, bspline = recipe.stages
     rigid = rigid.model_copy(
-        update={"pyramid": rigid.pyramid.model_copy(update={"shrink_factors": (4, 2, 1), "smoothing_sigmas": (2.0, 1.0, 0.0)})}
+        update={
+            "pyramid": rigid.pyramid.model_copy(
+                update={"shrink_factors": (4, 2, 1), "smoothing_sigmas": (2.0, 1.0, 0.0)}
+            )
+        }
     )
     return recipe.with_(stages=[rigid.model_dump(), bspline.model_dump()])
 
@@ -289,8 +295,15 @@ SPACINGS = (0.1, 1.0, 4.0, 10.0)
 
 def _spacing_recipe(stages: list[str]):
     return quick_recipe(
-        stages, 3, strategy="regular", percentage=0.25, iterations=30, learning_rate=1.0, bspline_iterations=10,
-        mesh=2, deterministic=True,
+        stages,
+        3,
+        strategy="regular",
+        percentage=0.25,
+        iterations=30,
+        learning_rate=1.0,
+        bspline_iterations=10,
+        mesh=2,
+        deterministic=True,
     )
 
 
@@ -307,7 +320,9 @@ def _voxel_tres(kind: str, recipe) -> list[float]:
 
 
 @pytest.mark.parametrize(
-    "kind,stages", [("rigid", ["rigid"]), ("affine", ["affine"]), ("bspline", ["affine", "bspline"])], ids=["rigid", "affine", "affine-bspline"]
+    "kind,stages",
+    [("rigid", ["rigid"]), ("affine", ["affine"]), ("bspline", ["affine", "bspline"])],
+    ids=["rigid", "affine", "affine-bspline"],
 )
 def test_voxel_tre_does_not_depend_on_spacing(kind: str, stages: list[str]) -> None:
     tres = _voxel_tres(kind, _spacing_recipe(stages))
@@ -323,9 +338,19 @@ def _bspline_of(tx: sitk.Transform) -> sitk.BSplineTransform:
 @pytest.mark.parametrize("units", ["mm", "voxel"])
 def test_control_point_spacing_units(units: str) -> None:
     """8 voxels is 8 voxels at any spacing; 8 mm is 8 / spacing voxels (16^3 grid: 2 cells, or 16 / (8 / s))."""
-    recipe = quick_recipe(["bspline"], 3, strategy="random", percentage=0.1, shrink=(1,), sigmas=(0.0,),
-                          bspline_iterations=1, deterministic=True)
-    stage = recipe.stages[0].model_copy(update={"transform": BSplineTransform(control_point_spacing=8, spacing_units=units)})
+    recipe = quick_recipe(
+        ["bspline"],
+        3,
+        strategy="random",
+        percentage=0.1,
+        shrink=(1,),
+        sigmas=(0.0,),
+        bspline_iterations=1,
+        deterministic=True,
+    )
+    stage = recipe.stages[0].model_copy(
+        update={"transform": BSplineTransform(control_point_spacing=8, spacing_units=units)}
+    )
     recipe = recipe.with_(stages=[stage.model_dump()])
     meshes, expected = [], []
     for spacing in (0.5, 1.0, 4.0):

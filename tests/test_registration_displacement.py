@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import pair_data, quick_recipe, synthetic_pair
 
 from autoreg.recipe import save_recipe
 from autoreg.registration import register
 from autoreg.scoring import folding_fraction, has_deformable, transform_points, tre
-
-from conftest import pair_data, quick_recipe, synthetic_pair
 
 IDENTITY = {2: sitk.Transform(2, sitk.sitkIdentity), 3: sitk.Transform(3, sitk.sitkIdentity)}
 
@@ -26,15 +25,23 @@ def _tre(tx, pair, vox: bool = False) -> float:
 
 
 def _recipe(dim: int, **top):
-    return quick_recipe(["affine", "displacement"], dim, shrink=(4, 2, 1), sigmas=(2.0, 1.0, 0.0), bspline_iterations=40,
-                        deterministic=True, **top)
+    return quick_recipe(
+        ["affine", "displacement"],
+        dim,
+        shrink=(4, 2, 1),
+        sigmas=(2.0, 1.0, 0.0),
+        bspline_iterations=40,
+        deterministic=True,
+        **top,
+    )
 
 
 @pytest.mark.parametrize("dim", [2, 3])
 def test_displacement_after_affine_registers_a_warp(dim: int) -> None:
     pair = pair_data(synthetic_pair(dim, "bspline"))
-    affine_only = register(quick_recipe(["affine"], dim, shrink=(4, 2, 1), sigmas=(2.0, 1.0, 0.0), deterministic=True),
-                           pair).transform
+    affine_only = register(
+        quick_recipe(["affine"], dim, shrink=(4, 2, 1), sigmas=(2.0, 1.0, 0.0), deterministic=True), pair
+    ).transform
     result = register(_recipe(dim), pair)
     comp = sitk.CompositeTransform(result.transform)
     assert [comp.GetNthTransform(i).GetName() for i in range(2)] == ["AffineTransform", "DisplacementFieldTransform"]
@@ -62,8 +69,9 @@ def test_displacement_field_resolution_follows_grid_spacing() -> None:
         recipe = _recipe(2)
         data = recipe.model_dump()
         data["stages"][1]["transform"]["grid_spacing"] = grid
-        levels = []
-        tx = register(recipe.model_validate(data), pair, level_callback=lambda rec, get: levels.append(rec)).transform
+        levels: list = []
+        tx = register(recipe.model_validate(data), pair, level_callback=lambda rec, get: levels.append(rec))  # noqa: B023 - called within this iteration
+        tx = tx.transform
         field = sitk.DisplacementFieldTransform(sitk.CompositeTransform(tx).GetNthTransform(1)).GetDisplacementField()
         assert field.GetSize() == expected
         assert [r.voxels for r in levels if r.stage == 1] == [16 * 16, 32 * 32, int(np.prod(expected))]
@@ -71,8 +79,10 @@ def test_displacement_field_resolution_follows_grid_spacing() -> None:
 
 def test_voxel_tre_of_a_displacement_stage_does_not_depend_on_spacing() -> None:
     syn = synthetic_pair(2, "bspline")
-    tres = [_tre(register(_recipe(2), pair_data(syn, spacing=s)).transform, pair_data(syn, spacing=s), vox=True)
-            for s in (0.1, 1.0, 10.0)]
+    tres = [
+        _tre(register(_recipe(2), pair_data(syn, spacing=s)).transform, pair_data(syn, spacing=s), vox=True)
+        for s in (0.1, 1.0, 10.0)
+    ]
     assert max(tres) <= 1.02 * min(tres), tres
 
 
@@ -83,13 +93,31 @@ def test_apply_script_and_evaluate_run_a_displacement_recipe(pair_yaml, run_cli,
     folder = pair.parent
     recipe = _recipe(2)
     save_recipe(recipe, tmp_path / "r.yaml")
-    res = run_cli("apply", tmp_path / "r.yaml", "--fixed", folder / "fixed.png", "--moving", folder / "moving.png",
-                  "--transform-out", tmp_path / "apply.h5")
+    res = run_cli(
+        "apply",
+        tmp_path / "r.yaml",
+        "--fixed",
+        folder / "fixed.png",
+        "--moving",
+        folder / "moving.png",
+        "--transform-out",
+        tmp_path / "apply.h5",
+    )
     assert res.code == 0, res.err
     (tmp_path / "r.py").write_text(recipe_to_script(recipe))
-    proc = subprocess.run([sys.executable, "-I", str(tmp_path / "r.py"), str(folder / "fixed.png"),
-                           str(folder / "moving.png"), str(tmp_path / "script.h5")], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            str(tmp_path / "r.py"),
+            str(folder / "fixed.png"),
+            str(folder / "moving.png"),
+            str(tmp_path / "script.h5"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     a, b = (sitk.ReadTransform(str(tmp_path / n)) for n in ("apply.h5", "script.h5"))
     points = np.random.default_rng(2).uniform(0, 63, size=(100, 2))
@@ -105,14 +133,20 @@ def test_a_demons_stage_registers_a_same_modality_warp() -> None:
     pair = pair_data(synthetic_pair(2, "bspline"))
     recipe = _recipe(2)
     data = recipe.model_dump()
-    data["stages"][1].update(metric=MeanSquares().model_dump(), sampling=Sampling(strategy="none").model_dump(),
-                             optimizer=Demons(number_of_iterations=30).model_dump())
+    data["stages"][1].update(
+        metric=MeanSquares().model_dump(),
+        sampling=Sampling(strategy="none").model_dump(),
+        optimizer=Demons(number_of_iterations=30).model_dump(),
+    )
     levels = []
     result = register(recipe.model_validate(data), pair, level_callback=lambda rec, get: levels.append(rec))
-    affine_only = register(quick_recipe(["affine"], 2, shrink=(4, 2, 1), sigmas=(2.0, 1.0, 0.0), deterministic=True),
-                           pair).transform
+    affine_only = register(
+        quick_recipe(["affine"], 2, shrink=(4, 2, 1), sigmas=(2.0, 1.0, 0.0), deterministic=True), pair
+    ).transform
     assert _tre(result.transform, pair) < 0.8 * _tre(affine_only, pair)
-    assert [r.iterations for r in levels if r.stage == 1] and all(0 < r.iterations <= 30 for r in levels if r.stage == 1)
+    assert [r.iterations for r in levels if r.stage == 1] and all(
+        0 < r.iterations <= 30 for r in levels if r.stage == 1
+    )
     assert all(r.stop_condition.startswith("Demons (fast_symmetric_forces)") for r in levels if r.stage == 1)
     assert folding_fraction(result.transform, pair.fixed) < 0.001
 
@@ -124,8 +158,11 @@ def test_a_demons_stage_stops_on_time() -> None:
     pair = pair_data(synthetic_pair(3, "bspline", size=(48, 48, 48)))
     recipe = _recipe(3)
     data = recipe.model_dump()
-    data["stages"][1].update(metric=MeanSquares().model_dump(), sampling=Sampling(strategy="none").model_dump(),
-                             optimizer=Demons(number_of_iterations=100000, maximum_rms_error=0.0).model_dump())
+    data["stages"][1].update(
+        metric=MeanSquares().model_dump(),
+        sampling=Sampling(strategy="none").model_dump(),
+        optimizer=Demons(number_of_iterations=100000, maximum_rms_error=0.0).model_dump(),
+    )
     import time
 
     t0 = time.monotonic()

@@ -4,12 +4,13 @@ time or on request (real SimpleITK registrations on small synthetic images)."""
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import pair_data, quick_recipe, synthetic_pair
 
 from autoreg.cost import CostModel
 from autoreg.errors import RegistrationFailed
@@ -18,8 +19,6 @@ from autoreg.registration import refine_bspline, register, search_grid
 from autoreg.registration.frame import frame_of
 from autoreg.registration.method import LevelTracker
 from autoreg.scoring import tre
-
-from conftest import pair_data, quick_recipe, synthetic_pair
 
 
 def _tre(tx, pair) -> float:
@@ -51,8 +50,12 @@ def _prepared(recipe, points: int | None = None):
 @pytest.mark.parametrize("dim, kind", [(2, "rigid"), (2, "affine"), (3, "affine")])
 def test_prepared_pyramid_registers(dim: int, kind: str) -> None:
     pair = pair_data(synthetic_pair(dim, kind))
-    recipe = _prepared(quick_recipe([kind], dim, shrink=(4, 2, 1), sigmas=(2.0, 1.0, 0.0), iterations=200,
-                                    learning_rate=1.0, deterministic=True), points=3000)
+    recipe = _prepared(
+        quick_recipe(
+            [kind], dim, shrink=(4, 2, 1), sigmas=(2.0, 1.0, 0.0), iterations=200, learning_rate=1.0, deterministic=True
+        ),
+        points=3000,
+    )
     result = register(recipe, pair)
     assert _tre(result.transform, pair) < 1.0
     assert [r.shrink for r in result.levels] == [4, 2, 1]
@@ -63,8 +66,9 @@ def test_prepared_pyramid_registers(dim: int, kind: str) -> None:
 
 def test_prepared_levels_are_made_once_per_pair() -> None:
     pair = pair_data(synthetic_pair(3, "affine"))
-    recipe = _prepared(quick_recipe(["affine"], 3, shrink=(4, 2, 1), sigmas=(2.0, 1.0, 0.0), deterministic=True),
-                       points=2000)
+    recipe = _prepared(
+        quick_recipe(["affine"], 3, shrink=(4, 2, 1), sigmas=(2.0, 1.0, 0.0), deterministic=True), points=2000
+    )
     first = register(recipe, pair).transform
     made = dict(frame_of(pair).levels._cache)
     again = register(recipe, pair).transform
@@ -93,12 +97,19 @@ def test_prepared_bspline_grid_doubles_per_level() -> None:
 
     pair = pair_data(synthetic_pair(2, "bspline"))
     recipe = quick_recipe(["affine", "bspline"], 2, shrink=(4, 2, 1), sigmas=(1.0, 0.5, 0.0), deterministic=True)
-    recipe = _with(_prepared(recipe, points=2000), 1, transform=BSplineTransform(mesh_size=(8, 8), refine=True).model_dump(),
-                   optimizer=GradientDescent(number_of_iterations=40, scales="none").model_dump())
+    recipe = _with(
+        _prepared(recipe, points=2000),
+        1,
+        transform=BSplineTransform(mesh_size=(8, 8), refine=True).model_dump(),
+        optimizer=GradientDescent(number_of_iterations=40, scales="none").model_dump(),
+    )
     seen = []
     result = register(recipe, pair, level_callback=lambda rec, get: seen.append((rec, get())))
-    meshes = [sitk.BSplineTransform(sitk.CompositeTransform(tx).GetNthTransform(1)).GetTransformDomainMeshSize()
-              for rec, tx in seen if rec.stage == 1]
+    meshes = [
+        sitk.BSplineTransform(sitk.CompositeTransform(tx).GetNthTransform(1)).GetTransformDomainMeshSize()
+        for rec, tx in seen
+        if rec.stage == 1
+    ]
     assert meshes == [(2, 2), (4, 4), (8, 8)]
     assert [rec.parameters for rec, _ in seen if rec.stage == 1] == [2 * 5 * 5, 2 * 7 * 7, 2 * 11 * 11]
     assert _tre(result.transform, pair) < 0.6 * _tre(sitk.Transform(2, sitk.sitkIdentity), pair)
@@ -112,9 +123,14 @@ def _slow_3d(prepared: bool):
     from autoreg.recipe import BSplineTransform, GradientDescent
 
     recipe = quick_recipe(["affine", "bspline"], 3, shrink=(2, 1), sigmas=(1.0, 0.0), iterations=20)
-    recipe = _with(recipe, 1, transform=BSplineTransform(mesh_size=(10, 10, 10)).model_dump(),
-                   optimizer=GradientDescent(number_of_iterations=5000, convergence_minimum_value=1e-12,
-                                             scales="none").model_dump())
+    recipe = _with(
+        recipe,
+        1,
+        transform=BSplineTransform(mesh_size=(10, 10, 10)).model_dump(),
+        optimizer=GradientDescent(
+            number_of_iterations=5000, convergence_minimum_value=1e-12, scales="none"
+        ).model_dump(),
+    )
     return _prepared(recipe) if prepared else recipe
 
 
@@ -196,8 +212,15 @@ def test_a_two_phase_3d_search_recovers_an_oblique_rotation(shared_data: Path) -
     alone stays in the wrong pose; the budgeted search (9^3 rotations, then shifts around the best three) brings it
     home."""
     from autoreg.data import PairData
-    from autoreg.recipe import MattesMutualInformation, Pyramid, Recipe, RegularStepGradientDescent, Sampling, Stage
-    from autoreg.recipe import LinearTransform
+    from autoreg.recipe import (
+        LinearTransform,
+        MattesMutualInformation,
+        Pyramid,
+        Recipe,
+        RegularStepGradientDescent,
+        Sampling,
+        Stage,
+    )
 
     folder = shared_data / "afids_mni152nlin6asym_colin27_t1"
     fixed = sitk.BinShrink(sitk.Cast(sitk.ReadImage(str(folder / "fixed.nii.gz")), sitk.sitkFloat32), [2, 2, 2])
@@ -208,18 +231,28 @@ def test_a_two_phase_3d_search_recovers_an_oblique_rotation(shared_data: Path) -
     truth.SetTranslation((6.0, -4.0, 3.0))
     moving = sitk.Resample(fixed, fixed, truth.GetInverse(), sitk.sitkLinear, 0.0)
     points = np.loadtxt(folder / "fixed_landmarks.csv", delimiter=",", skiprows=1)
-    pair = PairData(pair_data(synthetic_pair(3, "translation")).spec, fixed, moving, points,
-                    np.array([truth.TransformPoint(tuple(p)) for p in points]))
-    stage = Stage(transform=LinearTransform(kind="rigid"),
-                  metric=MattesMutualInformation(number_of_histogram_bins=32, use_fixed_image_gradient_filter=False,
-                                                 use_moving_image_gradient_filter=False),
-                  sampling=Sampling(strategy="random", points=10000),
-                  optimizer=RegularStepGradientDescent(number_of_iterations=200, gradient_magnitude_tolerance=1e-6),
-                  pyramid=Pyramid(shrink_factors=(4, 2, 1), smoothing_sigmas=(2.0, 1.0, 0.0), sigma_units="voxel",
-                                  shrink_images=True))
+    pair = PairData(
+        pair_data(synthetic_pair(3, "translation")).spec,
+        fixed,
+        moving,
+        points,
+        np.array([truth.TransformPoint(tuple(p)) for p in points]),
+    )
+    stage = Stage(
+        transform=LinearTransform(kind="rigid"),
+        metric=MattesMutualInformation(
+            number_of_histogram_bins=32, use_fixed_image_gradient_filter=False, use_moving_image_gradient_filter=False
+        ),
+        sampling=Sampling(strategy="random", points=10000),
+        optimizer=RegularStepGradientDescent(number_of_iterations=200, gradient_magnitude_tolerance=1e-6),
+        pyramid=Pyramid(
+            shrink_factors=(4, 2, 1), smoothing_sigmas=(2.0, 1.0, 0.0), sigma_units="voxel", shrink_images=True
+        ),
+    )
     plain = Recipe(stages=(stage,), threads=2, seed=1)
-    search = RotationSearch(max_angle_deg=90, step_deg=22.5, max_shift_fraction=0.1, shift_steps=2,
-                            max_evaluations=2000)
+    search = RotationSearch(
+        max_angle_deg=90, step_deg=22.5, max_shift_fraction=0.1, shift_steps=2, max_evaluations=2000
+    )
     assert _tre(register(plain, pair).transform, pair) > 5.0
     assert _tre(register(plain.with_(initializer=Initializer(rotation_search=search)), pair).transform, pair) < 0.1
 
@@ -247,8 +280,10 @@ def _displaced_pairs():
     array[:20, :20] = array.max() * 3
     corner = sitk.GetImageFromArray(array)
     corner.CopyInformation(base.fixed)
-    return {name: PairData(base.spec, base.fixed, moving, base.fixed_points, base.fixed_points)
-            for name, moving in (("wide canvas", wide), ("bright corner", corner))}
+    return {
+        name: PairData(base.spec, base.fixed, moving, base.fixed_points, base.fixed_points)
+        for name, moving in (("wide canvas", wide), ("bright corner", corner))
+    }
 
 
 def test_initializer_best_takes_the_start_the_metric_prefers_on_each_pair() -> None:
@@ -270,17 +305,34 @@ def test_prepared_pyramid_on_a_real_3d_brain(shared_data: Path) -> None:
     (ITK's own pyramid smooths and differentiates both full volumes at every level) and improves on no registration."""
     from autoreg.config import PairSpec
     from autoreg.data import load_pair
-    from autoreg.recipe import GradientDescent, LinearTransform, MattesMutualInformation, Pyramid, Recipe, Sampling, Stage
+    from autoreg.recipe import (
+        GradientDescent,
+        LinearTransform,
+        MattesMutualInformation,
+        Pyramid,
+        Recipe,
+        Sampling,
+        Stage,
+    )
 
     folder = shared_data / "afids_mni152nlin6asym_colin27_t1"
-    spec = PairSpec("afids", folder / "fixed.nii.gz", folder / "moving.nii.gz", folder / "fixed_landmarks.csv",
-                    folder / "moving_landmarks.csv", source="test", key="")
+    spec = PairSpec(
+        "afids",
+        folder / "fixed.nii.gz",
+        folder / "moving.nii.gz",
+        folder / "fixed_landmarks.csv",
+        folder / "moving_landmarks.csv",
+        source="test",
+        key="",
+    )
     pair = load_pair(spec)
-    stage = Stage(transform=LinearTransform(kind="affine"),
-                  metric=MattesMutualInformation(use_fixed_image_gradient_filter=False,
-                                                 use_moving_image_gradient_filter=False),
-                  sampling=Sampling(strategy="random", points=5000), optimizer=GradientDescent(),
-                  pyramid=Pyramid(shrink_factors=(4, 2, 1), smoothing_sigmas=(2.0, 1.0, 0.0), shrink_images=True))
+    stage = Stage(
+        transform=LinearTransform(kind="affine"),
+        metric=MattesMutualInformation(use_fixed_image_gradient_filter=False, use_moving_image_gradient_filter=False),
+        sampling=Sampling(strategy="random", points=5000),
+        optimizer=GradientDescent(),
+        pyramid=Pyramid(shrink_factors=(4, 2, 1), smoothing_sigmas=(2.0, 1.0, 0.0), shrink_images=True),
+    )
     t0 = time.monotonic()
     result = register(Recipe(stages=(stage,), threads=2, seed=3), pair)
     assert time.monotonic() - t0 < 20.0  # about 1 s on 2 cores; ITK's pyramid took 16 s for the same stage

@@ -17,11 +17,12 @@ import optuna
 import pytest
 import SimpleITK as sitk
 import yaml
-from plotly.offline import get_plotlyjs
+from conftest import real_pair_yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState, create_trial
+from plotly.offline import get_plotlyjs
 
 from autoreg.artifacts import ArtifactRecorder, artifact_store, trial_artifacts
 from autoreg.cli import main
@@ -29,8 +30,6 @@ from autoreg.images import GAP_PIXELS, VIEW_PIXELS, comparison_rgb, landmark_cen
 from autoreg.report import render_html, report_data, step_labels
 from autoreg.scoring import tre
 from autoreg.synthetic import make_pair, write_pair
-
-from conftest import real_pair_yaml
 
 TRIAL_TIMEOUT = 30.0
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -51,11 +50,19 @@ def cli(*argv: Any) -> Run:
     return Run(code, out.getvalue(), err.getvalue())
 
 
-def write_pair_yaml(folder: Path, *, size: tuple[int, ...] = (96, 96), name: str = "syn", seed: int = 0,
-                    stages: tuple[str, ...] = ("affine",)) -> Path:
+def write_pair_yaml(
+    folder: Path,
+    *,
+    size: tuple[int, ...] = (96, 96),
+    name: str = "syn",
+    seed: int = 0,
+    stages: tuple[str, ...] = ("affine",),
+) -> Path:
     """A synthetic affine pair with landmarks and its PAIR.yaml; returns the yaml's path."""
     folder.mkdir(parents=True, exist_ok=True)
-    paths = write_pair(make_pair(size, transform="affine", seed=seed), folder, fmt="png" if len(size) == 2 else "nii.gz")
+    paths = write_pair(
+        make_pair(size, transform="affine", seed=seed), folder, fmt="png" if len(size) == 2 else "nii.gz"
+    )
     doc = {
         "name": name,
         "fixed": paths["fixed"].name,
@@ -123,8 +130,6 @@ def test_improving_trials_and_only_they_store_transform_picture_and_tre(reported
 
 
 def test_stored_transform_and_tre_csv_reproduce_the_trial_score(reported: Reported, tmp_path: Path) -> None:
-    from autoreg.config import load_config
-    from autoreg.data import load_pair
 
     study = open_study(reported.study_dir)
     best = study.best_trial
@@ -159,7 +164,12 @@ def test_recorder_skips_non_improving_values_and_never_raises(reported: Reported
     recorder = ArtifactRecorder(copy)
     trial = study.ask()
     try:
-        assert recorder.record_if_improved(study, trial, study.best_value + 1.0, [], {"syn": sitk.Transform(2, sitk.sitkIdentity)}) == []
+        assert (
+            recorder.record_if_improved(
+                study, trial, study.best_value + 1.0, [], {"syn": sitk.Transform(2, sitk.sitkIdentity)}
+            )
+            == []
+        )
         assert recorder.record_if_improved(study, trial, float("nan"), [], {"syn": sitk.Transform()}) == []
         # an improving value with a broken pair object: logged, not raised
         assert recorder.record_if_improved(study, trial, -1.0, [object()], {"syn": sitk.Transform()}) == []  # type: ignore[list-item]
@@ -214,10 +224,20 @@ def test_failed_and_pruned_trials_are_grouped_by_reason() -> None:
     dist = {"x": FloatDistribution(0, 1)}
     study.add_trial(create_trial(params={"x": 0.5}, distributions=dist, value=3.0, user_attrs={"role": "baseline"}))
     for reason in ("joint PDF summed to zero", "joint PDF summed to zero", "time limit"):
-        study.add_trial(create_trial(state=TrialState.FAIL, params={"x": 0.1}, distributions=dist,
-                                     user_attrs={"fail_reason": reason}))
-    study.add_trial(create_trial(state=TrialState.PRUNED, params={"x": 0.9}, distributions=dist,
-                                 intermediate_values={0: 9.0}, user_attrs={"pruned_at": "stage 0 level 0"}))
+        study.add_trial(
+            create_trial(
+                state=TrialState.FAIL, params={"x": 0.1}, distributions=dist, user_attrs={"fail_reason": reason}
+            )
+        )
+    study.add_trial(
+        create_trial(
+            state=TrialState.PRUNED,
+            params={"x": 0.9},
+            distributions=dist,
+            intermediate_values={0: 9.0},
+            user_attrs={"pruned_at": "stage 0 level 0"},
+        )
+    )
     data = report_data(study)
     assert [(g.state, g.reason, g.trials) for g in data.groups] == [
         ("FAIL", "joint PDF summed to zero", (1, 2)),
@@ -235,8 +255,15 @@ def test_every_text_is_escaped() -> None:
     study.set_user_attr("stages", [evil])
     dist = {evil: FloatDistribution(0, 1)}
     for i, v in enumerate((2.0, 1.0, 3.0)):
-        study.add_trial(create_trial(params={evil: i / 3}, distributions=dist, value=v, intermediate_values={0: v + 1},
-                                     user_attrs={"fail_reason": evil}))
+        study.add_trial(
+            create_trial(
+                params={evil: i / 3},
+                distributions=dist,
+                value=v,
+                intermediate_values={0: v + 1},
+                user_attrs={"fail_reason": evil},
+            )
+        )
     study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"fail_reason": f"</script>{evil}"}))
     text = render_html(report_data(study, pair_names=[evil, "b"]))
     assert evil not in text and "</script><img" not in text
@@ -298,12 +325,19 @@ def test_3d_study_stores_three_slice_pictures(tmp_path: Path) -> None:
     from autoreg.data import load_pair
 
     loaded = load_pair(load_config(pair).pairs[0])
-    i, j, k = (int(round(c)) for c in loaded.fixed.TransformPhysicalPointToContinuousIndex(
-        landmark_centre(loaded.fixed, loaded.fixed_points)))
+    i, j, k = (
+        int(round(c))
+        for c in loaded.fixed.TransformPhysicalPointToContinuousIndex(
+            landmark_centre(loaded.fixed, loaded.fixed_points)
+        )
+    )
     labels = [f"axial z={k}", f"coronal y={j}", f"sagittal x={i}"]
     alts = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,', text)
-    assert alts == [f"vol {label} {what}" for label in labels
-                    for what in ("before registration (identity)", "after the best recipe")]
+    assert alts == [
+        f"vol {label} {what}"
+        for label in labels
+        for what in ("before registration (identity)", "after the best recipe")
+    ]
     for label in labels:
         assert f'<h4 class="view">{label} <span class="muted">(slice' in text, label
     assert "of 0–31 along the fixed image's z index" in text
@@ -359,9 +393,9 @@ def test_3d_pictures_are_three_slices_through_the_landmarks_centre() -> None:
 def test_colour_overlay_of_identical_images_is_grey() -> None:
     pair = make_pair((64, 64), transform="affine", seed=2)
     rgb = comparison_rgb(pair.fixed, pair.fixed)
-    overlay = rgb[:, rgb.shape[1] // 2 + 4:]  # right panel
+    overlay = rgb[:, rgb.shape[1] // 2 + 4 :]  # right panel
     assert np.abs(overlay[..., 0].astype(int) - overlay[..., 1]).max() <= 1
-    moved = comparison_rgb(pair.fixed, pair.moving)[:, rgb.shape[1] // 2 + 4:]
+    moved = comparison_rgb(pair.fixed, pair.moving)[:, rgb.shape[1] // 2 + 4 :]
     assert np.abs(moved[..., 0].astype(int) - moved[..., 1]).max() > 100  # misaligned: colour shows
 
 
@@ -400,17 +434,31 @@ def _study_with_costs(n: int = 8, *, conditional: bool = False) -> optuna.Study:
     for i in range(n):
         metric = "mattes" if i % 2 else "correlation"
         params: dict[str, Any] = {"lr": float(rng.uniform(0.1, 2)), "metric": metric}
-        dists: dict[str, Any] = {"lr": FloatDistribution(0.1, 2, log=True),
-                                 "metric": CategoricalDistribution(["mattes", "correlation"])}
+        dists: dict[str, Any] = {
+            "lr": FloatDistribution(0.1, 2, log=True),
+            "metric": CategoricalDistribution(["mattes", "correlation"]),
+        }
         if conditional and metric == "mattes":
             params["bins"] = float(rng.uniform(16, 64))
             dists["bins"] = FloatDistribution(16, 64)
-        attrs = {"role": "baseline" if i == 0 else "suggested", "runtime_s": 1.0 + i, "predicted_s": 2.0,
-                 "time_limit_s": 30.0}
+        attrs = {
+            "role": "baseline" if i == 0 else "suggested",
+            "runtime_s": 1.0 + i,
+            "predicted_s": 2.0,
+            "time_limit_s": 30.0,
+        }
         state = TrialState.PRUNED if i == n - 1 else TrialState.COMPLETE
         value = {"value": float(3.0 - i * 0.2 + rng.uniform(0, 0.1))} if state == TrialState.COMPLETE else {}
-        study.add_trial(create_trial(state=state, params=params, distributions=dists, user_attrs=attrs,
-                                     intermediate_values={0: 5.0 - i * 0.1, 2: 4.0 - i * 0.1}, **value))
+        study.add_trial(
+            create_trial(
+                state=state,
+                params=params,
+                distributions=dists,
+                user_attrs=attrs,
+                intermediate_values={0: 5.0 - i * 0.1, 2: 4.0 - i * 0.1},
+                **value,
+            )
+        )
     return study
 
 
@@ -485,8 +533,10 @@ def test_landmark_bars_get_a_log_axis_when_before_and_after_differ_100x() -> Non
     from autoreg.report.figures import landmark_figure
 
     def table(before: float, after: float) -> LandmarkTable:
-        rows = [{"landmark": i + 1, "tre_before": before * (1 + i / 10), "tre_after": after * (1 + i / 10)}
-                for i in range(5)]
+        rows = [
+            {"landmark": i + 1, "tre_before": before * (1 + i / 10), "tre_after": after * (1 + i / 10)}
+            for i in range(5)
+        ]
         return LandmarkTable("p", rows, baseline=[after * 3] * 5, unit="mm")
 
     far = landmark_figure(table(20.0, 0.2))
@@ -524,8 +574,11 @@ def test_no_html_is_built_outside_the_template() -> None:
     for path in Path(package.__file__).parent.glob("*.py"):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr)}
-        strings = [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
-                   and id(n) not in docstrings]  # f-strings included: their literal parts are constants too
+        strings = [
+            n
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings
+        ]  # f-strings included: their literal parts are constants too
         assert strings, path
         for node in strings:
             assert not tag.search(node.value), f"{path.name}:{node.lineno}: HTML in a string: {node.value[:60]!r}"

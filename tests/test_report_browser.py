@@ -46,9 +46,22 @@ def browser() -> str:
 
 def run_browser(browser: str, url: str, profile: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     """Chromium headless on ``url`` with console messages logged to stderr; waits for scripts to settle."""
-    argv = [browser, "--headless=new", "--disable-gpu", "--no-first-run", "--disable-extensions", "--hide-scrollbars",
-            "--mute-audio", f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
-            "--virtual-time-budget=5000", f"--window-size={WINDOW[0]},{WINDOW[1]}", *extra, url]
+    argv = [
+        browser,
+        "--headless=new",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-extensions",
+        "--hide-scrollbars",
+        "--mute-audio",
+        f"--user-data-dir={profile}",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--virtual-time-budget=5000",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
+        *extra,
+        url,
+    ]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         argv.insert(1, "--no-sandbox")  # Chromium refuses to run as root with its sandbox
     return subprocess.run(argv, capture_output=True, text=True, timeout=BROWSER_TIMEOUT_S, check=False)
@@ -73,15 +86,25 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> Report:
     data.mkdir()
     paths = write_pair(make_pair((96, 96), transform="affine", seed=0), data)
     pair = data / "PAIR.yaml"
-    pair.write_text(yaml.safe_dump({
-        "name": "syn", "fixed": paths["fixed"].name, "moving": paths["moving"].name,
-        "landmarks": {"fixed": paths["fixed_landmarks"].name, "moving": paths["moving_landmarks"].name},
-        "stages": ["affine"], "trial_timeout": 30,
-    }), encoding="utf-8")
+    pair.write_text(
+        yaml.safe_dump(
+            {
+                "name": "syn",
+                "fixed": paths["fixed"].name,
+                "moving": paths["moving"].name,
+                "landmarks": {"fixed": paths["fixed_landmarks"].name, "moving": paths["moving_landmarks"].name},
+                "stages": ["affine"],
+                "trial_timeout": 30,
+            }
+        ),
+        encoding="utf-8",
+    )
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         assert main(["tune", str(pair), "--trials", "8", "--jobs", "1", "--study-dir", str(root / "study"), "-q"]) == 0
-        assert main(["report", str(pair), "--study-dir", str(root / "study"), "-o", str(root / "report.html")]) == 0, err.getvalue()
+        assert main(["report", str(pair), "--study-dir", str(root / "study"), "-o", str(root / "report.html")]) == 0, (
+            err.getvalue()
+        )
     return Report(root / "report.html", root)
 
 
@@ -94,7 +117,9 @@ def test_console_output_is_detected(browser: str, tmp_path: Path) -> None:
     assert any("boom-test" in ln for ln in lines) and any("notDefined" in ln for ln in lines), result.stderr[-2000:]
 
 
-def test_report_loads_without_console_messages_and_draws_its_plots(browser: str, report: Report, tmp_path: Path) -> None:
+def test_report_loads_without_console_messages_and_draws_its_plots(
+    browser: str, report: Report, tmp_path: Path
+) -> None:
     result = run_browser(browser, report.path.as_uri(), tmp_path / "profile", "--dump-dom")
     assert result.returncode == 0, result.stderr[-2000:]
     assert console_lines(result.stderr) == []

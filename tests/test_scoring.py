@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import synthetic_pair
 
 from autoreg.scoring import (
     HOLDOUT_MIN_OVERLAP,
@@ -18,8 +19,6 @@ from autoreg.scoring import (
     tre,
     tre_stats,
 )
-
-from conftest import synthetic_pair
 
 
 def _image(size, spacing=None, direction=None, origin=None) -> sitk.Image:
@@ -67,9 +66,13 @@ def test_tre_of_a_known_translation() -> None:
     assert exact.mean == pytest.approx(0.0, abs=1e-12) and exact.max == pytest.approx(0.0, abs=1e-12)
     # the convention: T maps FIXED points to MOVING points; the inverse is off by twice the shift
     wrong = tre(tx.GetInverse(), FIXED_2D, FIXED_2D + shift, _image((20, 20)))
-    assert wrong.mean == pytest.approx(10.0) and wrong.median == pytest.approx(10.0) and wrong.max == pytest.approx(10.0)
+    assert (
+        wrong.mean == pytest.approx(10.0) and wrong.median == pytest.approx(10.0) and wrong.max == pytest.approx(10.0)
+    )
     # the identity misses by the shift itself
-    assert tre(sitk.Transform(2, sitk.sitkIdentity), FIXED_2D, FIXED_2D + shift, _image((20, 20))).mean == pytest.approx(5)
+    assert tre(
+        sitk.Transform(2, sitk.sitkIdentity), FIXED_2D, FIXED_2D + shift, _image((20, 20))
+    ).mean == pytest.approx(5)
 
 
 def test_voxel_units_with_anisotropic_spacing_and_rotated_direction_2d() -> None:

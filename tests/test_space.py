@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +43,14 @@ N_DRAWS = 150
 HIST_METRICS = ("mattes", "joint_hist_mi")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def synthetic_fingerprint(size: tuple[int, ...], seed: int = 2) -> DatasetFingerprint:
     pair = make_pair(size, transform="affine", seed=seed, n_landmarks=8)
     spec = PairSpec(name=f"syn{size}", fixed=Path("fixed"), moving=Path("moving"))
     return fingerprint_dataset([PairData(spec, pair.fixed, pair.moving, pair.fixed_points, pair.moving_points)])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def huge_fingerprint(size: tuple[int, ...]) -> DatasetFingerprint:
     """A made-up fingerprint of a much larger image (no pixels needed: ranges use sizes only)."""
     base = synthetic_fingerprint((64, 64) if len(size) == 2 else (32, 32, 32)).pairs[0]
@@ -89,7 +88,7 @@ def draws(space: SearchSpace, n: int = N_DRAWS, seed: int = 0) -> list[tuple[Dra
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def drawn(fp_name: str, stages: tuple[str, ...]) -> tuple[SearchSpace, list]:
     space = SearchSpace(fingerprint=FINGERPRINTS[fp_name](), stages=stages)
     return space, draws(space)
@@ -163,7 +162,9 @@ def test_sampling_points_cover_what_the_metric_needs(fp_name: str, stages: tuple
             s = f"stage{i}"
             sampling, bins = stage.sampling, _bins(stage)
             coarsest = stage.pyramid.shrink_factors[0]
-            asked = trial.params.get(f"{s}.pyramid.coarsest_shrink", 1) if trial.params[f"{s}.pyramid.levels"] > 1 else 1
+            asked = (
+                trial.params.get(f"{s}.pyramid.coarsest_shrink", 1) if trial.params[f"{s}.pyramid.levels"] > 1 else 1
+            )
             assert coarsest <= asked
             assert coarsest == 1 or level_voxels(size, coarsest) >= samples_needed(bins)
             if coarsest < asked:  # lowered: the next coarser level would hold fewer voxels than the metric needs
@@ -264,8 +265,11 @@ def test_only_parameters_of_the_drawn_branch_are_asked(fp_name: str, stages: tup
                 assert f"{s}.sampling.points" in mine
             opt = p[f"{s}.optimizer.kind"]
             if opt in ("lbfgsb", "lbfgs2"):
-                assert not mine & {f"{s}.optimizer.learning_rate", f"{s}.optimizer.estimate_learning_rate",
-                                   f"{s}.optimizer.convergence_window_size"}
+                assert not mine & {
+                    f"{s}.optimizer.learning_rate",
+                    f"{s}.optimizer.estimate_learning_rate",
+                    f"{s}.optimizer.convergence_window_size",
+                }
             elif kind == "bspline":  # gradient descent on a BSpline grid always estimates its step
                 assert not mine & {f"{s}.optimizer.learning_rate", f"{s}.optimizer.estimate_learning_rate"}
                 assert stage.optimizer.estimate_learning_rate == "once"
@@ -282,8 +286,9 @@ def test_only_parameters_of_the_drawn_branch_are_asked(fp_name: str, stages: tup
                 assert f"{s}.optimizer.scales" not in mine
             else:
                 assert not [k for k in mine if "transform." in k]
-                assert (f"{s}.optimizer.scales" in mine) == (opt in ("gradient_descent", "regular_step_gd",
-                                                                       "cg_line_search"))
+                assert (f"{s}.optimizer.scales" in mine) == (
+                    opt in ("gradient_descent", "regular_step_gd", "cg_line_search")
+                )
     if "bspline" not in stages:
         assert not [n for n in names if "control_point" in n]
     first_linear = next((k for k in stages if k != "bspline"), None)
@@ -333,17 +338,29 @@ def test_params_of_a_drawn_recipe_are_its_params(fp_name: str, stages: tuple[str
     for trial, recipe in recipes[:40]:
         described = space.params_of(recipe)
         for name, value in trial.params.items():
-            if name.endswith(("sampling.points", "max_angle_deg", "control_point_spacing", "sigma_factor",
-                              "sigma_last", "coarsest_shrink", "pyramid.levels", "max_shift_fraction")):
+            if name.endswith(
+                (
+                    "sampling.points",
+                    "max_angle_deg",
+                    "control_point_spacing",
+                    "sigma_factor",
+                    "sigma_last",
+                    "coarsest_shrink",
+                    "pyramid.levels",
+                    "max_shift_fraction",
+                )
+            ):
                 continue  # raised to a need, rounded, or lowered by a rule: described as what ran
             assert described[name] == value, (name, value, described.get(name))
 
 
 def test_dropped_parameters_take_the_default_recipe_s_value() -> None:
     fp = FINGERPRINTS["2d-64"]()
-    overrides = {"stage0.metric.number_of_histogram_bins": SearchOverride(drop=True),
-                 "stage0.optimizer.number_of_iterations": SearchOverride(drop=True),
-                 "stage0.metric.kind": SearchOverride(value="mattes", fixed=True)}
+    overrides = {
+        "stage0.metric.number_of_histogram_bins": SearchOverride(drop=True),
+        "stage0.optimizer.number_of_iterations": SearchOverride(drop=True),
+        "stage0.metric.kind": SearchOverride(value="mattes", fixed=True),
+    }
     space = SearchSpace(fingerprint=fp, stages=("affine",), overrides=overrides)
     for _, recipe in draws(space, n=10):
         assert recipe.stages[0].metric.number_of_histogram_bins == 50
@@ -370,9 +387,13 @@ def test_overrides_fix_narrow_choose_and_drop() -> None:
     kinds = set()
     for trial, recipe in draws(space, n=60):
         p = trial.params
-        assert not set(p) & {"stage0.metric.kind", "stage0.metric.number_of_histogram_bins",
-                             "stage1.transform.control_point_spacing", "stage0.pyramid.levels",
-                             "stage0.pyramid.coarsest_shrink"}
+        assert not set(p) & {
+            "stage0.metric.kind",
+            "stage0.metric.number_of_histogram_bins",
+            "stage1.transform.control_point_spacing",
+            "stage0.pyramid.levels",
+            "stage0.pyramid.coarsest_shrink",
+        }
         s0, s1 = recipe.stages
         assert s0.metric.kind == "mattes" and s0.metric.number_of_histogram_bins == 50
         assert 20 <= s0.optimizer.number_of_iterations <= 30
@@ -392,9 +413,13 @@ def test_value_form_and_list_form_fix_a_recipe_field(tmp_path: Path) -> None:
     """``{value: [4, 2, 1]}`` and a bare list both fix a recipe field that is not searched (a list is not choices)."""
     from autoreg.config import parse_pair_file
 
-    doc = {"name": "x", "fixed": "f.png", "moving": "m.png", "stages": ["affine"],
-           "search": {"stage0.pyramid.shrink_factors": {"value": [2, 1]},
-                      "stage0.pyramid.smoothing_sigmas": [1.0, 0.0]}}
+    doc = {
+        "name": "x",
+        "fixed": "f.png",
+        "moving": "m.png",
+        "stages": ["affine"],
+        "search": {"stage0.pyramid.shrink_factors": {"value": [2, 1]}, "stage0.pyramid.smoothing_sigmas": [1.0, 0.0]},
+    }
     cfg = parse_pair_file(doc, tmp_path / "pair.yaml")
     space = SearchSpace(fingerprint=FINGERPRINTS["2d-64"](), stages=("affine",), overrides=dict(cfg.search))
     for _, recipe in draws(space, n=5):
@@ -411,38 +436,66 @@ def test_value_form_and_list_form_fix_a_recipe_field(tmp_path: Path) -> None:
         ("stage0.metric.bins", SearchOverride(low=16, high=32), "stage0.metric.number_of_histogram_bins"),
         ("stage0.optimizer.iterations", SearchOverride(low=16, high=32), "number_of_iterations"),
         ("stage0.sampling.percentage", SearchOverride(low=0.01, high=0.1), "sampling.points"),
-        ("stage0.optimizer.maximum_number_of_corrections", SearchOverride(value=5, fixed=True),
-         "not a setting of optimizer"),
+        (
+            "stage0.optimizer.maximum_number_of_corrections",
+            SearchOverride(value=5, fixed=True),
+            "not a setting of optimizer",
+        ),
         ("stage0.pyramid.smoothing_sigmas", SearchOverride(value=[1.0, 0.0], fixed=True), "shrink_factors"),
     ],
 )
 def test_unknown_override_names_its_key(key: str, override: SearchOverride, fragment: str) -> None:
     with pytest.raises(UserError) as info:
-        SearchSpace(fingerprint=FINGERPRINTS["2d-64"](), stages=("rigid", "affine"), overrides={key: override},
-                    source="PAIR.yaml")
+        SearchSpace(
+            fingerprint=FINGERPRINTS["2d-64"](),
+            stages=("rigid", "affine"),
+            overrides={key: override},
+            source="PAIR.yaml",
+        )
     assert info.value.key == f"search.{key}"
     assert str(info.value).startswith(f"PAIR.yaml: search.{key}: ")
     assert fragment in str(info.value)
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("overrides, key, fragment", [
-    # bins of a metric kind the study never draws
-    ({"stage0.metric.kind": SearchOverride(value="correlation", fixed=True),
-      "stage0.metric.number_of_histogram_bins": SearchOverride(low=16, high=32)},
-     "search.stage0.metric.number_of_histogram_bins", "never used"),
-    # a fixed learning rate while the rate is always estimated
-    ({"stage0.optimizer.estimate_learning_rate": SearchOverride(value="once", fixed=True),
-      "stage0.optimizer.learning_rate": SearchOverride(value=0.5, fixed=True)},
-     "search.stage0.optimizer.learning_rate", "never used"),
-    # an LBFGSB setting while the optimizer is fixed to gradient descent
-    ({"stage0.optimizer.kind": SearchOverride(value="gradient_descent", fixed=True),
-      "stage0.optimizer.min_step": SearchOverride(value=1e-3, fixed=True)},
-     "search.stage0.optimizer.min_step", "never used"),
-    # a value that makes every recipe invalid
-    ({"stage0.optimizer.relaxation_factor": SearchOverride(value=1.5, fixed=True)},
-     "search.stage0.optimizer.relaxation_factor", "invalid recipe (Input should be less than 1)"),
-])
+@pytest.mark.parametrize(
+    "overrides, key, fragment",
+    [
+        # bins of a metric kind the study never draws
+        (
+            {
+                "stage0.metric.kind": SearchOverride(value="correlation", fixed=True),
+                "stage0.metric.number_of_histogram_bins": SearchOverride(low=16, high=32),
+            },
+            "search.stage0.metric.number_of_histogram_bins",
+            "never used",
+        ),
+        # a fixed learning rate while the rate is always estimated
+        (
+            {
+                "stage0.optimizer.estimate_learning_rate": SearchOverride(value="once", fixed=True),
+                "stage0.optimizer.learning_rate": SearchOverride(value=0.5, fixed=True),
+            },
+            "search.stage0.optimizer.learning_rate",
+            "never used",
+        ),
+        # an LBFGSB setting while the optimizer is fixed to gradient descent
+        (
+            {
+                "stage0.optimizer.kind": SearchOverride(value="gradient_descent", fixed=True),
+                "stage0.optimizer.min_step": SearchOverride(value=1e-3, fixed=True),
+            },
+            "search.stage0.optimizer.min_step",
+            "never used",
+        ),
+        # a value that makes every recipe invalid
+        (
+            {"stage0.optimizer.relaxation_factor": SearchOverride(value=1.5, fixed=True)},
+            "search.stage0.optimizer.relaxation_factor",
+            "invalid recipe (Input should be less than 1)",
+        ),
+    ],
+)
 def test_overrides_that_would_fail_every_trial_are_refused(overrides, key: str, fragment: str) -> None:
     with pytest.raises(UserError) as info:
         SearchSpace(fingerprint=FINGERPRINTS["2d-64"](), stages=("affine",), overrides=overrides, source="PAIR.yaml")

@@ -36,8 +36,11 @@ def _refused(result, key: str, *fragments: str) -> str:
 
 
 def _every_command(run_cli, pair: Path, sdir: Path, tmp_path: Path, key: str, *fragments: str) -> None:
-    for cmd in (("tune", "--trials", "4", "--jobs", "1", "-q"), ("export", "-o", tmp_path / "r.yaml"),
-                ("report", "-o", tmp_path / "r.html")):
+    for cmd in (
+        ("tune", "--trials", "4", "--jobs", "1", "-q"),
+        ("export", "-o", tmp_path / "r.yaml"),
+        ("report", "-o", tmp_path / "r.html"),
+    ):
         _refused(run_cli(cmd[0], pair, *cmd[1:], "--study-dir", sdir), key, *fragments)
     assert not (tmp_path / "r.yaml").exists()
 
@@ -92,8 +95,11 @@ def test_a_study_without_a_record_gets_one_on_resume(pair_yaml, run_cli, tmp_pat
     """Studies made before identities were recorded keep working; the first resume records the inputs."""
     pair, sdir = _tuned(pair_yaml, run_cli, tmp_path)
     journal = sdir / "journal.log"
-    kept = [line for line in journal.read_text().splitlines()
-            if not (json.loads(line)["op_code"] == 2 and "identity" in json.loads(line).get("user_attr", {}))]
+    kept = [
+        line
+        for line in journal.read_text().splitlines()
+        if not (json.loads(line)["op_code"] == 2 and "identity" in json.loads(line).get("user_attr", {}))
+    ]
     journal.write_text("\n".join(kept) + "\n")
     assert run_cli("export", pair, "--study-dir", sdir, "-o", tmp_path / "r.yaml", "--repeats", "0").code == 0
     assert "identity" not in journal.read_text()  # reading does not record

@@ -7,15 +7,9 @@ are missing (``.ci/run`` installs Debian's ``postgresql``; ``psycopg[binary]`` i
 
 from __future__ import annotations
 
-import glob
-import os
-import pwd
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,58 +22,13 @@ from autoreg.recipe import load_recipe
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 
-def _server_bin(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return candidates[-1] if candidates else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> str:
-    pytest.importorskip("psycopg", reason="psycopg (the PostgreSQL driver SQLAlchemy uses) is not installed")
-    initdb, pg_ctl = _server_bin("initdb"), _server_bin("pg_ctl")
-    if not (initdb and pg_ctl):
-        pytest.skip("PostgreSQL server programs (initdb, pg_ctl) not found; install Debian's 'postgresql'")
-    # not under pytest's own temp folder: that is private to root, and the server runs as another account
-    root = Path(tempfile.mkdtemp(prefix="autoreg-pg-"))
-    data, sock = root / "data", root / "sock"
-    sock.mkdir()
-    prefix: list[str] = []
-    if os.geteuid() == 0:  # the server refuses to run as root: run it as the 'postgres' account
-        try:
-            account = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root and there is no 'postgres' account to run the server")
-        for p in (root, sock):
-            os.chown(p, account.pw_uid, account.pw_gid)
-        prefix = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
-    run = lambda *cmd: subprocess.run([*prefix, *cmd], capture_output=True, text=True, timeout=120)  # noqa: E731
-    made = run(initdb, "-D", str(data), "-A", "trust", "-U", "autoreg", "--no-sync")
-    if made.returncode != 0:
-        pytest.skip(f"initdb failed: {made.stderr.strip()[-300:]}")
-    started = run(pg_ctl, "-D", str(data), "-l", str(root / "server.log"), "-w", "-o",
-                  f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
-    if started.returncode != 0:
-        pytest.skip(f"PostgreSQL did not start: {started.stderr.strip()[-300:]}")
-    try:
-        yield f"postgresql://autoreg:not-a-secret@127.0.0.1:{port}/postgres"
-    finally:
-        run(pg_ctl, "-D", str(data), "-m", "immediate", "stop")
-        shutil.rmtree(root, ignore_errors=True)
-
-
 def _tune(pair: Path, url: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--storage", url, *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--storage", url, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_two_workers_share_a_postgres_study_and_a_rerun_continues_it(postgres_url, pair_yaml, tmp_path) -> None:
@@ -99,8 +48,24 @@ def test_two_workers_share_a_postgres_study_and_a_rerun_continues_it(postgres_ur
     assert len(workers) >= 2, workers  # two processes per run, two runs
 
     out = tmp_path / "best.yaml"
-    exported = subprocess.run([sys.executable, "-m", "autoreg.cli", "export", str(pair), "--storage", postgres_url,
-                               "-o", str(out), "--repeats", "0"], capture_output=True, text=True, timeout=300)
+    exported = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "autoreg.cli",
+            "export",
+            str(pair),
+            "--storage",
+            postgres_url,
+            "-o",
+            str(out),
+            "--repeats",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert exported.returncode == 0, exported.stderr
     recipe = load_recipe(out)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -111,12 +76,36 @@ def test_two_workers_share_a_postgres_study_and_a_rerun_continues_it(postgres_ur
 
 def test_a_killed_worker_s_trial_is_failed_and_retried_over_postgres(postgres_url, pair_yaml, tmp_path) -> None:
     # slow trials (dense ANTS correlation, one level) so that the kill lands inside a registration
-    pair = pair_yaml(size=(96, 96), name="pg-crash", extra={"search": {
-        "stage0.metric.kind": "ants_nc", "stage0.pyramid.levels": 1, "initializer.rotation_search": False,
-        "stage0.optimizer.number_of_iterations": {"low": 300, "high": 500}}})
-    proc = subprocess.Popen([sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--storage", postgres_url,
-                             "--trials", "50", "--jobs", "1", "-q"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    pair = pair_yaml(
+        size=(96, 96),
+        name="pg-crash",
+        extra={
+            "search": {
+                "stage0.metric.kind": "ants_nc",
+                "stage0.pyramid.levels": 1,
+                "initializer.rotation_search": False,
+                "stage0.optimizer.number_of_iterations": {"low": 300, "high": 500},
+            }
+        },
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "autoreg.cli",
+            "tune",
+            str(pair),
+            "--storage",
+            postgres_url,
+            "--trials",
+            "50",
+            "--jobs",
+            "1",
+            "-q",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     killed = None
     try:
         deadline = time.monotonic() + 120

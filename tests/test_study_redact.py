@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from autoreg.study import StorageSpec, redact
-from test_postgres import postgres_url  # noqa: F401 - the throw-away PostgreSQL server fixture
 
 SECRET = "Xy7secretQ"
 
@@ -22,8 +20,14 @@ FORMS = [
     (f"postgresql://alice:{SECRET}@x@db.example/studies", "postgresql://alice:***@db.example/studies"),
     (f"postgresql://alice:p@{SECRET}@db.example/studies", "postgresql://alice:***@db.example/studies"),
     (f"postgresql://alice:{SECRET}%40x@db.example/studies", "postgresql://alice:***@db.example/studies"),
-    (f"postgresql://db.example/studies?user=alice&password={SECRET}", "postgresql://db.example/studies?user=alice&password=***"),
-    (f"postgresql+psycopg://alice@db.example/s?sslpassword={SECRET}&x=1", "postgresql+psycopg://alice@db.example/s?sslpassword=***&x=1"),
+    (
+        f"postgresql://db.example/studies?user=alice&password={SECRET}",
+        "postgresql://db.example/studies?user=alice&password=***",
+    ),
+    (
+        f"postgresql+psycopg://alice@db.example/s?sslpassword={SECRET}&x=1",
+        "postgresql+psycopg://alice@db.example/s?sslpassword=***&x=1",
+    ),
     (f"mysql+pymysql://bob:{SECRET}@127.0.0.1/optuna", "mysql+pymysql://bob:***@127.0.0.1/optuna"),
     (f"redis://:{SECRET}@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
     (f"redis://carol:{SECRET}@x@127.0.0.1:6379/0", "redis://carol:***@127.0.0.1:6379/0"),
@@ -50,7 +54,11 @@ def test_redact_leaves_paths_and_plain_urls() -> None:
 def test_unreachable_storage_is_one_line_without_the_password(url: str, pair_yaml, run_cli, tmp_path) -> None:
     """Port 1 refuses; missing drivers and unknown schemes are errors too: one line, no secret."""
     url = url.replace("db.example:5432", "127.0.0.1:1").replace("db.example", "127.0.0.1:1")
-    for cmd in (("tune", "--trials", "1", "-q"), ("export", "-o", tmp_path / "r.yaml"), ("report", "-o", tmp_path / "r.html")):
+    for cmd in (
+        ("tune", "--trials", "1", "-q"),
+        ("export", "-o", tmp_path / "r.yaml"),
+        ("report", "-o", tmp_path / "r.html"),
+    ):
         result = run_cli(cmd[0], pair_yaml(), *cmd[1:], "--storage", url, "--study-dir", tmp_path / "s")
         assert result.code == 2, (cmd, result.err)
         assert len(result.err_lines) == 1, result.err
@@ -104,20 +112,29 @@ def test_real_postgres_never_shows_the_password(postgres_url: str, pair_yaml, tm
     through another form of the same URL."""
     base = postgres_url.replace(":not-a-secret@", "@")  # postgresql://autoreg@127.0.0.1:PORT/postgres
     host = base.split("@", 1)[1]
-    userinfo, at_sign, query = (f"postgresql://autoreg:{SECRET}@{host}", f"postgresql://autoreg:{SECRET}%40x@{host}",
-                                f"{base}?password={SECRET}")
+    userinfo, at_sign, query = (
+        f"postgresql://autoreg:{SECRET}@{host}",
+        f"postgresql://autoreg:{SECRET}%40x@{host}",
+        f"{base}?password={SECRET}",
+    )
     pair = pair_yaml(name="redact", extra={"search": {"stage0.pyramid.levels": 1}})
     sdir = tmp_path / "s"
 
     def cli(url: str, *args) -> subprocess.CompletedProcess:
-        done = subprocess.run([sys.executable, "-m", "autoreg.cli", *map(str, args), "--storage", url,
-                               "--study-dir", str(sdir)], capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-m", "autoreg.cli", *map(str, args), "--storage", url, "--study-dir", str(sdir)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr
         return done
 
-    runs = [cli(userinfo, "-v", "tune", pair, "--trials", 3, "--jobs", 2),
-            cli(query, "export", pair, "-o", tmp_path / "r.yaml", "--repeats", "0"),
-            cli(at_sign, "report", pair, "-o", tmp_path / "r.html")]
+    runs = [
+        cli(userinfo, "-v", "tune", pair, "--trials", 3, "--jobs", 2),
+        cli(query, "export", pair, "-o", tmp_path / "r.yaml", "--repeats", "0"),
+        cli(at_sign, "report", pair, "-o", tmp_path / "r.html"),
+    ]
     texts = [r.stdout + r.stderr for r in runs]
     texts += [(sdir / "study.json").read_text(), (tmp_path / "r.yaml").read_text(), (tmp_path / "r.html").read_text()]
     for text in texts:

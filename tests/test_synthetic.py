@@ -17,9 +17,7 @@ SIZES = {"2d": (96, 96), "3d": (32, 32, 32)}
 
 def _sample(image: sitk.Image, points: np.ndarray) -> np.ndarray:
     """Linearly interpolated intensities of ``image`` at physical ``points``."""
-    return np.array(
-        [image.EvaluateAtPhysicalPoint([float(v) for v in p], sitk.sitkLinear) for p in points]
-    )
+    return np.array([image.EvaluateAtPhysicalPoint([float(v) for v in p], sitk.sitkLinear) for p in points])
 
 
 def _read_points(path: Path) -> tuple[str, np.ndarray]:
@@ -27,8 +25,7 @@ def _read_points(path: Path) -> tuple[str, np.ndarray]:
     return header, np.array([[float(v) for v in row.split(",")] for row in rows])
 
 
-@pytest.fixture(scope="module", params=[(d, k) for d in SIZES for k in TRANSFORM_KINDS],
-                ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(scope="module", params=[(d, k) for d in SIZES for k in TRANSFORM_KINDS], ids=lambda p: f"{p[0]}-{p[1]}")
 def pair(request: pytest.FixtureRequest) -> SyntheticPair:
     dim, kind = request.param
     return make_pair(SIZES[dim], transform=kind, seed=3, n_landmarks=40)
@@ -145,8 +142,7 @@ def test_write_pair_png_and_nifti(tmp_path: Path) -> None:
     assert header == "x,y"
     np.testing.assert_array_equal(pts, pair2.moving_points)  # full precision round trip
 
-    pair3 = make_pair((24, 24, 20), transform="translation", seed=1, spacing=(1, 1, 1.5),
-                      n_landmarks=6)
+    pair3 = make_pair((24, 24, 20), transform="translation", seed=1, spacing=(1, 1, 1.5), n_landmarks=6)
     with pytest.raises(ValueError):
         write_pair(pair3, tmp_path / "bad", fmt="png")
     paths = write_pair(pair3, tmp_path / "nii", fmt="nii.gz")

@@ -7,8 +7,8 @@ where a process must die (SIGKILL, Ctrl-C): those run ``python -m autoreg.cli`` 
 from __future__ import annotations
 
 import contextlib
-import json
 import io
+import json
 import math
 import os
 import shutil
@@ -27,6 +27,7 @@ import optuna
 import pytest
 import SimpleITK as sitk
 import yaml
+from conftest import real_pair_yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from autoreg.cli import main
@@ -38,8 +39,6 @@ from autoreg.recipe import default_recipe, recipe_from_dict, recipe_from_yaml, r
 from autoreg.scoring import tre
 from autoreg.space import build_space
 from autoreg.synthetic import make_pair, write_pair
-
-from conftest import real_pair_yaml
 
 #: Any single trial of these tests is cut off here (a pathological recipe must not stall the suite).
 TRIAL_TIMEOUT = 30.0
@@ -220,7 +219,7 @@ def test_rerun_continues_the_same_study_to_the_new_total(resumed) -> None:
 def test_rerun_explores_new_points(resumed) -> None:
     before, _, after = resumed
     old = [t.params for t in suggested(before)]
-    new = [t.params for t in suggested(after[len(before):])]
+    new = [t.params for t in suggested(after[len(before) :])]
     assert new
     assert not [p for p in new if p in old]
 
@@ -234,8 +233,18 @@ def test_complete_trials_record_scores_levels_and_worker(tuned: Tuned) -> None:
     worker = f"{socket.gethostname()}:{os.getpid()}"  # --jobs 1 runs in this process
     for t in complete:
         a = t.user_attrs
-        for key in ("tre_mean", "tre_median", "tre_p90", "tre_max", "runtime_s", "levels", "seed", "worker",
-                    "recipe", "pairs"):
+        for key in (
+            "tre_mean",
+            "tre_median",
+            "tre_p90",
+            "tre_max",
+            "runtime_s",
+            "levels",
+            "seed",
+            "worker",
+            "recipe",
+            "pairs",
+        ):
             assert key in a, f"trial {t.number} lacks {key}"
         assert a["tre_mean"] == pytest.approx(t.value, rel=1e-12)
         assert 0 <= a["tre_median"] <= a["tre_p90"] <= a["tre_max"]
@@ -282,8 +291,12 @@ def test_value_combines_the_pairs(tmp_path: Path, across: str) -> None:
     doc = {
         "name": "two",
         "pairs": [
-            {"name": f"p{i}", "fixed": f"p{i}/fixed.png", "moving": f"p{i}/moving.png",
-             "landmarks": {"fixed": f"p{i}/fixed_landmarks.csv", "moving": f"p{i}/moving_landmarks.csv"}}
+            {
+                "name": f"p{i}",
+                "fixed": f"p{i}/fixed.png",
+                "moving": f"p{i}/moving.png",
+                "landmarks": {"fixed": f"p{i}/fixed_landmarks.csv", "moving": f"p{i}/moving_landmarks.csv"},
+            }
             for i in range(2)
         ],
         "stages": ["affine"],
@@ -294,8 +307,10 @@ def test_value_combines_the_pairs(tmp_path: Path, across: str) -> None:
     pair.write_text(yaml.safe_dump(doc), encoding="utf-8")
     run = tune(pair, tmp_path / "study", "--trials", 3, "--jobs", 1, "-q")
     assert run.code == 0, run.err
-    before = {p.name: tre(sitk.Transform(2, sitk.sitkIdentity), p.fixed_points, p.moving_points, p.fixed).mean
-              for p in Pipeline.load(pair).pairs}  # the selection landmarks, at identity
+    before = {
+        p.name: tre(sitk.Transform(2, sitk.sitkIdentity), p.fixed_points, p.moving_points, p.fixed).mean
+        for p in Pipeline.load(pair).pairs
+    }  # the selection landmarks, at identity
     complete = [t for t in trials_of(tmp_path / "study", "two") if t.state == TrialState.COMPLETE]
     assert complete
     for t in complete:
@@ -308,8 +323,9 @@ def test_value_combines_the_pairs(tmp_path: Path, across: str) -> None:
         assert t.user_attrs["tre_mean"] == pytest.approx(mean, rel=1e-12)
         assert set(t.intermediate_values) == {0, 1}  # one step per pair
         assert {lvl["pair"] for lvl in t.user_attrs["levels"]} == {"p0", "p1"}
-    assert load_study(tmp_path / "study", "two").user_attrs["objective"] == ("relative_tre" if across == "relative"
-                                                                            else "tre_mean")
+    assert load_study(tmp_path / "study", "two").user_attrs["objective"] == (
+        "relative_tre" if across == "relative" else "tre_mean"
+    )
 
 
 # --- 3. failures are recorded and the study goes on ----------------------------------------------------------
@@ -389,8 +405,9 @@ def test_the_baseline_never_holds_a_study_hostage(tmp_path: Path) -> None:
     """With --timeout the study ends on time even when SimpleITK's default (trial 0) needs longer than the whole
     budget; the cut baseline is reported as cut."""
     # ~5 s for the default recipe at one thread (deterministic)
-    pair = write_study_files(tmp_path / "data", size=(128, 128, 128), extra={"trial_timeout": None,
-                                                                              "deterministic": True})
+    pair = write_study_files(
+        tmp_path / "data", size=(128, 128, 128), extra={"trial_timeout": None, "deterministic": True}
+    )
     run = tune(pair, tmp_path / "study", "--timeout", 1.5, "--jobs", 1, "-q")
     assert run.code == 0, run.err
     trials = trials_of(tmp_path / "study")
@@ -404,10 +421,15 @@ def test_the_baseline_never_holds_a_study_hostage(tmp_path: Path) -> None:
 def test_user_recipe_trial_params_describe_its_recipe(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
-    recipe = default_recipe(["affine"], 2).with_(stages=[{
-        "transform": "affine", "sampling": {"strategy": "regular", "percentage": 0.5},
-        "pyramid": {"shrink_factors": [2, 1], "smoothing_sigmas": [1.0, 0.0], "sigma_units": "voxel"},
-    }])
+    recipe = default_recipe(["affine"], 2).with_(
+        stages=[
+            {
+                "transform": "affine",
+                "sampling": {"strategy": "regular", "percentage": 0.5},
+                "pyramid": {"shrink_factors": [2, 1], "smoothing_sigmas": [1.0, 0.0], "sigma_units": "voxel"},
+            }
+        ]
+    )
     (data / "mine.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe)), encoding="utf-8")
     pair = write_study_files(data, extra={"enqueue": ["mine.yaml"]})
     run = tune(pair, tmp_path / "study", "--trials", 2, "--jobs", 1, "-q")
@@ -415,8 +437,12 @@ def test_user_recipe_trial_params_describe_its_recipe(tmp_path: Path) -> None:
     user = trials_of(tmp_path / "study")[1]
     assert user.user_attrs["role"] == "user:mine.yaml"
     stage = user.user_attrs["recipe"]["stages"][0]
-    ran = {"initializer.kind": "geometry", "stage0.metric.kind": stage["metric"]["kind"],
-           "stage0.sampling.strategy": stage["sampling"]["strategy"], "stage0.optimizer.kind": stage["optimizer"]["kind"]}
+    ran = {
+        "initializer.kind": "geometry",
+        "stage0.metric.kind": stage["metric"]["kind"],
+        "stage0.sampling.strategy": stage["sampling"]["strategy"],
+        "stage0.optimizer.kind": stage["optimizer"]["kind"],
+    }
     contradicting = {k: (user.params[k], v) for k, v in ran.items() if k in user.params and user.params[k] != v}
     assert not contradicting
 
@@ -449,11 +475,7 @@ def test_search_overrides_fix_narrow_and_drop(tmp_path: Path) -> None:
     assert stripped(trials[0].user_attrs["recipe"]) == stripped(recipe_to_dict(default_recipe(["affine"], 2)))
 
 
-
-
-@pytest.mark.parametrize(
-    "key", ["stage0.metric.binz", "stage1.metric.bins", "pyramid.levels", "foo"]
-)
+@pytest.mark.parametrize("key", ["stage0.metric.binz", "stage1.metric.bins", "pyramid.levels", "foo"])
 def test_unknown_search_key_is_a_user_error(tmp_path: Path, key: str) -> None:
     pair = write_study_files(tmp_path / "data", extra={"search": {key: 32}})
     run = tune(pair, tmp_path / "study", "--trials", 2, "--jobs", 1, "-q")
@@ -494,9 +516,23 @@ def _spawn_tune(pair: Path, study_dir: Path, log_dir: Path, trials: int = 500) -
     err = open(log_dir / "stderr.txt", "ab")
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", str(trials), "--jobs", "1",
-             "--study-dir", str(study_dir)],
-            stdout=out, stderr=err, cwd=log_dir, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            [
+                sys.executable,
+                "-m",
+                "autoreg.cli",
+                "tune",
+                str(pair),
+                "--trials",
+                str(trials),
+                "--jobs",
+                "1",
+                "--study-dir",
+                str(study_dir),
+            ],
+            stdout=out,
+            stderr=err,
+            cwd=log_dir,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     finally:
@@ -504,8 +540,9 @@ def _spawn_tune(pair: Path, study_dir: Path, log_dir: Path, trials: int = 500) -
         err.close()
 
 
-def _wait_for_running(proc: subprocess.Popen, study_dir: Path, name: str, min_finished: int,
-                      min_elapsed: float = 0.3) -> FrozenTrial:
+def _wait_for_running(
+    proc: subprocess.Popen, study_dir: Path, name: str, min_finished: int, min_elapsed: float = 0.3
+) -> FrozenTrial:
     """Poll the journal until >= ``min_finished`` trials are finished and one has been RUNNING inside its
     registration for ``min_elapsed`` seconds; returns that trial.
 
@@ -524,9 +561,12 @@ def _wait_for_running(proc: subprocess.Popen, study_dir: Path, name: str, min_fi
             finished = sum(t.state.is_finished() for t in trials)
             now = datetime.now()
             running = [
-                t for t in trials
-                if t.state == TrialState.RUNNING and t.user_attrs.get("worker", "").endswith(pid)
-                and "threads" in t.user_attrs and (now - t.datetime_start).total_seconds() >= min_elapsed
+                t
+                for t in trials
+                if t.state == TrialState.RUNNING
+                and t.user_attrs.get("worker", "").endswith(pid)
+                and "threads" in t.user_attrs
+                and (now - t.datetime_start).total_seconds() >= min_elapsed
             ]
             if finished >= min_finished and running:
                 return running[0]
@@ -551,9 +591,14 @@ _ONE_LEVEL = {"search": {"stage0.pyramid.levels": 1}}
 
 #: Suggested trials that spend their time inside the registration's ``Execute`` (dense ANTS correlation at full
 #: resolution; no rotation search, whose ``Execute`` has no Python callbacks).
-_ITK_BOUND = {"search": {"stage0.metric.kind": "ants_nc", "stage0.pyramid.levels": 1,
-                         "initializer.rotation_search": False,
-                         "stage0.optimizer.number_of_iterations": {"low": 300, "high": 500}}}
+_ITK_BOUND = {
+    "search": {
+        "stage0.metric.kind": "ants_nc",
+        "stage0.pyramid.levels": 1,
+        "initializer.rotation_search": False,
+        "stage0.optimizer.number_of_iterations": {"low": 300, "high": 500},
+    }
+}
 
 
 @pytest.mark.slow
@@ -574,8 +619,10 @@ def test_sigkill_leaves_a_trial_that_the_next_run_fails_and_retries(tmp_path: Pa
             assert len(running) == 1
             killed = running[0]
             if "worker" not in killed.user_attrs:  # pragma: no cover - the trial ended just before the kill
-                pytest.xfail(f"BUG: trial {killed.number} was killed between study.ask() and its 'worker' attr: "
-                             "nothing can ever reap it")
+                pytest.xfail(
+                    f"BUG: trial {killed.number} was killed between study.ask() and its 'worker' attr: "
+                    "nothing can ever reap it"
+                )
             break
     assert killed is not None, "the worker was never killed in the middle of a trial"
     assert killed.user_attrs["worker"] == f"{socket.gethostname()}:{proc.pid}"
@@ -816,8 +863,18 @@ def test_the_spread_is_measured_once_per_study_and_trial(tuned: Tuned, tmp_path:
     real = export.measured_spread
     monkeypatch.setattr(export, "measured_spread", lambda *a, **k: calls.append(a) or real(*a, **k))
     first = cli("export", tuned.pair, "--study-dir", tuned.study_dir, "-o", tmp_path / "r.yaml", "--repeats", 2)
-    second = cli("export", tuned.pair, "--study-dir", tuned.study_dir, "-o", tmp_path / "r.py", "--repeats", 2,
-                 "--format", "python")
+    second = cli(
+        "export",
+        tuned.pair,
+        "--study-dir",
+        tuned.study_dir,
+        "-o",
+        tmp_path / "r.py",
+        "--repeats",
+        2,
+        "--format",
+        "python",
+    )
     assert first.code == 0 and second.code == 0, (first.err, second.err)
     assert len(calls) == 1  # the python export reused the spread the yaml export measured
     spread = recipe_from_yaml((tmp_path / "r.yaml").read_text()).provenance["spread"]
@@ -844,8 +901,10 @@ def test_warm_start_queues_earlier_recipes_as_points_the_sampler_learns_from(tun
     assert ran.stages[0].metric == earlier.stages[0].metric
     # given again on resume, it is not queued twice
     run = tune(pair, tmp_path / "study", "--trials", 4, "--jobs", 1, "-q", "--warm-start", library / "a.yaml")
-    assert run.code == 0 and len([t for t in trials_of(tmp_path / "study") if t.user_attrs.get("role") ==
-                                  "warm:a.yaml"]) == 1
+    assert (
+        run.code == 0
+        and len([t for t in trials_of(tmp_path / "study") if t.user_attrs.get("role") == "warm:a.yaml"]) == 1
+    )
 
 
 def test_check_refuses_recipes_whose_stages_do_not_fit(tmp_path: Path) -> None:
@@ -863,9 +922,13 @@ def test_check_refuses_recipes_whose_stages_do_not_fit(tmp_path: Path) -> None:
 
 
 def test_check_refuses_overrides_that_would_fail_every_trial(tmp_path: Path) -> None:
-    for search, key in (({"stage0.optimizer.kind": "lbfgsb"}, "stage0.optimizer.kind"),
-                        ({"stage0.metric.kind": "correlation", "stage0.metric.number_of_histogram_bins": 32},
-                         "stage0.metric.number_of_histogram_bins")):
+    for search, key in (
+        ({"stage0.optimizer.kind": "lbfgsb"}, "stage0.optimizer.kind"),
+        (
+            {"stage0.metric.kind": "correlation", "stage0.metric.number_of_histogram_bins": 32},
+            "stage0.metric.number_of_histogram_bins",
+        ),
+    ):
         pair = write_study_files(tmp_path / "data", extra={"search": search})
         run = cli("check", pair)
         assert run.code == 2 and f"search.{key}" in run.err and len(run.err.strip().splitlines()) == 1, run.err

@@ -20,8 +20,9 @@ pytestmark = pytest.mark.slow
 
 
 def autoreg(*args, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "autoreg.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "autoreg.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _quick_pair(pair_yaml, name: str = "syn") -> Path:
@@ -106,17 +107,39 @@ def _suggested_params(sdir: Path, name: str = "syn") -> list[tuple]:
     from autoreg.study import StorageSpec, open_storage
 
     study = optuna.load_study(study_name=name, storage=open_storage(StorageSpec(str(sdir / "journal.log"), True)))
-    return [tuple(sorted(t.params.items())) for t in study.get_trials(deepcopy=False)
-            if t.params and "role" not in t.user_attrs and "retry_of" not in t.user_attrs]
+    return [
+        tuple(sorted(t.params.items()))
+        for t in study.get_trials(deepcopy=False)
+        if t.params and "role" not in t.user_attrs and "retry_of" not in t.user_attrs
+    ]
 
 
 def test_two_tunes_on_one_study_propose_no_duplicates(pair_yaml, tmp_path) -> None:
     """Two processes started together on one study: each draws its own sampler stream (its launch number)."""
     pair, sdir = _quick_pair(pair_yaml), tmp_path / "s"
     assert autoreg("tune", pair, "--trials", 1, "--jobs", 1, "-q", "--study-dir", sdir).returncode == 0
-    procs = [subprocess.Popen([sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", "15", "--jobs", "1",
-                               "-q", "--study-dir", str(sdir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "autoreg.cli",
+                "tune",
+                str(pair),
+                "--trials",
+                "15",
+                "--jobs",
+                "1",
+                "-q",
+                "--study-dir",
+                str(sdir),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
@@ -169,8 +192,24 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="ne
 @needs_proc
 def test_a_sigkilled_tune_leaves_no_workers_mid_trial(pair_yaml, tmp_path) -> None:
     pair, sdir = _quick_pair(pair_yaml), tmp_path / "s"
-    proc = subprocess.Popen([sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", "500", "--jobs", "2",
-                             "-q", "--study-dir", str(sdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "autoreg.cli",
+            "tune",
+            str(pair),
+            "--trials",
+            "500",
+            "--jobs",
+            "2",
+            "-q",
+            "--study-dir",
+            str(sdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         from autoreg.study import StorageSpec, open_storage
 
@@ -180,7 +219,9 @@ def test_a_sigkilled_tune_leaves_no_workers_mid_trial(pair_yaml, tmp_path) -> No
             workers = {p for p in _descendants(proc.pid) if "loky" in Path(f"/proc/{p}/cmdline").read_text()}
             if not (sdir / "journal.log").exists() or len(workers) < 2:
                 continue
-            study = optuna.load_study(study_name="syn", storage=open_storage(StorageSpec(str(sdir / "journal.log"), True)))
+            study = optuna.load_study(
+                study_name="syn", storage=open_storage(StorageSpec(str(sdir / "journal.log"), True))
+            )
             states = [t.state for t in study.get_trials(deepcopy=False)]
             if TrialState.RUNNING in states and TrialState.COMPLETE in states:
                 break
@@ -199,9 +240,11 @@ def test_a_sigkilled_tune_leaves_no_workers_mid_trial(pair_yaml, tmp_path) -> No
 def test_a_sigkilled_process_leaves_no_idle_workers(pair_yaml, tmp_path) -> None:
     """loky keeps idle workers for ~300 s: they go too when the process that launched them is killed."""
     pair, sdir = _quick_pair(pair_yaml), tmp_path / "s"
-    code = ("import sys, time; from autoreg.cli import main; "
-            f"main(['tune', {str(pair)!r}, '--trials', '4', '--jobs', '2', '-q', '--study-dir', {str(sdir)!r}]); "
-            "print('idle', flush=True); time.sleep(120)")
+    code = (
+        "import sys, time; from autoreg.cli import main; "
+        f"main(['tune', {str(pair)!r}, '--trials', '4', '--jobs', '2', '-q', '--study-dir', {str(sdir)!r}]); "
+        "print('idle', flush=True); time.sleep(120)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert proc.stdout is not None
@@ -214,3 +257,24 @@ def test_a_sigkilled_process_leaves_no_idle_workers(pair_yaml, tmp_path) -> None
         if proc.poll() is None:
             proc.kill()
     assert not _wait_gone(everything, 10.0), "idle workers outlived the killed process"
+
+
+def test_a_dead_worker_s_retry_takes_its_trial_s_place_in_the_budget() -> None:
+    from optuna.trial import create_trial
+
+    from autoreg.workers import budget_spent
+
+    def trial(number: int, state: TrialState, **attrs) -> optuna.trial.FrozenTrial:
+        t = create_trial(state=state, value=1.0 if state == TrialState.COMPLETE else None, user_attrs=attrs)
+        t.number = number
+        return t
+
+    done = [trial(i, TrialState.COMPLETE) for i in range(3)]
+    assert budget_spent(done, 3) and not budget_spent(done, 4)
+    assert not budget_spent([*done, trial(3, TrialState.WAITING, role="baseline")], 4)  # queued: not counted
+    died = [*done[:2], trial(2, TrialState.FAIL, fail_reason="worker died")]
+    # the others filled the budget before the death was seen: the retry still runs
+    assert not budget_spent([*died, trial(3, TrialState.WAITING, retry_of=2)], 3)
+    # once it runs (or ran), the killed trial no longer counts: 3 trials in all, the retry among them
+    assert budget_spent([*died, trial(3, TrialState.RUNNING, retry_of=2)], 3)
+    assert not budget_spent([*died, trial(3, TrialState.COMPLETE, retry_of=2)], 4)

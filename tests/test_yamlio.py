@@ -94,7 +94,9 @@ def test_merge_keys_are_not_duplicates() -> None:
     from autoreg.yamlio import load_yaml_text
 
     assert load_yaml_text("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  x: 3\n", source="t") == {
-        "base": {"x": 1, "y": 2}, "other": {"x": 3, "y": 2}}
+        "base": {"x": 1, "y": 2},
+        "other": {"x": 3, "y": 2},
+    }
 
 
 def test_huge_values_are_never_echoed(pair_yaml, run_cli) -> None:

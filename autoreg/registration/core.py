@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import SimpleITK as sitk
 
@@ -144,9 +145,14 @@ def as_scalar_float(image: sitk.Image) -> sitk.Image:
 
 _REASONS = [
     (re.compile(r"joint pdf summed to zero", re.I), "joint PDF summed to zero"),
-    (re.compile(r"samples map outside moving image|no valid points|all samples map outside|"
-                r"must have 1 or more points", re.I),
-     "too few samples inside the moving image (little overlap or too sparse sampling)"),
+    (
+        re.compile(
+            r"samples map outside moving image|no valid points|all samples map outside|"
+            r"must have 1 or more points",
+            re.I,
+        ),
+        "too few samples inside the moving image (little overlap or too sparse sampling)",
+    ),
     (re.compile(r"bad_alloc|out of memory|failed to allocate|MemoryError", re.I), "out of memory"),
     (re.compile(r"not positive definite|singular", re.I), "singular matrix"),
 ]

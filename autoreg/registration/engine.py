@@ -10,7 +10,8 @@ the previous level's (seconds per voxel) and the registration stops if it would 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -82,8 +83,15 @@ def register(
     return result
 
 
-def _run(recipe: Any, frame: Frame, seed: int, level_callback: LevelCallback | None, clock: Clock,
-         where: list[str], cost: Any) -> RegistrationResult:
+def _run(
+    recipe: Any,
+    frame: Frame,
+    seed: int,
+    level_callback: LevelCallback | None,
+    clock: Clock,
+    where: list[str],
+    cost: Any,
+) -> RegistrationResult:
     linear = initial_linear(recipe, frame, seed, clock)
     initial = linear.as_affine()
     result = RegistrationResult(transform=initial, initial_transform=initial)
@@ -108,8 +116,9 @@ def _run(recipe: Any, frame: Frame, seed: int, level_callback: LevelCallback | N
             if kind == "displacement":
                 optimized, stop = _run_displacement(stage, index, frame, moving_initial, tracker, seed, threads, clock)
             elif stage.pyramid.shrink_images:
-                optimized, stop = _run_prepared(stage, index, frame, optimized, moving_initial, factors, tracker,
-                                                seed, threads, clock)
+                optimized, stop = _run_prepared(
+                    stage, index, frame, optimized, moving_initial, factors, tracker, seed, threads, clock
+                )
             else:
                 stop = _run_itk(stage, index, frame, optimized, moving_initial, factors, tracker, seed, threads)
         except Halt:
@@ -126,8 +135,9 @@ def _run(recipe: Any, frame: Frame, seed: int, level_callback: LevelCallback | N
     return result
 
 
-def _level_need(cost: Any, stage: Any, frame: Frame, optimized: sitk.Transform | None,
-                factors: list[int] | None) -> Callable[[int], float] | None:
+def _level_need(
+    cost: Any, stage: Any, frame: Frame, optimized: sitk.Transform | None, factors: list[int] | None
+) -> Callable[[int], float] | None:
     """Seconds that level ``l`` of the stage needs for its setup and first iteration, by the cost model."""
     if cost is None:
         return None
@@ -136,9 +146,13 @@ def _level_need(cost: Any, stage: Any, frame: Frame, optimized: sitk.Transform |
 
         def need_field(level: int) -> float:
             voxels = int(np.prod(grids[level][0]))
-            setup, iteration = cost.level_seconds(stage, voxels=voxels, full_voxels=int(np.prod(frame.fixed.GetSize())),
-                                                  parameters=frame.dim * voxels,
-                                                  samples=int(sampling_fraction(stage.sampling, voxels) * voxels))
+            setup, iteration = cost.level_seconds(
+                stage,
+                voxels=voxels,
+                full_voxels=int(np.prod(frame.fixed.GetSize())),
+                parameters=frame.dim * voxels,
+                samples=int(sampling_fraction(stage.sampling, voxels) * voxels),
+            )
             return setup + iteration
 
         return need_field
@@ -153,8 +167,13 @@ def _level_need(cost: Any, stage: Any, frame: Frame, optimized: sitk.Transform |
         if factors is not None:  # a refining BSpline grid: (mesh x f + 3)^dim points per coordinate
             mesh = sitk.BSplineTransform(optimized).GetTransformDomainMeshSize()
             parameters = frame.dim * int(np.prod([m * factors[level] // factors[0] + 3 for m in mesh]))
-        setup, iteration = cost.level_seconds(stage, voxels=voxels, full_voxels=full, parameters=parameters,
-                                              samples=int(sampling_fraction(stage.sampling, voxels) * voxels))
+        setup, iteration = cost.level_seconds(
+            stage,
+            voxels=voxels,
+            full_voxels=full,
+            parameters=parameters,
+            samples=int(sampling_fraction(stage.sampling, voxels) * voxels),
+        )
         return setup + iteration
 
     return need
@@ -193,8 +212,17 @@ def _close(tracker: LevelTracker, stop: str) -> None:
         raise tracker.pruned from None
 
 
-def _run_itk(stage: Any, index: int, frame: Frame, optimized: sitk.Transform, moving_initial: sitk.Transform | None,
-             factors: list[int] | None, tracker: LevelTracker, seed: int, threads: int) -> str:
+def _run_itk(
+    stage: Any,
+    index: int,
+    frame: Frame,
+    optimized: sitk.Transform,
+    moving_initial: sitk.Transform | None,
+    factors: list[int] | None,
+    tracker: LevelTracker,
+    seed: int,
+    threads: int,
+) -> str:
     """The stage on ITK's own pyramid: one ``Execute`` over every level."""
     rm = _method(stage, threads)
     shrinks = list(stage.pyramid.shrink_factors)
@@ -203,9 +231,10 @@ def _run_itk(stage: Any, index: int, frame: Frame, optimized: sitk.Transform, mo
             rm.SetMetricSamplingPercentage(stage.sampling.percentage, itk_seed(seed, index))
         else:
             use_mask = stage.use_masks and frame.fixed_mask is not None
-            fractions = [sampling_fraction(stage.sampling, int(np.prod(size)),
-                                           frame.levels.inside(s) if use_mask else 1.0)
-                         for s, size in zip(shrinks, level_sizes(frame.fixed, shrinks))]
+            fractions = [
+                sampling_fraction(stage.sampling, int(np.prod(size)), frame.levels.inside(s) if use_mask else 1.0)
+                for s, size in zip(shrinks, level_sizes(frame.fixed, shrinks))
+            ]
             rm.SetMetricSamplingPercentagePerLevel(fractions, itk_seed(seed, index))
     if stage.use_masks and frame.fixed_mask is not None:
         rm.SetMetricFixedMask(frame.fixed_mask)
@@ -246,8 +275,16 @@ def field_grid(frame: Frame, stage: Any, shrink: int) -> tuple[list[int], list[f
     return [int(n) for n in size], [float(o) for o in origin], [float(s) for s in spacing]
 
 
-def _run_displacement(stage: Any, index: int, frame: Frame, moving_initial: sitk.Transform, tracker: LevelTracker,
-                      seed: int, threads: int, clock: Clock) -> tuple[sitk.Transform, str]:
+def _run_displacement(
+    stage: Any,
+    index: int,
+    frame: Frame,
+    moving_initial: sitk.Transform,
+    tracker: LevelTracker,
+    seed: int,
+    threads: int,
+    clock: Clock,
+) -> tuple[sitk.Transform, str]:
     """A dense displacement field with local support over prepared levels (ANTs' Gaussian displacement field): at
     each level the field lives on that level's grid (see ``field_grid``), starts from the previous level's field
     resampled, and every update and the total field are Gaussian-smoothed (variances in field voxels)."""
@@ -267,11 +304,14 @@ def _run_displacement(stage: Any, index: int, frame: Frame, moving_initial: sitk
         reference.SetSpacing(spacing)
         reference.SetDirection(direction)
         if previous is not None:
-            reference = sitk.Resample(previous, reference, sitk.Transform(), sitk.sitkLinear, 0.0,
-                                      sitk.sitkVectorFloat64)
+            reference = sitk.Resample(
+                previous, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64
+            )
         optimized = sitk.DisplacementFieldTransform(reference)
-        optimized.SetSmoothingGaussianOnUpdate(varianceForUpdateField=stage.transform.variance_for_update_field,
-                                               varianceForTotalField=stage.transform.variance_for_total_field)
+        optimized.SetSmoothingGaussianOnUpdate(
+            varianceForUpdateField=stage.transform.variance_for_update_field,
+            varianceForTotalField=stage.transform.variance_for_total_field,
+        )
         rm = _method(stage, threads)
         inside = frame.levels.inside(shrink) if stage.use_masks else 1.0
         if stage.sampling.strategy != "none":
@@ -289,20 +329,24 @@ def _run_displacement(stage: Any, index: int, frame: Frame, moving_initial: sitk
         rm.SetInitialTransform(optimized, inPlace=True)
         tracker.attach(rm, optimized, itk_levels=False)
         tracker.start_level(level, samples=sampled_points(stage.sampling, voxels, inside), voxels=voxels)
-        stop = _execute(rm, tracker, frame.levels.image("fixed", shrink, sigma),
-                        frame.levels.image("moving", shrink, sigma))
+        stop = _execute(
+            rm, tracker, frame.levels.image("fixed", shrink, sigma), frame.levels.image("moving", shrink, sigma)
+        )
         _close(tracker, stop)
         previous = optimized.GetDisplacementField()
     assert optimized is not None
     return optimized, stop
 
 
-_DEMONS = {"fast_symmetric_forces": sitk.FastSymmetricForcesDemonsRegistrationFilter,
-           "diffeomorphic": sitk.DiffeomorphicDemonsRegistrationFilter}
+_DEMONS = {
+    "fast_symmetric_forces": sitk.FastSymmetricForcesDemonsRegistrationFilter,
+    "diffeomorphic": sitk.DiffeomorphicDemonsRegistrationFilter,
+}
 
 
-def _run_demons(stage: Any, frame: Frame, moving_initial: sitk.Transform, tracker: LevelTracker,
-                clock: Clock) -> tuple[sitk.Transform, str]:
+def _run_demons(
+    stage: Any, frame: Frame, moving_initial: sitk.Transform, tracker: LevelTracker, clock: Clock
+) -> tuple[sitk.Transform, str]:
     """The displacement field found by one of SimpleITK's Demons filters, level by level: the moving level image
     warped by the stages before, both images on the field's grid, the field carried up the pyramid."""
     sigmas, _ = sigmas_of(stage, frame.k)
@@ -317,12 +361,17 @@ def _run_demons(stage: Any, frame: Frame, moving_initial: sitk.Transform, tracke
         grid.SetOrigin(origin)
         grid.SetSpacing(spacing)
         grid.SetDirection(frame.fixed.GetDirection())
-        fixed = sitk.Resample(frame.levels.image("fixed", shrink, sigma), grid, sitk.Transform(), sitk.sitkLinear,
-                              0.0, sitk.sitkFloat32)
-        moving = sitk.Resample(frame.levels.image("moving", shrink, sigma), grid, moving_initial, sitk.sitkLinear,
-                               0.0, sitk.sitkFloat32)
-        field = (sitk.Resample(previous, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
-                 if previous is not None else sitk.Image(size, sitk.sitkVectorFloat64, frame.dim))
+        fixed = sitk.Resample(
+            frame.levels.image("fixed", shrink, sigma), grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32
+        )
+        moving = sitk.Resample(
+            frame.levels.image("moving", shrink, sigma), grid, moving_initial, sitk.sitkLinear, 0.0, sitk.sitkFloat32
+        )
+        field = (
+            sitk.Resample(previous, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
+            if previous is not None
+            else sitk.Image(size, sitk.sitkVectorFloat64, frame.dim)
+        )
         field.CopyInformation(grid)
         demons = _DEMONS[o.variant]()
         demons.SetNumberOfIterations(o.number_of_iterations)
@@ -336,7 +385,7 @@ def _run_demons(stage: Any, frame: Frame, moving_initial: sitk.Transform, tracke
         tracker.start_level(level, samples=int(np.prod(size)), voxels=int(np.prod(size)))
         count = [0]
 
-        def on_iteration() -> None:
+        def on_iteration(count: list[int] = count, demons: sitk.DiffeomorphicDemonsRegistrationFilter = demons) -> None:
             count[0] += 1
             try:
                 clock.check()
@@ -357,9 +406,18 @@ def _run_demons(stage: Any, frame: Frame, moving_initial: sitk.Transform, tracke
     return optimized, stop
 
 
-def _run_prepared(stage: Any, index: int, frame: Frame, optimized: sitk.Transform,
-                  moving_initial: sitk.Transform | None, factors: list[int] | None, tracker: LevelTracker, seed: int,
-                  threads: int, clock: Clock) -> tuple[sitk.Transform, str]:
+def _run_prepared(
+    stage: Any,
+    index: int,
+    frame: Frame,
+    optimized: sitk.Transform,
+    moving_initial: sitk.Transform | None,
+    factors: list[int] | None,
+    tracker: LevelTracker,
+    seed: int,
+    threads: int,
+    clock: Clock,
+) -> tuple[sitk.Transform, str]:
     """The stage on prepared levels: one ``Execute`` per level; returns the (possibly refined) transform."""
     sigmas, physical = sigmas_of(stage, frame.k)
     use_mask = stage.use_masks
@@ -370,8 +428,12 @@ def _run_prepared(stage: Any, index: int, frame: Frame, optimized: sitk.Transfor
         voxels = int(np.prod(fixed.GetSize()))
         # stop now if this level's setup (measured at the last level, or predicted) and first iteration would not fit
         rate = tracker.setup_rate()
-        clock.check(max(rate * voxels if rate is not None else 0.0,
-                        tracker.level_need(level) if tracker.level_need is not None else 0.0))
+        clock.check(
+            max(
+                rate * voxels if rate is not None else 0.0,
+                tracker.level_need(level) if tracker.level_need is not None else 0.0,
+            )
+        )
         if factors is not None and level > 0:
             for _ in range(int(round(np.log2(factors[level] / factors[level - 1])))):
                 optimized = refine_bspline(optimized)

@@ -143,7 +143,9 @@ class Linear:
         dim = len(self.center)
         if kind == "translation":
             # x -> A(x - c) + c + t with A = I is x + t
-            return sitk.TranslationTransform(dim, tuple(self.translation + (self.matrix - np.eye(dim)) @ (-self.center)))
+            return sitk.TranslationTransform(
+                dim, tuple(self.translation + (self.matrix - np.eye(dim)) @ (-self.center))
+            )
         tx: sitk.Transform
         if kind == "rigid":
             tx = sitk.Euler2DTransform() if dim == 2 else sitk.Euler3DTransform()
@@ -187,7 +189,9 @@ class Frame:
         return float(np.mean(np.linalg.norm(mapped - self.moving_points, axis=1)) / self.k)
 
     def center(self) -> np.ndarray:
-        return np.asarray(self.fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in self.fixed.GetSize()]))
+        return np.asarray(
+            self.fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in self.fixed.GetSize()])
+        )
 
 
 @functools.lru_cache(maxsize=8)

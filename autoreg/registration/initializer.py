@@ -49,10 +49,14 @@ def _start(kind: str, recipe: Any, frame: Frame, first_linear: Any, seed: int, c
     if kind == "none":
         state = Linear.identity(frame.dim, frame.center())
     else:
-        how = (sitk.CenteredTransformInitializerFilter.GEOMETRY if kind == "geometry"
-               else sitk.CenteredTransformInitializerFilter.MOMENTS)
-        state = Linear.of(sitk.CenteredTransformInitializer(frame.fixed, frame.moving, sitk.AffineTransform(frame.dim),
-                                                            how))
+        how = (
+            sitk.CenteredTransformInitializerFilter.GEOMETRY
+            if kind == "geometry"
+            else sitk.CenteredTransformInitializerFilter.MOMENTS
+        )
+        state = Linear.of(
+            sitk.CenteredTransformInitializer(frame.fixed, frame.moving, sitk.AffineTransform(frame.dim), how)
+        )
     search = getattr(recipe.initializer, "rotation_search", None)
     if search is not None and first_linear is not None and first_linear.transform.kind != "translation":
         state = rotation_search(search, frame, state, first_linear, seed, clock)
@@ -207,7 +211,7 @@ def rotation_search(search: Any, frame: Frame, state: Linear, stage: Any, seed: 
         best: list[tuple[float, sitk.Transform]] = [(min(v for v, _ in tried), rigid)]
         if plan.shifts:
             best = []
-            for value, position in sorted(tried, key=lambda vp: vp[0])[:TOP_ROTATIONS]:
+            for _value, position in sorted(tried, key=lambda vp: vp[0])[:TOP_ROTATIONS]:
                 candidate = copy_typed(start)
                 candidate.SetParameters(position)
                 found, shifted = grid(candidate, 0, plan.shifts)

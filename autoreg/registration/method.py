@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import SimpleITK as sitk
 
@@ -135,8 +136,16 @@ class LevelTracker:
     optimizer still holds the previous level's end); prepared pyramids call :meth:`start_level` and
     :meth:`close_level` around each level's ``Execute``."""
 
-    def __init__(self, stage: Any, index: int, frame: Any, moving_initial, callback, clock: Clock,
-                 level_need: Callable[[int], float] | None = None):
+    def __init__(
+        self,
+        stage: Any,
+        index: int,
+        frame: Any,
+        moving_initial,
+        callback,
+        clock: Clock,
+        level_need: Callable[[int], float] | None = None,
+    ):
         self.stage, self.index, self.frame = stage, index, frame
         self.moving_initial, self.callback, self.clock = moving_initial, callback, clock
         #: Seconds a level needs before its first iteration ends (ITK's pyramid asks at each level's start).

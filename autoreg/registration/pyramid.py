@@ -66,7 +66,9 @@ class LevelImages:
         self._bytes += size
         while self._bytes > LEVEL_CACHE_BYTES and len(self._cache) > 1:
             _, old = self._cache.popitem(last=False)
-            self._bytes -= int(np.prod(old.GetSize())) * old.GetNumberOfComponentsPerPixel() * old.GetSizeOfPixelComponent()
+            self._bytes -= (
+                int(np.prod(old.GetSize())) * old.GetNumberOfComponentsPerPixel() * old.GetSizeOfPixelComponent()
+            )
         return image
 
     def factors(self, which: str, shrink: int) -> list[int]:
@@ -134,7 +136,9 @@ def bspline_mesh(stage: Any, fixed: sitk.Image, k: float = 1.0) -> list[int]:
         if len(mesh) == 1:
             mesh = mesh * fixed.GetDimension()
         if len(mesh) != fixed.GetDimension():
-            raise RegistrationFailed("bad bspline mesh", f"mesh_size has {len(mesh)} entries for a {fixed.GetDimension()}D image")
+            raise RegistrationFailed(
+                "bad bspline mesh", f"mesh_size has {len(mesh)} entries for a {fixed.GetDimension()}D image"
+            )
         return mesh
     # ``fixed`` is in the normalised frame: a voxel measures 1 / frame_scale(fixed) (1 for isotropic data).
     if grid.spacing_units == "mm":

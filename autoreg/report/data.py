@@ -12,10 +12,11 @@ import logging
 import math
 import warnings
 from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import optuna
 import SimpleITK as sitk
@@ -137,8 +138,9 @@ def reason_groups(trials: Iterable[TrialRecord]) -> list[ReasonGroup]:
     for t in trials:
         if t.state in ("FAIL", "PRUNED") and t.reason:
             groups[(t.state, t.reason)].append(t.number)
-    return sorted((ReasonGroup(s, r, tuple(n)) for (s, r), n in groups.items()),
-                  key=lambda g: (-len(g.trials), g.state, g.reason))
+    return sorted(
+        (ReasonGroup(s, r, tuple(n)) for (s, r), n in groups.items()), key=lambda g: (-len(g.trials), g.state, g.reason)
+    )
 
 
 def step_labels(stages: Sequence[str], pair_names: Sequence[str]) -> dict[int, str]:
@@ -171,8 +173,10 @@ def param_importances(study: optuna.Study) -> tuple[dict[str, float] | None, str
     done = completed_study(study)
     n = len(done.trials)
     if n < 2:
-        return None, (f"parameter importances need at least 2 completed trials with sampled parameters and a finite "
-                      f"score (this study has {n}; the default recipe samples none)")
+        return None, (
+            f"parameter importances need at least 2 completed trials with sampled parameters and a finite "
+            f"score (this study has {n}; the default recipe samples none)"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -191,9 +195,11 @@ def common_unit(images: Iterable[sitk.Image]) -> str | None:
     return units.pop() if len(units) == 1 else None
 
 
-def pair_results(pairs: Sequence[PairData], transforms: Mapping[str, sitk.Transform],
-                 baseline_transforms: Mapping[str, sitk.Transform] | None = None
-                 ) -> tuple[list[LandmarkTable], list[PairImages]]:
+def pair_results(
+    pairs: Sequence[PairData],
+    transforms: Mapping[str, sitk.Transform],
+    baseline_transforms: Mapping[str, sitk.Transform] | None = None,
+) -> tuple[list[LandmarkTable], list[PairImages]]:
     """Per pair: TRE per landmark before/after and each view before/after (pairs without a transform: a note)."""
     tables, images = [], []
     for pair in pairs:
@@ -215,10 +221,15 @@ def pair_results(pairs: Sequence[PairData], transforms: Mapping[str, sitk.Transf
     return tables, images
 
 
-def report_data(study: optuna.Study, pairs: Sequence[PairData] = (), *,
-                transforms: Mapping[str, sitk.Transform] | None = None,
-                baseline_transforms: Mapping[str, sitk.Transform] | None = None,
-                transform_source: str = "", pair_names: Sequence[str] | None = None) -> ReportData:
+def report_data(
+    study: optuna.Study,
+    pairs: Sequence[PairData] = (),
+    *,
+    transforms: Mapping[str, sitk.Transform] | None = None,
+    baseline_transforms: Mapping[str, sitk.Transform] | None = None,
+    transform_source: str = "",
+    pair_names: Sequence[str] | None = None,
+) -> ReportData:
     """The study (and the pairs with the best trial's transforms) as :class:`ReportData`; no file I/O."""
     copy = snapshot(study)
     trials = records(copy)
@@ -257,7 +268,7 @@ def report_data(study: optuna.Study, pairs: Sequence[PairData] = (), *,
         unit=common_unit(p.fixed for p in pairs),
         transform_source=transform_source,
         created=study.user_attrs.get("created"),
-        generated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        generated=datetime.now(UTC).isoformat(timespec="seconds"),
         versions={"autoreg": __version__, "optuna": optuna.__version__, "SimpleITK": sitk.Version.VersionString()},
     )
 
@@ -265,8 +276,14 @@ def report_data(study: optuna.Study, pairs: Sequence[PairData] = (), *,
 # --- the I/O around it ------------------------------------------------------------------------------------------
 
 
-def best_transforms(study: optuna.Study, trial: TrialRecord, pairs: Sequence[PairData], study_directory: Path,
-                    *, register_missing: bool = True) -> tuple[dict[str, sitk.Transform], str]:
+def best_transforms(
+    study: optuna.Study,
+    trial: TrialRecord,
+    pairs: Sequence[PairData],
+    study_directory: Path,
+    *,
+    register_missing: bool = True,
+) -> tuple[dict[str, sitk.Transform], str]:
     """The trial's transform per pair: the stored artifact, else registered again from its stored recipe."""
     store = artifact_store(study_directory)
     frozen = study.get_trials(deepcopy=False)[trial.number]  # numbers are a study's trial indices
@@ -288,8 +305,11 @@ def best_transforms(study: optuna.Study, trial: TrialRecord, pairs: Sequence[Pai
                 out[pair.name] = register(recipe, pair).transform
             except Exception as err:  # noqa: BLE001 - the report still shows everything else
                 log.warning("pair %s: registering trial %d's recipe again failed (%s)", pair.name, trial.number, err)
-        source = (f"trial {trial.number}'s recipe registered again (no stored transform)" if len(missing) == len(pairs)
-                  else f"stored with trial {trial.number}, registered again for {len(missing)} pair(s)")
+        source = (
+            f"trial {trial.number}'s recipe registered again (no stored transform)"
+            if len(missing) == len(pairs)
+            else f"stored with trial {trial.number}, registered again for {len(missing)} pair(s)"
+        )
     return out, source
 
 
@@ -323,8 +343,14 @@ def build_report(cfg: Any, spec: Any, study_directory: Path) -> ReportData:
             baseline_tx, _ = best_transforms(study, base, pairs, study_directory, register_missing=False)
         elif base is not None and base.number == best.number:
             baseline_tx = dict(transforms)
-    data = report_data(frozen, pairs, transforms=transforms, baseline_transforms=baseline_tx, transform_source=source,
-                       pair_names=[p.name for p in cfg.pairs])
+    data = report_data(
+        frozen,
+        pairs,
+        transforms=transforms,
+        baseline_transforms=baseline_tx,
+        transform_source=source,
+        pair_names=[p.name for p in cfg.pairs],
+    )
     data.images.extend(notes)
     crossval = None
     path = study_directory / "crossval" / CROSSVAL_JSON
@@ -333,5 +359,6 @@ def build_report(cfg: Any, spec: Any, study_directory: Path) -> ReportData:
             crossval = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             log.warning("%s unreadable (%s)", path, err)
-    return replace(data, split=dict((study.user_attrs.get("fingerprint") or {}).get("landmark_split") or {}),
-                   crossval=crossval)
+    return replace(
+        data, split=dict((study.user_attrs.get("fingerprint") or {}).get("landmark_split") or {}), crossval=crossval
+    )

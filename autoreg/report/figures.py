@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import plotly.graph_objects as go
 from optuna.importance import BaseImportanceEvaluator
-from optuna.visualization import (plot_intermediate_values, plot_optimization_history, plot_param_importances,
-                                  plot_slice)
+from optuna.visualization import plot_intermediate_values, plot_optimization_history, plot_param_importances, plot_slice
 
 from ..trial import BASELINE, TrialRecord
 from .data import LandmarkTable, ReportData, completed_study, finite
@@ -26,10 +26,22 @@ MAX_IMPORTANCE_PARAMS = 20
 #: Lines drawn in the intermediate-values plot (the best, the baseline and the most recent others).
 MAX_INTERMEDIATE_LINES = 200
 
-COLOURS = {"COMPLETE": "#1f77b4", "PRUNED": "#d62728", "FAIL": "#7f7f7f", "RUNNING": "#9467bd",
-           "baseline": "#ff7f0e", "best": "#2ca02c", "before": "#aaaaaa"}
-_NAMES = {"best": "best trial", "baseline": "default recipe", "COMPLETE": "completed", "PRUNED": "pruned",
-          "RUNNING": "running"}
+COLOURS = {
+    "COMPLETE": "#1f77b4",
+    "PRUNED": "#d62728",
+    "FAIL": "#7f7f7f",
+    "RUNNING": "#9467bd",
+    "baseline": "#ff7f0e",
+    "best": "#2ca02c",
+    "before": "#aaaaaa",
+}
+_NAMES = {
+    "best": "best trial",
+    "baseline": "default recipe",
+    "COMPLETE": "completed",
+    "PRUNED": "pruned",
+    "RUNNING": "running",
+}
 
 
 def log_axis(values: Iterable[float | None]) -> bool:
@@ -46,8 +58,9 @@ def trial_hover(t: TrialRecord) -> str:
     """A trial's hover text: its role, and its measured and predicted cost where recorded."""
     parts = [f"trial {t.number} ({t.role})"]
     if t.runtime_s is not None or t.predicted_s is not None or t.time_limit_s is not None:
-        parts.append(f"runtime {_seconds(t.runtime_s)}, predicted {_seconds(t.predicted_s)}, "
-                     f"limit {_seconds(t.time_limit_s)}")
+        parts.append(
+            f"runtime {_seconds(t.runtime_s)}, predicted {_seconds(t.predicted_s)}, limit {_seconds(t.time_limit_s)}"
+        )
     return "<br>".join(parts)
 
 
@@ -66,33 +79,57 @@ def history_figure(data: ReportData) -> go.Figure:
     trials = _by_number(data)
     for trace in fig.data:
         if trace.mode == "markers" and trace.name == data.objective_label:  # the completed trials
-            trace.update(name="completed trial", marker={"color": COLOURS["COMPLETE"], "size": 7},
-                         text=[trial_hover(trials[int(n)]) for n in trace.x],
-                         hovertemplate="%{text}<br>%{y:.4g}<extra></extra>")
+            trace.update(
+                name="completed trial",
+                marker={"color": COLOURS["COMPLETE"], "size": 7},
+                text=[trial_hover(trials[int(n)]) for n in trace.x],
+                hovertemplate="%{text}<br>%{y:.4g}<extra></extra>",
+            )
         elif trace.mode == "lines":  # optuna's "Best Value"
             trace.update(name="best so far", line={"shape": "hv", "color": COLOURS["best"], "width": 2})
     pruned = [t for t in data.trials if t.state == "PRUNED" and t.intermediate]
     if pruned:
-        fig.add_trace(go.Scatter(
-            x=[t.number for t in pruned], y=[t.intermediate[max(t.intermediate)] for t in pruned], mode="markers",
-            name="pruned (last reported)", marker={"color": COLOURS["PRUNED"], "symbol": "x", "size": 7},
-            text=[f"trial {t.number}: {t.reason}" for t in pruned], hovertemplate="%{text}<br>%{y:.4g}<extra></extra>",
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=[t.number for t in pruned],
+                y=[t.intermediate[max(t.intermediate)] for t in pruned],
+                mode="markers",
+                name="pruned (last reported)",
+                marker={"color": COLOURS["PRUNED"], "symbol": "x", "size": 7},
+                text=[f"trial {t.number}: {t.reason}" for t in pruned],
+                hovertemplate="%{text}<br>%{y:.4g}<extra></extra>",
+            )
+        )
     b = _baseline_done(data)
     if b is not None:
         numbers = [t.number for t in data.trials]
-        fig.add_trace(go.Scatter(  # a trace, not a shape: shapes take log10 coordinates on a log axis
-            x=[min(numbers), max(numbers)], y=[b.value, b.value], mode="lines", name="default recipe level",
-            line={"dash": "dash", "color": COLOURS["baseline"]}, hoverinfo="skip", showlegend=False,
-        ))
-        fig.add_trace(go.Scatter(
-            x=[b.number], y=[b.value], mode="markers+text", name=f"default recipe (trial {b.number})",
-            text=[f"default recipe: {b.value:.4g}"], textposition="top right",
-            marker={"color": COLOURS["baseline"], "symbol": "star", "size": 15},
-            hovertext=[trial_hover(b)], hovertemplate="%{hovertext}<br>%{y:.4g}<extra></extra>",
-        ))
-    fig.update_layout(title="Optimization history", xaxis_title="trial", height=420,
-                      legend={"orientation": "h", "y": -0.2})
+        fig.add_trace(
+            go.Scatter(  # a trace, not a shape: shapes take log10 coordinates on a log axis
+                x=[min(numbers), max(numbers)],
+                y=[b.value, b.value],
+                mode="lines",
+                name="default recipe level",
+                line={"dash": "dash", "color": COLOURS["baseline"]},
+                hoverinfo="skip",
+                showlegend=False,
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=[b.number],
+                y=[b.value],
+                mode="markers+text",
+                name=f"default recipe (trial {b.number})",
+                text=[f"default recipe: {b.value:.4g}"],
+                textposition="top right",
+                marker={"color": COLOURS["baseline"], "symbol": "star", "size": 15},
+                hovertext=[trial_hover(b)],
+                hovertemplate="%{hovertext}<br>%{y:.4g}<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        title="Optimization history", xaxis_title="trial", height=420, legend={"orientation": "h", "y": -0.2}
+    )
     if log_axis([t.value for t in data.trials if t.complete] + ([b.value] if b else [])):
         fig.update_yaxes(type="log")
     return fig
@@ -102,7 +139,7 @@ def _trace_trial(name: str) -> int:
     """The trial number of one of optuna's intermediate-value traces (named ``Trial<number>``)."""
     if not name.startswith("Trial"):
         raise ValueError(f"unexpected trace name from optuna.visualization: {name!r}")
-    return int(name[len("Trial"):])
+    return int(name[len("Trial") :])
 
 
 def intermediate_figure(data: ReportData) -> go.Figure:
@@ -117,21 +154,37 @@ def intermediate_figure(data: ReportData) -> go.Figure:
         if n not in recent and n not in special:
             continue
         t = trials[n]
-        kind = ("best" if data.best is not None and n == data.best.number else
-                "baseline" if t.role == BASELINE else t.state)
+        kind = (
+            "best" if data.best is not None and n == data.best.number else "baseline" if t.role == BASELINE else t.state
+        )
         name = _NAMES.get(kind, kind.lower())
         bold = kind in ("best", "baseline")
-        trace.update(name=name, legendgroup=name, showlegend=name not in shown, opacity=1.0 if bold else 0.45,
-                     line={"color": COLOURS.get(kind, COLOURS["RUNNING"]), "width": 3 if bold else 1,
-                           "dash": "dot" if kind == "PRUNED" else "solid"},
-                     marker={"color": COLOURS.get(kind, COLOURS["RUNNING"])},
-                     hovertext=trial_hover(t), hovertemplate="%{hovertext}<br>%{y:.4g}<extra></extra>")
+        trace.update(
+            name=name,
+            legendgroup=name,
+            showlegend=name not in shown,
+            opacity=1.0 if bold else 0.45,
+            line={
+                "color": COLOURS.get(kind, COLOURS["RUNNING"]),
+                "width": 3 if bold else 1,
+                "dash": "dot" if kind == "PRUNED" else "solid",
+            },
+            marker={"color": COLOURS.get(kind, COLOURS["RUNNING"])},
+            hovertext=trial_hover(t),
+            hovertemplate="%{hovertext}<br>%{y:.4g}<extra></extra>",
+        )
         shown.add(name)
         kept.append(trace)
     fig.data = tuple(kept)
     steps = sorted({s for t in data.trials for s in t.intermediate})
-    fig.update_layout(title="Intermediate values per level", yaxis_title=data.objective_label, xaxis_title=None,
-                      height=420, showlegend=True, legend={"orientation": "h", "y": -0.3})
+    fig.update_layout(
+        title="Intermediate values per level",
+        yaxis_title=data.objective_label,
+        xaxis_title=None,
+        height=420,
+        showlegend=True,
+        legend={"orientation": "h", "y": -0.3},
+    )
     fig.update_xaxes(tickmode="array", tickvals=steps, ticktext=[data.step_labels.get(s, str(s)) for s in steps])
     if log_axis(v for t in data.trials for v in t.intermediate.values()):
         fig.update_yaxes(type="log")
@@ -153,8 +206,9 @@ def importance_figure(data: ReportData) -> go.Figure:
     """optuna's importance bars (PED-ANOVA, as optuna-dashboard), parameters of importance 0 left out."""
     ranked = sorted((data.importances or {}).items(), key=lambda kv: -kv[1])
     shown = [k for k, v in ranked if v > 0][:MAX_IMPORTANCE_PARAMS] or [k for k, _ in ranked[:MAX_IMPORTANCE_PARAMS]]
-    fig = plot_param_importances(completed_study(data.study), evaluator=_Computed(dict(ranked)), params=shown,
-                                 target_name=data.objective_label)
+    fig = plot_param_importances(
+        completed_study(data.study), evaluator=_Computed(dict(ranked)), params=shown, target_name=data.objective_label
+    )
     fig.update_traces(marker={"color": COLOURS["COMPLETE"]})
     hidden = len(ranked) - len(shown)
     title = "Parameter importances (PED-ANOVA, as in optuna-dashboard)" + (f"; {hidden} more at 0" if hidden else "")
@@ -181,11 +235,17 @@ def slice_figure(data: ReportData, param: str) -> go.Figure:
     log = log_axis(t.value for t in data.trials if t.complete)
     b = _baseline_done(data)
     if b is not None:  # shapes take log10 coordinates on a log axis
-        fig.add_hline(y=math.log10(b.value) if log else b.value, line={"dash": "dash", "color": COLOURS["baseline"]},
-                      annotation_text="default recipe", annotation_position="top left",
-                      annotation_font_color=COLOURS["baseline"])
+        fig.add_hline(
+            y=math.log10(b.value) if log else b.value,
+            line={"dash": "dash", "color": COLOURS["baseline"]},
+            annotation_text="default recipe",
+            annotation_position="top left",
+            annotation_font_color=COLOURS["baseline"],
+        )
     fig.update_layout(title_text="", height=320, margin={"l": 60, "r": 20, "t": 30, "b": 50})
-    fig.update_traces(marker={"colorbar": {"title": {"text": "trial"}, "len": 0.8}}, selector={"name": "Feasible Trial"})
+    fig.update_traces(
+        marker={"colorbar": {"title": {"text": "trial"}, "len": 0.8}}, selector={"name": "Feasible Trial"}
+    )
     if log:
         fig.update_yaxes(type="log")
     return fig
@@ -211,9 +271,14 @@ def landmark_figure(table: LandmarkTable) -> go.Figure:
     series.append(("best", after))
     means = ", ".join(f"{name} {_mean(vals):.4g}{unit}" for name, vals in series)
     fig.update_traces(hovertemplate=f"landmark %{{x}}: %{{y:.4g}}{unit}<extra>%{{fullData.name}}</extra>")
-    fig.update_layout(title=f"TRE per landmark: {table.pair} (mean: {means})", barmode="group",
-                      xaxis_title="landmark", yaxis_title=f"TRE ({table.unit or 'physical units'})", height=380,
-                      legend={"orientation": "h", "y": -0.25})
+    fig.update_layout(
+        title=f"TRE per landmark: {table.pair} (mean: {means})",
+        barmode="group",
+        xaxis_title="landmark",
+        yaxis_title=f"TRE ({table.unit or 'physical units'})",
+        height=380,
+        legend={"orientation": "h", "y": -0.25},
+    )
     fig.update_xaxes(type="category")
     if log_axis(v for _, vals in series for v in vals):  # before and after often differ 100x: keep both readable
         fig.update_yaxes(type="log", title_text=f"TRE ({table.unit or 'physical units'}, log scale)")

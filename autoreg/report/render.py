@@ -40,8 +40,13 @@ def data_uri(png: bytes) -> str:
 @lru_cache(maxsize=1)
 def environment() -> Environment:
     """The template environment: autoescape on, undefined names an error."""
-    env = Environment(loader=PackageLoader("autoreg.report", "templates"), autoescape=True, undefined=StrictUndefined,
-                      trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=PackageLoader("autoreg.report", "templates"),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters["fmt"] = fmt
     env.filters["data_uri"] = data_uri
     return env
@@ -49,8 +54,11 @@ def environment() -> Environment:
 
 def plot_div(fig: go.Figure, div_id: str) -> Markup:
     """One figure as plotly's own div and script (plotly.js itself is inlined once by the template)."""
-    return Markup(fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id,
-                              config={"displaylogo": False, "responsive": True}))
+    return Markup(
+        fig.to_html(
+            full_html=False, include_plotlyjs=False, div_id=div_id, config={"displaylogo": False, "responsive": True}
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -71,17 +79,32 @@ def summary_cards(data: ReportData) -> list[Card]:
     if best is not None:
         cards.append(Card(f"best {data.objective}", fmt(best.value) + unit, f"trial {best.number} ({best.role})"))
     if b is not None:
-        cards.append(Card(f"default recipe {data.objective}", fmt(b.value) + unit if finite(b.value) else b.state.lower(),
-                          f"trial {b.number}" + (f": {b.reason}" if b.reason else "")))
+        cards.append(
+            Card(
+                f"default recipe {data.objective}",
+                fmt(b.value) + unit if finite(b.value) else b.state.lower(),
+                f"trial {b.number}" + (f": {b.reason}" if b.reason else ""),
+            )
+        )
     if best is not None and best.tre_report_mean is not None:
         kept = sum(len(v.get("report", [])) for v in data.split.values())
-        cards.append(Card("honest score", fmt(best.tre_report_mean) + (f" {data.unit}" if data.unit else ""),
-                          f"the best trial's mean TRE on the {kept} landmarks the search never saw"))
+        cards.append(
+            Card(
+                "honest score",
+                fmt(best.tre_report_mean) + (f" {data.unit}" if data.unit else ""),
+                f"the best trial's mean TRE on the {kept} landmarks the search never saw",
+            )
+        )
     elif any("note" in v for v in data.split.values()):
         cards.append(Card("honest score", "-", "too few landmarks to keep some aside"))
     if best is not None and b is not None and finite(b.value) and best.value and best.value > 0:
-        cards.append(Card("improvement", f"{b.value / best.value:.3g}×",
-                          f"{(1 - best.value / b.value) * 100:.1f} % lower than the default"))
+        cards.append(
+            Card(
+                "improvement",
+                f"{b.value / best.value:.3g}×",
+                f"{(1 - best.value / b.value) * 100:.1f} % lower than the default",
+            )
+        )
     return cards
 
 
@@ -89,8 +112,10 @@ def trial_table(data: ReportData) -> tuple[list[str], list[list[Any]]]:
     """Every trial: number, state, role, value, the cost fields any trial recorded, and why it failed or was pruned."""
     extra = [f for f in TRIAL_COST_FIELDS if any(getattr(t, f) is not None for t in data.trials)]
     header = ["trial", "state", "role", data.objective_label, *extra, "reason"]
-    rows = [[t.number, t.state.lower(), t.role, t.value, *(getattr(t, f) for f in extra), t.reason or ""]
-            for t in data.trials]
+    rows = [
+        [t.number, t.state.lower(), t.role, t.value, *(getattr(t, f) for f in extra), t.reason or ""]
+        for t in data.trials
+    ]
     return header, rows
 
 
@@ -112,11 +137,17 @@ def plots(data: ReportData) -> dict[str, Any]:
     done = any(t.complete for t in data.trials)
     return {
         "history": plot_div(figures.history_figure(data), "history") if done else None,
-        "intermediate": (plot_div(figures.intermediate_figure(data), "intermediate")
-                         if any(t.intermediate for t in data.trials) else None),
+        "intermediate": (
+            plot_div(figures.intermediate_figure(data), "intermediate")
+            if any(t.intermediate for t in data.trials)
+            else None
+        ),
         "importances": plot_div(figures.importance_figure(data), "importances") if data.importances else None,
-        "slices": [plot_div(figures.slice_figure(data, p), f"slice-{i}")
-                   for i, p in enumerate(figures.slice_params(data))] if done else [],
+        "slices": [
+            plot_div(figures.slice_figure(data, p), f"slice-{i}") for i, p in enumerate(figures.slice_params(data))
+        ]
+        if done
+        else [],
         "tre": [plot_div(figures.landmark_figure(t), f"tre-{i}") for i, t in enumerate(data.landmarks)],
     }
 
@@ -125,8 +156,16 @@ def render_html(data: ReportData) -> str:
     """The report as one HTML document that works offline (plotly.js inlined once, images as data URIs)."""
     from plotly.offline import get_plotlyjs
 
-    return environment().get_template(TEMPLATE).render(
-        data=data, plots=plots(data), cards=summary_cards(data), trial_table=trial_table(data),
-        landmark_tables=[landmark_rows(t) for t in data.landmarks], max_listed=MAX_LISTED_TRIALS,
-        plotly_js=Markup(get_plotlyjs()),
+    return (
+        environment()
+        .get_template(TEMPLATE)
+        .render(
+            data=data,
+            plots=plots(data),
+            cards=summary_cards(data),
+            trial_table=trial_table(data),
+            landmark_tables=[landmark_rows(t) for t in data.landmarks],
+            max_listed=MAX_LISTED_TRIALS,
+            plotly_js=Markup(get_plotlyjs()),
+        )
     )

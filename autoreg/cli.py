@@ -355,7 +355,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     specs = list(cfg.holdout) if args.holdout_only else [*cfg.pairs, *cfg.holdout]
     if not specs:
         raise UserError("no holdout pairs in the file", file=cfg.path, key="holdout")
-    pairs = pipe.holdout_pairs if args.holdout_only else [*pipe.pairs, *pipe.holdout_pairs]
+    # every landmark, not only those the search selected with
+    pairs = pipe.holdout_pairs if args.holdout_only else [*pipe.all_landmark_pairs, *pipe.holdout_pairs]
     for warning in check_recipe_fits(recipe, pairs, source=args.recipe):
         _err(f"warning: {warning}")
     ev = evaluate(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("AUTOREG_SHARED_DATA", REPO.parent / "shared" / "data"))
+RESULTS = REPO / "benchmarks" / "results"
 
 #: Stages that fit each pair (issue 3): pure translations are tuned as rigid; histology as affine and
 #: affine + bspline; the 3D brains as affine + bspline.

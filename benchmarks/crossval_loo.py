@@ -28,9 +28,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HISTOLOGY, REPO, machine, pair_files, require_shared_data, stamp, tune  # noqa: E402
+from common import HISTOLOGY, RESULTS, machine, pair_files, require_shared_data, stamp, tune  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results"
 DATASETS = {
     "histology": (HISTOLOGY, ["affine"]),
     "translation": (["itk_brain_pd_shift13x17", "itk_brain_t1_pd_shift13x17"], ["rigid"]),

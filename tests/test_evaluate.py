@@ -77,6 +77,30 @@ def test_evaluate_deterministic_repeats_are_identical_and_random_ones_spread(
     assert "std" in res.out and "syn" in res.out
 
 
+def test_evaluate_scores_every_landmark_not_only_the_search_s_selection(pair_yaml, run_cli, tmp_path: Path) -> None:
+    """The search never sees a share of the landmarks (its honest score); `evaluate` of a recipe uses them all."""
+    from autoreg.data import load_pair
+    from autoreg.pipeline import Pipeline
+    from autoreg.registration import register
+    from autoreg.scoring import transform_points, tre_stats
+
+    pair = pair_yaml(transform="affine", stages=["affine"])
+    pipe = Pipeline.load(pair)
+    everything = load_pair(pipe.cfg.pairs[0])
+    assert len(pipe.pairs[0].fixed_points) < len(everything.fixed_points)  # the split took some away
+    recipe = quick_recipe(["affine"], 2, strategy="regular", percentage=0.2, shrink=(2, 1), sigmas=(1.0, 0.0))
+    recipe = recipe.with_(threads=1, deterministic=True)
+    save_recipe(recipe, tmp_path / "r.yaml")
+    res = run_cli(
+        "evaluate", tmp_path / "r.yaml", pair, "--repeats", 1, "--deterministic", "--json", tmp_path / "e.json"
+    )
+    assert res.code == 0, res.err
+    value = json.loads((tmp_path / "e.json").read_text())["pairs"]["syn"]["values"][0]
+    tx = register(recipe, everything).transform
+    expected = tre_stats(transform_points(tx, everything.fixed_points) - everything.moving_points, everything.fixed)
+    assert value == pytest.approx(expected.mean, rel=1e-9)
+
+
 def test_variability_aware_objective_scores_the_worst_repeat(pair_yaml, run_cli, tmp_path: Path) -> None:
     from optuna.trial import TrialState
 

@@ -1,0 +1,157 @@
+"""Issue 13's figures: the deformable stage on the histology pairs, against elastix's BSpline and ANTs' SyN.
+
+    pip install -e ".[bench]"
+    python benchmarks/deformable.py [--only ki67] [--trials 60] [--jobs 2] [--timeout 300]
+    python benchmarks/deformable.py --report
+
+Per histology pair of ../shared/data:
+
+1. ``autoreg tune`` with ``stages: [affine, deformable]`` (each trial's deformable kind is searched: bspline,
+   displacement or demons), ``--trials N --jobs J --timeout S --seed 0``;
+2. its best trial's recipe run once more here with 2 ITK threads (as the peers run): mean TRE over every landmark,
+   the folding fraction, and the seconds of that one registration;
+3. elastix (default affine + bspline maps) and ANTsPy SyN on the same pair with 2 threads (``peers.py``'s isolated
+   runs), scored by the same code;
+4. the affine floor: the mean residual of the least-squares affine fit of the landmarks themselves, what no affine
+   registration can beat.
+
+Results go to ``benchmarks/results/deformable.json``, the table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import HISTOLOGY, RESULTS, machine, require_shared_data, stamp, tune, write_pair_yaml  # noqa: E402
+
+STAGES = ["affine", "deformable"]
+OUT = RESULTS / "deformable.json"
+
+
+def affine_floor(pair) -> float:
+    """Mean residual of the least-squares affine map from fixed to moving landmarks (physical units)."""
+    f, m = pair.fixed_points, pair.moving_points
+    design = np.hstack([f, np.ones((len(f), 1))])
+    coef, *_ = np.linalg.lstsq(design, m, rcond=None)
+    return float(np.linalg.norm(design @ coef - m, axis=1).mean())
+
+
+def rerun_best(pair, recipe) -> dict:
+    """The tuned recipe once with 2 threads: TRE over every landmark, folding, seconds."""
+    from autoreg.registration import register
+    from autoreg.scoring import folding_fraction, transform_points, tre_stats
+
+    recipe = recipe.with_(threads=2)
+    t0 = time.perf_counter()
+    result = register(recipe, pair)
+    seconds = time.perf_counter() - t0
+    stats = tre_stats(transform_points(result.transform, pair.fixed_points) - pair.moving_points, pair.fixed)
+    return {
+        "mean": stats.mean,
+        "median": stats.median,
+        "p90": stats.p90,
+        "seconds": seconds,
+        "folding": folding_fraction(result.transform, pair.fixed),
+    }
+
+
+def one_pair(name: str, trials: int, jobs: int, timeout: float) -> dict:
+    import peers
+    import studyinfo
+
+    from autoreg.recipe import recipe_from_dict
+    from autoreg.trial import best_and_baseline, records
+
+    folder = RESULTS / "deformable" / name
+    shutil.rmtree(folder, ignore_errors=True)  # a fresh study: tune would resume an earlier one
+    pair_yaml = write_pair_yaml(folder, name, STAGES)
+    proc, wall = tune(pair_yaml, folder / "study", trials, jobs, "--timeout", str(timeout), check=False)
+    study_name = f"{name}-{'-'.join(STAGES)}"
+    trials_ = records(studyinfo.load(folder / "study", study_name))
+    best, base = best_and_baseline(trials_)
+    pair = peers.load(name, STAGES)
+    row: dict = {
+        "pair": name,
+        "wall_s": round(wall, 1),
+        "exit": proc.returncode,
+        "trials": sum(t.state in ("COMPLETE", "PRUNED", "FAIL") for t in trials_),
+        "complete": sum(t.state == "COMPLETE" for t in trials_),
+        "affine_floor": affine_floor(pair),
+        "default": base.value if base else None,
+    }
+    if best is not None:
+        row.update(
+            best_trial=best.number,
+            best_kinds=[s["transform"]["kind"] for s in best.recipe["stages"]],
+            best_selected=best.tre_mean,
+            best_honest=best.tre_report_mean,
+            best_folding_in_study=best.folding_fraction,
+            best_seconds_in_study=best.runtime_s,
+            tuned=rerun_best(pair, recipe_from_dict(best.recipe)),
+        )
+    for tool in ("elastix", "ants"):
+        row[tool] = peers.run_isolated(tool, name, STAGES, threads=2, timeout=900)
+    return row
+
+
+def _f(v, spec=".3g") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| pair | affine floor | default | tuned (kinds) | honest | elastix bspline | ANTs SyN | tuned folding | "
+        "tuned s | SyN s | tuned s / SyN s | study: trials, wall min |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        t, e, a = r.get("tuned") or {}, r.get("elastix") or {}, r.get("ants") or {}
+        kinds = "+".join(k for k in r.get("best_kinds", []))
+        ratio = t["seconds"] / a["seconds"] if t.get("seconds") and a.get("seconds") else None
+        lines.append(
+            f"| {r['pair']} | {_f(r['affine_floor'])} | {_f(r['default'])} | {_f(t.get('mean'))} ({kinds}) | "
+            f"{_f(r.get('best_honest'))} | {_f(e.get('mean')) if 'mean' in e else e.get('failed', '-')} | "
+            f"{_f(a.get('mean')) if 'mean' in a else a.get('failed', '-')} | "
+            f"{_f(100 * t['folding'], '.3f') + ' %' if t.get('folding') is not None else '-'} | "
+            f"{_f(t.get('seconds'))} | {_f(a.get('seconds'))} | {_f(ratio, '.2f')} | "
+            f"{r['trials']}, {r['wall_s'] / 60:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="")
+    parser.add_argument("--trials", type=int, default=60)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=300.0, help="tune --timeout per pair")
+    parser.add_argument("--report", action="store_true", help="only print the table of the saved results")
+    args = parser.parse_args()
+    saved = json.loads(OUT.read_text()) if OUT.exists() else {}
+    if not args.report:
+        require_shared_data()
+        print(
+            f"# deformable: [affine, deformable], {args.trials} trials, --jobs {args.jobs}, --timeout "
+            f"{args.timeout:g} per pair ({stamp()}, {machine()})",
+            flush=True,
+        )
+        for name in HISTOLOGY:
+            if args.only in name:
+                saved[name] = one_pair(name, args.trials, args.jobs, args.timeout)
+                OUT.parent.mkdir(parents=True, exist_ok=True)
+                OUT.write_text(json.dumps(saved, indent=2), encoding="utf-8")
+                print(table([saved[name]]).splitlines()[-1], flush=True)
+    print(table(list(saved.values())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,6 +4,7 @@
     python benchmarks/peers3d.py              # once: elastix, ANTs and the default recipe (results/peers3d.json)
     python benchmarks/tune3d.py [--only rot3d,affine3d] [--trials 60] [--jobs 2] [--timeout 1800] [--no-prune]
                                 [--stages affine+deformable]
+    python benchmarks/tune3d.py --every-landmark   # then: each saved case's best recipe on every landmark
 
 Per case: the study's wall time, its best TRE (the landmarks it selected with) and honest TRE (those it never saw),
 the peers' TRE, trials completed / pruned / failed, per-trial seconds (median, p90, max), the largest overrun of a
@@ -150,6 +151,26 @@ def tune_case(case: str, *, trials: int, jobs: int, timeout: float, prune: bool,
     return out
 
 
+def every_landmark(folder: Path) -> float | None:
+    """The study's best recipe scored on every landmark, as the peers are: ``autoreg export`` then ``autoreg
+    evaluate`` (one run; the study's own figures use the landmarks it selected with, or those it never saw)."""
+    pair, study = folder / "pair.yaml", folder / "study"
+    best = folder / "best.yaml"
+    base = [sys.executable, "-m", "autoreg.cli"]
+    proc = subprocess.run(
+        [*base, "export", str(pair), "--study-dir", str(study), "-o", str(best), "--repeats", "0"],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        return None
+    out = folder / "every_landmark.json"
+    proc = subprocess.run(
+        [*base, "evaluate", str(best), str(pair), "--repeats", "1", "--json", str(out)], capture_output=True, text=True
+    )
+    return json.loads(out.read_text())["overall"]["mean"] if proc.returncode == 0 else None
+
+
 def _load() -> float:
     import os
 
@@ -168,16 +189,18 @@ def _f(v, spec=".3g") -> str:
 def table(results: list[dict]) -> str:
     p = peers()
     lines = [
-        "| case | stages | wall | best TRE (honest) mm | elastix | ANTs | default | trials (pruned: unrun, failed) | "
+        "| case | stages | wall | best TRE (honest) mm | best on every landmark | elastix | ANTs | default | "
+        "trials (pruned: unrun, failed) | "
         "s/trial median, p90, max | largest overrun s | coarse-final rho | measured/predicted s p10, p50, p90 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         peer = p.get(r["case"], {})
         el, an = peer.get("elastix", {}).get("mean"), peer.get("ants", {}).get("mean")
         lines.append(
             f"| {r['case']} ({r['variant']}) | {'+'.join(r['stages'])} | {r['wall_s'] / 60:.1f} min | "
-            f"{_f(r['best'])} ({_f(r['honest'])}) | {_f(el)} | {_f(an)} | {_f(r['baseline'])} | "
+            f"{_f(r['best'])} ({_f(r['honest'])}) | {_f(r.get('every_landmark'))} | {_f(el)} | {_f(an)} | "
+            f"{_f(r['baseline'])} | "
             f"{r['trials']} ({r['pruned']}: {r.get('pruned_unrun', '-')} unrun, {r['failed']}) | "
             f"{_f(r['seconds_median'])}, {_f(r['seconds_p90'])}, {_f(r['seconds_max'])} | "
             f"{_f(r['largest_overrun_s'])} | {_f(r['coarse_final_spearman'], '.2f')} | "
@@ -195,6 +218,11 @@ def main() -> int:
     parser.add_argument("--no-prune", action="store_true", help="the same study without multi-fidelity pruning")
     parser.add_argument("--stages", help="override the cases' stages, e.g. affine+deformable")
     parser.add_argument("--report", action="store_true", help="only print the table of the saved results")
+    parser.add_argument(
+        "--every-landmark",
+        action="store_true",
+        help="score each saved case's best recipe on every landmark (no tuning)",
+    )
     args = parser.parse_args()
     if not DATA3D.is_dir():
         print(f"SKIP: {DATA3D} missing: run benchmarks/make_3d_set.py first")
@@ -203,7 +231,14 @@ def main() -> int:
 
     path = RESULTS / "tune3d.json"
     saved = json.loads(path.read_text()) if path.exists() else {}
-    if args.report:  # re-read each saved case's study: figures added to summarise() since it ran appear too
+    if args.every_landmark:
+        for r in saved.values():
+            folder = RESULTS / "tune3d" / f"{r['case']}-{r['variant']}"
+            if r["case"] in args.only.split(",") and (folder / "study").is_dir():
+                r["every_landmark"] = every_landmark(folder)
+                print(r["case"], r["variant"], r["every_landmark"], flush=True)
+        path.write_text(json.dumps(saved, indent=2), encoding="utf-8")
+    elif args.report:  # re-read each saved case's study: figures added to summarise() since it ran appear too
         for r in saved.values():
             folder = RESULTS / "tune3d" / f"{r['case']}-{r['variant']}" / "study"
             name = yaml.safe_load((folder.parent / "pair.yaml").read_text())["name"] if folder.is_dir() else None

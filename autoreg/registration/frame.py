@@ -200,8 +200,8 @@ def _cached_frame(pair: Any) -> Frame:
 
 
 def frame_of(pair: Any) -> Frame:
-    """The pair's frame, kept per process for the pairs a worker registers again and again (their prepared levels
-    are reused); a pair that cannot be a cache key (the standalone script's) gets a fresh one."""
+    """The pair's frame, kept per process for the pairs a worker registers again and again (their images in the
+    normalised frame are made once); a pair that cannot be a cache key (the standalone script's) gets a fresh one."""
     try:
         hash(pair)
     except TypeError:

@@ -8,8 +8,9 @@ Per histology pair of ../shared/data:
 
 1. ``autoreg tune`` with ``stages: [affine, deformable]`` (each trial's deformable kind is searched: bspline,
    displacement or demons), ``--trials N --jobs J --timeout S --seed 0``;
-2. its best trial's recipe run once more here with 2 ITK threads (as the peers run): mean TRE over every landmark,
-   the folding fraction, and the seconds of that one registration;
+2. its best trial's recipe run once more here as the study ran it (its threads and seed; ``--rerun`` repeats only
+   this step), and once with 2 ITK threads like the peers: mean TRE over every landmark, the folding fraction and
+   the seconds of that one registration;
 3. elastix (default affine + bspline maps) and ANTsPy SyN on the same pair with 2 threads (``peers.py``'s isolated
    runs), scored by the same code;
 4. the affine floor: the mean residual of the least-squares affine fit of the landmarks themselves, what no affine
@@ -44,12 +45,14 @@ def affine_floor(pair) -> float:
     return float(np.linalg.norm(design @ coef - m, axis=1).mean())
 
 
-def rerun_best(pair, recipe) -> dict:
-    """The tuned recipe once with 2 threads: TRE over every landmark, folding, seconds."""
+def rerun_best(pair, recipe, threads: int | None = None) -> dict:
+    """The tuned recipe once more, as the study ran it (its own threads and seed) or with ``threads``: TRE over every
+    landmark, folding, seconds of the registration."""
     from autoreg.registration import register
     from autoreg.scoring import folding_fraction, transform_points, tre_stats
 
-    recipe = recipe.with_(threads=2)
+    if threads is not None:
+        recipe = recipe.with_(threads=threads)
     t0 = time.perf_counter()
     result = register(recipe, pair)
     seconds = time.perf_counter() - t0
@@ -59,15 +62,30 @@ def rerun_best(pair, recipe) -> dict:
         "median": stats.median,
         "p90": stats.p90,
         "seconds": seconds,
+        "threads": recipe.effective_threads,
         "folding": folding_fraction(result.transform, pair.fixed),
     }
+
+
+def rerun(row: dict) -> None:
+    """Both reruns of a saved pair's best trial: as recorded (``tuned``) and with 2 threads like the peers."""
+    import peers
+
+    from autoreg.recipe import recipe_from_dict
+
+    best = peers.study_best(RESULTS / "deformable" / row["pair"] / "study", f"{row['pair']}-{'-'.join(STAGES)}")
+    if best is None:
+        return
+    pair = peers.load(row["pair"], STAGES)
+    recipe = recipe_from_dict(best.recipe)
+    row["tuned"] = rerun_best(pair, recipe)
+    row["tuned_2_threads"] = rerun_best(pair, recipe, threads=2)
 
 
 def one_pair(name: str, trials: int, jobs: int, timeout: float) -> dict:
     import peers
     import studyinfo
 
-    from autoreg.recipe import recipe_from_dict
     from autoreg.trial import best_and_baseline, records
 
     folder = RESULTS / "deformable" / name
@@ -95,8 +113,8 @@ def one_pair(name: str, trials: int, jobs: int, timeout: float) -> dict:
             best_honest=best.tre_report_mean,
             best_folding_in_study=best.folding_fraction,
             best_seconds_in_study=best.runtime_s,
-            tuned=rerun_best(pair, recipe_from_dict(best.recipe)),
         )
+        rerun(row)
     for tool in ("elastix", "ants"):
         row[tool] = peers.run_isolated(tool, name, STAGES, threads=2, timeout=900)
     return row
@@ -108,20 +126,22 @@ def _f(v, spec=".3g") -> str:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| pair | affine floor | default | tuned (kinds) | honest | elastix bspline | ANTs SyN | tuned folding | "
-        "tuned s | SyN s | tuned s / SyN s | study: trials, wall min |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| pair | affine floor | default | tuned (kinds) | honest | tuned, 2 threads | elastix bspline | ANTs SyN | "
+        "tuned folding | tuned s (threads) | SyN s | tuned s / SyN s | study: trials, wall min |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         t, e, a = r.get("tuned") or {}, r.get("elastix") or {}, r.get("ants") or {}
+        t2 = r.get("tuned_2_threads") or {}
         kinds = "+".join(k for k in r.get("best_kinds", []))
         ratio = t["seconds"] / a["seconds"] if t.get("seconds") and a.get("seconds") else None
         lines.append(
             f"| {r['pair']} | {_f(r['affine_floor'])} | {_f(r['default'])} | {_f(t.get('mean'))} ({kinds}) | "
-            f"{_f(r.get('best_honest'))} | {_f(e.get('mean')) if 'mean' in e else e.get('failed', '-')} | "
+            f"{_f(r.get('best_honest'))} | {_f(t2.get('mean'))} | "
+            f"{_f(e.get('mean')) if 'mean' in e else e.get('failed', '-')} | "
             f"{_f(a.get('mean')) if 'mean' in a else a.get('failed', '-')} | "
             f"{_f(100 * t['folding'], '.3f') + ' %' if t.get('folding') is not None else '-'} | "
-            f"{_f(t.get('seconds'))} | {_f(a.get('seconds'))} | {_f(ratio, '.2f')} | "
+            f"{_f(t.get('seconds'))} ({t.get('threads', '-')}) | {_f(a.get('seconds'))} | {_f(ratio, '.2f')} | "
             f"{r['trials']}, {r['wall_s'] / 60:.1f} |"
         )
     return "\n".join(lines)
@@ -134,9 +154,15 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=300.0, help="tune --timeout per pair")
     parser.add_argument("--report", action="store_true", help="only print the table of the saved results")
+    parser.add_argument("--rerun", action="store_true", help="only run the saved studies' best recipes again")
     args = parser.parse_args()
     saved = json.loads(OUT.read_text()) if OUT.exists() else {}
-    if not args.report:
+    if args.rerun:
+        for row in saved.values():
+            if args.only in row["pair"]:
+                rerun(row)
+        OUT.write_text(json.dumps(saved, indent=2), encoding="utf-8")
+    elif not args.report:
         require_shared_data()
         print(
             f"# deformable: [affine, deformable], {args.trials} trials, --jobs {args.jobs}, --timeout "

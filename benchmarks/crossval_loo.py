@@ -13,7 +13,8 @@ Per dataset of ../shared/data (the four histology pairs, stages [affine]; the tw
    better of the two final bests.
 
 ``--across mean`` runs the same with ``across_pairs: mean`` (the plain mean over pairs instead of each pair's TRE
-relative to its own before registration), to compare the two aggregates out of sample. Results go to
+relative to its own before registration), to compare the two aggregates out of sample (after a ``relative`` run it
+reuses that run's own studies, peers and warm starts). Results go to
 ``benchmarks/results/crossval_loo.json``; the tables to stdout.
 """
 
@@ -114,7 +115,7 @@ def peers(pairs: list[str], stages: list[str]) -> dict[str, dict]:
     return {p: {tool: peers_mod.run_isolated(tool, p, stages, 2, 1800) for tool in ("elastix", "ants")} for p in pairs}
 
 
-def run(key: str, trials: int, jobs: int, across: str) -> dict:
+def run(key: str, trials: int, jobs: int, across: str, saved: dict) -> dict:
     pairs, stages = DATASETS[key]
     label = f"{key}-{across}"
     out = RESULTS / "crossval" / label
@@ -136,6 +137,11 @@ def run(key: str, trials: int, jobs: int, across: str) -> dict:
         "--json",
         str(out / "result.json"),
     ]
+    # the aggregate's own comparison needs only the out-of-sample scores: the relative run's own studies, peers and
+    # warm starts stand for both
+    other = saved.get(f"{key}/relative") if across == "mean" else None
+    if other is not None:
+        cmd.append("--no-own")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"crossval failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -150,8 +156,8 @@ def run(key: str, trials: int, jobs: int, across: str) -> dict:
         "command": " ".join(cmd[1:]),
         "crossval": result,
         "text": proc.stdout,
-        "peers": peers(pairs, stages),
-        "warm": warm_starts(out, result["folds"], trials, jobs),
+        "peers": other["peers"] if other else peers(pairs, stages),
+        "warm": [] if other else warm_starts(out, result["folds"], trials, jobs),
     }
 
 
@@ -216,7 +222,7 @@ def main() -> int:
     if not args.report:
         require_shared_data()
         for key in args.only.split(","):
-            entry = run(key, args.trials, args.jobs, args.across)
+            entry = run(key, args.trials, args.jobs, args.across, saved)
             saved[f"{key}/{args.across}"] = entry
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(saved, indent=2), encoding="utf-8")

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     HISTOLOGY,
     PAIR_STAGES,
-    REPO,
+    RESULTS,
     machine,
     pair_files,
     require_shared_data,
@@ -45,7 +45,6 @@ from common import (  # noqa: E402
     write_pair_yaml,
 )
 
-RESULTS = REPO / "benchmarks" / "results"
 TOOLS = ("default", "elastix", "ants", "autoreg", "generalise")
 TRANSLATION = [n for n in PAIR_STAGES if n.startswith("itk_")]
 CHECK_PAIR = "itk_brain_pd_shift13x17"

@@ -34,9 +34,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, machine, require_shared_data, stamp  # noqa: E402
+from common import REPO, RESULTS, machine, require_shared_data, stamp  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results"
 DATA = REPO / "benchmarks" / "data3d"
 TOOLS = ("elastix", "ants", "default1", "default2")
 _REGISTERED = re.compile(r"registered in ([0-9.]+) s")

@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PAIR_STAGES, REPO  # noqa: E402
+from common import PAIR_STAGES, RESULTS  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results"
 LABELS = {
     "default": "(a) SimpleITK default",
     "elastix": "(b) elastix default maps",

@@ -24,11 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, RESULTS  # noqa: E402
 
 DATA3D = REPO / "benchmarks" / "data3d"
-RESULTS = REPO / "benchmarks" / "results"
 CASES = ("rot3d", "affine3d", "aniso3d", "mmdef3d", "afids")
 
 

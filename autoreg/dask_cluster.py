@@ -538,6 +538,8 @@ class DaskRunner:
             slot.future.cancel()
         reaped = fail_trials(self.study, running_trials_of(self.study, {slot.worker}))
         if reaped:
+            # the others may have ended, counting this trial while it ran: its retry is still to run
+            self._finished = False
             self.emit(
                 TuneEvent(
                     "reaped",

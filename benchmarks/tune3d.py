@@ -25,18 +25,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import studyinfo  # noqa: E402
 from common import REPO, RESULTS  # noqa: E402
 
 DATA3D = REPO / "benchmarks" / "data3d"
 CASES = ("rot3d", "affine3d", "aniso3d", "mmdef3d", "afids")
-
-
-def study_of(folder: Path, name: str):
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(folder / "journal.log"))))
 
 
 def spearman(a: list[float], b: list[float]) -> float | None:
@@ -137,7 +130,7 @@ def tune_case(case: str, *, trials: int, jobs: int, timeout: float, prune: bool,
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    out = summarise(study_of(work / "study", doc["name"]), wall)
+    out = summarise(studyinfo.load(work / "study", doc["name"]), wall)
     out.update(
         case=case,
         variant=variant,
@@ -242,7 +235,7 @@ def main() -> int:
             folder = RESULTS / "tune3d" / f"{r['case']}-{r['variant']}" / "study"
             name = yaml.safe_load((folder.parent / "pair.yaml").read_text())["name"] if folder.is_dir() else None
             if name and (folder / "journal.log").exists():
-                r.update(summarise(study_of(folder, name), r["wall_s"]))
+                r.update(summarise(studyinfo.load(folder, name), r["wall_s"]))
     else:
         for case in args.only.split(","):
             r = tune_case(

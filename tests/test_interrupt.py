@@ -19,7 +19,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import quick_recipe, synthetic_pair
+from conftest import alive, descendants, quick_recipe, synthetic_pair
 from optuna.trial import TrialState
 
 from autoreg.recipe import ANTSNeighborhoodCorrelation, Recipe, save_recipe
@@ -62,34 +62,6 @@ def trials_of(study_dir: Path) -> list[optuna.trial.FrozenTrial]:
 
     storage = open_storage(StorageSpec(str(study_dir / "journal.log"), True))
     return optuna.load_study(study_name="slow", storage=storage).get_trials(deepcopy=False)
-
-
-def descendants(pid: int) -> set[int]:
-    found, todo = set(), [pid]
-    while todo:
-        parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            try:
-                children = (task / "children").read_text().split()
-            except OSError:
-                continue
-            for child in map(int, children):
-                if child not in found:
-                    found.add(child)
-                    todo.append(child)
-    return found
-
-
-def alive(pids: set[int]) -> set[int]:
-    out = set()
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            out.add(pid)
-    return out
 
 
 def wait_for_slow_trial(proc: subprocess.Popen, study_dir: Path, inside_s: float = 1.0) -> int:

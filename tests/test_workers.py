@@ -12,6 +12,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import alive, descendants
 from optuna.trial import TrialState
 
 from autoreg.recipe import load_recipe
@@ -148,39 +149,11 @@ def test_two_tunes_on_one_study_propose_no_duplicates(pair_yaml, tmp_path) -> No
     assert len(set(params)) == len(params), f"{len(params) - len(set(params))} duplicate proposals"
 
 
-def _descendants(pid: int) -> set[int]:
-    found, todo = set(), [pid]
-    while todo:
-        parent = todo.pop()
-        children = []
-        for task in Path(f"/proc/{parent}/task").glob("*"):  # every thread's: tune starts its workers from one
-            try:
-                children += (task / "children").read_text().split()
-            except OSError:
-                continue
-        for child in map(int, children):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pids: set[int]) -> set[int]:
-    alive = set()
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            alive.add(pid)
-    return alive
-
-
 def _wait_gone(pids: set[int], within: float) -> set[int]:
     deadline = time.monotonic() + within
-    while _alive(pids) and time.monotonic() < deadline:
+    while alive(pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    left = _alive(pids)
+    left = alive(pids)
     for pid in left:  # do not leave them behind for the rest of the suite
         os.kill(pid, signal.SIGKILL)
     return left
@@ -216,7 +189,7 @@ def test_a_sigkilled_tune_leaves_no_workers_mid_trial(pair_yaml, tmp_path) -> No
         deadline, workers = time.monotonic() + 120, set()
         while time.monotonic() < deadline:
             time.sleep(0.2)
-            workers = {p for p in _descendants(proc.pid) if "loky" in Path(f"/proc/{p}/cmdline").read_text()}
+            workers = {p for p in descendants(proc.pid) if "loky" in Path(f"/proc/{p}/cmdline").read_text()}
             if not (sdir / "journal.log").exists() or len(workers) < 2:
                 continue
             study = optuna.load_study(
@@ -227,7 +200,7 @@ def test_a_sigkilled_tune_leaves_no_workers_mid_trial(pair_yaml, tmp_path) -> No
                 break
         else:
             pytest.fail("no trial was caught RUNNING with two workers up")
-        everything = _descendants(proc.pid)
+        everything = descendants(proc.pid)
         proc.kill()
         proc.wait(timeout=30)
     finally:
@@ -249,7 +222,7 @@ def test_a_sigkilled_process_leaves_no_idle_workers(pair_yaml, tmp_path) -> None
     try:
         assert proc.stdout is not None
         assert any(line.startswith("idle") for line in iter(proc.stdout.readline, ""))
-        everything = _descendants(proc.pid)
+        everything = descendants(proc.pid)
         assert len([p for p in everything if "loky" in Path(f"/proc/{p}/cmdline").read_text()]) >= 2
         proc.kill()
         proc.wait(timeout=30)

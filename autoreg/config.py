@@ -68,6 +68,9 @@ class Objective(_Strict):
     std_weight: float = Field(1.0, ge=0)
     #: Penalty (in the score's units) per percent of folded voxels of deformable stages.
     folding_penalty: float = Field(0.0, ge=0)
+    #: A deformable result that folds more than this percent of the fixed voxels is implausible (tissue does not fold
+    #: through itself): such a trial is infeasible, chosen as the best only when no trial stayed within the limit.
+    max_folding_percent: float = Field(0.1, ge=0, le=100)
     #: The share of each pair's landmarks kept aside (spread over the image, seeded): the search never sees them,
     #: and the best trial's TRE on them is the study's honest score. 0: every landmark selects.
     report_fraction: float = Field(1 / 3, ge=0, le=0.8)

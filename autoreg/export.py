@@ -41,9 +41,10 @@ def provenance_of(
 
 def fastest_within(trials: list[TrialRecord], best: TrialRecord, pct: float) -> TrialRecord:
     """The completed trial that ran fastest among those whose score is within ``pct`` % of the best (ties: the
-    better score)."""
+    better score); a trial that folds beyond the limit stands in only for an infeasible best."""
     bound = best.value + abs(best.value) * pct / 100.0
-    near = [t for t in trials if t.complete and t.value <= bound and t.recipe and t.runtime_s is not None]
+    allowed = [t for t in trials if t.feasible or not best.feasible]
+    near = [t for t in allowed if t.complete and t.value <= bound and t.recipe and t.runtime_s is not None]
     return min(near, key=lambda t: (t.runtime_s, t.value, t.number)) if near else best
 
 

@@ -30,7 +30,7 @@ from .recipe import Recipe, recipe_from_dict, recipe_to_dict
 from .registration import LevelRecord, register
 from .scoring import folding_fraction, has_deformable, holdout_metric, tre
 from .space import SearchSpace
-from .trial import BASELINE, SUGGESTED, read, records, write
+from .trial import BASELINE, FOLDING_CONSTRAINT, SUGGESTED, read, records, write
 
 log = logging.getLogger(__name__)
 
@@ -373,6 +373,9 @@ class Objective:
             summary["relative_tre"] = float(
                 np.mean([self.pair_value(p, per_pair[p.name]["tre_mean"]) for p in self.pairs])
             )
+        if "folding_fraction" in summary:
+            over = 100.0 * summary["folding_fraction"] - self.cfg.objective.max_folding_percent
+            trial.set_constraint(FOLDING_CONSTRAINT, over)
         write(trial, **summary)
         return value if math.isfinite(value) else float("nan")
 

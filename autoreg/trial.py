@@ -76,6 +76,8 @@ class TrialRecord(BaseModel):
     holdout_loss: float | None = None
     holdout_nmi: float | None = None
     folding_fraction: float | None = None
+    #: Optuna's constraints held (``FOLDING_CONSTRAINT``: the result folds no more than the study allows).
+    feasible: bool = True
     score_std: float | None = None
     repeat_scores: list[float] | None = None
     fail_reason: str | None = None
@@ -91,6 +93,7 @@ class TrialRecord(BaseModel):
             value=trial.value if trial.state == TrialState.COMPLETE else None,
             params=dict(trial.params),
             intermediate={int(k): float(v) for k, v in trial.intermediate_values.items()},
+            feasible=all(v <= 0.0 for v in trial.constraints.values()),
             **trial.user_attrs,
         )
 
@@ -120,8 +123,13 @@ class TrialRecord(BaseModel):
         return tres[-1] if tres else None
 
 
-#: The attribute names :func:`write` accepts: the record's fields that are not Optuna's own.
-ATTRIBUTES = frozenset(TrialRecord.model_fields) - {"number", "state", "value", "params", "intermediate"}
+#: The attribute names :func:`write` accepts: the record's fields that are not Optuna's own (nor derived from them).
+ATTRIBUTES = frozenset(TrialRecord.model_fields) - {"number", "state", "value", "params", "intermediate", "feasible"}
+
+
+#: The constraint a deformable trial sets (Optuna's ``set_constraint``: above 0 is infeasible): the percent of folded
+#: voxels beyond ``objective.max_folding_percent``. TPE keeps infeasible trials out of its good group on its own.
+FOLDING_CONSTRAINT = "folding_percent_over_limit"
 
 
 def write(trial: optuna.Trial, **attrs: Any) -> None:
@@ -162,10 +170,11 @@ def records(study: optuna.Study, states: Iterable[TrialState] | None = None) -> 
 
 
 def best_and_baseline(trials: Iterable[TrialRecord]) -> tuple[TrialRecord | None, TrialRecord | None]:
-    """The completed trial of lowest value (the earliest on ties) and the baseline trial (its completed run if it was
-    retried, else its first)."""
+    """The completed feasible trial of lowest value (the earliest on ties; an infeasible one only when no trial is
+    feasible) and the baseline trial (its completed run if it was retried, else its first)."""
     trials = list(trials)
     done = [t for t in trials if t.complete]
+    done = [t for t in done if t.feasible] or done
     best = min(done, key=lambda t: (t.value, t.number)) if done else None
     bases = [t for t in trials if t.role == BASELINE]
     baseline = next((t for t in bases if t.state == "COMPLETE"), bases[0] if bases else None)

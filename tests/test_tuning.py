@@ -39,6 +39,7 @@ from autoreg.recipe import default_recipe, recipe_from_dict, recipe_from_yaml, r
 from autoreg.scoring import tre
 from autoreg.space import build_space
 from autoreg.synthetic import make_pair, write_pair
+from autoreg.trial import FOLDING_CONSTRAINT
 
 #: Any single trial of these tests is cut off here (a pathological recipe must not stall the suite).
 TRIAL_TIMEOUT = 30.0
@@ -357,6 +358,45 @@ def test_a_failing_user_recipe_is_recorded_and_the_study_goes_on(tmp_path: Path)
     assert "1 failed" in run.out
     others = [t for t in trials if t.number != 1]
     assert all(t.state == TrialState.COMPLETE for t in others), [(t.number, t.state) for t in others]
+
+
+#: A displacement stage without any smoothing and a fixed step: its field folds (about 14 % of the voxels here).
+_FOLDS = """
+autoreg_recipe: 2
+initializer: {kind: geometry}
+deterministic: true
+stages:
+  - transform: {kind: affine}
+    metric: {kind: mean_squares}
+    optimizer: {kind: gradient_descent, number_of_iterations: 50, estimate_learning_rate: once}
+    pyramid: {shrink_factors: [2, 1], smoothing_sigmas: [1.0, 0.0], sigma_units: voxel}
+  - transform: {kind: displacement, grid_spacing: 1.0, variance_for_update_field: 0.0, variance_for_total_field: 0.0}
+    metric: {kind: mean_squares}
+    optimizer: {kind: gradient_descent, learning_rate: 0.1, number_of_iterations: 30, estimate_learning_rate: never}
+    pyramid: {shrink_factors: [1], smoothing_sigmas: [0.0], sigma_units: voxel, shrink_images: true}
+"""
+
+
+def test_a_result_that_folds_is_infeasible_for_the_sampler_and_never_the_best(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "folds.yaml").write_text(_FOLDS, encoding="utf-8")
+    pair = write_study_files(data, stages=("affine", "displacement"), extra={"enqueue": ["folds.yaml"]})
+    run = tune(pair, tmp_path / "study", "--trials", 4, "--jobs", 1, "-q")
+    assert run.code == 0, run.err
+    trials = {t.number: t for t in trials_of(tmp_path / "study")}
+    folds = trials[1]
+    assert folds.user_attrs["role"] == "user:folds.yaml" and folds.state == TrialState.COMPLETE
+    assert folds.user_attrs["folding_fraction"] > 0.001
+    # Optuna's constraint, which TPE reads: the percent folded beyond the default limit of 0.1 %
+    assert folds.constraints[FOLDING_CONSTRAINT] == pytest.approx(100 * folds.user_attrs["folding_fraction"] - 0.1)
+    done = [t for t in trials.values() if t.state == TrialState.COMPLETE]
+    feasible = [t for t in done if t.user_attrs["folding_fraction"] <= 0.001]
+    assert all(t.constraints[FOLDING_CONSTRAINT] <= 0 for t in feasible)
+    exported = tmp_path / "best.yaml"
+    assert cli("export", pair, "--study-dir", tmp_path / "study", "-o", exported).code == 0
+    best = yaml.safe_load(exported.read_text())["provenance"]["trial"]
+    assert feasible and best == min(feasible, key=lambda t: t.value).number
 
 
 def test_a_trial_timeout_prunes_trials_not_the_study(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import SimpleITK as sitk
 
@@ -19,6 +19,10 @@ from .config import SEED_LIMIT
 from .errors import RegistrationFailed, UserError, excerpt
 from .quiet import LIBRARY_LOG
 from .tuning import DEFAULT_TRIALS, MAX_JOBS, MAX_TRIALS
+
+if TYPE_CHECKING:
+    from .trial import TrialRecord
+    from .tuning import TuneResult
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -284,6 +288,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     _out(
         f"best {metric}: {_valued(best.value, unit)} (trial {best.number})" if best else "best: no completed trial yet"
     )
+    if best is not None:
+        _folding_summary(result, best)
     if best is not None and best.tre_report_mean is not None:
         _out(
             f"honest score of the best: mean TRE {_valued(best.tre_report_mean, unit)} on the landmarks the search "
@@ -298,6 +304,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
         _out("finished trials are kept; run the same command again to continue")
         return EXIT_INTERRUPTED
     return EXIT_OK
+
+
+def _folding_summary(result: TuneResult, best: TrialRecord) -> None:
+    """Say when the folding limit decided which trial is the best (``trial.best_and_baseline``)."""
+    from .trial import records
+
+    limit = result.config.objective.max_folding_percent
+    folded = [t for t in records(result.study) if t.complete and not t.feasible]
+    if not best.feasible:
+        _out(
+            f"no trial stayed within objective.max_folding_percent ({limit:g} %): the best folds "
+            f"{100 * (best.folding_fraction or 0.0):.3g} % of the voxels"
+        )
+    elif lower := sum(t.value < best.value for t in folded):
+        _out(f"{lower} trial(s) scored lower but fold more than {limit:g} % of the voxels: not chosen")
 
 
 def _grace() -> str:

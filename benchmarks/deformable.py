@@ -67,6 +67,40 @@ def rerun_best(pair, recipe, threads: int | None = None) -> dict:
     }
 
 
+def syn_after_linear(pair, recipe, threads: int = 2) -> dict:
+    """ANTs SyN alone (``SyNOnly``) started where the tuned recipe's linear stages end, and that linear result by
+    itself: how far a peer's deformable step gets from the same start (TRE over every landmark)."""
+    import tempfile
+
+    import SimpleITK as sitk
+    from peer_tools import run_ants
+
+    from autoreg.registration import LINEAR_KINDS, register
+    from autoreg.scoring import transform_points, tre_stats
+
+    linear = recipe.with_(stages=[s for s in recipe.model_dump()["stages"] if s["transform"]["kind"] in LINEAR_KINDS])
+    lin = register(linear, pair).transform
+    moving = sitk.GetArrayViewFromImage(pair.moving)
+    edge = np.concatenate([moving[0].ravel(), moving[-1].ravel(), moving[:, 0].ravel(), moving[:, -1].ravel()])
+    warped = sitk.Resample(pair.moving, pair.fixed, lin, sitk.sitkLinear, float(np.median(edge)), sitk.sitkFloat32)
+    with tempfile.TemporaryDirectory() as tmp:
+        sitk.WriteImage(sitk.Cast(pair.fixed, sitk.sitkFloat32), f"{tmp}/fixed.nii.gz")
+        sitk.WriteImage(warped, f"{tmp}/warped.nii.gz")
+        mapped, seconds = run_ants(
+            Path(tmp) / "fixed.nii.gz",
+            Path(tmp) / "warped.nii.gz",
+            pair.fixed_points,
+            STAGES,
+            threads=threads,
+            transform_type="SyNOnly",
+        )
+
+    def mean(points: np.ndarray) -> float:
+        return tre_stats(transform_points(lin, points) - pair.moving_points, pair.fixed).mean
+
+    return {"linear_mean": mean(pair.fixed_points), "mean": mean(mapped), "seconds": seconds, "threads": threads}
+
+
 def rerun(row: dict) -> None:
     """Both reruns of a saved pair's best trial: as recorded (``tuned``) and with 2 threads like the peers."""
     import peers
@@ -80,6 +114,7 @@ def rerun(row: dict) -> None:
     recipe = recipe_from_dict(best.recipe)
     row["tuned"] = rerun_best(pair, recipe)
     row["tuned_2_threads"] = rerun_best(pair, recipe, threads=2)
+    row["syn_after_linear"] = syn_after_linear(pair, recipe)
 
 
 def one_pair(name: str, trials: int, jobs: int, timeout: float) -> dict:
@@ -127,12 +162,13 @@ def _f(v, spec=".3g") -> str:
 def table(rows: list[dict]) -> str:
     lines = [
         "| pair | affine floor | default | tuned (kinds) | honest | tuned, 2 threads | elastix bspline | ANTs SyN | "
-        "tuned folding | tuned s (threads) | SyN s | tuned s / SyN s | study: trials, wall min |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "tuned folding | tuned s (threads) | SyN s | tuned s / SyN s | tuned linear stages | SyN after them | "
+        "study: trials, wall min |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         t, e, a = r.get("tuned") or {}, r.get("elastix") or {}, r.get("ants") or {}
-        t2 = r.get("tuned_2_threads") or {}
+        t2, sl = r.get("tuned_2_threads") or {}, r.get("syn_after_linear") or {}
         kinds = "+".join(k for k in r.get("best_kinds", []))
         ratio = t["seconds"] / a["seconds"] if t.get("seconds") and a.get("seconds") else None
         lines.append(
@@ -142,7 +178,7 @@ def table(rows: list[dict]) -> str:
             f"{_f(a.get('mean')) if 'mean' in a else a.get('failed', '-')} | "
             f"{_f(100 * t['folding'], '.3f') + ' %' if t.get('folding') is not None else '-'} | "
             f"{_f(t.get('seconds'))} ({t.get('threads', '-')}) | {_f(a.get('seconds'))} | {_f(ratio, '.2f')} | "
-            f"{r['trials']}, {r['wall_s'] / 60:.1f} |"
+            f"{_f(sl.get('linear_mean'))} | {_f(sl.get('mean'))} | {r['trials']}, {r['wall_s'] / 60:.1f} |"
         )
     return "\n".join(lines)
 

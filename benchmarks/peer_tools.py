@@ -95,7 +95,9 @@ def run_ants(
     threads: int = 2,
     seed: int = 1,
     direction: str = "fwd",
+    transform_type: str | None = None,
 ) -> tuple[np.ndarray, float]:
+    """``transform_type`` overrides the type that ``ants_type(stages)`` picks (``SyNOnly``: no linear stages)."""
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
     import ants
     import pandas as pd
@@ -103,7 +105,7 @@ def run_ants(
     f = ants.image_read(str(fixed), pixeltype="float")
     m = ants.image_read(str(moving), pixeltype="float")
     t0 = time.perf_counter()
-    reg = ants.registration(f, m, type_of_transform=ants_type(stages), random_seed=seed)
+    reg = ants.registration(f, m, type_of_transform=transform_type or ants_type(stages), random_seed=seed)
     seconds = time.perf_counter() - t0
     dim = fixed_points.shape[1]
     cols = ["x", "y", "z"][:dim]

@@ -345,3 +345,40 @@ def test_load_images_reads_what_apply_reads(pair_yaml) -> None:
     pair = load_images(folder / "fixed.png", folder / "moving.png")
     assert pair.fixed.GetPixelID() == sitk.sitkFloat32 and pair.fixed_points is None
     assert pair.dim == 2
+
+
+def test_tune_says_when_the_folding_limit_chose_the_best(capsys) -> None:
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    from autoreg import cli
+    from autoreg.trial import FOLDING_CONSTRAINT, best_and_baseline, records
+
+    class Result:  # what _folding_summary reads of a TuneResult
+        def __init__(self, study: optuna.Study, limit: float) -> None:
+            self.study = study
+            self.config = type("C", (), {"objective": type("O", (), {"max_folding_percent": limit})()})()
+
+    def study_of(*trials: tuple[float, float]) -> optuna.Study:
+        study = optuna.create_study()
+        for value, folding in trials:
+            study.add_trial(
+                create_trial(
+                    state=TrialState.COMPLETE,
+                    value=value,
+                    user_attrs={"folding_fraction": folding},
+                    constraints={FOLDING_CONSTRAINT: 100 * folding - 0.1},
+                )
+            )
+        return study
+
+    mixed = study_of((1.0, 0.01), (2.0, 0.0), (1.5, 0.02))
+    best, _ = best_and_baseline(records(mixed))
+    capsys.readouterr()
+    cli._folding_summary(Result(mixed, 0.1), best)
+    assert best.value == 2.0
+    assert "2 trial(s) scored lower but fold more than 0.1 % of the voxels: not chosen" in capsys.readouterr().out
+    folded = study_of((1.0, 0.01), (2.0, 0.03))
+    best, _ = best_and_baseline(records(folded))
+    cli._folding_summary(Result(folded, 0.1), best)
+    assert "no trial stayed within objective.max_folding_percent (0.1 %): the best folds 1 %" in capsys.readouterr().out

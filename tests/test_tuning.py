@@ -397,6 +397,8 @@ def test_a_result_that_folds_is_infeasible_for_the_sampler_and_never_the_best(tm
     assert cli("export", pair, "--study-dir", tmp_path / "study", "-o", exported).code == 0
     best = yaml.safe_load(exported.read_text())["provenance"]["trial"]
     assert feasible and best == min(feasible, key=lambda t: t.value).number
+    lower = sum(t.value < trials[best].value for t in done if t not in feasible)
+    assert (f"{lower} trial(s) scored lower but fold more than 0.1 %" in run.out) == (lower > 0), run.out
 
 
 def test_a_trial_timeout_prunes_trials_not_the_study(tmp_path: Path) -> None:

@@ -32,9 +32,7 @@ stages: [affine]
 def write_quickstart(folder: str | Path = HERE) -> dict[str, Path]:
     """Generate the quickstart pair into ``folder``; return the written paths by role."""
     folder = Path(folder)
-    pair = make_pair(
-        (128, 128), transform="affine", seed=0, multimodal=True, n_landmarks=20
-    )
+    pair = make_pair((128, 128), transform="affine", seed=0, multimodal=True, n_landmarks=20)
     paths = write_pair(pair, folder, fmt="png")
     paths["pair"] = folder / "pair.yaml"
     paths["pair"].write_text(PAIR_YAML)

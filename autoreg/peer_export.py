@@ -918,6 +918,10 @@ def _ants_transform(stage: Stage, geometry: Geometry, step: float, notes: list[s
                 f"not translated: grid_spacing {t.grid_spacing} {t.spacing_units} (ANTs' field lives on "
                 "each level's fixed grid)"
             )
+        if t.across_levels == "compose":
+            notes.append("not translated: across_levels compose (ANTs refines one field across levels)")
+        if t.gradient_step is not None:  # the same bound: ANTs' gradientStep is in voxels of each level
+            step = t.gradient_step
         return (
             f"GaussianDisplacementField[{_num(step)},{_num(t.variance_for_update_field)},"
             f"{_num(t.variance_for_total_field)}]"

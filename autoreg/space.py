@@ -285,6 +285,7 @@ class SearchSpace:
             # the field's grid in fixed voxels (1: every voxel of the level) and the Gaussian regularisation of each
             # update (viscous) and of the whole field (elastic), in voxels of that grid: ANTs' GaussianDisplacementField
             demons = displacement + ((f"{s}.optimizer.demons", (True,)),)
+            not_demons = displacement + ((f"{s}.optimizer.demons", (False,)),)
             out += [
                 Dim(f"{s}.transform.grid_spacing", low=1.0, high=4.0, log=True, when=displacement),
                 Dim(f"{s}.transform.variance_for_update_field", low=0.0, high=4.0, when=displacement),
@@ -294,6 +295,10 @@ class SearchSpace:
                 Dim(f"{s}.optimizer.demons", choices=(False, True), when=displacement),
                 Dim(f"{s}.optimizer.variant", choices=("fast_symmetric_forces", "diffeomorphic"), when=demons),
                 Dim(f"{s}.optimizer.maximum_update_step_length", low=0.1, high=2.0, log=True, when=demons),
+                # gradient descent on the field: its step in level voxels (ANTs' gradientStep; ITK's own bound, a
+                # voxel of the field's grid, overshoots on coarse grids) and how levels carry the field
+                Dim(f"{s}.transform.gradient_step", low=0.1, high=1.0, log=True, when=not_demons),
+                Dim(f"{s}.transform.across_levels", choices=("continue", "compose"), when=not_demons + multi),
             ]
         return out
 
@@ -390,6 +395,10 @@ class SearchSpace:
             # fewer end in "joint PDF summed to zero"
             sampling["points"] = max(points, samples_needed(bins))
         pyramid = self._suggest_pyramid(s, get, bins)
+        if kind == "displacement" and not demons:
+            transform["gradient_step"] = round(float(get(f"{s}.transform.gradient_step")), 4)
+            if len(pyramid["shrink_factors"]) > 1:
+                transform["across_levels"] = get(f"{s}.transform.across_levels")
         return {
             "transform": transform,
             "metric": metric,

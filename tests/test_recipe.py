@@ -347,6 +347,29 @@ BAD_RECIPES = {
         "stages[0]",
         "mean_squares",
     ),
+    "demons_with_gradient_step": (
+        "stages: [{transform: {kind: displacement, gradient_step: 0.2}, optimizer: {kind: demons}, "
+        "metric: {kind: mean_squares}, sampling: {strategy: none}, pyramid: {shrink_images: true}}]\n",
+        "stages[0]",
+        "maximum_update_step_length",
+    ),
+    "demons_composing": (
+        "stages: [{transform: {kind: displacement, across_levels: compose}, optimizer: {kind: demons}, "
+        "metric: {kind: mean_squares}, sampling: {strategy: none}, pyramid: {shrink_images: true}}]\n",
+        "stages[0]",
+        "continues its field",
+    ),
+    "gradient_step_and_maximum_step": (
+        "stages: [{transform: {kind: displacement, gradient_step: 0.2}, pyramid: {shrink_images: true}, "
+        "optimizer: {kind: gradient_descent, maximum_step_size_in_physical_units: 1.0}}]\n",
+        "stages[0]",
+        "not both",
+    ),
+    "across_levels_unknown": (
+        "stages: [{transform: {kind: displacement, across_levels: merge}, pyramid: {shrink_images: true}}]\n",
+        "stages[0].transform.across_levels",
+        "continue",
+    ),
     "refine_with_lbfgsb": (
         "stages: [{transform: {kind: bspline, mesh_size: [4, 4], refine: true}, optimizer: {kind: lbfgsb}}]\n",
         "stages[0]",

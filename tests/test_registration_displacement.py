@@ -169,3 +169,46 @@ def test_a_demons_stage_stops_on_time() -> None:
     with pytest.raises(RegistrationFailed) as info:
         register(recipe.model_validate(data), pair, time_limit=2.0)
     assert info.value.reason == "time limit" and time.monotonic() - t0 < 4.0
+
+
+def _stage_field(tx: sitk.Transform) -> np.ndarray:
+    comp = sitk.CompositeTransform(tx)
+    field = sitk.DisplacementFieldTransform(comp.GetNthTransform(comp.GetNumberOfTransforms() - 1))
+    return sitk.GetArrayFromImage(field.GetDisplacementField())
+
+
+@pytest.mark.parametrize("spacing", [1.0, 0.7])
+def test_gradient_step_bounds_every_update_in_voxels_of_the_level(spacing: float) -> None:
+    pair = pair_data(synthetic_pair(2, "bspline"), spacing=spacing)
+    data = _recipe(2).model_dump()
+    stage = data["stages"][1]
+    stage["pyramid"].update(shrink_factors=[2], smoothing_sigmas=[0.0])
+    stage["transform"].update(variance_for_update_field=0.0, variance_for_total_field=0.0)
+    stage["optimizer"].update(
+        number_of_iterations=5, estimate_learning_rate="each_iteration", convergence_minimum_value=1e-300
+    )
+    largest = {}
+    for step in (None, 0.05):
+        stage["transform"]["gradient_step"] = step
+        tx = register(_recipe(2).model_validate(data), pair).transform
+        largest[step] = float(np.linalg.norm(_stage_field(tx), axis=-1).max())
+    bound = 5 * 0.05 * 2 * spacing  # 5 updates of 0.05 voxels of the shrink-2 level
+    assert 0 < largest[0.05] <= bound * (1 + 1e-6)
+    assert largest[None] > 2 * bound  # ITK's own bound (a field voxel per update) is much larger
+
+
+def test_composed_levels_end_in_one_field_that_keeps_what_the_coarse_level_found() -> None:
+    pair = pair_data(synthetic_pair(2, "bspline"))
+    data = _recipe(2).model_dump()
+    data["stages"][1]["pyramid"].update(shrink_factors=[2, 2], smoothing_sigmas=[1.0, 1.0])
+    data["stages"][1]["transform"].update(across_levels="compose", gradient_step=0.25)
+    levels: list = []
+    tx = register(_recipe(2).model_validate(data), pair, level_callback=lambda rec, get: levels.append(rec)).transform
+    comp = sitk.CompositeTransform(tx)
+    assert [comp.GetNthTransform(i).GetName() for i in range(2)] == ["AffineTransform", "DisplacementFieldTransform"]
+    first, second = (r.tre_mean for r in levels if r.stage == 1)
+    assert second <= 1.05 * first  # the second level starts where the first ended: nothing eroded
+    assert _tre(tx, pair) == pytest.approx(second)  # the merged field is what the last level measured
+    data["stages"][1]["transform"]["across_levels"] = "continue"
+    other = register(_recipe(2).model_validate(data), pair).transform
+    assert not np.allclose(_stage_field(other), _stage_field(tx))

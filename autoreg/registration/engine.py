@@ -179,14 +179,18 @@ def _level_need(
     return need
 
 
-def _method(stage: Any, threads: int) -> sitk.ImageRegistrationMethod:
+def _method(stage: Any, threads: int, step: float | None = None) -> sitk.ImageRegistrationMethod:
+    """The stage's registration method; ``step`` replaces the optimizer's maximum step (physical units)."""
     rm = sitk.ImageRegistrationMethod()
     configure_metric(rm, stage.metric)
     rm.SetMetricSamplingStrategy(sampling_strategy(rm, stage.sampling.strategy))
     rm.SetInterpolator(INTERPOLATORS[stage.interpolator])
     if threads > 0:
         rm.SetNumberOfThreads(threads)
-    configure_optimizer(rm, stage.optimizer)
+    optimizer = stage.optimizer
+    if step is not None:
+        optimizer = optimizer.model_copy(update={"maximum_step_size_in_physical_units": step})
+    configure_optimizer(rm, optimizer)
     return rm
 
 
@@ -286,33 +290,40 @@ def _run_displacement(
     clock: Clock,
 ) -> tuple[sitk.Transform, str]:
     """A dense displacement field with local support over prepared levels (ANTs' Gaussian displacement field): at
-    each level the field lives on that level's grid (see ``field_grid``), starts from the previous level's field
-    resampled, and every update and the total field are Gaussian-smoothed (variances in field voxels)."""
+    each level the field lives on that level's grid (see ``field_grid``), its updates and total Gaussian-smoothed
+    (variances in field voxels). ``continue``: it starts from the previous level's field, resampled; ``compose``: a
+    new field is optimised after the earlier levels' and merged with them on this level's grid."""
     if stage.optimizer.kind == "demons":
         return _run_demons(stage, frame, moving_initial, tracker, clock)
     sigmas, _ = sigmas_of(stage, frame.k)
     direction = frame.fixed.GetDirection()
-    previous: sitk.Image | None = None
-    optimized: sitk.Transform | None = None
+    previous: sitk.DisplacementFieldTransform | None = None
+    optimized: sitk.DisplacementFieldTransform | None = None
     stop = ""
     for level, (shrink, sigma) in enumerate(zip(stage.pyramid.shrink_factors, sigmas)):
         size, origin, spacing = field_grid(frame, stage, shrink)
         voxels = int(np.prod(size))
         clock.check(tracker.level_need(level) if tracker.level_need is not None else 0.0)
-        reference = sitk.Image(size, sitk.sitkVectorFloat64, frame.dim)
-        reference.SetOrigin(origin)
-        reference.SetSpacing(spacing)
-        reference.SetDirection(direction)
-        if previous is not None:
-            reference = sitk.Resample(
-                previous, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64
+        compose = previous is not None and stage.transform.across_levels == "compose"
+        field = sitk.Image(size, sitk.sitkVectorFloat64, frame.dim)
+        field.SetOrigin(origin)
+        field.SetSpacing(spacing)
+        field.SetDirection(direction)
+        level_initial = moving_initial
+        if compose:  # the levels before, applied before the moving initial transform
+            level_initial = sitk.CompositeTransform(moving_initial)
+            level_initial.AddTransform(previous)
+        elif previous is not None:  # continue: the previous level's field, resampled onto this grid
+            field = sitk.Resample(
+                previous.GetDisplacementField(), field, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64
             )
-        optimized = sitk.DisplacementFieldTransform(reference)
+        optimized = sitk.DisplacementFieldTransform(field)
         optimized.SetSmoothingGaussianOnUpdate(
             varianceForUpdateField=stage.transform.variance_for_update_field,
             varianceForTotalField=stage.transform.variance_for_total_field,
         )
-        rm = _method(stage, threads)
+        fixed = frame.levels.image("fixed", shrink, sigma)
+        rm = _method(stage, threads, step=_field_step(stage, min(fixed.GetSpacing())))
         inside = frame.levels.inside(shrink) if stage.use_masks else 1.0
         if stage.sampling.strategy != "none":
             rm.SetMetricSamplingPercentage(sampling_fraction(stage.sampling, voxels, inside), itk_seed(seed, index))
@@ -325,17 +336,27 @@ def _run_displacement(
         rm.SetShrinkFactorsPerLevel([1])
         rm.SetSmoothingSigmasPerLevel([0.0])
         rm.SetVirtualDomain(size, origin, spacing, direction)  # a local-support transform's grid is the domain
-        rm.SetMovingInitialTransform(moving_initial)
+        rm.SetMovingInitialTransform(level_initial)
         rm.SetInitialTransform(optimized, inPlace=True)
         tracker.attach(rm, optimized, itk_levels=False)
         tracker.start_level(level, samples=sampled_points(stage.sampling, voxels, inside), voxels=voxels)
-        stop = _execute(
-            rm, tracker, frame.levels.image("fixed", shrink, sigma), frame.levels.image("moving", shrink, sigma)
-        )
+        stop = _execute(rm, tracker, fixed, frame.levels.image("moving", shrink, sigma))
+        if compose:  # x -> previous(optimized(x)), sampled on this level's grid
+            both = sitk.CompositeTransform(previous)
+            both.AddTransform(optimized)
+            merged = sitk.TransformToDisplacementField(both, sitk.sitkVectorFloat64, size, origin, spacing, direction)
+            optimized = tracker.optimized = sitk.DisplacementFieldTransform(merged)
         _close(tracker, stop)
-        previous = optimized.GetDisplacementField()
+        previous = optimized
     assert optimized is not None
     return optimized, stop
+
+
+def _field_step(stage: Any, level_spacing: float) -> float | None:
+    """A displacement stage's bound on each update in the frame's units (``transform.gradient_step`` voxels of the
+    level's images), or None for the optimizer's own."""
+    step = getattr(stage.transform, "gradient_step", None)
+    return None if step is None else step * level_spacing
 
 
 _DEMONS = {

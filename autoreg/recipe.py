@@ -112,12 +112,13 @@ class DisplacementTransform(_Frozen):
     variance_for_update_field: float = Field(0.0, ge=0)
     variance_for_total_field: float = Field(2.0, ge=0)
     #: The largest update per iteration of gradient descent, in voxels of the level's images (ANTs' gradientStep).
-    #: None: ITK's own bound, one voxel of the field's grid, which overshoots on a coarse grid (benchmarks/
-    #: deformable3d.py: a 9.5 mm grid stopped after 12 oscillating iterations; 0.25 voxel ran 70, to a lower TRE).
+    #: None: ITK's own bound, one voxel of the field's grid, which overshoots on a coarse grid: the convergence check
+    #: stops it after 9-15 iterations (``benchmarks/deformable3d.py``; 0.25 voxel runs ~100).
     gradient_step: float | None = Field(None, gt=0, le=10)
     #: How gradient descent carries the field down the pyramid: ``continue`` refines one field (ANTs'), ``compose``
-    #: optimises a new field per level after the earlier ones, then merges them (on a 3D case where continuing eroded
-    #: the coarse levels' result, 1.89 -> 0.45 mm; on 2D histology continuing did better: the search chooses).
+    #: optimises a new field per level after the earlier ones, then merges them. On mmdef3d, composing ended at 0.93
+    #: mm where continuing ended at 1.87 (``benchmarks/deformable3d.py``); on 2D histology continuing did better in
+    #: 3 of 4 tries: the search chooses.
     across_levels: Literal["continue", "compose"] = "continue"
 
 

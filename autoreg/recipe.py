@@ -117,8 +117,7 @@ class DisplacementTransform(_Frozen):
     gradient_step: float | None = Field(None, gt=0, le=10)
     #: How gradient descent carries the field down the pyramid: ``continue`` refines one field (ANTs'), ``compose``
     #: optimises a new field per level after the earlier ones, then merges them. On mmdef3d, composing ended at 0.93
-    #: mm where continuing ended at 1.87 (``benchmarks/deformable3d.py``); on 2D histology continuing did better in
-    #: 3 of 4 tries: the search chooses.
+    #: mm where continuing ended at 1.87 (``benchmarks/deformable3d.py``); elsewhere unmeasured: the search chooses.
     across_levels: Literal["continue", "compose"] = "continue"
 
 

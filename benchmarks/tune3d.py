@@ -97,7 +97,9 @@ def tune_case(case: str, *, trials: int, jobs: int, timeout: float, prune: bool,
 
     folder = DATA3D / case
     doc = yaml.safe_load((folder / "pair.yaml").read_text())
-    variant = ("prune" if prune else "noprune") + (f"-{stages}" if stages else "")
+    variant = ("prune" if prune else "noprune") + (
+        f"-{stages.replace('+', '-')}" if stages else ""
+    )  # a study name has no "+"
     doc["name"] = f"{case}-{variant}"
     if stages:
         doc["stages"] = stages.split("+")

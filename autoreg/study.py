@@ -38,15 +38,7 @@ from .errors import UserError, excerpt
 from .objective import RUNGS
 from .recipe import recipe_to_dict
 from .space import SearchSpace
-from .trial import (
-    BASELINE,
-    SUGGESTED,
-    TrialRecord,
-    attrs,
-    best_and_baseline,
-    records,
-    write_to_storage,
-)
+from .trial import BASELINE, SUGGESTED, TrialRecord, attrs, best_and_baseline, records, write_to_storage
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,15 @@ from .method import (
     install_quiet_stop,
     sampling_strategy,
 )
-from .pyramid import bspline_schedule, level_sizes, refine_bspline, sampled_points, sampling_fraction, sigmas_of
+from .pyramid import (
+    bspline_schedule,
+    inside_share,
+    level_sizes,
+    refine_bspline,
+    sampled_points,
+    sampling_fraction,
+    sigmas_of,
+)
 
 
 def register(
@@ -324,17 +332,7 @@ def _run_displacement(
         )
         fixed = frame.levels.image("fixed", shrink, sigma)
         rm = _method(stage, threads, step=_field_step(stage, min(fixed.GetSpacing())))
-        inside = frame.levels.inside(shrink) if stage.use_masks else 1.0
-        if stage.sampling.strategy != "none":
-            rm.SetMetricSamplingPercentage(sampling_fraction(stage.sampling, voxels, inside), itk_seed(seed, index))
-        fixed_mask = frame.levels.mask("fixed", shrink) if stage.use_masks else None
-        moving_mask = frame.levels.mask("moving", shrink) if stage.use_masks else None
-        if fixed_mask is not None:
-            rm.SetMetricFixedMask(fixed_mask)
-        if moving_mask is not None:
-            rm.SetMetricMovingMask(moving_mask)
-        rm.SetShrinkFactorsPerLevel([1])
-        rm.SetSmoothingSigmasPerLevel([0.0])
+        inside = _prepared_level(rm, stage, index, frame, shrink, voxels, seed)
         rm.SetVirtualDomain(size, origin, spacing, direction)  # a local-support transform's grid is the domain
         rm.SetMovingInitialTransform(level_initial)
         rm.SetInitialTransform(optimized, inPlace=True)
@@ -355,8 +353,27 @@ def _run_displacement(
 def _field_step(stage: Any, level_spacing: float) -> float | None:
     """A displacement stage's bound on each update in the frame's units (``transform.gradient_step`` voxels of the
     level's images), or None for the optimizer's own."""
-    step = getattr(stage.transform, "gradient_step", None)
+    step = stage.transform.gradient_step
     return None if step is None else step * level_spacing
+
+
+def _prepared_level(
+    rm: sitk.ImageRegistrationMethod, stage: Any, index: int, frame: Frame, shrink: int, voxels: int, seed: int
+) -> float:
+    """One prepared level's masks and sampling on ``rm`` (a single ITK level); returns the share of the level inside
+    the fixed mask, read off the mask built here rather than a second one."""
+    fixed_mask = frame.levels.mask("fixed", shrink) if stage.use_masks else None
+    moving_mask = frame.levels.mask("moving", shrink) if stage.use_masks else None
+    inside = inside_share(fixed_mask)
+    if stage.sampling.strategy != "none":
+        rm.SetMetricSamplingPercentage(sampling_fraction(stage.sampling, voxels, inside), itk_seed(seed, index))
+    if fixed_mask is not None:
+        rm.SetMetricFixedMask(fixed_mask)
+    if moving_mask is not None:
+        rm.SetMetricMovingMask(moving_mask)
+    rm.SetShrinkFactorsPerLevel([1])
+    rm.SetSmoothingSigmasPerLevel([0.0])
+    return inside
 
 
 _DEMONS = {
@@ -441,7 +458,6 @@ def _run_prepared(
 ) -> tuple[sitk.Transform, str]:
     """The stage on prepared levels: one ``Execute`` per level; returns the (possibly refined) transform."""
     sigmas, physical = sigmas_of(stage, frame.k)
-    use_mask = stage.use_masks
     stop = ""
     for level, (shrink, sigma) in enumerate(zip(stage.pyramid.shrink_factors, sigmas)):
         fixed = frame.levels.image("fixed", shrink, sigma)
@@ -459,17 +475,7 @@ def _run_prepared(
             for _ in range(int(round(np.log2(factors[level] / factors[level - 1])))):
                 optimized = refine_bspline(optimized)
         rm = _method(stage, threads)
-        inside = frame.levels.inside(shrink) if use_mask else 1.0
-        if stage.sampling.strategy != "none":
-            rm.SetMetricSamplingPercentage(sampling_fraction(stage.sampling, voxels, inside), itk_seed(seed, index))
-        fixed_mask = frame.levels.mask("fixed", shrink) if use_mask else None
-        moving_mask = frame.levels.mask("moving", shrink) if use_mask else None
-        if fixed_mask is not None:
-            rm.SetMetricFixedMask(fixed_mask)
-        if moving_mask is not None:
-            rm.SetMetricMovingMask(moving_mask)
-        rm.SetShrinkFactorsPerLevel([1])
-        rm.SetSmoothingSigmasPerLevel([0.0])
+        inside = _prepared_level(rm, stage, index, frame, shrink, voxels, seed)
         if moving_initial is not None:
             rm.SetMovingInitialTransform(moving_initial)
         rm.SetInitialTransform(optimized, inPlace=True)

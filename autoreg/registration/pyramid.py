@@ -88,10 +88,12 @@ class LevelImages:
 
     def inside(self, shrink: int) -> float:
         """The share of the fixed level's voxels inside the fixed mask (1 without a mask)."""
-        mask = self.mask("fixed", shrink)
-        if mask is None:
-            return 1.0
-        return float(np.mean(sitk.GetArrayViewFromImage(mask) > 0))
+        return inside_share(self.mask("fixed", shrink))
+
+
+def inside_share(mask: sitk.Image | None) -> float:
+    """The share of a level mask's voxels inside it (1 without a mask)."""
+    return 1.0 if mask is None else float(np.mean(sitk.GetArrayViewFromImage(mask) > 0))
 
 
 def _smooth(image: sitk.Image, sigma: float) -> sitk.Image:

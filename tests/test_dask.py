@@ -185,7 +185,10 @@ def open_study(name: str, study_dir: Path | None = None, url: str | None = None)
 
 
 def check_artifacts(study: optuna.Study, study_dir: Path) -> None:
-    """The best trial, and every trial that stored any, has its transform, picture and TRE table in the store."""
+    """The best trial, and every completed trial that stored any, has its transform, picture and TRE table.
+
+    A trial whose worker was killed while uploading may hold only part of its set; it failed, so nothing reads it.
+    """
     store = artifact_store(study_dir)
     with_files = 0
     for t in study.get_trials(deepcopy=False):
@@ -194,7 +197,11 @@ def check_artifacts(study: optuna.Study, study_dir: Path) -> None:
             assert files, "the best trial has no artifacts"
         if files:
             with_files += 1
-            assert {n.split("-")[0] for n in files} == {"transform", "alignment", "tre"}, files
+            kinds = {n.split("-")[0] for n in files}
+            if t.state == TrialState.COMPLETE:
+                assert kinds == {"transform", "alignment", "tre"}, files
+            else:
+                assert kinds <= {"transform", "alignment", "tre"}, files
             for artifact_id in files.values():
                 with store.open_reader(artifact_id) as fh:
                     assert len(fh.read()) > 0
@@ -324,6 +331,19 @@ def _finished(study: optuna.Study) -> dict[int, Any]:
     return {t.number: (t.state, t.value) for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
 
 
+def _communicate(proc: subprocess.Popen, open_it, timeout: float = 300) -> tuple[str, str]:
+    """The tune's output once it exits; if it hangs, kill it and fail with what it printed and its trials' states."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate(timeout=30)
+        states = [(t.number, t.state.name, t.user_attrs.get("worker")) for t in open_it().get_trials(deepcopy=False)]
+        raise AssertionError(
+            f"tune still running after {timeout:g} s; trials {states}\n{out[-3000:]}\n{err[-3000:]}"
+        ) from None
+
+
 def test_a_killed_worker_s_trial_is_failed_and_retried_once(ready: Cluster, tmp_path: Path) -> None:
     pair = write_study(tmp_path / "data", "dask-kill", size=(96, 96), extra=SLOW_SEARCH)
     study_dir = tmp_path / "study"
@@ -349,7 +369,7 @@ def test_a_killed_worker_s_trial_is_failed_and_retried_once(ready: Cluster, tmp_
     try:
         killed = _kill_a_worker_mid_trial(proc, lambda: open_study("dask-kill", study_dir), identities)
         before = _finished(open_study("dask-kill", study_dir))
-        out, err = proc.communicate(timeout=600)
+        out, err = _communicate(proc, lambda: open_study("dask-kill", study_dir))
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -385,7 +405,7 @@ def test_a_killed_worker_s_trial_is_retried_over_postgres(ready: Cluster, postgr
     try:
         killed = _kill_a_worker_mid_trial(proc, lambda: open_study("dask-kill-pg", url=postgres_url), identities)
         before = _finished(open_study("dask-kill-pg", url=postgres_url))
-        out, err = proc.communicate(timeout=600)
+        out, err = _communicate(proc, lambda: open_study("dask-kill-pg", url=postgres_url))
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -123,7 +123,7 @@ class Pipeline:
                     if key == "enqueue":
                         out.append(StartingPoint(f"{USER_PREFIX}{file.name}", recipe))
                     else:
-                        out.append(StartingPoint(f"{WARM_PREFIX}{file.name}", recipe, self.space.params_of(recipe)))
+                        out.append(StartingPoint(f"{WARM_PREFIX}{file.name}", recipe, self.space.point_of(recipe)))
         return out
 
     @cached_property

@@ -36,11 +36,13 @@ from .recipe import (
     Recipe,
     Transform,
     default_recipe,
+    default_stage,
     model_of,
     recipe_from_dict,
     recipe_to_dict,
 )
 from .registration import LINEAR_KINDS
+from .trial import DEFAULT_POINT
 
 MAX_LEVELS = 5
 MAX_SAMPLES = 250_000
@@ -511,6 +513,38 @@ class SearchSpace:
     def baseline_recipe(self, seed: int = 0) -> Recipe:
         """The SimpleITK-notebooks default recipe for these stages (trial 0 of every study)."""
         return default_recipe(self.stages, self.dim, seed=seed)
+
+    def point_of(self, recipe: Recipe) -> dict[str, Any]:
+        """``params_of`` less what this study's overrides fix, drop or rule out: the sampler draws those."""
+        out = {}
+        for name, value in self.params_of(recipe).items():
+            ov = self.overrides.get(name)
+            if ov is not None and (
+                ov.drop
+                or ov.fixed
+                or (ov.choices is not None and value not in ov.choices)
+                or (ov.low is not None and value < ov.low)
+                or (ov.high is not None and value > ov.high)
+            ):
+                continue
+            out[name] = value
+        return out
+
+    def default_points(self) -> list[tuple[str, dict[str, Any]]]:
+        """The default recipe as points of the space, role -> params: one per kind a ``deformable`` stage may draw.
+
+        The baseline runs as it is and teaches the sampler nothing; its points do, and each deformable kind is tried
+        once before TPE narrows (in a 60-trial study of ratkidney without them, TPE never came near the default)."""
+        kinds = {i: self._possible(f"stage{i}.transform.kind") for i, k in enumerate(self.stages) if k == "deformable"}
+        if not kinds:
+            return [(DEFAULT_POINT, self.point_of(self.baseline_recipe()))]
+        index, choices = next(iter(kinds.items()))
+        out = []
+        for kind in (k for k in DEFORMABLE_KINDS if k in choices):
+            stages = list(self.baseline_recipe().stages)
+            stages[index] = default_stage(kind, self.dim)
+            out.append((f"{DEFAULT_POINT}:{kind}", self.point_of(Recipe(stages=tuple(stages)))))
+        return out
 
     # --- overrides ----------------------------------------------------------------------------------------------
 

@@ -545,7 +545,8 @@ def create_or_load(
     cfg: StudyConfig, spec: StorageSpec, space: SearchSpace, fingerprint: dict[str, Any], starting: Sequence[Any] = ()
 ) -> optuna.Study:
     """Create the study (enqueueing the default recipe, then the ``starting`` points: the user's recipes and warm
-    starts) or load it to continue on the same inputs (queueing starting points it has not seen yet)."""
+    starts, then the default recipe's points in the space) or load it to continue on the same inputs (queueing
+    starting points it has not seen yet)."""
     storage = open_storage(spec)
     pruner = make_pruner(cfg.prune, len(cfg.pairs))
     try:
@@ -581,6 +582,9 @@ def create_or_load(
             study.enqueue_trial({}, user_attrs=attrs(recipe=recipe_to_dict(point.recipe), role=point.role))
         else:  # a warm start: the sampler sees (and learns from) its point
             study.enqueue_trial(point.params, user_attrs=attrs(role=point.role), skip_if_exists=True)
+    for role, params in space.default_points():
+        if role not in seen:
+            study.enqueue_trial(params, user_attrs=attrs(role=role), skip_if_exists=True)
     return study
 
 

@@ -21,6 +21,8 @@ SUGGESTED = "suggested"
 USER_PREFIX = "user:"
 #: A warm start: an earlier study's recipe, given to the sampler as a point of this study's space.
 WARM_PREFIX = "warm:"
+#: The default recipe as a point of the space (``default:<kind>`` per kind a ``deformable`` stage may draw).
+DEFAULT_POINT = "default"
 #: Statistics of a finished trial, each the mean over its pairs (``folding_fraction``: the worst pair).
 SCORE_KEYS = (
     "tre_mean",
@@ -51,7 +53,8 @@ class TrialRecord(BaseModel):
     # --- written by autoreg (user attributes) ---
     worker: str | None = None
     #: ``baseline`` (trial 0: the SimpleITK-notebooks default), ``suggested`` (the sampler's), ``user:<file>`` (a
-    #: recipe run as it is), ``warm:<file>`` (an earlier study's recipe, as a point of this space).
+    #: recipe run as it is), ``warm:<file>`` (an earlier study's recipe, as a point of this space), ``default`` or
+    #: ``default:<kind>`` (the default recipe as a point of this space).
     role: str = SUGGESTED
     #: The whole recipe that ran (any recipe format); every trial stores it, so export never re-derives it.
     recipe: dict[str, Any] | None = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -352,6 +353,55 @@ def test_params_of_a_drawn_recipe_are_its_params(fp_name: str, stages: tuple[str
             ):
                 continue  # raised to a need, rounded, or lowered by a rule: described as what ran
             assert described[name] == value, (name, value, described.get(name))
+
+
+def _drawn_from(space: SearchSpace, point: dict[str, Any]) -> Recipe:
+    """What a trial enqueued with ``point`` runs: the point's values, the sampler's draws for the rest."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.enqueue_trial(point)
+    return space.suggest(study.ask(), seed=0)
+
+
+@pytest.mark.parametrize("stages", [("affine",), ("rigid", "bspline")])
+def test_a_study_without_a_deformable_choice_has_one_default_point(stages: tuple[str, ...]) -> None:
+    space = SearchSpace(fingerprint=FINGERPRINTS["2d-64"](), stages=stages)
+    [(role, point)] = space.default_points()
+    assert role == "default" and point == space.params_of(space.baseline_recipe())
+    recipe = _drawn_from(space, point)
+    assert recipe.kinds == stages
+    assert all(s.optimizer.number_of_iterations == 100 and s.metric.kind == "mattes" for s in recipe.stages)
+
+
+def test_a_deformable_stage_has_a_default_point_per_kind() -> None:
+    space = SearchSpace(fingerprint=FINGERPRINTS["2d-512x384"](), stages=("affine", "deformable"))
+    points = dict(space.default_points())
+    assert list(points) == ["default:bspline", "default:displacement"]
+    bspline = _drawn_from(space, points["default:bspline"])
+    assert bspline.kinds == ("affine", "bspline") and bspline.stages[1].optimizer.kind == "lbfgsb"
+    assert bspline.stages[1].transform.control_point_spacing == pytest.approx(384 / 8)
+    field = _drawn_from(space, points["default:displacement"])
+    assert field.kinds == ("affine", "displacement") and field.stages[1].optimizer.kind == "gradient_descent"
+    assert field.stages[1].optimizer.number_of_iterations == 20
+    assert field.stages[1].transform.variance_for_total_field == 2.0
+    # both start from the same linear stage: only the deformable kind differs
+    assert recipe_to_dict(bspline)["stages"][0] == recipe_to_dict(field)["stages"][0]
+
+
+def test_default_points_leave_out_what_the_overrides_rule_out() -> None:
+    overrides = {
+        "stage1.transform.kind": SearchOverride(choices=("displacement",)),
+        "stage0.optimizer.number_of_iterations": SearchOverride(low=20, high=50),
+        "stage0.metric.kind": SearchOverride(value="correlation", fixed=True),
+    }
+    space = SearchSpace(fingerprint=FINGERPRINTS["2d-64"](), stages=("affine", "deformable"), overrides=overrides)
+    [(role, point)] = space.default_points()
+    assert role == "default:displacement"
+    assert "stage0.optimizer.number_of_iterations" not in point and "stage0.metric.kind" not in point
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no value outside what the study allows reaches Optuna
+        recipe = _drawn_from(space, point)
+    assert 20 <= recipe.stages[0].optimizer.number_of_iterations <= 50
+    assert recipe.stages[0].metric.kind == "correlation" and recipe.kinds == ("affine", "displacement")
 
 
 def test_dropped_parameters_take_the_default_recipe_s_value() -> None:

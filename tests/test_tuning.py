@@ -851,9 +851,13 @@ def test_same_seed_same_trial_params(tuned: Tuned, tmp_path: Path) -> None:
     assert [t.params for t in again] == [t.params for t in first]
     assert [t.user_attrs["seed"] for t in again] == [t.user_attrs["seed"] for t in first]
 
-    other = tune(tuned.pair, tmp_path / "other", "--trials", 2, "--jobs", 1, "--seed", 4, "-q")
+    # trial 0 is the baseline and trial 1 the default's point, whatever the seed; the sampler's first draw differs
+    other = tune(tuned.pair, tmp_path / "other", "--trials", 3, "--jobs", 1, "--seed", 4, "-q")
     assert other.code == 0, other.err
-    assert trials_of(tmp_path / "other")[1].params != first[1].params
+    assert [t.user_attrs.get("role") for t in first[:2]] == ["baseline", "default"]
+    assert first[2].user_attrs.get("role", "suggested") == "suggested"
+    assert trials_of(tmp_path / "other")[1].params == first[1].params
+    assert trials_of(tmp_path / "other")[2].params != first[2].params
 
 
 # --- 10. real data -----------------------------------------------------------------------------------------------

@@ -469,6 +469,14 @@ def default_stage(kind: str, dim: int) -> Stage:
     return Stage(transform=LinearTransform(kind=kind))
 
 
+def default_demons_stage(dim: int) -> Stage:
+    """The displacement stage's default field and pyramid moved by SimpleITK's Demons (notebook 66's other way):
+    the intensity difference at every voxel."""
+    return default_stage("displacement", dim).model_copy(
+        update={"optimizer": Demons(), "metric": MeanSquares(), "sampling": Sampling(strategy="none")}
+    )
+
+
 def default_recipe(stages: list[str] | tuple[str, ...], dim: int, *, seed: int = 0) -> Recipe:
     """GEOMETRY init, Mattes MI 50 bins, RANDOM 1 %, GD lr 1.0 x 100 (1e-6 over 10), PhysicalShift scales,
     shrink [4,2,1], sigmas [2,1,0] mm, linear interpolation; BSpline: mesh 8 per axis, LBFGSB."""

@@ -372,10 +372,10 @@ def test_a_study_without_a_deformable_choice_has_one_default_point(stages: tuple
     assert all(s.optimizer.number_of_iterations == 100 and s.metric.kind == "mattes" for s in recipe.stages)
 
 
-def test_a_deformable_stage_has_a_default_point_per_kind() -> None:
+def test_a_deformable_stage_has_a_default_point_per_way() -> None:
     space = SearchSpace(fingerprint=FINGERPRINTS["2d-512x384"](), stages=("affine", "deformable"))
     points = dict(space.default_points())
-    assert list(points) == ["default:bspline", "default:displacement"]
+    assert list(points) == ["default:bspline", "default:displacement", "default:demons"]
     bspline = _drawn_from(space, points["default:bspline"])
     assert bspline.kinds == ("affine", "bspline") and bspline.stages[1].optimizer.kind == "lbfgsb"
     assert bspline.stages[1].transform.control_point_spacing == pytest.approx(384 / 8)
@@ -383,25 +383,34 @@ def test_a_deformable_stage_has_a_default_point_per_kind() -> None:
     assert field.kinds == ("affine", "displacement") and field.stages[1].optimizer.kind == "gradient_descent"
     assert field.stages[1].optimizer.number_of_iterations == 20
     assert field.stages[1].transform.variance_for_total_field == 2.0
-    # both start from the same linear stage: only the deformable kind differs
+    demons = _drawn_from(space, points["default:demons"])
+    assert demons.kinds == ("affine", "displacement") and demons.stages[1].optimizer.kind == "demons"
+    assert demons.stages[1].optimizer.number_of_iterations == 50 and demons.stages[1].metric.kind == "mean_squares"
+    # all start from the same linear stage: only the deformable way differs
     assert recipe_to_dict(bspline)["stages"][0] == recipe_to_dict(field)["stages"][0]
+    assert recipe_to_dict(demons)["stages"][0] == recipe_to_dict(field)["stages"][0]
+    # a displacement stage: gradient descent and Demons
+    space = SearchSpace(fingerprint=FINGERPRINTS["2d-64"](), stages=("affine", "displacement"))
+    assert [role for role, _ in space.default_points()] == ["default:displacement", "default:demons"]
 
 
 def test_default_points_leave_out_what_the_overrides_rule_out() -> None:
     overrides = {
         "stage1.transform.kind": SearchOverride(choices=("displacement",)),
+        "stage1.optimizer.demons": SearchOverride(value=False, fixed=True),
         "stage0.optimizer.number_of_iterations": SearchOverride(low=20, high=50),
         "stage0.metric.kind": SearchOverride(value="correlation", fixed=True),
     }
     space = SearchSpace(fingerprint=FINGERPRINTS["2d-64"](), stages=("affine", "deformable"), overrides=overrides)
-    [(role, point)] = space.default_points()
-    assert role == "default:displacement"
+    [(role, point)] = space.default_points()  # one way left: its default, as the study's default point
+    assert role == "default" and point["stage1.transform.kind"] == "displacement"
     assert "stage0.optimizer.number_of_iterations" not in point and "stage0.metric.kind" not in point
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no value outside what the study allows reaches Optuna
         recipe = _drawn_from(space, point)
     assert 20 <= recipe.stages[0].optimizer.number_of_iterations <= 50
     assert recipe.stages[0].metric.kind == "correlation" and recipe.kinds == ("affine", "displacement")
+    assert recipe.stages[1].optimizer.kind == "gradient_descent"
 
 
 def test_dropped_parameters_take_the_default_recipe_s_value() -> None:

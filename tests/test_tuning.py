@@ -187,6 +187,17 @@ def test_trial_zero_is_the_default_recipe(tuned: Tuned) -> None:
     assert first.user_attrs["recipe"]["seed"] == first.user_attrs["seed"]
 
 
+def test_trial_one_is_the_default_recipe_as_a_point_the_sampler_learns_from(tuned: Tuned) -> None:
+    second = trials_of(tuned.study_dir)[1]
+    assert second.user_attrs["role"] == "default"
+    assert second.params["stage0.optimizer.number_of_iterations"] == 100  # a point of the space, seen by TPE
+    ran = second.user_attrs["recipe"]["stages"][0]
+    assert ran["metric"] == {**ran["metric"], "kind": "mattes", "number_of_histogram_bins": 50}
+    assert ran["optimizer"]["kind"] == "gradient_descent" and ran["optimizer"]["learning_rate"] == 1.0
+    # [4, 2, 1] as closely as this 64x64 pair allows: no level under 16 voxels a side
+    assert ran["pyramid"]["shrink_factors"] == [2, 1]
+
+
 def test_seed_option_sets_the_registration_seeds(tuned: Tuned) -> None:
     assert load_study(tuned.study_dir).user_attrs["seed"] == 3
     for t in trials_of(tuned.study_dir):
@@ -214,6 +225,7 @@ def test_rerun_continues_the_same_study_to_the_new_total(resumed) -> None:
     for old, new in zip(before, after):  # the first eight are kept as they were
         assert (new.state, new.value, new.params) == (old.state, old.value, old.params)
     assert sum(t.user_attrs.get("role") == "baseline" for t in after) == 1  # no second baseline
+    assert sum(t.user_attrs.get("role") == "default" for t in after) == 1  # nor a second default point
     assert "done: 12 trials" in run.out
 
 

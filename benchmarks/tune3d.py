@@ -4,7 +4,8 @@
     python benchmarks/peers3d.py              # once: elastix, ANTs and the default recipe (results/peers3d.json)
     python benchmarks/tune3d.py [--only rot3d,affine3d] [--trials 60] [--jobs 2] [--timeout 1800] [--no-prune]
                                 [--stages affine+deformable]
-    python benchmarks/tune3d.py --every-landmark   # then: each saved case's best recipe on every landmark
+    python benchmarks/tune3d.py --every-landmark   # then: each saved case's best recipe on every landmark, and
+                                                   # the seconds of one registration with it on 2 threads
 
 Per case: the study's wall time, its best TRE (the landmarks it selected with) and honest TRE (those it never saw),
 the peers' TRE, trials completed / pruned / failed, per-trial seconds (median, p90, max), the largest overrun of a
@@ -165,6 +166,21 @@ def every_landmark(folder: Path) -> float | None:
     return json.loads(out.read_text())["overall"]["mean"] if proc.returncode == 0 else None
 
 
+def seconds_2_threads(folder: Path) -> float | None:
+    """Seconds of one registration with the exported best recipe on 2 ITK threads (the peers' setting)."""
+    from autoreg.pipeline import Pipeline
+    from autoreg.recipe import load_recipe
+    from autoreg.registration import register
+
+    best = folder / "best.yaml"
+    if not best.is_file():
+        return None
+    pair = Pipeline.load(folder / "pair.yaml").all_landmark_pairs[0]
+    t0 = time.perf_counter()
+    register(load_recipe(best).with_(threads=2), pair)
+    return time.perf_counter() - t0
+
+
 def _load() -> float:
     import os
 
@@ -184,9 +200,9 @@ def table(results: list[dict]) -> str:
     p = peers()
     lines = [
         "| case | stages | wall | best TRE (honest) mm | best on every landmark | elastix | ANTs | default | "
-        "trials (pruned: unrun, failed) | "
+        "best s (2 threads) | ANTs s | trials (pruned: unrun, failed) | "
         "s/trial median, p90, max | largest overrun s | coarse-final rho | measured/predicted s p10, p50, p90 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         peer = p.get(r["case"], {})
@@ -194,7 +210,7 @@ def table(results: list[dict]) -> str:
         lines.append(
             f"| {r['case']} ({r['variant']}) | {'+'.join(r['stages'])} | {r['wall_s'] / 60:.1f} min | "
             f"{_f(r['best'])} ({_f(r['honest'])}) | {_f(r.get('every_landmark'))} | {_f(el)} | {_f(an)} | "
-            f"{_f(r['baseline'])} | "
+            f"{_f(r['baseline'])} | {_f(r.get('seconds_2_threads'))} | {_f(peer.get('ants', {}).get('seconds'))} | "
             f"{r['trials']} ({r['pruned']}: {r.get('pruned_unrun', '-')} unrun, {r['failed']}) | "
             f"{_f(r['seconds_median'])}, {_f(r['seconds_p90'])}, {_f(r['seconds_max'])} | "
             f"{_f(r['largest_overrun_s'])} | {_f(r['coarse_final_spearman'], '.2f')} | "
@@ -230,7 +246,8 @@ def main() -> int:
             folder = RESULTS / "tune3d" / f"{r['case']}-{r['variant']}"
             if r["case"] in args.only.split(",") and (folder / "study").is_dir():
                 r["every_landmark"] = every_landmark(folder)
-                print(r["case"], r["variant"], r["every_landmark"], flush=True)
+                r["seconds_2_threads"] = seconds_2_threads(folder)
+                print(r["case"], r["variant"], r["every_landmark"], r["seconds_2_threads"], flush=True)
         path.write_text(json.dumps(saved, indent=2), encoding="utf-8")
     elif args.report:  # re-read each saved case's study: figures added to summarise() since it ran appear too
         for r in saved.values():

@@ -285,7 +285,8 @@ SLOW_SEARCH = {
 
 
 def _kill_a_worker_mid_trial(proc: subprocess.Popen, open_it, identities: dict[str, str]) -> int:
-    """SIGKILL the worker process of a trial that has been in its registration for a while; returns its number."""
+    """SIGKILL the worker process of a trial that has been in its registration for a while; returns its number (a
+    trial that ended before the kill landed does not count: another worker's is caught)."""
     pids = {w: int(w.rpartition(":")[2]) for w in identities.values()}
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
@@ -304,8 +305,11 @@ def _kill_a_worker_mid_trial(proc: subprocess.Popen, open_it, identities: dict[s
                 and "threads" in t.user_attrs
                 and (datetime.now() - t.datetime_start).total_seconds() > 0.3
             ):
-                os.kill(pids[worker], signal.SIGKILL)
-                return t.number
+                os.kill(pids.pop(worker), signal.SIGKILL)
+                time.sleep(0.5)
+                if open_it().trials[t.number].state in (TrialState.RUNNING, TrialState.FAIL):
+                    return t.number
+                break  # it ended before the kill landed: catch another worker's trial
         time.sleep(0.05)
     raise AssertionError("no trial was caught RUNNING in a cluster worker")
 

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -74,6 +75,41 @@ def test_two_workers_share_a_postgres_study_and_a_rerun_continues_it(postgres_ur
     assert "not-a-secret" not in out.read_text()  # provenance names the storage without its password
 
 
+def _kill_the_tune_mid_trial(pair: Path, postgres_url: str) -> None:
+    """Start (or resume) the tune and SIGKILL it once a trial has been in its registration for a while."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--storage", postgres_url, "--trials", "50"]
+        + ["--jobs", "1", "-q"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            try:
+                study = optuna.load_study(study_name="pg-crash", storage=postgres_url)
+            except KeyError:
+                continue
+            trials = study.get_trials(deepcopy=False)
+            running = [
+                t
+                for t in trials
+                if t.state == TrialState.RUNNING
+                and "threads" in t.user_attrs
+                and (datetime.now() - t.datetime_start).total_seconds() > 0.2
+            ]
+            if sum(t.state.is_finished() for t in trials) >= 1 and running:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=30)
+                return
+        raise AssertionError("no trial was caught RUNNING")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
 def test_a_killed_worker_s_trial_is_failed_and_retried_over_postgres(postgres_url, pair_yaml, tmp_path) -> None:
     # slow trials (dense ANTS correlation, one level) so that the kill lands inside a registration
     pair = pair_yaml(
@@ -88,47 +124,15 @@ def test_a_killed_worker_s_trial_is_failed_and_retried_over_postgres(postgres_ur
             }
         },
     )
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "autoreg.cli",
-            "tune",
-            str(pair),
-            "--storage",
-            postgres_url,
-            "--trials",
-            "50",
-            "--jobs",
-            "1",
-            "-q",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     killed = None
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and killed is None:
-            time.sleep(0.2)
-            try:
-                study = optuna.load_study(study_name="pg-crash", storage=postgres_url)
-            except KeyError:
-                continue
-            trials = study.get_trials(deepcopy=False)
-            running = [t for t in trials if t.state == TrialState.RUNNING and "threads" in t.user_attrs]
-            if sum(t.state.is_finished() for t in trials) >= 1 and running:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait(timeout=30)
-                killed = running[0].number
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-    assert killed is not None, "no trial was caught RUNNING"
-    study = optuna.load_study(study_name="pg-crash", storage=postgres_url)
-    left = [t.number for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
-    assert killed in left
+    for _attempt in range(5):  # a trial may end between being seen RUNNING and the kill: then kill the tune again
+        _kill_the_tune_mid_trial(pair, postgres_url)
+        study = optuna.load_study(study_name="pg-crash", storage=postgres_url)
+        left = [t.number for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+        if left:
+            [killed] = left  # one worker: the trial its crash left RUNNING
+            break
+    assert killed is not None, "no kill landed inside a trial in 5 tries"
     total = len(study.get_trials(deepcopy=False)) + 1
     rerun = _tune(pair, postgres_url, "--trials", total, "--jobs", 1, "-q")
     assert rerun.returncode == 0, rerun.stderr

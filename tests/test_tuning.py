@@ -517,7 +517,9 @@ def test_search_overrides_fix_narrow_and_drop(tmp_path: Path) -> None:
     trials = trials_of(tmp_path / "study")
     assert len(trials) == 6
     sugg = suggested(trials)
-    assert len(sugg) == 5
+    assert len(sugg) == 4  # after the baseline and the default's point, which keeps to the overrides too
+    assert trials[1].user_attrs["role"] == "default"
+    assert 20 <= trials[1].params["stage0.optimizer.number_of_iterations"] <= 30
     for t in sugg:
         assert "stage0.metric.kind" not in t.params and "stage0.metric.number_of_histogram_bins" not in t.params
         assert 20 <= t.params["stage0.optimizer.number_of_iterations"] <= 30

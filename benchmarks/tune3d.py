@@ -4,7 +4,8 @@
     python benchmarks/peers3d.py              # once: elastix, ANTs and the default recipe (results/peers3d.json)
     python benchmarks/tune3d.py [--only rot3d,affine3d] [--trials 60] [--jobs 2] [--timeout 1800] [--no-prune]
                                 [--stages affine+deformable]
-    python benchmarks/tune3d.py --every-landmark   # then: each saved case's best recipe on every landmark, and
+    python benchmarks/tune3d.py --every-landmark [--only mmdef3d/prune-affine-displacement]
+                                                   # then: each saved case's best recipe on every landmark, and
                                                    # the seconds of one registration with it on 2 threads
 
 Per case: the study's wall time, its best TRE (the landmarks it selected with) and honest TRE (those it never saw),
@@ -244,7 +245,8 @@ def main() -> int:
     if args.every_landmark:
         for r in saved.values():
             folder = RESULTS / "tune3d" / f"{r['case']}-{r['variant']}"
-            if r["case"] in args.only.split(",") and (folder / "study").is_dir():
+            wanted = args.only.split(",")
+            if (r["case"] in wanted or f"{r['case']}/{r['variant']}" in wanted) and (folder / "study").is_dir():
                 r["every_landmark"] = every_landmark(folder)
                 r["seconds_2_threads"] = seconds_2_threads(folder)
                 print(r["case"], r["variant"], r["every_landmark"], r["seconds_2_threads"], flush=True)

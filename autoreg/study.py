@@ -38,7 +38,7 @@ from .errors import UserError, excerpt
 from .objective import RUNGS
 from .recipe import recipe_to_dict
 from .space import SearchSpace
-from .trial import BASELINE, SUGGESTED, TrialRecord, attrs, best_and_baseline, records, write_to_storage
+from .trial import BASELINE, SUGGESTED, USER_PREFIX, TrialRecord, attrs, best_and_baseline, records, write_to_storage
 
 log = logging.getLogger(__name__)
 
@@ -675,8 +675,12 @@ def fail_trials(study: optuna.Study, trials: list[FrozenTrial], *, reason: str |
         failed.append(t.number)
         if reason is not None or again:
             continue
-        # an enqueued recipe (baseline, user's) runs again as it is; a suggested trial is replayed from its params
-        again_attrs = attrs(recipe=t.recipe, role=t.role) if t.role != SUGGESTED else {}
+        # a recipe run as it is (the baseline, a user's) runs again as it is; a point of the space (suggested, a warm
+        # start, a default point) is replayed from its params, so that the sampler sees the retry too
+        if t.role == BASELINE or t.role.startswith(USER_PREFIX):
+            again_attrs = attrs(recipe=t.recipe, role=t.role)
+        else:
+            again_attrs = attrs(role=t.role) if t.role != SUGGESTED else {}
         study.enqueue_trial(t.params, user_attrs=attrs(**again_attrs, retry_of=t.number))
     return failed
 

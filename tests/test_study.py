@@ -63,3 +63,34 @@ def test_a_dead_worker_s_trial_is_retried_once_not_forever() -> None:
     assert after[again.number].state == TrialState.FAIL
     assert "not queued again" in after[again.number].user_attrs["fail_reason"]
     assert not [t for t in after if t.state in (TrialState.WAITING, TrialState.RUNNING)]
+
+
+@pytest.mark.parametrize(
+    "role, runs_as_is",
+    [("baseline", True), ("user:mine.yaml", True), ("default:bspline", False), ("warm:a.yaml", False)],
+)
+def test_a_dead_worker_s_retry_runs_what_the_trial_ran(role: str, runs_as_is: bool) -> None:
+    """A recipe run as it is is retried as it is; a point of the space (a default point, a warm start) is retried as
+    that point, so that the sampler sees it, and keeps its role, so that a resumed study does not queue it again."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from autoreg.study import reap_stale_trials
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    recipe = {"autoreg_recipe": 2, "stages": []}
+    params = {} if runs_as_is else {"x": 0.25}
+    study.enqueue_trial(params, user_attrs={"role": role, **({"recipe": recipe} if runs_as_is else {})})
+    first = study.ask()
+    if not runs_as_is:
+        first.suggest_float("x", 0, 1)
+    first.set_user_attr("worker", "no-such-host-ever:1")
+    assert reap_stale_trials(study, alone=True) == [first.number]
+    [retry] = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.WAITING]
+    assert retry.user_attrs["role"] == role and retry.user_attrs["retry_of"] == first.number
+    assert ("recipe" in retry.user_attrs) == runs_as_is
+    again = study.ask()
+    assert again.number == retry.number
+    if not runs_as_is:
+        assert again.suggest_float("x", 0, 1) == 0.25

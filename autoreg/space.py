@@ -546,11 +546,12 @@ class SearchSpace:
             ways = {kind: default_stage(kind, self.dim) for kind in DEFORMABLE_KINDS if kind in choices}
             if "displacement" in ways and True in self._possible(f"stage{index}.optimizer.demons"):
                 ways["demons"] = default_demons_stage(self.dim)
+        baseline = self.baseline_recipe()
         if not ways:
-            return [(DEFAULT_POINT, self.point_of(self.baseline_recipe()))]
+            return [(DEFAULT_POINT, self.point_of(baseline))]
         out = []
         for name, stage in ways.items():
-            stages = list(self.baseline_recipe().stages)
+            stages = list(baseline.stages)
             stages[index] = stage
             role = DEFAULT_POINT if len(ways) == 1 else f"{DEFAULT_POINT}:{name}"
             out.append((role, self.point_of(Recipe(stages=tuple(stages)))))

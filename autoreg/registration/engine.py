@@ -38,6 +38,7 @@ from .method import (
     configure_metric,
     configure_optimizer,
     install_quiet_stop,
+    one_prepared_level,
     sampling_strategy,
 )
 from .pyramid import (
@@ -361,18 +362,10 @@ def _prepared_level(
     rm: sitk.ImageRegistrationMethod, stage: Any, index: int, frame: Frame, shrink: int, voxels: int, seed: int
 ) -> float:
     """One prepared level's masks and sampling on ``rm`` (a single ITK level); returns the share of the level inside
-    the fixed mask, read off the mask built here rather than a second one."""
-    fixed_mask = frame.levels.mask("fixed", shrink) if stage.use_masks else None
-    moving_mask = frame.levels.mask("moving", shrink) if stage.use_masks else None
-    inside = inside_share(fixed_mask)
+    the fixed mask, read off the mask set on ``rm`` rather than a second one."""
+    inside = inside_share(one_prepared_level(rm, frame.levels, shrink, stage.use_masks))
     if stage.sampling.strategy != "none":
         rm.SetMetricSamplingPercentage(sampling_fraction(stage.sampling, voxels, inside), itk_seed(seed, index))
-    if fixed_mask is not None:
-        rm.SetMetricFixedMask(fixed_mask)
-    if moving_mask is not None:
-        rm.SetMetricMovingMask(moving_mask)
-    rm.SetShrinkFactorsPerLevel([1])
-    rm.SetSmoothingSigmasPerLevel([0.0])
     return inside
 
 

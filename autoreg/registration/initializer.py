@@ -19,7 +19,7 @@ import SimpleITK as sitk
 
 from .core import LINEAR_KINDS, Clock, Halt, itk_seed
 from .frame import Frame, Linear, copy_typed
-from .method import StopExecute, configure_metric, install_quiet_stop
+from .method import StopExecute, configure_metric, install_quiet_stop, one_prepared_level
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +79,7 @@ def _coarse_method(frame: Frame, stage: Any, seed: int) -> tuple[sitk.ImageRegis
         rm.SetMetricSamplingPercentage(SEARCH_POINTS / voxels, itk_seed(seed, 0))
     else:
         rm.SetMetricSamplingStrategy(rm.NONE)
-    if stage.use_masks:
-        fixed_mask, moving_mask = levels.mask("fixed", shrink), levels.mask("moving", shrink)
-        if fixed_mask is not None:
-            rm.SetMetricFixedMask(fixed_mask)
-        if moving_mask is not None:
-            rm.SetMetricMovingMask(moving_mask)
-    rm.SetShrinkFactorsPerLevel([1])
-    rm.SetSmoothingSigmasPerLevel([0.0])
+    one_prepared_level(rm, levels, shrink, stage.use_masks)
     return rm, fixed, moving
 
 

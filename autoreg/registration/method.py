@@ -103,6 +103,22 @@ def configure_optimizer(rm: sitk.ImageRegistrationMethod, o: Any) -> None:
         rm.SetOptimizerScalesFromJacobian()
 
 
+def one_prepared_level(
+    rm: sitk.ImageRegistrationMethod, levels: Any, shrink: int, use_masks: bool
+) -> sitk.Image | None:
+    """Run ``rm`` on one already shrunk and smoothed level: its masks (when used) and a single ITK level; returns the
+    fixed mask (None without one)."""
+    fixed_mask = levels.mask("fixed", shrink) if use_masks else None
+    moving_mask = levels.mask("moving", shrink) if use_masks else None
+    if fixed_mask is not None:
+        rm.SetMetricFixedMask(fixed_mask)
+    if moving_mask is not None:
+        rm.SetMetricMovingMask(moving_mask)
+    rm.SetShrinkFactorsPerLevel([1])
+    rm.SetSmoothingSigmasPerLevel([0.0])
+    return fixed_mask
+
+
 def sampling_strategy(rm: sitk.ImageRegistrationMethod, strategy: str):
     return {"none": rm.NONE, "regular": rm.REGULAR, "random": rm.RANDOM}[strategy]
 

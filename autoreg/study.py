@@ -681,7 +681,9 @@ def fail_trials(study: optuna.Study, trials: list[FrozenTrial], *, reason: str |
             again_attrs = attrs(recipe=t.recipe, role=t.role)
         else:
             again_attrs = attrs(role=t.role) if t.role != SUGGESTED else {}
-        study.enqueue_trial(t.params, user_attrs=attrs(**again_attrs, retry_of=t.number))
+        # a queued point whose worker died before suggesting it has its values only as Optuna's fixed params
+        params = {**frozen.system_attrs.get("fixed_params", {}), **t.params}
+        study.enqueue_trial(params, user_attrs=attrs(**again_attrs, retry_of=t.number))
     return failed
 
 

@@ -29,7 +29,7 @@ from .config import StudyConfig
 from .objective import Budget, Objective
 from .pipeline import Pipeline
 from .space import SearchSpace
-from .study import StorageSpec, cost_model, make_pruner, make_sampler, open_storage, pid_alive
+from .study import StorageSpec, cost_model, fail_trials, make_pruner, make_sampler, open_storage, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -253,10 +253,9 @@ def run_trials(
         with lock():
             if fresh():  # a stop asked for while this worker waited for the lock: no new trial
                 break
-            if plan.n_trials is not None and budget_spent(study.get_trials(deepcopy=False), plan.n_trials):
-                break
-            trial = study.ask()
-            trial.set_user_attr("worker", objective.worker)  # before anything can stop us: names who runs it
+            trial = ask_named(study, plan.n_trials, objective.worker)
+        if trial is None:
+            break
         if not run_one(study, trial, objective, recorder):
             break
         done += 1
@@ -276,6 +275,24 @@ def budget_spent(trials: Sequence[FrozenTrial], n_trials: int) -> bool:
         elif t.number not in retried:
             counted += 1
     return counted >= n_trials and not retry_waiting
+
+
+def ask_named(study: optuna.Study, n_trials: int | None, worker: str) -> optuna.Trial | None:
+    """Under the budget lock: the next trial, named after the worker that runs it; None once the budget is spent.
+
+    Asking and naming are two storage calls, both made under the lock, so a RUNNING trial that names no worker
+    belongs to a worker that died between them (SIGKILL, a lost cluster worker): it is failed and queued again
+    here, or it would hold a place of the budget for ever."""
+    trials = study.get_trials(deepcopy=False)
+    unnamed = [t for t in trials if t.state == TrialState.RUNNING and "worker" not in t.user_attrs]
+    if unnamed:
+        log.warning("trial(s) %s lost their worker before it named itself", fail_trials(study, unnamed))
+        trials = study.get_trials(deepcopy=False)
+    if n_trials is not None and budget_spent(trials, n_trials):
+        return None
+    trial = study.ask()
+    trial.set_user_attr("worker", worker)  # before anything can stop us: names who runs it
+    return trial
 
 
 def run_one(

@@ -65,6 +65,35 @@ def test_a_dead_worker_s_trial_is_retried_once_not_forever() -> None:
     assert not [t for t in after if t.state in (TrialState.WAITING, TrialState.RUNNING)]
 
 
+def test_a_trial_whose_worker_died_before_naming_itself_is_retried_by_the_next_ask() -> None:
+    """A worker killed between asking for a trial and naming itself leaves a RUNNING trial no one owns; the next
+    worker to ask (under the same lock) fails it and runs it again, with the point it was queued with, so the budget
+    stays exact and no trial stays RUNNING."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from autoreg.workers import ask_named
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    study.enqueue_trial({"x": 0.25}, user_attrs={"role": "default"})
+    orphan = study.ask()  # popped from the queue; its worker dies before set_user_attr("worker", ...)
+
+    trial = ask_named(study, 2, "alive:2")
+    assert trial is not None and trial.user_attrs["worker"] == "alive:2"
+    trials = study.get_trials(deepcopy=False)
+    assert trials[orphan.number].state == TrialState.FAIL
+    assert trials[trial.number].user_attrs == {"role": "default", "retry_of": orphan.number, "worker": "alive:2"}
+    assert trial.suggest_float("x", 0, 1) == 0.25  # the queued point, which the orphan never suggested
+    study.tell(trial, 1.0)
+
+    last = ask_named(study, 2, "alive:2")  # the budget: the retry took the orphan's place, one more to go
+    assert last is not None and "retry_of" not in last.user_attrs
+    study.tell(last, 2.0)
+    assert ask_named(study, 2, "alive:2") is None
+    assert not study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+
+
 @pytest.mark.parametrize(
     "role, runs_as_is",
     [("baseline", True), ("user:mine.yaml", True), ("default:bspline", False), ("warm:a.yaml", False)],

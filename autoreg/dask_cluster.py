@@ -19,7 +19,9 @@ Design (the README says the same for users):
   ``distributed.Queue``, and the tune writes them into that store under the ids recorded with the trial.
 * **Dead workers.** The tune watches the cluster's membership. A worker that leaves (killed, lost) has the trial
   it ran failed ("worker died") and queued again once, exactly as for local workers (``study.fail_trials``); a
-  worker that joins (a nanny's restart, an adaptive cluster) gets a task of its own.
+  worker that joins (a nanny's restart, an adaptive cluster) gets a task of its own. The pairs are scattered to
+  one worker and copied by the others; once every worker holding them has left, the tune sends them again, and a
+  task submitted with the lost copy (the scheduler forgets it, its future stays pending) is submitted again.
 * **Ctrl-C.** The tune sets a ``distributed.Event`` that every task polls (with its registration's stop check), and
   after ``tuning.GRACE_S`` cancels the tasks and fails the trials they still run as 'interrupted'. (Dask cannot
   stop a thread: one inside a long SimpleITK call stops at its next iteration, finding its trial finished.)
@@ -247,6 +249,7 @@ class _Slot:
     worker: str  # host:pid
     route: Route | None  # None: it cannot reach the study
     future: Any = None
+    data: Any = None  # the scattered pair data its task depends on
 
 
 class DaskRunner:
@@ -323,7 +326,7 @@ class DaskRunner:
         self._lock = f"autoreg-budget-{key}"
         self._event = Event(f"autoreg-stop-{self._token}", client=self.client)
         self._queue = Queue(f"autoreg-artifacts-{self._token}", client=self.client)
-        self._data = self.client.scatter(WorkerData.of(self.pipe), hash=False)
+        self._scatter()
         workers = self._workers()
         if not workers:
             self.emit(TuneEvent("cluster", f"the Dask cluster at {self.address} has no workers yet; waiting"))
@@ -482,6 +485,9 @@ class DaskRunner:
         for slot in self.slots.values():
             if slot.future is not None and slot.future.done():
                 self._collect(slot)
+            elif self._stranded(slot):
+                slot.future.cancel()
+                slot.future = None  # submitted again below, with the data sent again
         if self._more_wanted():
             busy = sum(s.future is not None for s in self.slots.values())
             for slot in self.slots.values():
@@ -496,9 +502,22 @@ class DaskRunner:
         elif workers:
             self._waiting_said = False
 
+    def _scatter(self) -> None:
+        """Send the pairs to the cluster (once, and again after every worker that held them has left)."""
+        self._data = self.client.scatter(WorkerData.of(self.pipe), hash=False)
+
+    def _stranded(self, slot: _Slot) -> bool:
+        """Whether the slot's task depends on pair data the cluster lost: the scheduler forgets such a task while
+        its future stays pending, so it would never run (every worker that held the data was killed)."""
+        return slot.future is not None and not slot.future.done() and slot.data.status != "finished"
+
     def _submit(self, slot: _Slot) -> None:
+        if self._data.status != "finished":
+            log.info("the cluster lost the pairs' data with its workers; sending it again")
+            self._scatter()
         index = self._submitted
         self._submitted += 1
+        slot.data = self._data
         slot.future = self.client.submit(
             cluster_worker,
             self.plan,

@@ -4,9 +4,10 @@
     python benchmarks/peers3d.py              # once: elastix, ANTs and the default recipe (results/peers3d.json)
     python benchmarks/tune3d.py [--only rot3d,affine3d] [--trials 60] [--jobs 2] [--timeout 1800] [--no-prune]
                                 [--stages affine+deformable]
-    python benchmarks/tune3d.py --every-landmark [--only mmdef3d/prune-affine-displacement]
+    python benchmarks/tune3d.py --every-landmark [--only mmdef3d/prune-affine-displacement] [--within 15]
                                                    # then: each saved case's best recipe on every landmark, and
-                                                   # the seconds of one registration with it on 2 threads
+                                                   # the seconds of one registration with it on 2 threads;
+                                                   # --within: the same for export --within PCT's recipe
 
 Per case: the study's wall time, its best TRE (the landmarks it selected with) and honest TRE (those it never saw),
 the peers' TRE, trials completed / pruned / failed, per-trial seconds (median, p90, max), the largest overrun of a
@@ -147,33 +148,39 @@ def tune_case(case: str, *, trials: int, jobs: int, timeout: float, prune: bool,
     return out
 
 
-def every_landmark(folder: Path) -> float | None:
-    """The study's best recipe scored on every landmark, as the peers are: ``autoreg export`` then ``autoreg
-    evaluate`` (one run; the study's own figures use the landmarks it selected with, or those it never saw)."""
+def every_landmark(folder: Path, within: float | None = None) -> float | None:
+    """The study's best recipe (or, with ``within``, the fastest within that percent of it: ``export --within``)
+    scored on every landmark, as the peers are: ``autoreg export`` then ``autoreg evaluate`` (one run; the study's
+    own figures use the landmarks it selected with, or those it never saw)."""
     pair, study = folder / "pair.yaml", folder / "study"
-    best = folder / "best.yaml"
+    best = _recipe_path(folder, within)
     base = [sys.executable, "-m", "autoreg.cli"]
+    choice = ["--within", str(within)] if within is not None else []
     proc = subprocess.run(
-        [*base, "export", str(pair), "--study-dir", str(study), "-o", str(best), "--repeats", "0"],
+        [*base, "export", str(pair), "--study-dir", str(study), "-o", str(best), "--repeats", "0", *choice],
         capture_output=True,
         text=True,
     )
     if proc.returncode != 0:
         return None
-    out = folder / "every_landmark.json"
+    out = best.with_suffix(".every_landmark.json") if within is not None else folder / "every_landmark.json"
     proc = subprocess.run(
         [*base, "evaluate", str(best), str(pair), "--repeats", "1", "--json", str(out)], capture_output=True, text=True
     )
     return json.loads(out.read_text())["overall"]["mean"] if proc.returncode == 0 else None
 
 
-def seconds_2_threads(folder: Path) -> float | None:
-    """Seconds of one registration with the exported best recipe on 2 ITK threads (the peers' setting)."""
+def _recipe_path(folder: Path, within: float | None) -> Path:
+    return folder / ("best.yaml" if within is None else f"within-{within:g}.yaml")
+
+
+def seconds_2_threads(folder: Path, within: float | None = None) -> float | None:
+    """Seconds of one registration with the exported recipe on 2 ITK threads (the peers' setting)."""
     from autoreg.pipeline import Pipeline
     from autoreg.recipe import load_recipe
     from autoreg.registration import register
 
-    best = folder / "best.yaml"
+    best = _recipe_path(folder, within)
     if not best.is_file():
         return None
     pair = Pipeline.load(folder / "pair.yaml").all_landmark_pairs[0]
@@ -230,6 +237,11 @@ def main() -> int:
     parser.add_argument("--stages", help="override the cases' stages, e.g. affine+deformable")
     parser.add_argument("--report", action="store_true", help="only print the table of the saved results")
     parser.add_argument(
+        "--within",
+        type=float,
+        help="with --every-landmark: also the fastest recipe within this percent of the best (export --within)",
+    )
+    parser.add_argument(
         "--every-landmark",
         action="store_true",
         help="score each saved case's best recipe on every landmark (no tuning)",
@@ -250,6 +262,19 @@ def main() -> int:
                 r["every_landmark"] = every_landmark(folder)
                 r["seconds_2_threads"] = seconds_2_threads(folder)
                 print(r["case"], r["variant"], r["every_landmark"], r["seconds_2_threads"], flush=True)
+                if args.within is not None:
+                    recipe = yaml.safe_load(_recipe_path(folder, None).read_text()) or {}
+                    fast = every_landmark(folder, args.within)
+                    chosen = (yaml.safe_load(_recipe_path(folder, args.within).read_text()) or {}) if fast else {}
+                    r["within"] = {
+                        "percent": args.within,
+                        "trial": chosen.get("provenance", {}).get("trial"),
+                        "best_trial": recipe.get("provenance", {}).get("trial"),
+                        "score": chosen.get("provenance", {}).get("score"),
+                        "every_landmark": fast,
+                        "seconds_2_threads": seconds_2_threads(folder, args.within) if fast else None,
+                    }
+                    print(r["case"], r["variant"], "within", r["within"], flush=True)
         path.write_text(json.dumps(saved, indent=2), encoding="utf-8")
     elif args.report:  # re-read each saved case's study: figures added to summarise() since it ran appear too
         for r in saved.values():
@@ -271,6 +296,22 @@ def main() -> int:
             path.write_text(json.dumps(saved, indent=2), encoding="utf-8")
             print(table([r]), flush=True)
     print(table(list(saved.values())))
+    within = [r for r in saved.values() if r.get("within")]
+    if within:
+        print(
+            "\n| case | best trial: every landmark, s (2 threads) | fastest within | its trial, score | "
+            "every landmark | s (2 threads) | ANTs SyN, s |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        p = peers()
+        for r in within:
+            w, an = r["within"], p.get(r["case"], {}).get("ants", {})
+            print(
+                f"| {r['case']} ({r['variant']}) | {w['best_trial']}: {_f(r.get('every_landmark'))}, "
+                f"{_f(r.get('seconds_2_threads'))} | {w['percent']:g} % | {w['trial']}, {_f(w['score'])} | "
+                f"{_f(w['every_landmark'])} | {_f(w['seconds_2_threads'])} | {_f(an.get('mean'))}, "
+                f"{_f(an.get('seconds'))} |"
+            )
     return 0
 
 

@@ -268,6 +268,9 @@ class Demons(_Frozen):
     intensity_difference_threshold: float = Field(0.001, ge=0)
     #: The filter stops early once the RMS change of the field falls below this.
     maximum_rms_error: float = Field(0.02, ge=0)
+    #: Map the moving level's intensities onto the fixed one's histogram first (the force assumes equal intensities):
+    #: over every voxel (``all``) or above the mean only (``above_mean``: ITK's way of leaving a dark background out).
+    match_histograms: Literal["off", "all", "above_mean"] = "off"
 
 
 Optimizer = Annotated[

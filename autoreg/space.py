@@ -299,6 +299,9 @@ class SearchSpace:
                 Dim(f"{s}.optimizer.demons", choices=(False, True), when=displacement),
                 Dim(f"{s}.optimizer.variant", choices=("fast_symmetric_forces", "diffeomorphic"), when=demons),
                 Dim(f"{s}.optimizer.maximum_update_step_length", low=0.1, high=2.0, log=True, when=demons),
+                # stains or scanners that scale intensities differently: matching the moving level's histogram first
+                # lowered TRE on two histology pairs and raised it on two (benchmarks/demons.py --histology)
+                Dim(f"{s}.optimizer.match_histograms", choices=("off", "all", "above_mean"), when=demons),
                 # gradient descent on the field: its step in level voxels (ANTs' gradientStep; ITK's own bound, a
                 # voxel of the field's grid, overshoots on coarse grids) and how levels carry the field
                 Dim(f"{s}.transform.gradient_step", low=0.1, high=1.0, log=True, when=not_demons),
@@ -445,6 +448,7 @@ class SearchSpace:
                 "variant": get(f"{s}.optimizer.variant"),
                 "number_of_iterations": int(get(f"{s}.optimizer.number_of_iterations")),
                 "maximum_update_step_length": round(float(get(f"{s}.optimizer.maximum_update_step_length")), 4),
+                "match_histograms": get(f"{s}.optimizer.match_histograms"),
             }
         okind = "gradient_descent" if kind == "displacement" else get(f"{s}.optimizer.kind")
         opt: dict[str, Any] = {"kind": okind, "number_of_iterations": int(get(f"{s}.optimizer.number_of_iterations"))}

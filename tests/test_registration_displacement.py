@@ -151,6 +151,27 @@ def test_a_demons_stage_registers_a_same_modality_warp() -> None:
     assert folding_fraction(result.transform, pair.fixed) < 0.001
 
 
+def test_demons_matches_histograms_when_the_moving_image_is_scaled_differently() -> None:
+    """Demons' force is the intensity difference: a moving image whose intensities are remapped (another stain, another
+    scanner's scale) pulls the field astray unless its histogram is matched to the fixed one first."""
+    from dataclasses import replace
+
+    from autoreg.recipe import Demons, MeanSquares, Sampling
+
+    pair = pair_data(synthetic_pair(2, "bspline"))
+    pair = replace(pair, moving=sitk.Sqrt(sitk.Cast(pair.moving, sitk.sitkFloat32) + 1.0) * 40.0)
+    errors = {}
+    for how in ("off", "all"):
+        data = _recipe(2).model_dump()
+        data["stages"][1].update(
+            metric=MeanSquares().model_dump(),
+            sampling=Sampling(strategy="none").model_dump(),
+            optimizer=Demons(number_of_iterations=30, match_histograms=how).model_dump(),
+        )
+        errors[how] = _tre(register(_recipe(2).model_validate(data), pair).transform, pair)
+    assert errors["all"] < 0.8 * errors["off"], errors
+
+
 def test_a_demons_stage_stops_on_time() -> None:
     from autoreg.errors import RegistrationFailed
     from autoreg.recipe import Demons, MeanSquares, Sampling

@@ -599,7 +599,9 @@ def test_deformable_stages_draw_consistent_recipes(stages: tuple[str, ...]) -> N
             if stage.optimizer.kind == "demons":  # its force is the intensity difference, at every voxel
                 assert stage.metric.kind == "mean_squares" and stage.sampling.strategy == "none"
                 assert not {"stage1.metric.kind", "stage1.sampling.strategy"} & set(p)
+                assert stage.optimizer.match_histograms == p["stage1.optimizer.match_histograms"]
             else:
+                assert "stage1.optimizer.match_histograms" not in p
                 assert stage.optimizer.kind == "gradient_descent" and stage.optimizer.scales == "physical_shift"
             assert "stage1.transform.control_point_spacing" not in p and "stage1.optimizer.kind" not in p
         else:

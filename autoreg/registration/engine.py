@@ -369,6 +369,9 @@ def _prepared_level(
     return inside
 
 
+#: Histogram matching before Demons: bins, and quantiles matched (ITK's Demons example uses 7).
+MATCH_HISTOGRAM_LEVELS, MATCH_POINTS = 256, 7
+
 _DEMONS = {
     "fast_symmetric_forces": sitk.FastSymmetricForcesDemonsRegistrationFilter,
     "diffeomorphic": sitk.DiffeomorphicDemonsRegistrationFilter,
@@ -398,6 +401,10 @@ def _run_demons(
         moving = sitk.Resample(
             frame.levels.image("moving", shrink, sigma), grid, moving_initial, sitk.sitkLinear, 0.0, sitk.sitkFloat32
         )
+        if o.match_histograms != "off":
+            moving = sitk.HistogramMatching(
+                moving, fixed, MATCH_HISTOGRAM_LEVELS, MATCH_POINTS, o.match_histograms == "above_mean"
+            )
         field = (
             sitk.Resample(previous, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
             if previous is not None

@@ -39,3 +39,34 @@ def test_an_unbudgeted_search_is_charged_for_every_voxel_of_its_coarse_level() -
     extra = model.predict_pair(_with_search(search), BRAIN) - model.predict_pair(_with_search(None), BRAIN)
     coarse = (182 // 2) * (218 // 2) * (182 // 2)
     assert extra == pytest.approx(5**3 * coarse * model.linear_s_per_sample * 0.5)
+
+
+def test_a_demons_stage_is_charged_by_the_filter_s_own_coefficient_per_field_voxel() -> None:
+    """Demons runs a filter over every voxel of its field, not a v4 metric's samples: its price follows the Demons
+    coefficient of its variant and nothing of the metric's (priced as metric samples, a Demons trial was predicted at
+    3-7x its seconds and pruned unrun)."""
+    from dataclasses import replace
+
+    from autoreg.recipe import default_demons_stage
+
+    affine = default_recipe(["affine"], 3)
+    demons = affine.model_copy(update={"stages": (*affine.stages, default_demons_stage(3))})
+
+    def price(model: CostModel, recipe=demons) -> float:
+        return model.predict_pair(recipe, BRAIN) - model.predict_pair(affine, BRAIN)
+
+    model = CostModel()
+    stage = demons.stages[1]
+    doubled = price(replace(model, demons_s_per_voxel=2 * model.demons_s_per_voxel)) - price(model)
+    assert doubled > 0.9 * price(model)  # the filter's iterations are nearly all of it
+    assert price(replace(model, linear_s_per_sample=10 * model.linear_s_per_sample)) == pytest.approx(price(model))
+    diffeomorphic = demons.model_copy(
+        update={
+            "stages": (
+                affine.stages[0],
+                stage.model_copy(update={"optimizer": stage.optimizer.model_copy(update={"variant": "diffeomorphic"})}),
+            )
+        }
+    )
+    ratio = model.diffeomorphic_demons_s_per_voxel / model.demons_s_per_voxel
+    assert price(model, diffeomorphic) == pytest.approx(ratio * price(model), rel=0.1)

@@ -223,6 +223,9 @@ def connect(address: str) -> Any:
         raise UserError(
             "needs dask.distributed, which is not installed; pip install 'autoreg[dask]'", key="--dask-scheduler"
         ) from None
+    if not log.isEnabledFor(logging.INFO):  # without -v the tune says what went wrong in its own one line
+        for name in ["distributed", *(n for n in logging.root.manager.loggerDict if n.startswith("distributed."))]:
+            logging.getLogger(name).setLevel(logging.CRITICAL)  # Dask's config gives some their own levels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # version mismatches are the user's to see with -v
@@ -468,7 +471,7 @@ class DaskRunner:
                 self._halt.wait(SUPERVISE_S)
         except BaseException as err:  # noqa: BLE001 - handed to the tune's main thread
             if not self._halt.is_set():
-                self.error = err
+                self.error = self._explained(err)
                 self._cancel()
         finally:
             try:
@@ -477,7 +480,28 @@ class DaskRunner:
                 log.warning("could not receive the last artifacts: %s", err)
             self._done.set()
 
+    def _explained(self, err: BaseException) -> BaseException:
+        """A scheduler that died or went out of reach is told in one line (the finished trials are in the storage
+        and the study resumes); an error of autoreg's own stays what it is."""
+        if isinstance(err, UserError) or not (
+            isinstance(err, OSError) or (self.client is not None and self.client.status != "running")
+        ):
+            return err
+        return UserError(
+            f"lost the Dask scheduler at {excerpt(self.address, quote=False)} ({type(err).__name__}: "
+            f"{excerpt(str(err) or 'no detail', 200, quote=False)}); every finished trial is kept: run the same "
+            "command again to resume, on this cluster once it is back or on another",
+            key="--dask-scheduler",
+        )
+
     def _watch(self) -> None:
+        if self.client.status in ("closing", "closed", "failed"):  # Dask gave up reconnecting to the scheduler
+            raise ConnectionError("no answer within Dask's reconnect timeout")
+        if self.client.status == "connecting":  # what it knew of the workers is gone, not the workers themselves
+            if not self._waiting_said:
+                self.emit(TuneEvent("cluster", f"the Dask scheduler at {self.address} does not answer; waiting"))
+                self._waiting_said = True
+            return
         workers = self._workers()
         for address in [a for a in self.slots if a not in workers]:
             self._lost(self.slots.pop(address))
@@ -633,7 +657,10 @@ class DaskRunner:
                 self.client.cancel([self._data])
         except Exception as err:  # noqa: BLE001 - the scheduler may be gone
             log.info("cleaning up on the scheduler: %s", err)
-        self.client.close(timeout=5)
+        try:
+            self.client.close(timeout=5)
+        except Exception as err:  # noqa: BLE001 - the scheduler may be gone
+            log.info("closing the Dask client: %s", err)
 
 
 __all__ = ["DaskRunner", "Route", "cluster_worker", "connect", "identity", "probe"]

@@ -507,3 +507,47 @@ def test_ctrl_c_cancels_the_trials_running_in_the_cluster(ready: Cluster, tmp_pa
         time.sleep(0.2)
     assert ready.executing() == 0
     assert len(trials) == len(open_study("slow", study_dir).get_trials(deepcopy=False))  # no trial since
+
+
+@pytest.mark.slow
+def test_a_lost_scheduler_is_one_line_and_the_study_resumes(tmp_path: Path) -> None:
+    """The scheduler dies mid-study (a cluster of its own, not the module's): after Dask's reconnect timeout the
+    tune exits with one line, not a traceback nor a wait for ever; every finished trial is kept and a local tune
+    finishes the study."""
+    (tmp_path / "cluster").mkdir()
+    own = Cluster(tmp_path / "cluster")
+    try:
+        pair = write_study(tmp_path / "data", "dask-lost", size=(96, 96), extra=SLOW_SEARCH)
+        study_dir = tmp_path / "study"
+        tune = [sys.executable, "-m", "autoreg.cli", "tune", str(pair), "--trials", "12", "--study-dir", str(study_dir)]
+        proc = subprocess.Popen(
+            [*tune, "--dask-scheduler", own.address], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            assert proc.poll() is None
+            try:
+                if sum(t.state.is_finished() for t in open_study("dask-lost", study_dir).get_trials()) >= 3:
+                    break
+            except (KeyError, FileNotFoundError, ValueError):
+                pass
+            time.sleep(0.05)
+        os.killpg(own.procs[0].pid, signal.SIGKILL)  # the scheduler
+        before = _finished(open_study("dask-lost", study_dir))
+        out, err = _communicate(proc, lambda: open_study("dask-lost", study_dir), timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        own.close()
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    assert [line for line in err.splitlines() if line.strip()] == [err.strip().splitlines()[-1]], err
+    assert err.strip().startswith("autoreg: error: --dask-scheduler: lost the Dask scheduler at "), err
+    assert "every finished trial is kept" in err
+    res = autoreg(*tune[3:], "--jobs", "1")  # resumed here, without the cluster
+    assert res.returncode == 0, res.stderr
+    trials = {t.number: t for t in open_study("dask-lost", study_dir).get_trials(deepcopy=False)}
+    for number, (state, value) in before.items():
+        assert (trials[number].state, trials[number].value) == (state, value)
+    assert not [t for t in trials.values() if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert sum(t.state == TrialState.COMPLETE for t in trials.values()) >= 11

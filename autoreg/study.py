@@ -266,6 +266,27 @@ class StorageSpec:
         return redact(self.url)
 
 
+def storage_lost(err: BaseException, spec: StorageSpec) -> BaseException:
+    """A database that stopped answering mid-study, as one line (passwords hidden); any other error unchanged."""
+    try:
+        from sqlalchemy.exc import DBAPIError
+    except ImportError:  # pragma: no cover - SQLAlchemy comes with Optuna's RDB storage
+        DBAPIError = ()  # noqa: N806
+    if spec.local_journal or not isinstance(err, (optuna.exceptions.StorageInternalError, DBAPIError)):
+        return err
+    kinds = (optuna.exceptions.StorageInternalError, DBAPIError)
+    cause = err
+    while isinstance(cause.__cause__, kinds):  # Optuna wraps the driver's error, which says what happened
+        cause = cause.__cause__
+    why = str(cause).strip().splitlines()[0] if str(cause).strip() else "no detail"
+    return UserError(
+        f"the study's storage {spec.display} stopped answering ({type(cause).__name__}: "
+        f"{excerpt(redact(why, spec.url), 200, quote=False)}); every finished trial is kept: run the same command "
+        "again to resume once it answers",
+        key="--storage",
+    )
+
+
 def storage_spec(cfg: StudyConfig, directory: Path, url: str | None) -> StorageSpec:
     if url:
         return StorageSpec(url, local_journal=not _is_url(url))

@@ -267,7 +267,7 @@ class _Tune:
         console: Console | None,
     ) -> TuneResult:
         from .progress import ProgressMonitor, score_unit, snapshot
-        from .study import best_and_baseline_of, reap_stale_trials, take_launch_number
+        from .study import best_and_baseline_of, reap_stale_trials, storage_lost, take_launch_number
         from .workers import StopRequest, WorkerPlan, budget_lock
 
         study, cfg, directory = self.study, self.cfg, self.directory
@@ -362,7 +362,7 @@ class _Tune:
             runner.close()
         interrupted = interrupted or runner.interrupted or stop()
         if runner.error is not None and not interrupted:
-            raise runner.error
+            raise storage_lost(runner.error, self.spec)
         best, base = best_and_baseline_of(study)
         holdout = self._holdout(best) if best is not None and cfg.holdout and not interrupted else []
         return TuneResult(

@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -211,11 +212,18 @@ def run_trials(
     ``stop()`` turns true. Local workers use the defaults (files, the study's storage, a file lock, the study folder's
     artifact store); a cluster's worker passes what it reaches instead."""
     logging.getLogger("optuna").setLevel(logging.WARNING)
+    # a database that went away makes Optuna retry one query slower and say so; the tune says it in one line
+    logging.getLogger("optuna.storages._rdb.storage").setLevel(logging.ERROR)
+    # heartbeats with ask/tell are this loop's design (``run_one`` beats itself); a worker process has no terminal
+    # of its own to say so on every trial
+    warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize", UserWarning)
     data = data or WorkerData.of(Pipeline(plan.cfg))
     storage = storage or open_storage(plan.storage)
     lock = lock or (lambda: budget_lock(plan.lock_path))
     if hasattr(storage, "get_heartbeat_interval") and storage.get_heartbeat_interval():
-        optuna.storages.fail_stale_trials(optuna.load_study(study_name=plan.study_name, storage=storage))
+        with warnings.catch_warnings():  # 'experimental' since Optuna 2.9, and the documented call
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(optuna.load_study(study_name=plan.study_name, storage=storage))
     study = optuna.load_study(
         study_name=plan.study_name,
         storage=storage,

@@ -1,9 +1,10 @@
 """A trial's seconds, predicted before it runs from its levels, samples, iterations and transform size.
 
-The coefficients are measured on the machine the study runs on (``calibrate``: registrations of a synthetic volume,
-about a second) and the prediction is then corrected by the trials that finished (``corrected``: the median of
-measured over predicted seconds), which absorbs what the probe cannot see (cache effects of large images, optimizers
-that converge early). What the model knows, from ITK's source and measurements on a 182x218x182 brain:
+The coefficients are measured on the machine the study runs on (``calibrate``: registrations and Demons iterations
+on a synthetic volume, about two seconds) and the prediction is then corrected by the trials that finished
+(``corrected``: the median of measured over predicted seconds), which absorbs what the probe cannot see (cache
+effects of large images, optimizers that converge early). What the model knows, from ITK's source and measurements
+on a 182x218x182 brain:
 
 * per sample and iteration, a linear transform costs a few microseconds; a BSpline transform fills a dense Jacobian
   over all its parameters, so its cost grows with the number of control points;
@@ -141,7 +142,8 @@ class CostModel:
 
     @classmethod
     def calibrate(cls, threads: int = 1) -> CostModel:
-        """Measure the coefficients here: short registrations of a synthetic 64^3 volume (about a second)."""
+        """Measure the coefficients here: short registrations and Demons iterations on a synthetic 64^3 volume (about
+        two seconds)."""
         from .synthetic import make_pair
 
         pair = make_pair((64, 64, 64), transform="affine", seed=7, n_landmarks=4)

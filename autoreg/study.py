@@ -272,9 +272,9 @@ def storage_lost(err: BaseException, spec: StorageSpec) -> BaseException:
         from sqlalchemy.exc import DBAPIError
     except ImportError:  # pragma: no cover - SQLAlchemy comes with Optuna's RDB storage
         DBAPIError = ()  # noqa: N806
-    if spec.local_journal or not isinstance(err, (optuna.exceptions.StorageInternalError, DBAPIError)):
-        return err
     kinds = (optuna.exceptions.StorageInternalError, DBAPIError)
+    if spec.local_journal or not isinstance(err, kinds):
+        return err
     cause = err
     while isinstance(cause.__cause__, kinds):  # Optuna wraps the driver's error, which says what happened
         cause = cause.__cause__

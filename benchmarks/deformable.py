@@ -70,16 +70,22 @@ def rerun_best(pair, recipe, threads: int | None = None) -> dict:
 def syn_after_linear(pair, recipe, threads: int = 2) -> dict:
     """ANTs SyN alone (``SyNOnly``) started where the tuned recipe's linear stages end, and that linear result by
     itself: how far a peer's deformable step gets from the same start (TRE over every landmark)."""
+    from autoreg.registration import LINEAR_KINDS, register
+
+    linear = recipe.with_(stages=[s for s in recipe.model_dump()["stages"] if s["transform"]["kind"] in LINEAR_KINDS])
+    return syn_from(pair, register(linear, pair).transform, threads)
+
+
+def syn_from(pair, lin, threads: int = 2) -> dict:
+    """ANTs ``SyNOnly`` on the moving image resampled through the linear transform ``lin`` (fixed -> moving points):
+    the TRE over every landmark of ``lin`` alone (``linear_mean``) and of SyN's field after it (``mean``)."""
     import tempfile
 
     import SimpleITK as sitk
     from peer_tools import run_ants
 
-    from autoreg.registration import LINEAR_KINDS, register
     from autoreg.scoring import transform_points, tre_stats
 
-    linear = recipe.with_(stages=[s for s in recipe.model_dump()["stages"] if s["transform"]["kind"] in LINEAR_KINDS])
-    lin = register(linear, pair).transform
     moving = sitk.GetArrayViewFromImage(pair.moving)
     edge = np.concatenate([moving[0].ravel(), moving[-1].ravel(), moving[:, 0].ravel(), moving[:, -1].ravel()])
     warped = sitk.Resample(pair.moving, pair.fixed, lin, sitk.sitkLinear, float(np.median(edge)), sitk.sitkFloat32)

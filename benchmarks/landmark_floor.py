@@ -1,0 +1,198 @@
+"""What the landmarks themselves allow: how low a mean TRE any registration can be expected to reach on a pair.
+
+    pip install -e ".[bench]"
+    python benchmarks/landmark_floor.py [--only ki67] [--no-syn]
+
+Per deformable pair of ../shared/data (the histology pairs and afids), from the landmarks and the images alone,
+with no study:
+
+1. **affine floor**: the mean residual of the least-squares affine fit of all the landmarks (in sample: what no
+   affine can beat on these points);
+2. **leave-one-out affine**: each landmark predicted by the affine fitted to the others;
+3. **leave-one-out smooth deformation**: the same affine plus a thin-plate spline through the others' residuals
+   (scipy's ``RBFInterpolator`` at several smoothings): how well the annotated displacements of the neighbours
+   predict a landmark, i.e. how much of the residual is a smooth deformation at the landmarks' spacing and how much
+   is local motion or annotation error;
+4. **where the image metric goes**: Mattes MI, started at the landmarks' own affine and optimised (affine, images
+   smoothed by 1 voxel, at most 200,000 samples): the TRE at the metric's nearby optimum and the metric's gain. A worse TRE at
+   a better metric value means the intensities disagree with the annotations, which no optimizer fixes;
+5. **SyN from the ideal start** (skipped with ``--no-syn``): ANTs ``SyNOnly`` started from the landmarks' affine,
+   what a peer's deformable step adds from the best affine there is.
+
+Results go to ``benchmarks/results/landmark_floor.json``, the table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import HISTOLOGY, RESULTS, machine, require_shared_data, stamp  # noqa: E402
+
+PAIRS = [*HISTOLOGY, "afids_mni152nlin6asym_colin27_t1"]
+SMOOTHINGS = (0.0, 1e2, 1e3, 1e4)
+OUT = RESULTS / "landmark_floor.json"
+
+
+def _affine_fit(f: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Least-squares (dim + 1, dim) matrix mapping [f, 1] to m."""
+    design = np.hstack([f, np.ones((len(f), 1))])
+    coef, *_ = np.linalg.lstsq(design, m, rcond=None)
+    return coef
+
+
+def _apply(coef: np.ndarray, f: np.ndarray) -> np.ndarray:
+    return np.hstack([f, np.ones((len(f), 1))]) @ coef
+
+
+def leave_one_out(f: np.ndarray, m: np.ndarray, smoothing: float | None) -> np.ndarray:
+    """Each landmark's error when predicted from the others: affine alone (``smoothing`` None), or affine plus a
+    thin-plate spline through the others' affine residuals."""
+    from scipy.interpolate import RBFInterpolator
+
+    errors = []
+    for i in range(len(f)):
+        keep = np.arange(len(f)) != i
+        coef = _affine_fit(f[keep], m[keep])
+        predicted = _apply(coef, f[i : i + 1])
+        if smoothing is not None:
+            residual = m[keep] - _apply(coef, f[keep])
+            predicted = predicted + RBFInterpolator(f[keep], residual, kernel="thin_plate_spline", smoothing=smoothing)(
+                f[i : i + 1]
+            )
+        errors.append(float(np.linalg.norm(predicted - m[i])))
+    return np.asarray(errors)
+
+
+def landmark_affine(pair):
+    """The least-squares affine of the landmarks as a SimpleITK transform (fixed -> moving physical points)."""
+    import SimpleITK as sitk
+
+    dim = pair.fixed.GetDimension()
+    coef = _affine_fit(pair.fixed_points, pair.moving_points)
+    tx = sitk.AffineTransform(dim)
+    tx.SetMatrix(coef[:dim].T.ravel().tolist())
+    tx.SetTranslation(coef[dim].tolist())
+    return tx
+
+
+def metric_from(pair, start) -> dict:
+    """Mattes MI optimised from ``start`` (affine, 1-voxel smoothing, every voxel up to 200,000, a regular grid of
+    that many beyond): TRE and metric before and after."""
+    import SimpleITK as sitk
+
+    from autoreg.scoring import transform_points, tre_stats
+
+    sigma = float(min(pair.fixed.GetSpacing()))
+    fixed = sitk.SmoothingRecursiveGaussian(sitk.Cast(pair.fixed, sitk.sitkFloat32), sigma)
+    moving = sitk.SmoothingRecursiveGaussian(sitk.Cast(pair.moving, sitk.sitkFloat32), sigma)
+
+    def method() -> sitk.ImageRegistrationMethod:
+        rm = sitk.ImageRegistrationMethod()
+        rm.SetMetricAsMattesMutualInformation(32)
+        share = min(1.0, 200_000 / fixed.GetNumberOfPixels())
+        if share < 1.0:
+            rm.SetMetricSamplingStrategy(rm.REGULAR)
+            rm.SetMetricSamplingPercentage(share, 1)
+        else:
+            rm.SetMetricSamplingStrategy(rm.NONE)
+        rm.SetInterpolator(sitk.sitkLinear)
+        rm.SetOptimizerAsRegularStepGradientDescent(
+            learningRate=sigma, minStep=1e-3 * sigma, numberOfIterations=300, relaxationFactor=0.7
+        )
+        rm.SetOptimizerScalesFromPhysicalShift()
+        return rm
+
+    before = method()
+    before.SetInitialTransform(sitk.AffineTransform(start))
+    value_before = before.MetricEvaluate(fixed, moving)
+    rm = method()
+    rm.SetInitialTransform(sitk.AffineTransform(start), inPlace=False)
+    found = rm.Execute(fixed, moving)
+
+    def mean(tx) -> float:
+        return tre_stats(transform_points(tx, pair.fixed_points) - pair.moving_points, pair.fixed).mean
+
+    return {
+        "tre_start": mean(start),
+        "tre_at_optimum": mean(found),
+        "metric_start": value_before,
+        "metric_at_optimum": rm.GetMetricValue(),
+        "iterations": rm.GetOptimizerIteration(),
+    }
+
+
+def one_pair(name: str, syn: bool) -> dict:
+    import peers
+
+    pair = peers.load(name, ["affine"])
+    f, m = pair.fixed_points, pair.moving_points
+    floor = np.linalg.norm(_apply(_affine_fit(f, m), f) - m, axis=1)
+    row: dict = {
+        "pair": name,
+        "landmarks": len(f),
+        "unit": "px" if name in HISTOLOGY else "mm",
+        "before": float(np.linalg.norm(f - m, axis=1).mean()),
+        "affine_floor": float(floor.mean()),
+        "affine_floor_p90": float(np.percentile(floor, 90)),
+        "loo_affine": float(leave_one_out(f, m, None).mean()),
+        "loo_smooth": {f"{s:g}": float(leave_one_out(f, m, s).mean()) for s in SMOOTHINGS},
+    }
+    start = landmark_affine(pair)
+    row["metric"] = metric_from(pair, start)
+    if syn:
+        from deformable import syn_from
+
+        row["syn_from_landmark_affine"] = syn_from(pair, start)
+    return row
+
+
+def _f(v, spec=".3g") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(rows: list[dict]) -> str:
+    smooth = " | ".join(f"LOO affine + TPS (smoothing {s:g})" for s in SMOOTHINGS)
+    lines = [
+        f"| pair | landmarks | before | affine floor (p90) | LOO affine | {smooth} | MI from the landmarks' affine: "
+        "TRE at its optimum (metric gain) | SyN from the landmarks' affine |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(SMOOTHINGS) + "---:|---:|",
+    ]
+    for r in rows:
+        met, syn = r["metric"], r.get("syn_from_landmark_affine") or {}
+        gain = met["metric_start"] - met["metric_at_optimum"]
+        loo = " | ".join(_f(r["loo_smooth"][f"{s:g}"]) for s in SMOOTHINGS)
+        lines.append(
+            f"| {r['pair']} ({r['unit']}) | {r['landmarks']} | {_f(r['before'])} | {_f(r['affine_floor'])} "
+            f"({_f(r['affine_floor_p90'])}) | {_f(r['loo_affine'])} | {loo} | {_f(met['tre_at_optimum'])} "
+            f"({gain:+.4f}) | {_f(syn.get('mean'))} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="")
+    parser.add_argument("--no-syn", action="store_true", help="leave out ANTs SyN from the landmarks' affine")
+    parser.add_argument("--report", action="store_true", help="only print the table of the saved results")
+    args = parser.parse_args()
+    saved = json.loads(OUT.read_text()) if OUT.exists() else {}
+    if not args.report:
+        require_shared_data()
+        print(f"# landmark_floor ({stamp()}, {machine()})", flush=True)
+        for name in PAIRS:
+            if args.only in name:
+                saved[name] = one_pair(name, syn=not args.no_syn)
+                OUT.parent.mkdir(parents=True, exist_ok=True)
+                OUT.write_text(json.dumps(saved, indent=2), encoding="utf-8")
+    print(table([saved[n] for n in PAIRS if n in saved]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -167,13 +167,18 @@ class ArtifactRecorder:
         pairs: Iterable[PairData],
         transforms: Mapping[str, sitk.Transform],
     ) -> list[str]:
-        """Call before ``study.tell(trial, value)``: uploads only when ``value`` beats the best so far; never raises."""
+        """Call before ``study.tell(trial, value)``: uploads only when ``value`` beats the best so far. Raises only
+        when the study's storage stopped answering (``tell`` would fail the same way, and says it in one line)."""
+        from .study import storage_errors
+
         try:
             if value is None or not transforms or not improves(study, trial.number, value):
                 return []
             ids = self.record(trial, pairs, transforms)
             log.info("trial %d improved to %.4g: stored %d artifact(s)", trial.number, value, len(ids))
             return ids
+        except storage_errors():
+            raise
         except Exception as err:  # noqa: BLE001 - pictures are a nicety: the trial's result must still be told
             log.warning("trial %d: could not store artifacts (%s: %s)", trial.number, type(err).__name__, err)
             return []

@@ -266,13 +266,18 @@ class StorageSpec:
         return redact(self.url)
 
 
-def storage_lost(err: BaseException, spec: StorageSpec) -> BaseException:
-    """A database that stopped answering mid-study, as one line (passwords hidden); any other error unchanged."""
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """The errors a database storage raises when it stops answering (Optuna's and its driver's)."""
     try:
         from sqlalchemy.exc import DBAPIError
     except ImportError:  # pragma: no cover - SQLAlchemy comes with Optuna's RDB storage
-        DBAPIError = ()  # noqa: N806
-    kinds = (optuna.exceptions.StorageInternalError, DBAPIError)
+        return (optuna.exceptions.StorageInternalError,)
+    return (optuna.exceptions.StorageInternalError, DBAPIError)
+
+
+def storage_lost(err: BaseException, spec: StorageSpec) -> BaseException:
+    """A database that stopped answering mid-study, as one line (passwords hidden); any other error unchanged."""
+    kinds = storage_errors()
     if spec.local_journal or not isinstance(err, kinds):
         return err
     cause = err

@@ -30,7 +30,16 @@ from .config import StudyConfig
 from .objective import Budget, Objective
 from .pipeline import Pipeline
 from .space import SearchSpace
-from .study import StorageSpec, cost_model, fail_trials, make_pruner, make_sampler, open_storage, pid_alive
+from .study import (
+    StorageSpec,
+    cost_model,
+    fail_trials,
+    make_pruner,
+    make_sampler,
+    open_storage,
+    pid_alive,
+    storage_errors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +103,10 @@ class _Heartbeat:
 
     def _beat(self, interval: float) -> None:
         while not self.stop.wait(interval):
-            self.storage.record_heartbeat(self.trial_id)
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except storage_errors():  # the trial's own tell meets the same error and reports it in one line
+                return
 
     def close(self) -> None:
         self.stop.set()

@@ -157,7 +157,9 @@ def test_stored_transform_and_tre_csv_reproduce_the_trial_score(reported: Report
     assert png.GetNumberOfComponentsPerPixel() == 3 and min(png.GetSize()) >= 100
 
 
-def test_recorder_skips_non_improving_values_and_never_raises(reported: Reported, tmp_path: Path) -> None:
+def test_recorder_skips_non_improving_values_and_raises_only_for_a_lost_storage(
+    reported: Reported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     copy = tmp_path / "study"
     shutil.copytree(reported.study_dir, copy)
     study = open_study(copy)
@@ -173,6 +175,14 @@ def test_recorder_skips_non_improving_values_and_never_raises(reported: Reported
         assert recorder.record_if_improved(study, trial, float("nan"), [], {"syn": sitk.Transform()}) == []
         # an improving value with a broken pair object: logged, not raised
         assert recorder.record_if_improved(study, trial, -1.0, [object()], {"syn": sitk.Transform()}) == []  # type: ignore[list-item]
+
+        # a database that stopped answering is not a picture problem: tell would fail too, so it propagates
+        def lost(*args: object, **kwargs: object) -> list[str]:
+            raise optuna.exceptions.StorageInternalError("server closed the connection")
+
+        monkeypatch.setattr(recorder, "record", lost)
+        with pytest.raises(optuna.exceptions.StorageInternalError):
+            recorder.record_if_improved(study, trial, -1.0, [], {"syn": sitk.Transform(2, sitk.sitkIdentity)})
     finally:
         study.tell(trial, state=TrialState.FAIL)
 

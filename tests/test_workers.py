@@ -251,3 +251,33 @@ def test_a_dead_worker_s_retry_takes_its_trial_s_place_in_the_budget() -> None:
     # once it runs (or ran), the killed trial no longer counts: 3 trials in all, the retry among them
     assert budget_spent([*died, trial(3, TrialState.RUNNING, retry_of=2)], 3)
     assert not budget_spent([*died, trial(3, TrialState.COMPLETE, retry_of=2)], 4)
+
+
+def test_a_heartbeat_that_loses_its_database_stops_quietly() -> None:
+    """The beat runs in its own thread: an uncaught error there would print a traceback beside the one-line error."""
+    import threading
+
+    from autoreg.workers import _Heartbeat
+
+    class Dying:
+        beats = 0
+
+        def get_heartbeat_interval(self) -> float:
+            return 0.01
+
+        def record_heartbeat(self, trial_id: int) -> None:
+            self.beats += 1
+            if self.beats > 2:
+                raise optuna.exceptions.StorageInternalError("server closed the connection")
+
+    seen: list[BaseException] = []
+    previous, threading.excepthook = threading.excepthook, lambda args: seen.append(args.exc_value)
+    try:
+        beat = _Heartbeat(Dying(), 0)
+        assert beat.thread is not None
+        beat.thread.join(timeout=5)
+        assert not beat.thread.is_alive() and beat.storage.beats == 3
+        beat.close()
+    finally:
+        threading.excepthook = previous
+    assert seen == []

@@ -34,8 +34,10 @@ from .recipe import (
     Metric,
     Optimizer,
     Recipe,
+    Sampling,
     Stage,
     Transform,
+    ants_field_stage,
     default_demons_stage,
     default_recipe,
     default_stage,
@@ -292,7 +294,9 @@ class SearchSpace:
             not_demons = displacement + ((f"{s}.optimizer.demons", (False,)),)
             out += [
                 Dim(f"{s}.transform.grid_spacing", low=1.0, high=4.0, log=True, when=displacement),
-                Dim(f"{s}.transform.variance_for_update_field", low=0.0, high=4.0, when=displacement),
+                # up to 16: from the landmarks' affine, 9 ended below ANTs' 3 on the histology pairs
+                # (benchmarks/landmark_floor.py)
+                Dim(f"{s}.transform.variance_for_update_field", low=0.0, high=16.0, when=displacement),
                 Dim(f"{s}.transform.variance_for_total_field", low=0.0, high=3.0, when=displacement),
                 # SimpleITK's Demons moves the field by the intensity difference (one modality): on same-modality
                 # deformations it ended at a quarter of gradient descent's TRE (benchmarks/demons.py)
@@ -538,7 +542,8 @@ class SearchSpace:
 
     def default_points(self) -> list[tuple[str, dict[str, Any]]]:
         """The default recipe as points of the space, role -> params: one per way its first ``deformable`` or
-        ``displacement`` stage may go (bspline, a field by gradient descent, a field by Demons).
+        ``displacement`` stage may go (bspline, a field by gradient descent after ANTs SyN's defaults, a field by
+        Demons).
 
         The baseline runs as it is and teaches the sampler nothing; its points do, and each way is tried once before
         TPE narrows (in a 60-trial study of ratkidney without them, TPE never came near the default; on ki67, a study
@@ -548,6 +553,8 @@ class SearchSpace:
         if index is not None:
             choices = self._possible(f"stage{index}.transform.kind")
             ways = {kind: default_stage(kind, self.dim) for kind in DEFORMABLE_KINDS if kind in choices}
+            if "displacement" in ways:
+                ways["displacement"] = self.affordable(ants_field_stage(self.dim))
             if "displacement" in ways and True in self._possible(f"stage{index}.optimizer.demons"):
                 ways["demons"] = default_demons_stage(self.dim)
         baseline = self.baseline_recipe()
@@ -560,6 +567,13 @@ class SearchSpace:
             role = DEFAULT_POINT if len(ways) == 1 else f"{DEFAULT_POINT}:{name}"
             out.append((role, self.point_of(Recipe(stages=tuple(stages)))))
         return out
+
+    def affordable(self, stage: Stage) -> Stage:
+        """``stage`` with its dense sampling replaced by the most points a level may sample, where every voxel of the
+        image is more than that."""
+        if stage.sampling.strategy != "none" or self.dense_affordable:
+            return stage
+        return stage.model_copy(update={"sampling": Sampling(strategy="regular", points=MAX_SAMPLES)})
 
     # --- overrides ----------------------------------------------------------------------------------------------
 

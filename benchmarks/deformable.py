@@ -76,6 +76,15 @@ def syn_after_linear(pair, recipe, threads: int = 2) -> dict:
     return syn_from(pair, register(linear, pair).transform, threads)
 
 
+def resampled_through(pair, lin):
+    """The moving image on the fixed grid through ``lin``, outside filled with its border's median (the background)."""
+    import SimpleITK as sitk
+
+    moving = sitk.GetArrayViewFromImage(pair.moving)
+    edge = np.concatenate([moving[0].ravel(), moving[-1].ravel(), moving[:, 0].ravel(), moving[:, -1].ravel()])
+    return sitk.Resample(pair.moving, pair.fixed, lin, sitk.sitkLinear, float(np.median(edge)), sitk.sitkFloat32)
+
+
 def syn_from(pair, lin, threads: int = 2) -> dict:
     """ANTs ``SyNOnly`` on the moving image resampled through the linear transform ``lin`` (fixed -> moving points):
     the TRE over every landmark of ``lin`` alone (``linear_mean``) and of SyN's field after it (``mean``)."""
@@ -86,9 +95,7 @@ def syn_from(pair, lin, threads: int = 2) -> dict:
 
     from autoreg.scoring import transform_points, tre_stats
 
-    moving = sitk.GetArrayViewFromImage(pair.moving)
-    edge = np.concatenate([moving[0].ravel(), moving[-1].ravel(), moving[:, 0].ravel(), moving[:, -1].ravel()])
-    warped = sitk.Resample(pair.moving, pair.fixed, lin, sitk.sitkLinear, float(np.median(edge)), sitk.sitkFloat32)
+    warped = resampled_through(pair, lin)
     with tempfile.TemporaryDirectory() as tmp:
         sitk.WriteImage(sitk.Cast(pair.fixed, sitk.sitkFloat32), f"{tmp}/fixed.nii.gz")
         sitk.WriteImage(warped, f"{tmp}/warped.nii.gz")

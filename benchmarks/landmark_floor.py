@@ -17,7 +17,10 @@ with no study:
    smoothed by 1 voxel, at most 200,000 samples): the TRE at the metric's nearby optimum and the metric's gain. A worse TRE at
    a better metric value means the intensities disagree with the annotations, which no optimizer fixes;
 5. **SyN from the ideal start** (skipped with ``--no-syn``): ANTs ``SyNOnly`` started from the landmarks' affine,
-   what a peer's deformable step adds from the best affine there is.
+   what a peer's deformable step adds from the best affine there is;
+6. **our fields from the ideal start**: autoreg's displacement stage alone on the same start, as a study's default
+   point runs it (``recipe.ants_field_stage``: ANTs SyN's defaults, update variance 3), with update variance 9
+   (inside the searched range), and the notebook's field (``recipe.default_stage``), with their seconds.
 
 Results go to ``benchmarks/results/landmark_floor.json``, the table to stdout.
 """
@@ -127,6 +130,42 @@ def metric_from(pair, start) -> dict:
     }
 
 
+def fields_from(pair, start) -> dict:
+    """autoreg's displacement stage alone (2 threads) on the moving image resampled through ``start``: the TRE over
+    every landmark and the seconds of each field way."""
+    import dataclasses
+    import time
+
+    from deformable import resampled_through
+
+    from autoreg.fingerprint import fingerprint_dataset
+    from autoreg.recipe import DisplacementTransform, Initializer, Recipe, ants_field_stage, default_stage
+    from autoreg.registration import register
+    from autoreg.scoring import transform_points, tre_stats
+    from autoreg.space import SearchSpace
+
+    dim = pair.fixed.GetDimension()
+    space = SearchSpace(fingerprint=fingerprint_dataset([pair]), stages=("displacement",))
+    ants = space.affordable(ants_field_stage(dim))  # as a study's default point runs it: dense where affordable
+    wider = ants.transform.model_copy(update={"variance_for_update_field": 9.0})
+    assert isinstance(wider, DisplacementTransform)
+    ways = {
+        "ants_defaults": ants,
+        "ants_update_variance_9": ants.model_copy(update={"transform": wider}),
+        "notebook": default_stage("displacement", dim),
+    }
+    warped = dataclasses.replace(pair, moving=resampled_through(pair, start), moving_mask=None, fixed_mask=None)
+    out = {}
+    for name, stage in ways.items():
+        recipe = Recipe(initializer=Initializer(kind="none"), stages=(stage,), threads=2)
+        t0 = time.perf_counter()
+        field = register(recipe, warped).transform
+        seconds = time.perf_counter() - t0
+        mapped = transform_points(start, transform_points(field, pair.fixed_points))
+        out[name] = {"mean": tre_stats(mapped - pair.moving_points, pair.fixed).mean, "seconds": seconds}
+    return out
+
+
 def one_pair(name: str, syn: bool) -> dict:
     import peers
 
@@ -149,6 +188,7 @@ def one_pair(name: str, syn: bool) -> dict:
         from deformable import syn_from
 
         row["syn_from_landmark_affine"] = syn_from(pair, start)
+    row["fields_from_landmark_affine"] = fields_from(pair, start)
     return row
 
 
@@ -160,17 +200,21 @@ def table(rows: list[dict]) -> str:
     smooth = " | ".join(f"LOO affine + TPS (smoothing {s:g})" for s in SMOOTHINGS)
     lines = [
         f"| pair | landmarks | before | affine floor (p90) | LOO affine | {smooth} | MI from the landmarks' affine: "
-        "TRE at its optimum (metric gain) | SyN from the landmarks' affine |",
-        "|---|---:|---:|---:|---:|" + "---:|" * len(SMOOTHINGS) + "---:|---:|",
+        "TRE at its optimum (metric gain) | SyN from the landmarks' affine (s) | our field from it: ANTs' defaults "
+        "(s) | update variance 9 | the notebook's field |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(SMOOTHINGS) + "---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         met, syn = r["metric"], r.get("syn_from_landmark_affine") or {}
+        fields = r.get("fields_from_landmark_affine") or {}
+        ants, wide, nb = (fields.get(k, {}) for k in ("ants_defaults", "ants_update_variance_9", "notebook"))
         gain = met["metric_start"] - met["metric_at_optimum"]
         loo = " | ".join(_f(r["loo_smooth"][f"{s:g}"]) for s in SMOOTHINGS)
         lines.append(
             f"| {r['pair']} ({r['unit']}) | {r['landmarks']} | {_f(r['before'])} | {_f(r['affine_floor'])} "
             f"({_f(r['affine_floor_p90'])}) | {_f(r['loo_affine'])} | {loo} | {_f(met['tre_at_optimum'])} "
-            f"({gain:+.4f}) | {_f(syn.get('mean'))} |"
+            f"({gain:+.4f}) | {_f(syn.get('mean'))} ({_f(syn.get('seconds'), '.0f')}) | {_f(ants.get('mean'))} "
+            f"({_f(ants.get('seconds'), '.0f')}) | {_f(wide.get('mean'))} | {_f(nb.get('mean'))} |"
         )
     return "\n".join(lines)
 

@@ -29,7 +29,7 @@ from autoreg.fingerprint import (
     min_sampling_fraction,
     samples_needed,
 )
-from autoreg.recipe import Recipe, default_recipe, recipe_to_dict
+from autoreg.recipe import Recipe, ants_field_stage, default_recipe, recipe_to_dict
 from autoreg.space import (
     MAX_BSPLINE_PARAMETERS,
     MAX_SAMPLE_PARAMETERS,
@@ -381,8 +381,12 @@ def test_a_deformable_stage_has_a_default_point_per_way() -> None:
     assert bspline.stages[1].transform.control_point_spacing == pytest.approx(384 / 8)
     field = _drawn_from(space, points["default:displacement"])
     assert field.kinds == ("affine", "displacement") and field.stages[1].optimizer.kind == "gradient_descent"
-    assert field.stages[1].optimizer.number_of_iterations == 20
-    assert field.stages[1].transform.variance_for_total_field == 2.0
+    # the field's way starts where ANTs SyN's defaults do, not at the notebook's field (which barely moves)
+    drawn, ants = recipe_to_dict(field)["stages"][1], recipe_to_dict(Recipe(stages=(ants_field_stage(2),)))["stages"][0]
+    for metric in (drawn["metric"], ants["metric"]):  # the search never builds gradient images (a cost rule)
+        metric.pop("use_fixed_image_gradient_filter"), metric.pop("use_moving_image_gradient_filter")
+    assert drawn == ants
+    assert field.stages[1].transform.variance_for_update_field == 3.0 and field.stages[1].sampling.strategy == "none"
     demons = _drawn_from(space, points["default:demons"])
     assert demons.kinds == ("affine", "displacement") and demons.stages[1].optimizer.kind == "demons"
     assert demons.stages[1].optimizer.number_of_iterations == 50 and demons.stages[1].metric.kind == "mean_squares"
@@ -392,6 +396,14 @@ def test_a_deformable_stage_has_a_default_point_per_way() -> None:
     # a displacement stage: gradient descent and Demons
     space = SearchSpace(fingerprint=FINGERPRINTS["2d-64"](), stages=("affine", "displacement"))
     assert [role for role, _ in space.default_points()] == ["default:displacement", "default:demons"]
+
+
+def test_the_field_s_default_point_samples_what_a_large_volume_affords() -> None:
+    space = SearchSpace(fingerprint=FINGERPRINTS["3d-256x256x200"](), stages=("affine", "displacement"))
+    assert not space.dense_affordable
+    field = _drawn_from(space, dict(space.default_points())["default:displacement"]).stages[1]
+    assert field.optimizer.kind == "gradient_descent" and field.optimizer.number_of_iterations == 40
+    assert field.sampling.strategy == "regular" and field.sampling.points == space.points_range()[1]
 
 
 def test_default_points_leave_out_what_the_overrides_rule_out() -> None:

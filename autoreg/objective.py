@@ -30,7 +30,7 @@ from .recipe import Recipe, recipe_from_dict, recipe_to_dict
 from .registration import LevelRecord, register
 from .scoring import folding_fraction, has_deformable, holdout_metric, tre
 from .space import SearchSpace
-from .trial import BASELINE, DEFAULT_POINT, FOLDING_CONSTRAINT, SUGGESTED, read, records, write
+from .trial import BASELINE, FOLDING_CONSTRAINT, SUGGESTED, read, records, write
 
 log = logging.getLogger(__name__)
 
@@ -213,13 +213,14 @@ class Objective:
         return limit
 
     def over_budget(self, trial: optuna.Trial, predicted: float | None) -> bool:
-        """A suggested trial (or a default point) predicted to need far more than its share of the study's time is not
-        run."""
+        """A suggested trial predicted to need far more than its share of the study's time is not run. A default point
+        runs under its time limit instead: it is TPE's one anchor for its way, and it runs first, before finished
+        trials have corrected the model (which priced the histology pairs' default field at twice its seconds)."""
         share = self.budget.per_trial_s
         return (
             share is not None
             and predicted is not None
-            and (read(trial, "role") or SUGGESTED).split(":")[0] in (SUGGESTED, DEFAULT_POINT)
+            and (read(trial, "role") or SUGGESTED).split(":")[0] == SUGGESTED
             and self.cfg.trial_timeout is None
             and predicted > OVER_BUDGET_FACTOR * share
         )

@@ -454,6 +454,24 @@ def test_time_limits_come_from_the_predicted_cost_and_spare_the_baseline(tmp_pat
         assert t.user_attrs["pruned_at"].startswith("time limit")
 
 
+def test_a_trial_predicted_over_budget_is_not_run_but_the_default_point_is(tmp_path: Path, monkeypatch) -> None:
+    """With a budget, a suggested trial predicted far past its share is pruned unrun, with the reason; the default
+    point (TPE's anchor, run before the model has learnt from this study) runs under its time limit instead."""
+    import autoreg.objective as objective
+
+    monkeypatch.setattr(objective, "OVER_BUDGET_FACTOR", 1e-9)  # every prediction is over budget
+    pair = write_study_files(tmp_path / "data", extra={"trial_timeout": None})
+    run = tune(pair, tmp_path / "study", "--trials", 4, "--jobs", 1, "--timeout", 600, "-q")
+    assert run.code == 0, run.err
+    trials = trials_of(tmp_path / "study")
+    assert [t.user_attrs.get("role") for t in trials[:2]] == ["baseline", "default"]
+    assert [t.state for t in trials[:2]] == [TrialState.COMPLETE] * 2
+    assert trials[1].user_attrs["time_limit_s"] == objective.MIN_LIMIT_S  # the limit still holds it
+    for t in trials[2:]:
+        assert t.state == TrialState.PRUNED and "runtime_s" in t.user_attrs
+        assert "over 1e-09x the trial budget" in t.user_attrs["pruned_at"], t.user_attrs["pruned_at"]
+
+
 @pytest.mark.slow
 def test_the_baseline_never_holds_a_study_hostage(tmp_path: Path) -> None:
     """With --timeout the study ends on time even when SimpleITK's default (trial 0) needs longer than the whole

@@ -220,7 +220,7 @@ class Objective:
         return (
             share is not None
             and predicted is not None
-            and (read(trial, "role") or SUGGESTED).split(":")[0] == SUGGESTED
+            and (read(trial, "role") or SUGGESTED) == SUGGESTED
             and self.cfg.trial_timeout is None
             and predicted > OVER_BUDGET_FACTOR * share
         )

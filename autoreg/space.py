@@ -552,9 +552,11 @@ class SearchSpace:
         ways: dict[str, Stage] = {}
         if index is not None:
             choices = self._possible(f"stage{index}.transform.kind")
-            ways = {kind: default_stage(kind, self.dim) for kind in DEFORMABLE_KINDS if kind in choices}
-            if "displacement" in ways:
-                ways["displacement"] = self.affordable(ants_field_stage(self.dim))
+            first = {
+                "bspline": default_stage("bspline", self.dim),
+                "displacement": self.affordable(ants_field_stage(self.dim)),
+            }
+            ways = {kind: first[kind] for kind in DEFORMABLE_KINDS if kind in choices}
             if "displacement" in ways and True in self._possible(f"stage{index}.optimizer.demons"):
                 ways["demons"] = default_demons_stage(self.dim)
         baseline = self.baseline_recipe()
@@ -573,7 +575,7 @@ class SearchSpace:
         image is more than that."""
         if stage.sampling.strategy != "none" or self.dense_affordable:
             return stage
-        return stage.model_copy(update={"sampling": Sampling(strategy="regular", points=MAX_SAMPLES)})
+        return stage.model_copy(update={"sampling": Sampling(strategy="regular", points=self.points_range()[1])})
 
     # --- overrides ----------------------------------------------------------------------------------------------
 

@@ -50,6 +50,8 @@ from .trial import DEFAULT_POINT
 
 MAX_LEVELS = 5
 MAX_SAMPLES = 250_000
+#: The finest level a displacement field's pyramid may stop at (1: full resolution).
+FINEST_SHRINKS = (1, 2)
 MIN_CONTROL_POINT_VOXELS = 4
 #: ITKv4's BSpline Jacobian is dense: each sample costs ~30 ns per grid parameter per iteration. Grids stay below
 #: this many parameters (32 cells a side in 2D, 12 in 3D) ...
@@ -298,6 +300,9 @@ class SearchSpace:
                 # (benchmarks/landmark_floor.py)
                 Dim(f"{s}.transform.variance_for_update_field", low=0.0, high=16.0, when=displacement),
                 Dim(f"{s}.transform.variance_for_total_field", low=0.0, high=3.0, when=displacement),
+                # ANTs SyN's pyramid ends at half resolution (40x20x0 iterations): from the landmarks' affine, as good a
+                # field on histology at a third of the seconds (benchmarks/landmark_floor.py)
+                Dim(f"{s}.pyramid.finest_shrink", choices=FINEST_SHRINKS, when=displacement + multi),
                 # SimpleITK's Demons moves the field by the intensity difference (one modality): on same-modality
                 # deformations it ended at a quarter of gradient descent's TRE (benchmarks/demons.py)
                 Dim(f"{s}.optimizer.demons", choices=(False, True), when=displacement),
@@ -405,7 +410,7 @@ class SearchSpace:
             # at least the samples the metric needs (a few thousand for 128 bins):
             # fewer end in "joint PDF summed to zero"
             sampling["points"] = max(points, samples_needed(bins))
-        pyramid = self._suggest_pyramid(s, get, bins)
+        pyramid = self._suggest_pyramid(s, get, bins, field=kind == "displacement")
         if kind == "displacement" and not demons:
             transform["gradient_step"] = round(float(get(f"{s}.transform.gradient_step")), 4)
             if len(pyramid["shrink_factors"]) > 1:
@@ -418,7 +423,7 @@ class SearchSpace:
             "pyramid": pyramid,
         }
 
-    def _suggest_pyramid(self, s: str, get, bins: int | None) -> dict[str, Any]:
+    def _suggest_pyramid(self, s: str, get, bins: int | None, field: bool = False) -> dict[str, Any]:
         fixed_shrinks = self._fixed(f"{s}.pyramid.shrink_factors")
         if fixed_shrinks is not None:
             shrinks = tuple(int(f) for f in fixed_shrinks)
@@ -429,7 +434,10 @@ class SearchSpace:
             size = self.fingerprint.smallest_size
             while coarsest > 1 and level_voxels(size, coarsest) < samples_needed(bins):
                 coarsest -= 1
-            shrinks = shrink_schedule(coarsest, min(levels, coarsest))
+            # a field may stop above full resolution, as ANTs SyN's does, below a coarser level
+            finest = int(get(f"{s}.pyramid.finest_shrink")) if field and levels > 1 else 1
+            finest = finest if finest < coarsest else 1
+            shrinks = shrink_schedule(coarsest, min(levels, coarsest - finest + 1), finest)
         sigmas = self._fixed(f"{s}.pyramid.smoothing_sigmas")
         units = self._fixed(f"{s}.pyramid.sigma_units") or "voxel"
         if sigmas is None:
@@ -510,6 +518,8 @@ class SearchSpace:
                 )
             if stage.kind == "displacement":
                 out[f"{s}.optimizer.demons"] = stage.optimizer.kind == "demons"
+                if len(p.shrink_factors) > 1:
+                    out[f"{s}.pyramid.finest_shrink"] = p.shrink_factors[-1]
             mesh = getattr(stage.transform, "mesh_size", None)
             if mesh:
                 out[f"{s}.transform.control_point_spacing"] = self.fingerprint.min_extent_voxels / min(mesh)
@@ -747,14 +757,15 @@ class _DefaultsTrial:
         return d if d in choices else choices[0]
 
 
-def shrink_schedule(coarsest: int, levels: int) -> tuple[int, ...]:
-    """Shrink factors from ``coarsest`` down to 1, evenly spaced in log scale, strictly decreasing where possible."""
+def shrink_schedule(coarsest: int, levels: int, finest: int = 1) -> tuple[int, ...]:
+    """Shrink factors from ``coarsest`` down to ``finest``, evenly spaced in log scale, strictly decreasing where
+    possible."""
     if levels <= 1:
-        return (1,)
+        return (finest,)
     out = []
     for level in range(levels):
-        f = coarsest ** ((levels - 1 - level) / (levels - 1))
-        out.append(max(1, int(round(f))))
+        f = coarsest ** ((levels - 1 - level) / (levels - 1)) * finest ** (level / (levels - 1))
+        out.append(max(finest, int(round(f))))
     for j in range(len(out) - 2, -1, -1):  # keep non-increasing after rounding
         out[j] = max(out[j], out[j + 1])
     return tuple(out)

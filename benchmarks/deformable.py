@@ -1,7 +1,7 @@
 """Issue 13's figures: the deformable stage on the histology pairs, against elastix's BSpline and ANTs' SyN.
 
     pip install -e ".[bench]"
-    python benchmarks/deformable.py [--only ki67] [--trials 60] [--jobs 2] [--timeout 300]
+    python benchmarks/deformable.py [--only ki67] [--trials 60] [--jobs 2] [--timeout 300] [--timeout-3d 600] [--no-3d]
     python benchmarks/deformable.py --report
 
 Per histology pair of ../shared/data:
@@ -15,6 +15,11 @@ Per histology pair of ../shared/data:
    runs), scored by the same code;
 4. the affine floor: the mean residual of the least-squares affine fit of the landmarks themselves, what no affine
    registration can beat.
+
+Then per 3D case (afids, ../shared/data's 3D pair, and the 3D set's mmdef3d; ``make_3d_set.py`` builds them when
+missing; ``--no-3d`` leaves them out): ``tune3d.py``'s study with ``[affine, displacement]`` (``--timeout-3d``), its
+best recipe exported and run once more on 2 threads over every landmark (TRE in mm, folding, seconds), ANTs
+``SyNOnly`` after its linear stages, and ``peers3d.py``'s elastix and SyN on the case, 2 threads.
 
 Results go to ``benchmarks/results/deformable.json``, the table to stdout.
 """
@@ -34,6 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import HISTOLOGY, RESULTS, machine, require_shared_data, stamp, tune, write_pair_yaml  # noqa: E402
 
 STAGES = ["affine", "deformable"]
+#: The 3D cases: afids (../shared/data's 3D pair) and the 3D set's deformed one (make_3d_set.py builds both).
+CASES_3D = ("afids", "mmdef3d")
+STAGES_3D = "affine+displacement"
 OUT = RESULTS / "deformable.json"
 
 
@@ -168,6 +176,44 @@ def one_pair(name: str, trials: int, jobs: int, timeout: float) -> dict:
     return row
 
 
+def one_case_3d(case: str, trials: int, jobs: int, timeout: float) -> dict:
+    """A 3D case (``tune3d``'s study with ``[affine, displacement]``, the 3D answer: a study that may choose bspline
+    keeps paying for the default's dense BSpline gradient), its best recipe exported and run once more on 2 threads
+    over every landmark, SyN's step from its linear stages, and the peers on the same case (``peers3d``)."""
+    import make_3d_set
+    import peers3d
+    import tune3d
+
+    from autoreg.pipeline import Pipeline
+    from autoreg.recipe import load_recipe
+
+    data = tune3d.DATA3D / case
+    if not (data / "pair.yaml").is_file():
+        make_3d_set.build(tune3d.DATA3D, only=[case])
+    study = tune3d.tune_case(case, trials=trials, jobs=jobs, timeout=timeout, prune=True, stages=STAGES_3D)
+    folder = RESULTS / "tune3d" / f"{case}-{study['variant']}"
+    row: dict = {
+        "pair": case,
+        "dim": 3,
+        "wall_s": study["wall_s"],
+        "exit": study["exit"],
+        "trials": study["trials"],
+        "default": study["baseline"],
+        "best_selected": study["best"],
+        "best_honest": study["honest"],
+        "best_kinds": STAGES_3D.split("+"),
+    }
+    if tune3d.every_landmark(folder) is not None:
+        pair = Pipeline.load(folder / "pair.yaml").all_landmark_pairs[0]
+        recipe = load_recipe(folder / "best.yaml")
+        row["tuned"] = rerun_best(pair, recipe, threads=2)
+        row["syn_after_linear"] = syn_after_linear(pair, recipe)
+        row["affine_floor"] = affine_floor(pair)
+    for tool in ("elastix", "ants"):
+        row[tool] = peers3d.run_isolated(tool, data, threads=2, timeout=900)
+    return row
+
+
 def _f(v, spec=".3g") -> str:
     return "-" if v is None else format(v, spec)
 
@@ -185,7 +231,7 @@ def table(rows: list[dict]) -> str:
         kinds = "+".join(k for k in r.get("best_kinds", []))
         ratio = t["seconds"] / a["seconds"] if t.get("seconds") and a.get("seconds") else None
         lines.append(
-            f"| {r['pair']} | {_f(r['affine_floor'])} | {_f(r['default'])} | {_f(t.get('mean'))} ({kinds}) | "
+            f"| {r['pair']}{' (mm)' if r.get('dim') == 3 else ''} | {_f(r.get('affine_floor'))} | {_f(r['default'])} | {_f(t.get('mean'))} ({kinds}) | "
             f"{_f(r.get('best_honest'))} | {_f(t2.get('mean'))} | "
             f"{_f(e.get('mean')) if 'mean' in e else e.get('failed', '-')} | "
             f"{_f(a.get('mean')) if 'mean' in a else a.get('failed', '-')} | "
@@ -202,13 +248,15 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=60)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=300.0, help="tune --timeout per pair")
+    parser.add_argument("--timeout-3d", type=float, default=600.0, help="tune --timeout per 3D case")
+    parser.add_argument("--no-3d", action="store_true", help="the histology pairs only")
     parser.add_argument("--report", action="store_true", help="only print the table of the saved results")
     parser.add_argument("--rerun", action="store_true", help="only run the saved studies' best recipes again")
     args = parser.parse_args()
     saved = json.loads(OUT.read_text()) if OUT.exists() else {}
     if args.rerun:
         for row in saved.values():
-            if args.only in row["pair"]:
+            if args.only in row["pair"] and row.get("dim") != 3:
                 rerun(row)
         OUT.write_text(json.dumps(saved, indent=2), encoding="utf-8")
     elif not args.report:
@@ -224,6 +272,11 @@ def main() -> int:
                 OUT.parent.mkdir(parents=True, exist_ok=True)
                 OUT.write_text(json.dumps(saved, indent=2), encoding="utf-8")
                 print(table([saved[name]]).splitlines()[-1], flush=True)
+        for case in () if args.no_3d else CASES_3D:
+            if args.only in case:
+                saved[case] = one_case_3d(case, args.trials, args.jobs, args.timeout_3d)
+                OUT.write_text(json.dumps(saved, indent=2), encoding="utf-8")
+                print(table([saved[case]]).splitlines()[-1], flush=True)
     print(table(list(saved.values())))
     return 0
 

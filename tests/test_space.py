@@ -142,6 +142,30 @@ def test_shrink_schedule() -> None:
             assert all(a >= b for a, b in zip(s, s[1:]))
     assert shrink_schedule(4, 3) == (4, 2, 1)
     assert shrink_schedule(16, 5) == (16, 8, 4, 2, 1)
+    assert shrink_schedule(4, 2, finest=2) == (4, 2) and shrink_schedule(8, 3, finest=2) == (8, 4, 2)
+
+
+@pytest.mark.parametrize("fp_name", ["2d-512x384", "3d-256x256x200"])
+def test_only_a_field_may_stop_above_full_resolution(fp_name: str) -> None:
+    """A displacement field's pyramid may end at shrink 2, as ANTs SyN's does; every other stage ends at full
+    resolution, and the point of a recipe gives back its pyramid."""
+    space, recipes = drawn(fp_name, ("affine", "deformable"))
+    ends = {"displacement": set(), "bspline": set(), "affine": set()}
+    for trial, recipe in recipes:
+        for i, stage in enumerate(recipe.stages):
+            shrinks = stage.pyramid.shrink_factors
+            ends[stage.kind].add(shrinks[-1])
+            finest = trial.params.get(f"stage{i}.pyramid.finest_shrink")
+            assert finest is None or stage.kind == "displacement"
+            # a field stops above full resolution where asked to, below a coarser level
+            assert shrinks[-1] == (finest if finest and shrinks[0] > finest else 1)
+            assert list(shrinks) == sorted(shrinks, reverse=True)
+        point = space.params_of(recipe)
+        replay = space.suggest(optuna.trial.FixedTrial(point), seed=trial.number)
+        for again, stage in zip(replay.stages, recipe.stages):
+            assert again.pyramid.shrink_factors == stage.pyramid.shrink_factors
+            assert again.pyramid.smoothing_sigmas == pytest.approx(stage.pyramid.smoothing_sigmas, abs=1e-5)
+    assert ends == {"displacement": {1, 2}, "bspline": {1}, "affine": {1}}
 
 
 # --- sampling -----------------------------------------------------------------------------------------------------

@@ -77,6 +77,23 @@ def test_displacement_field_resolution_follows_grid_spacing() -> None:
         assert [r.voxels for r in levels if r.stage == 1] == [16 * 16, 32 * 32, int(np.prod(expected))]
 
 
+def test_a_field_that_stops_at_half_resolution_lives_on_the_half_grid() -> None:
+    """ANTs SyN's pyramid (shrink 4x2, full resolution unrun): the field ends on the half-resolution grid, still
+    registers the warp the affine cannot reach and does not fold."""
+    pair = pair_data(synthetic_pair(2, "bspline"))
+    data = _recipe(2).model_dump()
+    data["stages"][1]["pyramid"].update(shrink_factors=[4, 2], smoothing_sigmas=[2.0, 1.0])
+    recipe = _recipe(2).model_validate(data)
+    levels: list = []
+    tx = register(recipe, pair, level_callback=lambda rec, get: levels.append(rec)).transform
+    field = sitk.DisplacementFieldTransform(sitk.CompositeTransform(tx).GetNthTransform(1)).GetDisplacementField()
+    assert field.GetSize() == (32, 32) and field.GetSpacing() == pytest.approx(2 * np.array(pair.fixed.GetSpacing()))
+    assert [r.voxels for r in levels if r.stage == 1] == [16 * 16, 32 * 32]
+    affine = sitk.CompositeTransform(tx).GetNthTransform(0)
+    assert _tre(tx, pair) < 0.8 * _tre(affine, pair)
+    assert folding_fraction(tx, pair.fixed) == 0.0
+
+
 def test_voxel_tre_of_a_displacement_stage_does_not_depend_on_spacing() -> None:
     syn = synthetic_pair(2, "bspline")
     tres = [

@@ -203,9 +203,10 @@ def one_case_3d(case: str, trials: int, jobs: int, timeout: float) -> dict:
         "best_honest": study["honest"],
         "best_kinds": STAGES_3D.split("+"),
     }
-    if tune3d.every_landmark(folder) is not None:
+    best = tune3d.export_best(folder)
+    if best is not None:  # one run over every landmark gives TRE, folding and seconds
         pair = Pipeline.load(folder / "pair.yaml").all_landmark_pairs[0]
-        recipe = load_recipe(folder / "best.yaml")
+        recipe = load_recipe(best)
         row["tuned"] = rerun_best(pair, recipe, threads=2)
         row["syn_after_linear"] = syn_after_linear(pair, recipe)
         row["affine_floor"] = affine_floor(pair)

@@ -33,6 +33,7 @@ from common import REPO, RESULTS  # noqa: E402
 
 DATA3D = REPO / "benchmarks" / "data3d"
 CASES = ("rot3d", "affine3d", "aniso3d", "mmdef3d", "afids")
+CLI = [sys.executable, "-m", "autoreg.cli"]
 
 
 def spearman(a: list[float], b: list[float]) -> float | None:
@@ -117,9 +118,7 @@ def tune_case(case: str, *, trials: int, jobs: int, timeout: float, prune: bool,
     pair = work / "pair.yaml"
     pair.write_text(yaml.safe_dump(doc), encoding="utf-8")
     cmd = [
-        sys.executable,
-        "-m",
-        "autoreg.cli",
+        *CLI,
         "tune",
         str(pair),
         "--trials",
@@ -148,24 +147,31 @@ def tune_case(case: str, *, trials: int, jobs: int, timeout: float, prune: bool,
     return out
 
 
-def every_landmark(folder: Path, within: float | None = None) -> float | None:
-    """The study's best recipe (or, with ``within``, the fastest within that percent of it: ``export --within``)
-    scored on every landmark, as the peers are: ``autoreg export`` then ``autoreg evaluate`` (one run; the study's
-    own figures use the landmarks it selected with, or those it never saw)."""
-    pair, study = folder / "pair.yaml", folder / "study"
+def export_best(folder: Path, within: float | None = None) -> Path | None:
+    """``autoreg export`` of the study's best recipe (or, with ``within``, the fastest within that percent of it);
+    the recipe's path, None where export failed."""
     best = _recipe_path(folder, within)
-    base = [sys.executable, "-m", "autoreg.cli"]
     choice = ["--within", str(within)] if within is not None else []
     proc = subprocess.run(
-        [*base, "export", str(pair), "--study-dir", str(study), "-o", str(best), "--repeats", "0", *choice],
+        [*CLI, "export", str(folder / "pair.yaml"), "--study-dir", str(folder / "study"), "-o", str(best)]
+        + ["--repeats", "0", *choice],
         capture_output=True,
         text=True,
     )
-    if proc.returncode != 0:
+    return best if proc.returncode == 0 else None
+
+
+def every_landmark(folder: Path, within: float | None = None) -> float | None:
+    """The exported recipe (``export_best``) scored on every landmark, as the peers are, by ``autoreg evaluate`` (one
+    run; the study's own figures use the landmarks it selected with, or those it never saw)."""
+    best = export_best(folder, within)
+    if best is None:
         return None
     out = best.with_suffix(".every_landmark.json") if within is not None else folder / "every_landmark.json"
     proc = subprocess.run(
-        [*base, "evaluate", str(best), str(pair), "--repeats", "1", "--json", str(out)], capture_output=True, text=True
+        [*CLI, "evaluate", str(best), str(folder / "pair.yaml"), "--repeats", "1", "--json", str(out)],
+        capture_output=True,
+        text=True,
     )
     return json.loads(out.read_text())["overall"]["mean"] if proc.returncode == 0 else None
 

@@ -425,11 +425,19 @@ def test_report_on_a_real_brain_pair(shared_data: Path, tmp_path: Path) -> None:
     landmark_table = text.split('<table class="landmarks">', 1)[1].split("</table>", 1)[0]
     rows = re.findall(r"<tr>(.*?)</tr>", landmark_table, re.S)
     assert len(rows) == 91 + 1  # the header and one row per landmark
-    # the table's mean TRE after the best recipe is the best trial's score, in px (PNG files carry no spacing)
+    # over the landmarks it selected with, the table's mean TRE after the best recipe is the best trial's score, and
+    # over the others its honest score, in px (PNG files carry no spacing)
     study = open_study(tmp_path / "study", "brain")
     header = re.findall(r"<th>(.*?)</th>", rows[0])
-    after = [float(re.findall(r"<td>(.*?)</td>", r)[header.index("tre_after (px)")]) for r in rows[1:]]
-    assert np.mean(after) == pytest.approx(study.best_value, rel=1e-3)
+    assert header.index("set") == header.index("tre_after (px)") + 1  # a label, not a length: no unit
+    cells = [re.findall(r"<td>(.*?)</td>", r) for r in rows[1:]]
+    after = {
+        which: [float(c[header.index("tre_after (px)")]) for c in cells if c[header.index("set")] == which]
+        for which in ("select", "report")
+    }
+    assert len(after["report"]) == 30 and len(after["select"]) == 61
+    assert np.mean(after["select"]) == pytest.approx(study.best_value, rel=1e-3)
+    assert np.mean(after["report"]) == pytest.approx(study.best_trial.user_attrs["tre_report_mean"], rel=1e-3)
 
 
 # --- figures, units and the template ----------------------------------------------------------------------------

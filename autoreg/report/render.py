@@ -119,11 +119,15 @@ def trial_table(data: ReportData) -> tuple[list[str], list[list[Any]]]:
     return header, rows
 
 
+#: columns of the landmark table that are not lengths: no unit in their header
+UNITLESS_COLUMNS = ("landmark", "set")
+
+
 def landmark_rows(table: Any) -> tuple[list[str], list[list[Any]]]:
     """The TRE table of one pair, the default recipe's TRE as a last column when known, units in the header."""
     keys = list(table.rows[0].keys())
     unit = f" ({table.unit})" if table.unit else ""
-    header = [k + unit if k != "landmark" else k for k in keys]
+    header = [k if k in UNITLESS_COLUMNS else k + unit for k in keys]
     rows = [[r[k] for k in keys] for r in table.rows]
     if table.baseline is not None:
         header.append("tre_default_recipe" + unit)

@@ -779,6 +779,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             handler.addFilter(_RedactingFilter())
     # What the libraries say (C-level stderr caught around image I/O, Python warnings) is shown with -v only.
     logging.getLogger(LIBRARY_LOG).setLevel(logging.DEBUG if args.verbose else logging.NOTSET)
+    if not args.verbose:
+        _quiet_loky_trackers()
     with warnings.catch_warnings():
         warnings.showwarning = _log_warning
         import optuna
@@ -798,6 +800,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             _err("interrupted")
             return EXIT_INTERRUPTED
+
+
+#: loky's resource tracker, started with the first worker pool, inherits this: after an interrupted tune leaves
+#: with ``os._exit`` it removes the pool's semaphores and memmap folder, and would print a warning for each kind.
+_LOKY_TRACKER_QUIET = "ignore::UserWarning:joblib.externals.loky.backend.resource_tracker"
+
+
+def _quiet_loky_trackers() -> None:
+    """Keep loky's tracker's clean-up warnings off the terminal (its clean-up still happens; ``-v`` shows them)."""
+    current = os.environ.get("PYTHONWARNINGS", "")
+    if _LOKY_TRACKER_QUIET not in current.split(","):
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, (current, _LOKY_TRACKER_QUIET)))
 
 
 def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:

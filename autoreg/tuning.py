@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import socket
 import threading
 import time
@@ -425,6 +424,7 @@ class LocalRunner:
         self.interrupted = False
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
+        self._stop: StopRequest | None = None
 
     def prepare(self) -> WorkerPlan:
         from .study import cost_model
@@ -441,6 +441,7 @@ class LocalRunner:
         return f"{self.jobs} worker(s) x {self.threads} ITK thread(s)"
 
     def start(self, stop: StopRequest) -> None:
+        self._stop = stop
         self._thread = threading.Thread(target=self._run, args=(stop,), name="autoreg-workers", daemon=True)
         self._thread.start()
 
@@ -489,29 +490,32 @@ class LocalRunner:
         return self._done.wait(timeout)
 
     def abort(self) -> list[int]:
-        """Kill the worker processes that still run a trial, then fail those trials 'interrupted' (in that order:
-        a dead worker writes nothing after the tune). The in-process worker's trial is failed the same way; its
+        """Kill this tune's worker processes, busy or idle, then fail the trials they were running 'interrupted' (in
+        that order: a dead worker writes nothing after the tune, and an idle one cannot start a trial meanwhile nor
+        outlive the tune by its watcher's interval). The in-process worker's trial is failed the same way; its
         thread stops at the registration's next iteration, or with the process."""
+        from .processes import is_own, kill, pool_workers
         from .study import INTERRUPTED, fail_trials, running_trials_of
 
         host, me = socket.gethostname(), os.getpid()
-        running = [
-            t
-            for t in running_trials_of(self.study, _workers_on(host, self.study))
-            if _is_own(int(t.user_attrs["worker"].rpartition(":")[2]), me)
-        ]
-        for pid in {int(t.user_attrs["worker"].rpartition(":")[2]) for t in running} - {me}:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        pool = pool_workers(me) if self.jobs > 1 else set()
+        kill(pool)
+        pids = {w: int(w.rpartition(":")[2]) for w in _workers_on(host, self.study)}
+        ours = {w: pid for w, pid in pids.items() if pid in pool or is_own(pid, me)}
+        running = running_trials_of(self.study, set(ours))
+        kill(set(ours.values()) - pool - {me})
         failed = fail_trials(self.study, running, reason=INTERRUPTED)
-        if self.jobs > 1:  # loky ends the idle workers once it sees the killed ones (idle ones also watch the tune)
+        if self.jobs > 1:  # loky sees its killed workers and shuts its pool down
             self._done.wait(LOKY_CLEANUP_S)
         return failed
 
     def close(self) -> None:
-        return None
+        """An interrupted tune whose workers stopped in time leaves loky's pool idle: end it now, as ``abort`` does,
+        rather than let it outlive the tune until the workers' launcher watch sees it gone."""
+        from .processes import kill, pool_workers
+
+        if self.jobs > 1 and self._stop is not None and self._stop() and self._done.is_set():
+            kill(pool_workers(os.getpid()))
 
 
 def _workers_on(host: str, study: optuna.Study) -> set[str]:
@@ -523,24 +527,3 @@ def _workers_on(host: str, study: optuna.Study) -> set[str]:
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if (w := t.user_attrs.get("worker", "")).rpartition(":")[0] == host and w.rpartition(":")[2].isdigit()
     }
-
-
-def _is_own(pid: int, me: int) -> bool:
-    """Whether ``pid`` is this process or one of its children (a worker this tune started)."""
-    return pid == me or _parent_of(pid) == me
-
-
-def _parent_of(pid: int) -> int | None:
-    """The parent process id of ``pid`` (None when it is gone or cannot be read)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    import subprocess
-
-    try:  # no /proc (macOS, BSD)
-        out = subprocess.run(["ps", "-o", "ppid=", "-p", str(pid)], capture_output=True, text=True, timeout=5)
-        return int(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return None

@@ -128,6 +128,11 @@ class CostModel:
         elif stage.transform.kind == "displacement":  # local support: smoothing the field is the cost
             per_iteration = self.field_s_per_voxel * voxels
         evaluations = EVALUATIONS_PER_ITERATION.get(stage.optimizer.kind, 1.0)
+        if getattr(stage.transform, "symmetric", False):
+            # two metric passes per step, each on images warped afresh (their gradients too), and four field
+            # resamplings: both images, both halves composed with their updates
+            fresh = setup - self.level_overhead_s
+            return setup, 2 * (samples * per_sample + fresh) + 4 * per_iteration
         return setup, evaluations * samples * per_sample + per_iteration
 
     # --- learning from finished trials ----------------------------------------------------------------------

@@ -922,10 +922,9 @@ def _ants_transform(stage: Stage, geometry: Geometry, step: float, notes: list[s
             notes.append("not translated: across_levels compose (ANTs refines one field across levels)")
         if t.gradient_step is not None:  # the same bound: ANTs' gradientStep is in voxels of each level
             step = t.gradient_step
-        return (
-            f"GaussianDisplacementField[{_num(step)},{_num(t.variance_for_update_field)},"
-            f"{_num(t.variance_for_total_field)}]"
-        )
+        # the symmetric scheme is SyN's own: both images toward a midpoint, each by the gradient step
+        name = "SyN" if t.symmetric else "GaussianDisplacementField"
+        return f"{name}[{_num(step)},{_num(t.variance_for_update_field)},{_num(t.variance_for_total_field)}]"
     mesh, factors = _mesh_schedule(stage, geometry)
     levels = _levels(stage)
     if factors is None and levels > 1:

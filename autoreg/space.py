@@ -38,6 +38,7 @@ from .recipe import (
     Stage,
     Transform,
     ants_field_stage,
+    ants_syn_stage,
     default_demons_stage,
     default_recipe,
     default_stage,
@@ -314,7 +315,15 @@ class SearchSpace:
                 # gradient descent on the field: its step in level voxels (ANTs' gradientStep; ITK's own bound, a
                 # voxel of the field's grid, overshoots on coarse grids) and how levels carry the field
                 Dim(f"{s}.transform.gradient_step", low=0.1, high=1.0, log=True, when=not_demons),
-                Dim(f"{s}.transform.across_levels", choices=("continue", "compose"), when=not_demons + multi),
+                # ANTs SyN's scheme, both images toward a midpoint: from the landmarks' affine 0.1-0.5 px below the
+                # one-sided field on three histology pairs, 0.16 above on the fourth, at 3x the seconds
+                # (benchmarks/landmark_floor.py)
+                Dim(f"{s}.transform.symmetric", choices=(False, True), when=not_demons),
+                Dim(
+                    f"{s}.transform.across_levels",
+                    choices=("continue", "compose"),
+                    when=not_demons + multi + ((f"{s}.transform.symmetric", (False,)),),
+                ),
             ]
         return out
 
@@ -413,7 +422,8 @@ class SearchSpace:
         pyramid = self._suggest_pyramid(s, get, bins, field=kind == "displacement")
         if kind == "displacement" and not demons:
             transform["gradient_step"] = round(float(get(f"{s}.transform.gradient_step")), 4)
-            if len(pyramid["shrink_factors"]) > 1:
+            transform["symmetric"] = bool(get(f"{s}.transform.symmetric"))
+            if len(pyramid["shrink_factors"]) > 1 and not transform["symmetric"]:
                 transform["across_levels"] = get(f"{s}.transform.across_levels")
         return {
             "transform": transform,
@@ -552,8 +562,8 @@ class SearchSpace:
 
     def default_points(self) -> list[tuple[str, dict[str, Any]]]:
         """The default recipe as points of the space, role -> params: one per way its first ``deformable`` or
-        ``displacement`` stage may go (bspline, a field by gradient descent after ANTs SyN's defaults, a field by
-        Demons).
+        ``displacement`` stage may go (bspline, a field by gradient descent after ANTs SyN's defaults, the same by
+        SyN's symmetric scheme, a field by Demons).
 
         The baseline runs as it is and teaches the sampler nothing; its points do, and each way is tried once before
         TPE narrows (in a 60-trial study of ratkidney without them, TPE never came near the default; on ki67, a study
@@ -567,6 +577,8 @@ class SearchSpace:
                 "displacement": self.affordable(ants_field_stage(self.dim)),
             }
             ways = {kind: first[kind] for kind in DEFORMABLE_KINDS if kind in choices}
+            if "displacement" in ways and True in self._possible(f"stage{index}.transform.symmetric"):
+                ways["symmetric"] = self.affordable(ants_syn_stage(self.dim))
             if "displacement" in ways and True in self._possible(f"stage{index}.optimizer.demons"):
                 ways["demons"] = default_demons_stage(self.dim)
         baseline = self.baseline_recipe()

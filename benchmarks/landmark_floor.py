@@ -20,8 +20,9 @@ with no study:
    what a peer's deformable step adds from the best affine there is;
 6. **our fields from the ideal start**: autoreg's displacement stage alone on the same start, as a study's default
    point runs it (``recipe.ants_field_stage``: ANTs SyN's defaults, update variance 3, a pyramid that stops at half
-   resolution), the same on to full resolution, with update variance 9 (inside the searched range), and the
-   notebook's field (``recipe.default_stage``), with their seconds.
+   resolution), the same on to full resolution, with update variance 9 (inside the searched range), the
+   notebook's field (``recipe.default_stage``), and the same defaults moved by SyN's symmetric scheme
+   (``recipe.ants_syn_stage``, total variance 1, and SyN's own 0), with their seconds and folded voxels.
 
 Results go to ``benchmarks/results/landmark_floor.json``, the table to stdout.
 """
@@ -140,9 +141,16 @@ def fields_from(pair, start) -> dict:
     from deformable import resampled_through
 
     from autoreg.fingerprint import fingerprint_dataset
-    from autoreg.recipe import DisplacementTransform, Initializer, Recipe, ants_field_stage, default_stage
+    from autoreg.recipe import (
+        DisplacementTransform,
+        Initializer,
+        Recipe,
+        ants_field_stage,
+        ants_syn_stage,
+        default_stage,
+    )
     from autoreg.registration import register
-    from autoreg.scoring import transform_points, tre_stats
+    from autoreg.scoring import folding_fraction, transform_points, tre_stats
     from autoreg.space import SearchSpace
 
     dim = pair.fixed.GetDimension()
@@ -157,6 +165,10 @@ def fields_from(pair, start) -> dict:
         "ants_update_variance_9": ants.model_copy(update={"transform": wider}),
         "notebook": default_stage("displacement", dim),
     }
+    syn = space.affordable(ants_syn_stage(dim))
+    unsmoothed = syn.transform.model_copy(update={"variance_for_total_field": 0.0})
+    ways["symmetric"] = syn
+    ways["symmetric_total_variance_0"] = syn.model_copy(update={"transform": unsmoothed})
     warped = dataclasses.replace(pair, moving=resampled_through(pair, start), moving_mask=None, fixed_mask=None)
     out = {}
     for name, stage in ways.items():
@@ -165,7 +177,11 @@ def fields_from(pair, start) -> dict:
         field = register(recipe, warped).transform
         seconds = time.perf_counter() - t0
         mapped = transform_points(start, transform_points(field, pair.fixed_points))
-        out[name] = {"mean": tre_stats(mapped - pair.moving_points, pair.fixed).mean, "seconds": seconds}
+        out[name] = {
+            "mean": tre_stats(mapped - pair.moving_points, pair.fixed).mean,
+            "seconds": seconds,
+            "folding_percent": 100.0 * folding_fraction(field, pair.fixed),
+        }
     return out
 
 
@@ -203,24 +219,50 @@ def table(rows: list[dict]) -> str:
     smooth = " | ".join(f"LOO affine + TPS (smoothing {s:g})" for s in SMOOTHINGS)
     lines = [
         f"| pair | landmarks | before | affine floor (p90) | LOO affine | {smooth} | MI from the landmarks' affine: "
-        "TRE at its optimum (metric gain) | SyN from the landmarks' affine (s) | our field from it: ANTs' defaults "
-        "(s) | the same on to full resolution (s) | update variance 9 | the notebook's field |",
-        "|---|---:|---:|---:|---:|" + "---:|" * len(SMOOTHINGS) + "---:|---:|---:|---:|---:|---:|",
+        "TRE at its optimum (metric gain) | SyN from the landmarks' affine (s) |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(SMOOTHINGS) + "---:|---:|",
     ]
     for r in rows:
         met, syn = r["metric"], r.get("syn_from_landmark_affine") or {}
-        fields = r.get("fields_from_landmark_affine") or {}
-        ants, full, wide, nb = (
-            fields.get(k, {}) for k in ("ants_defaults", "ants_full_resolution", "ants_update_variance_9", "notebook")
-        )
         gain = met["metric_start"] - met["metric_at_optimum"]
         loo = " | ".join(_f(r["loo_smooth"][f"{s:g}"]) for s in SMOOTHINGS)
         lines.append(
             f"| {r['pair']} ({r['unit']}) | {r['landmarks']} | {_f(r['before'])} | {_f(r['affine_floor'])} "
             f"({_f(r['affine_floor_p90'])}) | {_f(r['loo_affine'])} | {loo} | {_f(met['tre_at_optimum'])} "
-            f"({gain:+.4f}) | {_f(syn.get('mean'))} ({_f(syn.get('seconds'), '.0f')}) | {_f(ants.get('mean'))} "
-            f"({_f(ants.get('seconds'), '.0f')}) | {_f(full.get('mean'))} ({_f(full.get('seconds'), '.0f')}) | "
-            f"{_f(wide.get('mean'))} | {_f(nb.get('mean'))} |"
+            f"({gain:+.4f}) | {_f(syn.get('mean'))} ({_f(syn.get('seconds'), '.1f')}) |"
+        )
+    return "\n".join(lines)
+
+
+#: Part 6's ways, as columns: key in the results, header.
+FIELD_WAYS = {
+    "ants_defaults": "one-sided, ANTs' defaults to half resolution",
+    "ants_full_resolution": "the same on to full resolution",
+    "ants_update_variance_9": "update variance 9",
+    "notebook": "the notebook's field",
+    "symmetric": "symmetric (SyN's scheme), total variance 1",
+    "symmetric_total_variance_0": "symmetric, total variance 0 (SyN's own)",
+}
+
+
+def fields_table(rows: list[dict]) -> str:
+    """Part 6: each way's TRE (seconds, folded %) from the landmarks' affine, beside SyN's from there."""
+    lines = [
+        "| pair | affine floor | SyN from it (s) | "
+        + " | ".join(f"{h} (s, folded %)" for h in FIELD_WAYS.values())
+        + " |",
+        "|---|---:|---:|" + "---:|" * len(FIELD_WAYS),
+    ]
+    for r in rows:
+        syn, fields = r.get("syn_from_landmark_affine") or {}, r.get("fields_from_landmark_affine") or {}
+        cells = []
+        for key in FIELD_WAYS:
+            w = fields.get(key, {})
+            fold = w.get("folding_percent")
+            cells.append(f"{_f(w.get('mean'))} ({_f(w.get('seconds'), '.1f')}, {_f(fold, '.3f')})")
+        lines.append(
+            f"| {r['pair']} ({r['unit']}) | {_f(r['affine_floor'])} | {_f(syn.get('mean'))} "
+            f"({_f(syn.get('seconds'), '.1f')}) | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines)
 
@@ -240,7 +282,10 @@ def main() -> int:
                 saved[name] = one_pair(name, syn=not args.no_syn)
                 OUT.parent.mkdir(parents=True, exist_ok=True)
                 OUT.write_text(json.dumps(saved, indent=2), encoding="utf-8")
-    print(table([saved[n] for n in PAIRS if n in saved]))
+    rows = [saved[n] for n in PAIRS if n in saved]
+    print(table(rows))
+    print()
+    print(fields_table(rows))
     return 0
 
 

@@ -338,6 +338,12 @@ def test_displacement_is_gaussian_in_ants_and_an_approximating_bspline_in_elasti
     (tmp_path / "a.sh").write_text(ants_script(recipe, geometry))
     args = _run_script(tmp_path / "a.sh", "antsRegistration", "F", "M", "o_")
     assert _option(args, "--transform")[1] == "GaussianDisplacementField[2.0,0.5,3.0]"
+    # SyN's symmetric scheme is ANTs' SyN transform, with the same step and variances
+    data = recipe.model_dump()
+    data["stages"][1]["transform"].update(symmetric=True, gradient_step=0.2)
+    (tmp_path / "s.sh").write_text(ants_script(type(recipe).model_validate(data), geometry))
+    args = _run_script(tmp_path / "s.sh", "antsRegistration", "F", "M", "o_")
+    assert _option(args, "--transform")[1] == "SyN[0.2,0.5,3.0]"
 
 
 def test_a_file_in_the_way_of_the_elastix_folder_is_one_line(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from autoreg.fingerprint import (
     min_sampling_fraction,
     samples_needed,
 )
-from autoreg.recipe import Recipe, ants_field_stage, default_recipe, recipe_to_dict
+from autoreg.recipe import Recipe, ants_field_stage, ants_syn_stage, default_recipe, recipe_to_dict
 from autoreg.space import (
     MAX_BSPLINE_PARAMETERS,
     MAX_SAMPLE_PARAMETERS,
@@ -399,7 +399,7 @@ def test_a_study_without_a_deformable_choice_has_one_default_point(stages: tuple
 def test_a_deformable_stage_has_a_default_point_per_way() -> None:
     space = SearchSpace(fingerprint=FINGERPRINTS["2d-512x384"](), stages=("affine", "deformable"))
     points = dict(space.default_points())
-    assert list(points) == ["default:bspline", "default:displacement", "default:demons"]
+    assert list(points) == ["default:bspline", "default:displacement", "default:symmetric", "default:demons"]
     bspline = _drawn_from(space, points["default:bspline"])
     assert bspline.kinds == ("affine", "bspline") and bspline.stages[1].optimizer.kind == "lbfgsb"
     assert bspline.stages[1].transform.control_point_spacing == pytest.approx(384 / 8)
@@ -411,6 +411,12 @@ def test_a_deformable_stage_has_a_default_point_per_way() -> None:
         metric.pop("use_fixed_image_gradient_filter"), metric.pop("use_moving_image_gradient_filter")
     assert drawn == ants
     assert field.stages[1].transform.variance_for_update_field == 3.0 and field.stages[1].sampling.strategy == "none"
+    assert not field.stages[1].transform.symmetric
+    # SyN's scheme on the same defaults, its total field smoothed (SyN's own, unsmoothed, folds)
+    syn = _drawn_from(space, points["default:symmetric"])
+    assert syn.stages[1].transform == ants_syn_stage(2).transform
+    assert syn.stages[1].transform.symmetric and syn.stages[1].transform.variance_for_total_field > 0
+    assert recipe_to_dict(syn)["stages"][1]["optimizer"] == recipe_to_dict(field)["stages"][1]["optimizer"]
     demons = _drawn_from(space, points["default:demons"])
     assert demons.kinds == ("affine", "displacement") and demons.stages[1].optimizer.kind == "demons"
     assert demons.stages[1].optimizer.number_of_iterations == 50 and demons.stages[1].metric.kind == "mean_squares"
@@ -419,7 +425,8 @@ def test_a_deformable_stage_has_a_default_point_per_way() -> None:
     assert recipe_to_dict(demons)["stages"][0] == recipe_to_dict(field)["stages"][0]
     # a displacement stage: gradient descent and Demons
     space = SearchSpace(fingerprint=FINGERPRINTS["2d-64"](), stages=("affine", "displacement"))
-    assert [role for role, _ in space.default_points()] == ["default:displacement", "default:demons"]
+    roles = ["default:displacement", "default:symmetric", "default:demons"]
+    assert [role for role, _ in space.default_points()] == roles
 
 
 def test_the_field_s_default_point_samples_what_a_large_volume_affords() -> None:
@@ -434,6 +441,7 @@ def test_default_points_leave_out_what_the_overrides_rule_out() -> None:
     overrides = {
         "stage1.transform.kind": SearchOverride(choices=("displacement",)),
         "stage1.optimizer.demons": SearchOverride(value=False, fixed=True),
+        "stage1.transform.symmetric": SearchOverride(value=False, fixed=True),
         "stage0.optimizer.number_of_iterations": SearchOverride(low=20, high=50),
         "stage0.metric.kind": SearchOverride(value="correlation", fixed=True),
     }

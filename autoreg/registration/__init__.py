@@ -23,7 +23,7 @@ from .initializer import initial_linear, search_grid, search_work
 from .pyramid import bspline_mesh, bspline_schedule, level_sizes, refine_bspline, sampling_fraction
 
 #: The engine's modules in the order a standalone script defines them.
-ENGINE_MODULES = ("core", "frame", "pyramid", "method", "initializer", "engine")
+ENGINE_MODULES = ("core", "frame", "pyramid", "method", "initializer", "fields", "engine")
 
 __all__ = [
     "ENGINE_MODULES",

@@ -29,21 +29,12 @@ from .core import (
     itk_threads,
     threads_of,
 )
+from .fields import field_grid, run_field
 from .frame import Frame, Linear, all_parameters, compose, frame_of, unscale_transform
 from .initializer import initial_linear
-from .method import (
-    INTERPOLATORS,
-    LevelTracker,
-    StopExecute,
-    configure_metric,
-    configure_optimizer,
-    install_quiet_stop,
-    one_prepared_level,
-    sampling_strategy,
-)
+from .method import LevelTracker, close, execute, prepared_level, stage_method
 from .pyramid import (
     bspline_schedule,
-    inside_share,
     level_sizes,
     refine_bspline,
     sampled_points,
@@ -123,7 +114,7 @@ def _run(
         tracker = LevelTracker(stage, index, frame, moving_initial, level_callback, clock, need)
         try:
             if kind == "displacement":
-                optimized, stop = _run_displacement(stage, index, frame, moving_initial, tracker, seed, threads, clock)
+                optimized, stop = run_field(stage, index, frame, moving_initial, tracker, seed, threads, clock)
             elif stage.pyramid.shrink_images:
                 optimized, stop = _run_prepared(
                     stage, index, frame, optimized, moving_initial, factors, tracker, seed, threads, clock
@@ -188,43 +179,6 @@ def _level_need(
     return need
 
 
-def _method(stage: Any, threads: int, step: float | None = None) -> sitk.ImageRegistrationMethod:
-    """The stage's registration method; ``step`` replaces the optimizer's maximum step (physical units)."""
-    rm = sitk.ImageRegistrationMethod()
-    configure_metric(rm, stage.metric)
-    rm.SetMetricSamplingStrategy(sampling_strategy(rm, stage.sampling.strategy))
-    rm.SetInterpolator(INTERPOLATORS[stage.interpolator])
-    if threads > 0:
-        rm.SetNumberOfThreads(threads)
-    optimizer = stage.optimizer
-    if step is not None:
-        optimizer = optimizer.model_copy(update={"maximum_step_size_in_physical_units": step})
-    configure_optimizer(rm, optimizer)
-    return rm
-
-
-def _execute(rm: sitk.ImageRegistrationMethod, tracker: LevelTracker, fixed: sitk.Image, moving: sitk.Image) -> str:
-    """``Execute``, turning a stop from an observer back into what caused it (prune or clock)."""
-    install_quiet_stop()
-    try:
-        rm.Execute(fixed, moving)
-    except RuntimeError:
-        if tracker.pruned is not None:
-            raise tracker.pruned from None
-        if tracker.halt is not None:
-            raise tracker.halt from None
-        raise
-    return rm.GetOptimizerStopConditionDescription()
-
-
-def _close(tracker: LevelTracker, stop: str) -> None:
-    try:
-        tracker.close_level(tracker.final_transform(), stop)
-    except StopExecute:
-        assert tracker.pruned is not None
-        raise tracker.pruned from None
-
-
 def _run_itk(
     stage: Any,
     index: int,
@@ -237,7 +191,7 @@ def _run_itk(
     threads: int,
 ) -> str:
     """The stage on ITK's own pyramid: one ``Execute`` over every level."""
-    rm = _method(stage, threads)
+    rm = stage_method(stage, threads)
     shrinks = list(stage.pyramid.shrink_factors)
     if stage.sampling.strategy != "none":
         if getattr(stage.sampling, "points", None) is None:
@@ -265,183 +219,9 @@ def _run_itk(
         rm.SetInitialTransform(optimized, inPlace=True)
     tracker.attach(rm, optimized, itk_levels=True)
     tracker.clock.check(tracker.level_need(0) if tracker.level_need is not None else 0.0)
-    stop = _execute(rm, tracker, frame.fixed, frame.moving)
-    _close(tracker, stop)
+    stop = execute(rm, tracker, frame.fixed, frame.moving)
+    close(tracker, stop)
     return stop
-
-
-def field_grid(frame: Frame, stage: Any, shrink: int) -> tuple[list[int], list[float], list[float]]:
-    """(size, origin, spacing) of a displacement field covering the fixed image at one level: as fine as the level's
-    voxels, but no finer than the stage's ``grid_spacing`` (in the normalised frame a fixed voxel is one unit)."""
-    t = stage.transform
-    grid = t.grid_spacing * (frame.k if t.spacing_units == "mm" else 1.0)
-    fixed = frame.fixed
-    voxel = np.asarray(fixed.GetSpacing(), float)
-    spacing = np.maximum(voxel * shrink, grid)
-    extent = np.asarray(fixed.GetSize()) * voxel
-    size = np.maximum(1, np.round(extent / spacing)).astype(int)
-    spacing = extent / size  # the field spans exactly the fixed image's extent
-    # the first field voxel's centre, half a field voxel inside the fixed image's edge, along the image's axes
-    start = -0.5 * voxel + 0.5 * spacing
-    direction = np.asarray(fixed.GetDirection()).reshape(fixed.GetDimension(), fixed.GetDimension())
-    origin = np.asarray(fixed.GetOrigin()) + direction @ start
-    return [int(n) for n in size], [float(o) for o in origin], [float(s) for s in spacing]
-
-
-def _run_displacement(
-    stage: Any,
-    index: int,
-    frame: Frame,
-    moving_initial: sitk.Transform,
-    tracker: LevelTracker,
-    seed: int,
-    threads: int,
-    clock: Clock,
-) -> tuple[sitk.Transform, str]:
-    """A dense displacement field with local support over prepared levels (ANTs' Gaussian displacement field): at
-    each level the field lives on that level's grid (see ``field_grid``), its updates and total Gaussian-smoothed
-    (variances in field voxels). ``continue``: it starts from the previous level's field, resampled; ``compose``: a
-    new field is optimised after the earlier levels' and merged with them on this level's grid."""
-    if stage.optimizer.kind == "demons":
-        return _run_demons(stage, frame, moving_initial, tracker, clock)
-    sigmas, _ = sigmas_of(stage, frame.k)
-    direction = frame.fixed.GetDirection()
-    previous: sitk.DisplacementFieldTransform | None = None
-    optimized: sitk.DisplacementFieldTransform | None = None
-    stop = ""
-    for level, (shrink, sigma) in enumerate(zip(stage.pyramid.shrink_factors, sigmas)):
-        size, origin, spacing = field_grid(frame, stage, shrink)
-        voxels = int(np.prod(size))
-        clock.check(tracker.level_need(level) if tracker.level_need is not None else 0.0)
-        compose = previous is not None and stage.transform.across_levels == "compose"
-        field = sitk.Image(size, sitk.sitkVectorFloat64, frame.dim)
-        field.SetOrigin(origin)
-        field.SetSpacing(spacing)
-        field.SetDirection(direction)
-        level_initial = moving_initial
-        if compose:  # the levels before, applied before the moving initial transform
-            level_initial = sitk.CompositeTransform(moving_initial)
-            level_initial.AddTransform(previous)
-        elif previous is not None:  # continue: the previous level's field, resampled onto this grid
-            field = sitk.Resample(
-                previous.GetDisplacementField(), field, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64
-            )
-        optimized = sitk.DisplacementFieldTransform(field)
-        optimized.SetSmoothingGaussianOnUpdate(
-            varianceForUpdateField=stage.transform.variance_for_update_field,
-            varianceForTotalField=stage.transform.variance_for_total_field,
-        )
-        fixed = frame.levels.image("fixed", shrink, sigma)
-        rm = _method(stage, threads, step=_field_step(stage, min(fixed.GetSpacing())))
-        inside = _prepared_level(rm, stage, index, frame, shrink, voxels, seed)
-        rm.SetVirtualDomain(size, origin, spacing, direction)  # a local-support transform's grid is the domain
-        rm.SetMovingInitialTransform(level_initial)
-        rm.SetInitialTransform(optimized, inPlace=True)
-        tracker.attach(rm, optimized, itk_levels=False)
-        tracker.start_level(level, samples=sampled_points(stage.sampling, voxels, inside), voxels=voxels)
-        stop = _execute(rm, tracker, fixed, frame.levels.image("moving", shrink, sigma))
-        if compose:  # x -> previous(optimized(x)), sampled on this level's grid
-            both = sitk.CompositeTransform(previous)
-            both.AddTransform(optimized)
-            merged = sitk.TransformToDisplacementField(both, sitk.sitkVectorFloat64, size, origin, spacing, direction)
-            optimized = tracker.optimized = sitk.DisplacementFieldTransform(merged)
-        _close(tracker, stop)
-        previous = optimized
-    assert optimized is not None
-    return optimized, stop
-
-
-def _field_step(stage: Any, level_spacing: float) -> float | None:
-    """A displacement stage's bound on each update in the frame's units (``transform.gradient_step`` voxels of the
-    level's images), or None for the optimizer's own."""
-    step = stage.transform.gradient_step
-    return None if step is None else step * level_spacing
-
-
-def _prepared_level(
-    rm: sitk.ImageRegistrationMethod, stage: Any, index: int, frame: Frame, shrink: int, voxels: int, seed: int
-) -> float:
-    """One prepared level's masks and sampling on ``rm`` (a single ITK level); returns the share of the level inside
-    the fixed mask, read off the mask set on ``rm`` rather than a second one."""
-    inside = inside_share(one_prepared_level(rm, frame.levels, shrink, stage.use_masks))
-    if stage.sampling.strategy != "none":
-        rm.SetMetricSamplingPercentage(sampling_fraction(stage.sampling, voxels, inside), itk_seed(seed, index))
-    return inside
-
-
-#: Histogram matching before Demons: bins, and quantiles matched (ITK's Demons example uses 7).
-MATCH_HISTOGRAM_LEVELS, MATCH_POINTS = 256, 7
-
-_DEMONS = {
-    "fast_symmetric_forces": sitk.FastSymmetricForcesDemonsRegistrationFilter,
-    "diffeomorphic": sitk.DiffeomorphicDemonsRegistrationFilter,
-}
-
-
-def _run_demons(
-    stage: Any, frame: Frame, moving_initial: sitk.Transform, tracker: LevelTracker, clock: Clock
-) -> tuple[sitk.Transform, str]:
-    """The displacement field found by one of SimpleITK's Demons filters, level by level: the moving level image
-    warped by the stages before, both images on the field's grid, the field carried up the pyramid."""
-    sigmas, _ = sigmas_of(stage, frame.k)
-    o, t = stage.optimizer, stage.transform
-    previous: sitk.Image | None = None
-    optimized: sitk.Transform | None = None
-    stop = ""
-    for level, (shrink, sigma) in enumerate(zip(stage.pyramid.shrink_factors, sigmas)):
-        size, origin, spacing = field_grid(frame, stage, shrink)
-        clock.check(tracker.level_need(level) if tracker.level_need is not None else 0.0)
-        grid = sitk.Image(size, sitk.sitkFloat32)
-        grid.SetOrigin(origin)
-        grid.SetSpacing(spacing)
-        grid.SetDirection(frame.fixed.GetDirection())
-        fixed = sitk.Resample(
-            frame.levels.image("fixed", shrink, sigma), grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32
-        )
-        moving = sitk.Resample(
-            frame.levels.image("moving", shrink, sigma), grid, moving_initial, sitk.sitkLinear, 0.0, sitk.sitkFloat32
-        )
-        if o.match_histograms != "off":
-            moving = sitk.HistogramMatching(
-                moving, fixed, MATCH_HISTOGRAM_LEVELS, MATCH_POINTS, o.match_histograms == "above_mean"
-            )
-        field = (
-            sitk.Resample(previous, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
-            if previous is not None
-            else sitk.Image(size, sitk.sitkVectorFloat64, frame.dim)
-        )
-        field.CopyInformation(grid)
-        demons = _DEMONS[o.variant]()
-        demons.SetNumberOfIterations(o.number_of_iterations)
-        demons.SetSmoothDisplacementField(t.variance_for_total_field > 0)
-        demons.SetStandardDeviations(float(np.sqrt(t.variance_for_total_field)) or 1.0)
-        demons.SetSmoothUpdateField(t.variance_for_update_field > 0)
-        demons.SetUpdateFieldStandardDeviations(float(np.sqrt(t.variance_for_update_field)) or 1.0)
-        demons.SetMaximumUpdateStepLength(o.maximum_update_step_length)
-        demons.SetIntensityDifferenceThreshold(o.intensity_difference_threshold)
-        demons.SetMaximumRMSError(o.maximum_rms_error)
-        tracker.start_level(level, samples=int(np.prod(size)), voxels=int(np.prod(size)))
-        count = [0]
-
-        def on_iteration(count: list[int] = count, demons: sitk.DiffeomorphicDemonsRegistrationFilter = demons) -> None:
-            count[0] += 1
-            try:
-                clock.check()
-            except Halt as halt:
-                tracker.halt = halt
-                demons.StopRegistration()
-
-        demons.AddCommand(sitk.sitkIterationEvent, on_iteration)
-        field = demons.Execute(fixed, moving, field)
-        if tracker.halt is not None:
-            raise tracker.halt
-        optimized = sitk.DisplacementFieldTransform(sitk.Image(field))
-        tracker.optimized, tracker.iterations, tracker.metric_value = optimized, count[0], demons.GetMetric()
-        stop = f"Demons ({o.variant}): {count[0]} iterations, RMS change {demons.GetRMSChange():.3g}"
-        _close(tracker, stop)
-        previous = field
-    assert optimized is not None
-    return optimized, stop
 
 
 def _run_prepared(
@@ -474,13 +254,13 @@ def _run_prepared(
         if factors is not None and level > 0:
             for _ in range(int(round(np.log2(factors[level] / factors[level - 1])))):
                 optimized = refine_bspline(optimized)
-        rm = _method(stage, threads)
-        inside = _prepared_level(rm, stage, index, frame, shrink, voxels, seed)
+        rm = stage_method(stage, threads)
+        inside = prepared_level(rm, stage, index, frame, shrink, voxels, seed)
         if moving_initial is not None:
             rm.SetMovingInitialTransform(moving_initial)
         rm.SetInitialTransform(optimized, inPlace=True)
         tracker.attach(rm, optimized, itk_levels=False)
         tracker.start_level(level, samples=sampled_points(stage.sampling, voxels, inside), voxels=voxels)
-        stop = _execute(rm, tracker, fixed, moving)
-        _close(tracker, stop)
+        stop = execute(rm, tracker, fixed, moving)
+        close(tracker, stop)
     return optimized, stop

@@ -6,12 +6,14 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import SimpleITK as sitk
 
-from .core import Clock, Halt, LevelRecord, RegistrationPruned
+from .core import Clock, Halt, LevelRecord, RegistrationPruned, itk_seed
 from .frame import compose, unscale_transform
+from .pyramid import inside_share, sampling_fraction
 
 INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
 
@@ -265,3 +267,62 @@ class LevelTracker:
 
 
 ExecuteFn = Callable[[], None]
+
+
+# --- one stage's method and levels ------------------------------------------------------------------------------
+
+
+def changed(model: Any, **changes: Any) -> Any:
+    """A copy of a recipe's model with ``changes``: a pydantic model here, plain attributes in a standalone script."""
+    if hasattr(model, "model_copy"):
+        return model.model_copy(update=changes)
+    return SimpleNamespace(**{**vars(model), **changes})
+
+
+def stage_method(stage: Any, threads: int, step: float | None = None) -> sitk.ImageRegistrationMethod:
+    """The stage's registration method; ``step`` replaces the optimizer's maximum step (physical units)."""
+    rm = sitk.ImageRegistrationMethod()
+    configure_metric(rm, stage.metric)
+    rm.SetMetricSamplingStrategy(sampling_strategy(rm, stage.sampling.strategy))
+    rm.SetInterpolator(INTERPOLATORS[stage.interpolator])
+    if threads > 0:
+        rm.SetNumberOfThreads(threads)
+    optimizer = stage.optimizer
+    if step is not None:
+        optimizer = changed(optimizer, maximum_step_size_in_physical_units=step)
+    configure_optimizer(rm, optimizer)
+    return rm
+
+
+def execute(rm: sitk.ImageRegistrationMethod, tracker: LevelTracker, fixed: sitk.Image, moving: sitk.Image) -> str:
+    """``Execute``, turning a stop from an observer back into what caused it (prune or clock)."""
+    install_quiet_stop()
+    try:
+        rm.Execute(fixed, moving)
+    except RuntimeError:
+        if tracker.pruned is not None:
+            raise tracker.pruned from None
+        if tracker.halt is not None:
+            raise tracker.halt from None
+        raise
+    return rm.GetOptimizerStopConditionDescription()
+
+
+def close(tracker: LevelTracker, stop: str) -> None:
+    """Record the level that ended with ``stop``; a prune by the level callback surfaces as itself."""
+    try:
+        tracker.close_level(tracker.final_transform(), stop)
+    except StopExecute:
+        assert tracker.pruned is not None
+        raise tracker.pruned from None
+
+
+def prepared_level(
+    rm: sitk.ImageRegistrationMethod, stage: Any, index: int, frame: Any, shrink: int, voxels: int, seed: int
+) -> float:
+    """One prepared level's masks and sampling on ``rm`` (a single ITK level); returns the share of the level inside
+    the fixed mask, read off the mask set on ``rm`` rather than a second one."""
+    inside = inside_share(one_prepared_level(rm, frame.levels, shrink, stage.use_masks))
+    if stage.sampling.strategy != "none":
+        rm.SetMetricSamplingPercentage(sampling_fraction(stage.sampling, voxels, inside), itk_seed(seed, index))
+    return inside

@@ -347,3 +347,18 @@ def test_a_symmetric_field_improves_the_landmarks_affine_on_a_real_histology_pai
     start = mean(sitk.Transform(2, sitk.sitkIdentity))
     assert mean(field) < 0.95 * start
     assert folding_fraction(field, pair.fixed) <= 0.001
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_a_field_whose_points_cover_its_level_samples_every_voxel(symmetric: bool) -> None:
+    """Points for every voxel of a field's level are dense sampling (ITK's regular sampling would jitter them and
+    leave the per-voxel gradient gapped): the same field as ``strategy: none``."""
+    pair = pair_data(synthetic_pair(2, "bspline"))
+    recipe = _symmetric(_recipe(2)) if symmetric else _recipe(2)
+    fields = {}
+    for strategy, points in (("none", None), ("regular", 64 * 64), ("regular", 500)):
+        data = recipe.model_dump()
+        data["stages"][1]["sampling"] = {"strategy": strategy, "points": points}
+        fields[(strategy, points)] = _stage_field(register(recipe.model_validate(data), pair).transform)
+    np.testing.assert_array_equal(fields[("regular", 64 * 64)], fields[("none", None)])
+    assert not np.array_equal(fields[("regular", 500)], fields[("none", None)])

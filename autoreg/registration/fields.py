@@ -81,6 +81,8 @@ def run_field(
         fixed = frame.levels.image("fixed", shrink, sigma)
         rm = stage_method(stage, threads, step=_field_step(stage, min(fixed.GetSpacing())))
         inside = prepared_level(rm, stage, index, frame, shrink, voxels, seed)
+        if sampling_fraction(stage.sampling, voxels, inside) >= 1.0:
+            rm.SetMetricSamplingStrategy(rm.NONE)  # points for every voxel: every voxel, without sampling's jitter
         rm.SetVirtualDomain(size, origin, spacing, direction)  # a local-support transform's grid is the domain
         rm.SetMovingInitialTransform(level_initial)
         rm.SetInitialTransform(optimized, inPlace=True)
@@ -223,7 +225,9 @@ def _metric_step(
         rm.SetMetricFixedMask(masks[0])
     if masks[1] is not None:
         rm.SetMetricMovingMask(masks[1])
-    if sampling is not None:
+    if sampling is None:
+        rm.SetMetricSamplingStrategy(rm.NONE)
+    else:
         rm.SetMetricSamplingPercentage(*sampling)
     rm.SetInitialTransform(tx, inPlace=True)
     rm.Execute(fixed, moving)
@@ -309,8 +313,8 @@ def _run_symmetric(
         fixed_mask = frame.levels.mask("fixed", shrink) if stage.use_masks else None
         moving_mask = frame.levels.mask("moving", shrink) if stage.use_masks else None
         inside = inside_share(fixed_mask)
-        sampling = None
-        if stage.sampling.strategy != "none":
+        sampling = None  # every voxel, also where the stage's points cover the whole level
+        if sampling_fraction(stage.sampling, voxels, inside) < 1.0:
             sampling = (sampling_fraction(stage.sampling, voxels, inside), itk_seed(seed, index))
         step = t.gradient_step * min(fixed.GetSpacing())
         tracker.start_level(level, samples=sampled_points(stage.sampling, voxels, inside), voxels=voxels)

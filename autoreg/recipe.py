@@ -500,7 +500,7 @@ def ants_field_stage(dim: int) -> Stage:
 def ants_syn_stage(dim: int) -> Stage:
     """``ants_field_stage`` moved by ANTs SyN's own symmetric scheme (both images toward a midpoint), its total field
     smoothed by a variance of 1 field voxel: from the landmarks' affine on the four histology pairs, 0 (SyN's own)
-    left 0.04-0.36 % of the voxels folded and ended 0.2-0.6 px higher (``benchmarks/landmark_floor.py``)."""
+    left up to 0.59 % of the voxels folded and ended 0.1-0.6 px higher (``benchmarks/landmark_floor.py``)."""
     stage = ants_field_stage(dim)
     transform = stage.transform.model_copy(update={"symmetric": True, "variance_for_total_field": 1.0})
     return stage.model_copy(update={"transform": transform})

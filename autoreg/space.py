@@ -315,8 +315,8 @@ class SearchSpace:
                 # gradient descent on the field: its step in level voxels (ANTs' gradientStep; ITK's own bound, a
                 # voxel of the field's grid, overshoots on coarse grids) and how levels carry the field
                 Dim(f"{s}.transform.gradient_step", low=0.1, high=1.0, log=True, when=not_demons),
-                # ANTs SyN's scheme, both images toward a midpoint: from the landmarks' affine 0.1-0.5 px below the
-                # one-sided field on three histology pairs, 0.16 above on the fourth, at 3x the seconds
+                # ANTs SyN's scheme, both images toward a midpoint: from the landmarks' affine 0.1-0.8 px below the
+                # one-sided field on the four histology pairs at 2-4x its seconds; on afids 0.4 mm above
                 # (benchmarks/landmark_floor.py)
                 Dim(f"{s}.transform.symmetric", choices=(False, True), when=not_demons),
                 Dim(

@@ -568,7 +568,7 @@ class SearchSpace:
         The baseline runs as it is and teaches the sampler nothing; its points do, and each way is tried once before
         TPE narrows (in a 60-trial study of ratkidney without them, TPE never came near the default; on ki67, a study
         that drew Demons only at random never drew it again)."""
-        index = next((i for i, k in enumerate(self.stages) if k in ("deformable", "displacement")), None)
+        index = self._first_deformable()
         ways: dict[str, Stage] = {}
         if index is not None:
             choices = self._possible(f"stage{index}.transform.kind")
@@ -591,6 +591,23 @@ class SearchSpace:
             role = DEFAULT_POINT if len(ways) == 1 else f"{DEFAULT_POINT}:{name}"
             out.append((role, self.point_of(Recipe(stages=tuple(stages)))))
         return out
+
+    def crossed_points(self, params: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        """Each default way of the first deformable stage on the other stages of ``params`` (a finished trial's
+        point): the default points run on the default linear stages, which on sections that need a real affine
+        leave the deformable way nothing to show, so the ways are tried again on the best linear stages found."""
+        index = self._first_deformable()
+        if index is None:
+            return []
+        prefix = f"stage{index}."
+        kept = {k: v for k, v in params.items() if not k.startswith(prefix)}
+        return [
+            (role, {**kept, **{k: v for k, v in point.items() if k.startswith(prefix)}})
+            for role, point in self.default_points()
+        ]
+
+    def _first_deformable(self) -> int | None:
+        return next((i for i, k in enumerate(self.stages) if k in ("deformable", "displacement")), None)
 
     def affordable(self, stage: Stage) -> Stage:
         """``stage`` with its dense sampling replaced by the most points a level may sample, where every voxel of the

@@ -23,6 +23,8 @@ USER_PREFIX = "user:"
 WARM_PREFIX = "warm:"
 #: The default recipe as a point of the space (``default:<kind>`` per kind a ``deformable`` stage may draw).
 DEFAULT_POINT = "default"
+#: A default point's deformable way on another trial's linear stages: ``default:<way>@<that trial's number>``.
+CROSSED_SEP = "@"
 #: Statistics of a finished trial, each the mean over its pairs (``folding_fraction``: the worst pair).
 SCORE_KEYS = (
     "tre_mean",
@@ -54,7 +56,8 @@ class TrialRecord(BaseModel):
     worker: str | None = None
     #: ``baseline`` (trial 0: the SimpleITK-notebooks default), ``suggested`` (the sampler's), ``user:<file>`` (a
     #: recipe run as it is), ``warm:<file>`` (an earlier study's recipe, as a point of this space), ``default`` or
-    #: ``default:<kind>`` (the default recipe as a point of this space).
+    #: ``default:<kind>`` (the default recipe as a point of this space), ``default:<kind>@<n>`` (that point's
+    #: deformable stage on trial n's linear stages).
     role: str = SUGGESTED
     #: The whole recipe that ran (any recipe format); every trial stores it, so export never re-derives it.
     recipe: dict[str, Any] | None = None

@@ -33,6 +33,7 @@ from .space import SearchSpace
 from .study import (
     StorageSpec,
     cost_model,
+    cross_defaults_if_due,
     fail_trials,
     make_pruner,
     make_sampler,
@@ -273,7 +274,7 @@ def run_trials(
         with lock():
             if fresh():  # a stop asked for while this worker waited for the lock: no new trial
                 break
-            trial = ask_named(study, plan.n_trials, objective.worker)
+            trial = ask_named(study, plan.n_trials, objective.worker, data.space)
         if trial is None:
             break
         if not run_one(study, trial, objective, recorder):
@@ -297,7 +298,9 @@ def budget_spent(trials: Sequence[FrozenTrial], n_trials: int) -> bool:
     return counted >= n_trials and not retry_waiting
 
 
-def ask_named(study: optuna.Study, n_trials: int | None, worker: str) -> optuna.Trial | None:
+def ask_named(
+    study: optuna.Study, n_trials: int | None, worker: str, space: SearchSpace | None = None
+) -> optuna.Trial | None:
     """Under the budget lock: the next trial, named after the worker that runs it; None once the budget is spent.
 
     Asking and naming are two storage calls, both made under the lock, so a RUNNING trial that names no worker
@@ -310,6 +313,8 @@ def ask_named(study: optuna.Study, n_trials: int | None, worker: str) -> optuna.
         trials = study.get_trials(deepcopy=False)
     if n_trials is not None and budget_spent(trials, n_trials):
         return None
+    if space is not None and (queued := cross_defaults_if_due(study, space, trials, n_trials)):
+        log.info("queued %s: the default deformable ways on the best linear stages so far", ", ".join(queued))
     trial = study.ask()
     trial.set_user_attr("worker", worker)  # before anything can stop us: names who runs it
     return trial

@@ -429,6 +429,21 @@ def test_a_deformable_stage_has_a_default_point_per_way() -> None:
     assert [role for role, _ in space.default_points()] == roles
 
 
+def test_crossed_points_put_each_default_way_on_a_trial_s_linear_stages() -> None:
+    space = SearchSpace(fingerprint=FINGERPRINTS["2d-512x384"](), stages=("affine", "deformable"))
+    defaults = dict(space.default_points())
+    for drawn_, recipe in draws(space, n=6, seed=3):
+        crossed = space.crossed_points(drawn_.params)
+        assert [role for role, _ in crossed] == list(defaults)
+        for role, point in crossed:
+            ran = recipe_to_dict(_drawn_from(space, point))
+            way = recipe_to_dict(_drawn_from(space, defaults[role]))
+            assert ran["stages"][0] == recipe_to_dict(recipe)["stages"][0]  # the trial's affine, as it ran
+            assert ran["initializer"] == recipe_to_dict(recipe)["initializer"]
+            assert ran["stages"][1] == way["stages"][1]  # the default way's deformable stage
+    assert SearchSpace(fingerprint=FINGERPRINTS["2d-64"](), stages=("rigid", "affine")).crossed_points({}) == []
+
+
 def test_the_field_s_default_point_samples_what_a_large_volume_affords() -> None:
     space = SearchSpace(fingerprint=FINGERPRINTS["3d-256x256x200"](), stages=("affine", "displacement"))
     assert not space.dense_affordable

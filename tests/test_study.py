@@ -123,3 +123,62 @@ def test_a_dead_worker_s_retry_runs_what_the_trial_ran(role: str, runs_as_is: bo
     assert again.number == retry.number
     if not runs_as_is:
         assert again.suggest_float("x", 0, 1) == 0.25
+
+
+def test_the_default_ways_run_again_on_the_best_suggested_linear_stages_at_each_third() -> None:
+    """The default points ran on the default affine; once a third of the budget has finished, each default way is
+    queued on the best suggested trial's linear stages, once per third and never twice for one trial."""
+    from pathlib import Path
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from autoreg.config import PairSpec
+    from autoreg.data import PairData
+    from autoreg.fingerprint import fingerprint_dataset
+    from autoreg.space import SearchSpace
+    from autoreg.study import cross_defaults_if_due
+    from autoreg.synthetic import make_pair
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pair = make_pair((64, 64), transform="affine", seed=2, n_landmarks=8)
+    spec = PairSpec(name="syn", fixed=Path("fixed"), moving=Path("moving"))
+    fp = fingerprint_dataset([PairData(spec, pair.fixed, pair.moving, pair.fixed_points, pair.moving_points)])
+    space = SearchSpace(fingerprint=fp, stages=("affine", "deformable"))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def finish(value: float, role: str | None = None) -> int:
+        trial = study.ask()
+        if role:
+            trial.set_user_attr("role", role)
+        space.suggest(trial, seed=trial.number)
+        study.tell(trial, value)
+        return trial.number
+
+    def cross() -> list[str]:
+        return cross_defaults_if_due(study, space, study.get_trials(deepcopy=False), 9)
+
+    finish(1.0, role="default:bspline")
+    assert cross() == []  # 1 of 9 finished: not yet a third
+    finish(3.0), finish(2.0)
+    assert cross() == []  # a third, but the best is a default point: its affine is the default one
+    best = finish(0.5)
+    ways = [role for role, _ in space.default_points()]
+    assert cross() == [f"{role}@{best}" for role in ways]
+    assert cross() == []  # once per third
+    waiting = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.WAITING]
+    assert len(waiting) == len(ways)
+    linear = {k: v for k, v in study.trials[best].params.items() if not k.startswith("stage1.")}
+    for t in waiting:  # the best's linear stages, each way's deformable stage
+        fixed = t.system_attrs["fixed_params"]
+        assert {k: v for k, v in fixed.items() if not k.startswith("stage1.")} == linear
+        assert fixed["stage1.transform.kind"] in ("bspline", "displacement")
+    for value in (0.9, 0.8, 0.7, 0.6):
+        finish(value)  # the queued points run
+    assert cross() == []  # two thirds finished, but the best is the trial already crossed
+    newer = finish(0.1)
+    assert cross() == [f"{role}@{newer}" for role in ways]
+    for value in (0.9, 0.8, 0.7, 0.6):
+        finish(value)
+    finish(0.05)
+    assert cross() == []  # both thirds spent

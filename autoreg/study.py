@@ -38,7 +38,17 @@ from .errors import UserError, excerpt
 from .objective import RUNGS
 from .recipe import recipe_to_dict
 from .space import SearchSpace
-from .trial import BASELINE, CROSSED_SEP, SUGGESTED, USER_PREFIX, TrialRecord, attrs, best_and_baseline, records, write_to_storage
+from .trial import (
+    BASELINE,
+    CROSSED_SEP,
+    SUGGESTED,
+    USER_PREFIX,
+    TrialRecord,
+    attrs,
+    best_and_baseline,
+    records,
+    write_to_storage,
+)
 
 log = logging.getLogger(__name__)
 

@@ -336,7 +336,7 @@ def _baseline_summary(base, unit: str | None = None) -> str:
     """The baseline's score, or how it ended; cut by the clock, the TRE of the last level it finished."""
     if base.value is not None:
         return _valued(base.value, unit)
-    if base.state == "PRUNED" and base.pruned_at and base.pruned_at.startswith("time limit"):
+    if base.out_of_time:
         last = base.last_level_tre()
         done = (
             f"; TRE {_valued(last, unit)} after stage {base.levels[-1]['stage']} level {base.levels[-1]['level']}"

@@ -25,6 +25,8 @@ WARM_PREFIX = "warm:"
 DEFAULT_POINT = "default"
 #: A default point's deformable way on another trial's linear stages: ``default:<way>@<that trial's number>``.
 CROSSED_SEP = "@"
+#: How ``pruned_at`` begins for a trial cut by its time limit.
+TIME_LIMIT = "time limit"
 #: Statistics of a finished trial, each the mean over its pairs (``folding_fraction``: the worst pair).
 SCORE_KEYS = (
     "tre_mean",
@@ -106,6 +108,11 @@ class TrialRecord(BaseModel):
     @property
     def complete(self) -> bool:
         return self.state == "COMPLETE" and self.value is not None and math.isfinite(self.value)
+
+    @property
+    def out_of_time(self) -> bool:
+        """Cut by its time limit (pruned, not judged by the pruner or the cost model)."""
+        return self.state == "PRUNED" and (self.pruned_at or "").startswith(TIME_LIMIT)
 
     @property
     def reason(self) -> str | None:

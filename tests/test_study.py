@@ -165,9 +165,9 @@ def test_the_default_ways_run_again_on_the_best_suggested_linear_stages_at_each_
     slow.set_user_attr("pruned_at", "time limit 60 s (stopped in stage 1 level 1)")
     space.suggest(slow, seed=slow.number)
     study.tell(slow, state=TrialState.PRUNED)
-    finish(3.0)
-    assert cross() == []  # a third, but the best is a default point: its affine is the default one
-    best = finish(0.5)
+    finish(1.5, role="default:displacement")
+    assert cross() == []  # a third, but no suggested trial has finished: the default points' affine is the default
+    best = finish(3.0)  # the best suggested trial, though the default point scores better
     ways = [role for role, _ in space.default_points() if role != "default:demons"]
     assert len(ways) == 3
     assert cross() == [f"{role}@{best}" for role in ways]
@@ -181,7 +181,8 @@ def test_the_default_ways_run_again_on_the_best_suggested_linear_stages_at_each_
         assert fixed["stage1.transform.kind"] in ("bspline", "displacement")
     for value in (0.9, 0.8, 0.7):
         finish(value)  # the queued points run
-    assert cross() == []  # two thirds finished, but the best is the trial already crossed
+    finish(4.0)
+    assert cross() == []  # two thirds finished, but the best suggested trial is the one already crossed
     newer = finish(0.1)
     assert cross() == [f"{role}@{newer}" for role in ways]
     for value in (0.9, 0.8, 0.7):

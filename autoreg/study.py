@@ -637,8 +637,9 @@ def cross_defaults_if_due(
     suggested trial's linear stages (``SearchSpace.crossed_points``); returns the roles queued.
 
     The default points run on the SimpleITK default affine, 19-73 px off on three of the four histology pairs, so a
-    way's default met a good affine only by chance; crossed, it won three of those 60-trial studies and the sum over
-    the pairs fell from 31.8 to 30.1 px (``benchmarks/deformable.py``)."""
+    way's default met a good affine only by chance; crossed, the ways won 9 of 12 such 60-trial studies over three
+    runs, whose sums over the pairs (30.1-30.9 px) are below every run without crossing (31.1-35.6;
+    ``benchmarks/deformable.py``)."""
     finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in trials)
     marks = [max(1, round(f * n_trials)) for f in CROSS_AT] if n_trials else [CROSS_EVERY * (i + 1) for i in range(2)]
     records_ = [TrialRecord.of(t) for t in trials]

@@ -568,7 +568,7 @@ class SearchSpace:
         The baseline runs as it is and teaches the sampler nothing; its points do, and each way is tried once before
         TPE narrows (in a 60-trial study of ratkidney without them, TPE never came near the default; on ki67, a study
         that drew Demons only at random never drew it again)."""
-        index = self._first_deformable()
+        index = self.first_deformable()
         ways: dict[str, Stage] = {}
         if index is not None:
             choices = self._possible(f"stage{index}.transform.kind")
@@ -596,7 +596,7 @@ class SearchSpace:
         """Each default way of the first deformable stage on the other stages of ``params`` (a finished trial's
         point): the default points run on the default linear stages, which on sections that need a real affine
         leave the deformable way nothing to show, so the ways are tried again on the best linear stages found."""
-        index = self._first_deformable()
+        index = self.first_deformable()
         if index is None:
             return []
         prefix = f"stage{index}."
@@ -606,7 +606,8 @@ class SearchSpace:
             for role, point in self.default_points()
         ]
 
-    def _first_deformable(self) -> int | None:
+    def first_deformable(self) -> int | None:
+        """The index of the first stage whose kind is ``deformable`` or ``displacement`` (the one with default ways)."""
         return next((i for i, k in enumerate(self.stages) if k in ("deformable", "displacement")), None)
 
     def affordable(self, stage: Stage) -> Stage:

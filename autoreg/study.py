@@ -640,13 +640,15 @@ def cross_defaults_if_due(
     way's default met a good affine only by chance; crossed, the ways won 9 of 12 such 60-trial studies over three
     runs, whose sums over the pairs (30.1-30.9 px) are below every run without crossing (31.1-35.6;
     ``benchmarks/deformable.py``)."""
+    if space.first_deformable() is None:
+        return []
     finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in trials)
     marks = [max(1, round(f * n_trials)) for f in CROSS_AT] if n_trials else [CROSS_EVERY * (i + 1) for i in range(2)]
-    records_ = [TrialRecord.of(t) for t in trials]
-    crossed = {r.role.rpartition(CROSSED_SEP)[2] for r in records_ if CROSSED_SEP in r.role}
-    due = sum(finished >= m for m in marks)
-    if len(crossed) >= due:
+    roles = [t.user_attrs.get("role", SUGGESTED) for t in trials]
+    crossed = {role.rpartition(CROSSED_SEP)[2] for role in roles if CROSSED_SEP in role}
+    if len(crossed) >= sum(finished >= m for m in marks):  # on every ask: decided before reading any record
         return []
+    records_ = [TrialRecord.of(t) for t in trials]
     # the best suggested trial, even where a default point is better: on rat kidney `default:symmetric`, on the
     # default affine, stayed the best of 60 and nothing was crossed onto the affines the search found
     best, _ = best_and_baseline(r for r in records_ if r.role == SUGGESTED)

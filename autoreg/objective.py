@@ -266,10 +266,14 @@ class Objective:
         return order
 
     def _level_callback(
-        self, trial: optuna.Trial, recipe: Recipe, pair_index: int, pair: PairData, levels: list[dict]
+        self,
+        trial: optuna.Trial,
+        recipe: Recipe,
+        pair_index: int,
+        pair: PairData,
+        levels: list[dict],
+        prunable: bool,
     ) -> Callable:
-        prunable = self.prunable(trial)
-
         def on_level(rec: LevelRecord, transform: Callable[[], sitk.Transform]) -> None:
             entry = rec.as_dict()
             entry["pair"] = pair.name
@@ -328,7 +332,7 @@ class Objective:
                 values = []
                 for i in self.pair_order(trial):
                     pair = self.pairs[i]
-                    cb = self._level_callback(trial, recipe, i, pair, levels) if r == 0 else None
+                    cb = self._level_callback(trial, recipe, i, pair, levels, prunable) if r == 0 else None
                     left = None if limit is None else max(limit - (time.perf_counter() - t0), 0.001)
                     ps, result = score_pair(
                         recipe,

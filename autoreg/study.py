@@ -40,12 +40,14 @@ from .recipe import recipe_to_dict
 from .space import SearchSpace
 from .trial import (
     BASELINE,
-    CROSSED_SEP,
     SUGGESTED,
     USER_PREFIX,
     TrialRecord,
     attrs,
     best_and_baseline,
+    crossed_from,
+    crossed_role,
+    read,
     records,
     write_to_storage,
 )
@@ -644,8 +646,7 @@ def cross_defaults_if_due(
         return []
     finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in trials)
     marks = [max(1, round(f * n_trials)) for f in CROSS_AT] if n_trials else [CROSS_EVERY * (i + 1) for i in range(2)]
-    roles = [t.user_attrs.get("role", SUGGESTED) for t in trials]
-    crossed = {role.rpartition(CROSSED_SEP)[2] for role in roles if CROSSED_SEP in role}
+    crossed = {n for t in trials if (n := crossed_from(read(t, "role") or SUGGESTED)[1]) is not None}
     if len(crossed) >= sum(finished >= m for m in marks):  # on every ask: decided before reading any record
         return []
     records_ = [TrialRecord.of(t) for t in trials]
@@ -656,12 +657,12 @@ def cross_defaults_if_due(
         return []
     # a way whose own default point ran out of its time limit does not fit this study's budget (the symmetric field
     # and Demons on mmdef3d, 182x218x182: 60 s each, stopped in the field), crossed or not
-    too_slow = {r.role.partition(CROSSED_SEP)[0] for r in records_ if r.out_of_time}
+    too_slow = {crossed_from(r.role)[0] for r in records_ if r.out_of_time}
     queued = []
     for role, params in space.crossed_points(best.params):
         if role in too_slow:
             continue
-        name = f"{role}{CROSSED_SEP}{best.number}"
+        name = crossed_role(role, best.number)
         study.enqueue_trial(params, user_attrs=attrs(role=name), skip_if_exists=True)
         queued.append(name)
     return queued

@@ -168,6 +168,17 @@ def read(trial: optuna.Trial | FrozenTrial, name: str) -> Any:
     return trial.user_attrs.get(name)
 
 
+def crossed_role(way: str, number: int) -> str:
+    """The role of default point ``way`` on trial ``number``'s linear stages."""
+    return f"{way}{CROSSED_SEP}{number}"
+
+
+def crossed_from(role: str) -> tuple[str, str | None]:
+    """``crossed_role`` read back: the way's role and the trial number it was crossed onto (None when not crossed)."""
+    way, sep, number = role.partition(CROSSED_SEP)
+    return way, number if sep else None
+
+
 def write_to_storage(storage: optuna.storages.BaseStorage, trial_id: int, **attrs: Any) -> None:
     """:func:`write` for a trial this process does not run (a dead worker's, failed by whoever finds it)."""
     for name, value in attrs.items():

@@ -274,7 +274,7 @@ def run_trials(
         with lock():
             if fresh():  # a stop asked for while this worker waited for the lock: no new trial
                 break
-            trial = ask_named(study, plan.n_trials, objective.worker, data.space)
+            trial = ask_named(study, plan.n_trials, objective.worker, data.space, objective.linear_end_step())
         if trial is None:
             break
         if not run_one(study, trial, objective, recorder):
@@ -299,7 +299,11 @@ def budget_spent(trials: Sequence[FrozenTrial], n_trials: int) -> bool:
 
 
 def ask_named(
-    study: optuna.Study, n_trials: int | None, worker: str, space: SearchSpace | None = None
+    study: optuna.Study,
+    n_trials: int | None,
+    worker: str,
+    space: SearchSpace | None = None,
+    linear_step: int | None = None,
 ) -> optuna.Trial | None:
     """Under the budget lock: the next trial, named after the worker that runs it; None once the budget is spent.
 
@@ -313,7 +317,7 @@ def ask_named(
         trials = study.get_trials(deepcopy=False)
     if n_trials is not None and budget_spent(trials, n_trials):
         return None
-    if space is not None and (queued := cross_defaults_if_due(study, space, trials, n_trials)):
+    if space is not None and (queued := cross_defaults_if_due(study, space, trials, n_trials, linear_step)):
         log.info("queued %s: the default deformable ways on the best linear stages so far", ", ".join(queued))
     trial = study.ask()
     trial.set_user_attr("worker", worker)  # before anything can stop us: names who runs it

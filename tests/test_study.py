@@ -127,7 +127,8 @@ def test_a_dead_worker_s_retry_runs_what_the_trial_ran(role: str, runs_as_is: bo
 
 def test_the_default_ways_run_again_on_the_best_suggested_linear_stages_at_each_third() -> None:
     """The default points ran on the default affine; once a third of the budget has finished, each default way is
-    queued on the best suggested trial's linear stages, once per third and never twice for one trial."""
+    queued on the best suggested trial's linear stages (where no level was reported: several pairs), once per third
+    and never twice for one trial."""
     from pathlib import Path
 
     import optuna
@@ -189,6 +190,42 @@ def test_the_default_ways_run_again_on_the_best_suggested_linear_stages_at_each_
         finish(value)
     finish(0.05)
     assert cross() == []  # both thirds spent
+
+
+def test_the_donor_of_the_crossed_linear_stages_is_the_trial_whose_linear_stages_ended_best() -> None:
+    """Any trial of the space whose levels were reported may give its linear stages, a default point included (its
+    affine is the default one, but its seed made it a different result); not the baseline (a recipe run as it is,
+    no parameters) nor a crossed trial (its donor's linear stages again); a trial stopped in its deformable stage
+    counts; with no level reported, the best suggested trial."""
+    from autoreg.study import crossing_donor
+    from autoreg.trial import TrialRecord
+
+    step = 2  # the end of stage 0 in a one-pair study
+
+    def rec(number: int, role: str, value: float | None, linear: float | None, state: str = "COMPLETE", params=True):
+        return TrialRecord(
+            number=number,
+            state=state,
+            value=value,
+            role=role,
+            params={"stage0.optimizer.kind": "gradient_descent"} if params else {},
+            intermediate={} if linear is None else {0: 9.0, step: linear},
+        )
+
+    records_ = [
+        rec(0, "baseline", 5.0, 1.0, params=False),
+        rec(1, "default:symmetric", 3.0, 4.5),
+        rec(2, "default:demons", 6.0, 4.0),
+        rec(3, "suggested", 2.5, 4.8),
+        rec(4, "default:symmetric@2", 2.0, 3.0),
+        rec(5, "suggested", None, 4.2, state="PRUNED"),
+        rec(6, "suggested", None, 0.5, state="FAIL"),
+    ]
+    assert crossing_donor(records_, step).number == 2
+    records_.append(rec(7, "suggested", None, 3.9, state="PRUNED"))  # stopped in its field: its affine was best
+    assert crossing_donor(records_, step).number == 7
+    assert crossing_donor(records_, None).number == 3
+    assert crossing_donor([rec(1, "suggested", 3.0, None), rec(2, "suggested", 2.0, None)], step).number == 2
 
 
 def test_only_suggested_trials_are_stopped_by_the_pruner() -> None:

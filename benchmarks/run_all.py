@@ -80,6 +80,7 @@ def groups(trials: int, jobs: int, timeout_3d: int) -> dict[str, list[tuple[str,
             ("demons", _script("demons")),
             ("demons_histology", _script("demons", "--histology")),
             ("landmark_floor", _script("landmark_floor")),
+            ("threads", _script("threads")),
         ],
         "data": [
             ("crossval_loo", _script("crossval_loo")),

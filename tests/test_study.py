@@ -197,10 +197,11 @@ def test_the_donor_of_the_crossed_linear_stages_is_the_trial_whose_linear_stages
     affine is the default one, but its seed made it a different result); not the baseline (a recipe run as it is,
     no parameters) nor a crossed trial (its donor's linear stages again); a trial stopped in its deformable stage
     counts; with no level reported, the best suggested trial."""
+    from autoreg.objective import RUNGS, report_step
     from autoreg.study import crossing_donor
     from autoreg.trial import TrialRecord
 
-    step = 2  # the end of stage 0 in a one-pair study
+    step = report_step(0, 2, 0, len(RUNGS) - 1)  # the end of stage 0 in a one-pair, two-stage study
 
     def rec(number: int, role: str, value: float | None, linear: float | None, state: str = "COMPLETE", params=True):
         return TrialRecord(

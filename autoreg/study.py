@@ -671,9 +671,9 @@ def cross_defaults_if_due(
 
 
 def crossing_donor(records_: Sequence[TrialRecord], linear_step: int | None) -> TrialRecord | None:
-    """The trial whose linear stages ended best (its value at report step ``linear_step``), whatever its role, for
-    any trial of this space (a crossed one repeats its donor's); where no level was reported, the best suggested
-    trial (a default point's affine is the default one).
+    """The trial whose linear stages ended best (its value at report step ``linear_step``), whatever its role or
+    whether it still runs, for any trial of this space (a crossed one repeats its donor's); where no level was
+    reported, the best suggested trial (a default point's affine is the default one).
 
     The default ways are generic: from the landmarks' own affine the symmetric field beats ANTs SyN on three
     histology pairs (``benchmarks/landmark_floor.py``), so what they need from a donor is its affine. On rat
@@ -685,7 +685,7 @@ def crossing_donor(records_: Sequence[TrialRecord], linear_step: int | None) -> 
             for r in records_
             if r.params
             and crossed_from(r.role)[1] is None
-            and r.state in ("COMPLETE", "PRUNED")
+            and r.state in ("COMPLETE", "PRUNED", "RUNNING")  # a running trial's linear stages may have ended
             and np.isfinite(r.intermediate.get(linear_step, np.nan))
         ]
         if scored:

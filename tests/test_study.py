@@ -196,7 +196,8 @@ def test_the_donor_of_the_crossed_linear_stages_is_the_trial_whose_linear_stages
     """Any trial of the space whose levels were reported may give its linear stages, a default point included (its
     affine is the default one, but its seed made it a different result); not the baseline (a recipe run as it is,
     no parameters) nor a crossed trial (its donor's linear stages again); a trial stopped in its deformable stage
-    counts; with no level reported, the best suggested trial."""
+    counts, and one still running whose linear stages have ended; with no level reported, the best suggested
+    trial."""
     from autoreg.objective import RUNGS, report_step
     from autoreg.study import crossing_donor
     from autoreg.trial import TrialRecord
@@ -225,6 +226,10 @@ def test_the_donor_of_the_crossed_linear_stages_is_the_trial_whose_linear_stages
     assert crossing_donor(records_, step).number == 2
     records_.append(rec(7, "suggested", None, 3.9, state="PRUNED"))  # stopped in its field: its affine was best
     assert crossing_donor(records_, step).number == 7
+    records_.append(rec(8, "suggested", None, 3.8, state="RUNNING"))  # its affine has ended, its field runs
+    assert crossing_donor(records_, step).number == 8
+    records_.append(rec(9, "suggested", None, None, state="RUNNING"))  # still in its affine
+    assert crossing_donor(records_, step).number == 8
     assert crossing_donor(records_, None).number == 3
     assert crossing_donor([rec(1, "suggested", 3.0, None), rec(2, "suggested", 2.0, None)], step).number == 2
 

@@ -234,8 +234,6 @@ class Objective:
         (on mmdef3d the pruner stopped 5 of 6 crossed points in their linear stage)."""
         return self.prune and (read(trial, "role") or SUGGESTED) == SUGGESTED
 
-    # --- one trial ----------------------------------------------------------------------------------------------
-
     def linear_end_step(self) -> int | None:
         """The report step where the stages before the first deformable one end (their score, which chooses the
         linear stages the default ways are crossed onto); None where levels are not reported (several pairs) or no
@@ -244,6 +242,8 @@ class Objective:
         if self.per_pair_steps or not first:
             return None
         return report_step(0, self.n_stages, first - 1, len(RUNGS) - 1)
+
+    # --- one trial ----------------------------------------------------------------------------------------------
 
     def recipe_for(self, trial: optuna.Trial) -> Recipe:
         # a crossed point registers with its donor's seed, so its linear stages repeat the donor's exactly (at one

@@ -47,15 +47,17 @@ def spread(name: str, runs: int) -> list[dict]:
     from peers import load
 
     import autoreg
+    from autoreg.scoring import transform_points, tre
 
-    pair = load(name, ["affine"])
+    pair = load(name, ["affine"])  # every landmark (the pair is not split here)
     size = pair.fixed.GetSize()
-    grid = [
-        pair.fixed.TransformContinuousIndexToPhysicalPoint((float(x), float(y)))
-        for x in np.linspace(0, size[0] - 1, 20)
-        for y in np.linspace(0, size[1] - 1, 20)
-    ]
-    points, moving = pair.fixed_points, pair.moving_points  # every landmark (the pair is not split here)
+    grid = np.array(
+        [
+            pair.fixed.TransformContinuousIndexToPhysicalPoint((float(x), float(y)))
+            for x in np.linspace(0, size[0] - 1, 20)
+            for y in np.linspace(0, size[1] - 1, 20)
+        ]
+    )
     recipe, stages = variants()
     rows = []
     for label, stage in stages.items():
@@ -64,9 +66,8 @@ def spread(name: str, runs: int) -> list[dict]:
             mapped, tres = [], []
             for _ in range(runs):
                 tx = autoreg.register(one, pair.fixed, pair.moving)
-                mapped.append(np.array([tx.TransformPoint(p) for p in grid]))
-                at = np.array([tx.TransformPoint(tuple(map(float, p))) for p in points])
-                tres.append(float(np.mean(np.linalg.norm(at - moving, axis=1))))
+                mapped.append(transform_points(tx, grid))
+                tres.append(tre(tx, pair.fixed_points, pair.moving_points, pair.fixed).mean)
             apart = max(float(np.linalg.norm(m - mapped[0], axis=1).max()) for m in mapped)
             rows.append({"pair": name, "stage": label, "threads": threads, "apart_px": apart, "tre": tres})
             print(f"  {name} {label}, {threads} thread(s): apart {apart:.3g} px, TRE {tres}", flush=True)

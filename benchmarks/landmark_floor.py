@@ -20,8 +20,9 @@ with no study:
    what a peer's deformable step adds from the best affine there is;
 6. **our fields from the ideal start**: autoreg's displacement stage alone on the same start, as a study's default
    point runs it (``recipe.ants_field_stage``: ANTs SyN's defaults, update variance 3, a pyramid that stops at half
-   resolution), the same on to full resolution, with update variance 9 (inside the searched range), the
-   notebook's field (``recipe.default_stage``), and the same defaults moved by SyN's symmetric scheme
+   resolution), the same on to full resolution, with update variance 9 (inside the searched range), with its
+   levels composed and its total smoothed by a variance of 1 (``recipe.default_field_stage``, a study's default
+   point), the notebook's field (``recipe.default_stage``), and the same defaults moved by SyN's symmetric scheme
    (``recipe.ants_syn_stage``, total variance 1, and SyN's own 0), with their seconds and folded voxels.
 
 Results go to ``benchmarks/results/landmark_floor.json``, the table to stdout.
@@ -147,6 +148,7 @@ def fields_from(pair, start) -> dict:
         Recipe,
         ants_field_stage,
         ants_syn_stage,
+        default_field_stage,
         default_stage,
     )
     from autoreg.registration import register
@@ -163,6 +165,7 @@ def fields_from(pair, start) -> dict:
         "ants_defaults": ants,
         "ants_full_resolution": ants.model_copy(update={"pyramid": full}),
         "ants_update_variance_9": ants.model_copy(update={"transform": wider}),
+        "composed_total_variance_1": space.affordable(default_field_stage(dim)),
         "notebook": default_stage("displacement", dim),
     }
     syn = space.affordable(ants_syn_stage(dim))
@@ -239,6 +242,7 @@ FIELD_WAYS = {
     "ants_defaults": "one-sided, ANTs' defaults to half resolution",
     "ants_full_resolution": "the same on to full resolution",
     "ants_update_variance_9": "update variance 9",
+    "composed_total_variance_1": "levels composed, total variance 1 (the default point)",
     "notebook": "the notebook's field",
     "symmetric": "symmetric (SyN's scheme), total variance 1",
     "symmetric_total_variance_0": "symmetric, total variance 0 (SyN's own)",

@@ -29,7 +29,7 @@ from autoreg.fingerprint import (
     min_sampling_fraction,
     samples_needed,
 )
-from autoreg.recipe import Recipe, ants_field_stage, ants_syn_stage, default_recipe, recipe_to_dict
+from autoreg.recipe import Recipe, ants_field_stage, ants_syn_stage, default_field_stage, default_recipe, recipe_to_dict
 from autoreg.space import (
     MAX_BSPLINE_PARAMETERS,
     MAX_SAMPLE_PARAMETERS,
@@ -405,13 +405,21 @@ def test_a_deformable_stage_has_a_default_point_per_way() -> None:
     assert bspline.stages[1].transform.control_point_spacing == pytest.approx(384 / 8)
     field = _drawn_from(space, points["default:displacement"])
     assert field.kinds == ("affine", "displacement") and field.stages[1].optimizer.kind == "gradient_descent"
-    # the field's way starts where ANTs SyN's defaults do, not at the notebook's field (which barely moves)
-    drawn, ants = recipe_to_dict(field)["stages"][1], recipe_to_dict(Recipe(stages=(ants_field_stage(2),)))["stages"][0]
+    # the field's way starts where ANTs SyN's defaults do, not at the notebook's field (which barely moves), with its
+    # levels composed and its total smoothed (ANTs' own folds)
+    drawn, ants = (
+        recipe_to_dict(field)["stages"][1],
+        recipe_to_dict(Recipe(stages=(default_field_stage(2),)))["stages"][0],
+    )
     for metric in (drawn["metric"], ants["metric"]):  # the search never builds gradient images (a cost rule)
         metric.pop("use_fixed_image_gradient_filter"), metric.pop("use_moving_image_gradient_filter")
     assert drawn == ants
     assert field.stages[1].transform.variance_for_update_field == 3.0 and field.stages[1].sampling.strategy == "none"
     assert not field.stages[1].transform.symmetric
+    assert field.stages[1].transform.across_levels == "compose"
+    assert (
+        field.stages[1].transform.variance_for_total_field > 0 == ants_field_stage(2).transform.variance_for_total_field
+    )
     # SyN's scheme on the same defaults, its total field smoothed (SyN's own, unsmoothed, folds)
     syn = _drawn_from(space, points["default:symmetric"])
     assert syn.stages[1].transform == ants_syn_stage(2).transform

@@ -505,7 +505,8 @@ def default_field_stage(dim: int) -> Stage:
     """``ants_field_stage`` with each level's field composed after the coarser levels' and the total smoothed by
     ``DEFAULT_TOTAL_FIELD_VARIANCE``: ANTs' own, continued down the pyramid unsmoothed, left 0.1-6.6 % of the voxels
     folded from the landmarks' affine on the histology pairs (over a study's 0.1 % limit on three); this one folded
-    none and ended 0.2-0.4 px lower on three pairs, 0.02 higher on lesion (``benchmarks/landmark_floor.py``)."""
+    none and ended 0.2-0.4 px lower on three pairs, 0.02 higher on lesion; on afids 0.25 mm higher
+    (``benchmarks/landmark_floor.py``)."""
     stage = ants_field_stage(dim)
     transform = stage.transform.model_copy(
         update={"across_levels": "compose", "variance_for_total_field": DEFAULT_TOTAL_FIELD_VARIANCE}

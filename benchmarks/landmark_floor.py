@@ -18,11 +18,11 @@ with no study:
    a better metric value means the intensities disagree with the annotations, which no optimizer fixes;
 5. **SyN from the ideal start** (skipped with ``--no-syn``): ANTs ``SyNOnly`` started from the landmarks' affine,
    what a peer's deformable step adds from the best affine there is;
-6. **our fields from the ideal start**: autoreg's displacement stage alone on the same start, as a study's default
-   point runs it (``recipe.ants_field_stage``: ANTs SyN's defaults, update variance 3, a pyramid that stops at half
-   resolution), the same on to full resolution, with update variance 9 (inside the searched range), with its
-   levels composed and its total smoothed by a variance of 1 (``recipe.default_field_stage``, a study's default
-   point), the notebook's field (``recipe.default_stage``), and the same defaults moved by SyN's symmetric scheme
+6. **our fields from the ideal start**: autoreg's displacement stage alone on the same start, at the sampling a
+   study affords: ANTs SyN's defaults as ANTs runs them (``recipe.ants_field_stage``: update variance 3, no total
+   smoothing, one field continued down a pyramid that stops at half resolution), the same on to full resolution,
+   with update variance 9 (inside the searched range), with its levels composed and its total smoothed by a
+   variance of 1 (``recipe.default_field_stage``, a study's default point), the notebook's field (``recipe.default_stage``), and the same defaults moved by SyN's symmetric scheme
    (``recipe.ants_syn_stage``, total variance 1, and SyN's own 0), with their seconds and folded voxels.
 
 Results go to ``benchmarks/results/landmark_floor.json``, the table to stdout.

@@ -407,13 +407,13 @@ def test_a_deformable_stage_has_a_default_point_per_way() -> None:
     assert field.kinds == ("affine", "displacement") and field.stages[1].optimizer.kind == "gradient_descent"
     # the field's way starts where ANTs SyN's defaults do, not at the notebook's field (which barely moves), with its
     # levels composed and its total smoothed (ANTs' own folds)
-    drawn, ants = (
+    drawn, default = (
         recipe_to_dict(field)["stages"][1],
         recipe_to_dict(Recipe(stages=(default_field_stage(2),)))["stages"][0],
     )
-    for metric in (drawn["metric"], ants["metric"]):  # the search never builds gradient images (a cost rule)
+    for metric in (drawn["metric"], default["metric"]):  # the search never builds gradient images (a cost rule)
         metric.pop("use_fixed_image_gradient_filter"), metric.pop("use_moving_image_gradient_filter")
-    assert drawn == ants
+    assert drawn == default
     assert field.stages[1].transform.variance_for_update_field == 3.0 and field.stages[1].sampling.strategy == "none"
     assert not field.stages[1].transform.symmetric
     assert field.stages[1].transform.across_levels == "compose"

@@ -280,7 +280,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     snap, best, base = result.snapshot, result.best, result.baseline
     _out(
         f"{'interrupted' if result.interrupted else 'done'}: {snap.finished} trials ({snap.complete} complete, "
-        f"{snap.failed} failed, {snap.pruned} pruned), {result.seconds:.1f} s this run"
+        f"{snap.failed} failed, {snap.pruned} pruned"
+        f"{f', {snap.not_run} not run: predicted too slow for their share of --timeout' if snap.not_run else ''}"
+        f"), {result.seconds:.1f} s this run"
     )
     if result.aborted:
         _out(f"trial(s) {result.aborted} did not stop within {_grace()} s of Ctrl-C: failed as interrupted")

@@ -30,7 +30,7 @@ from .recipe import Recipe, recipe_from_dict, recipe_to_dict
 from .registration import LevelRecord, register
 from .scoring import folding_fraction, has_deformable, holdout_metric, tre
 from .space import SearchSpace
-from .trial import BASELINE, FOLDING_CONSTRAINT, SUGGESTED, TIME_LIMIT, crossed_from, read, records, write
+from .trial import BASELINE, FOLDING_CONSTRAINT, NOT_RUN, SUGGESTED, TIME_LIMIT, crossed_from, read, records, write
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ class Objective:
             write(
                 trial,
                 runtime_s=round(time.perf_counter() - t0, 4),
-                pruned_at=f"predicted {predicted:.3g} s, over {OVER_BUDGET_FACTOR:g}x the trial budget "
+                pruned_at=f"{NOT_RUN}: predicted {predicted:.3g} s, over {OVER_BUDGET_FACTOR:g}x the trial budget "
                 f"({self.budget.per_trial_s:.3g} s)",
             )
             raise optuna.TrialPruned("predicted over budget")

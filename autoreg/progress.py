@@ -69,6 +69,9 @@ class Snapshot:
     running_trials: tuple[RunningTrial, ...] = ()
     #: Seconds each finished trial took (start to end as the storage recorded it), in trial order.
     durations: tuple[float, ...] = ()
+    #: Suggestions never run for their predicted cost (``trial.NOT_RUN``): not in ``pruned``, ``total`` or ``finished``,
+    #: as they are not in the count of ``--trials``.
+    not_run: int = 0
 
     @property
     def finished(self) -> int:
@@ -88,7 +91,8 @@ def snapshot(study: optuna.Study) -> Snapshot:
     trials = [TrialRecord.of(t) for t in frozen]
     by: dict[str, int] = {}
     for t in trials:
-        by[t.state] = by.get(t.state, 0) + 1
+        state = "NOT_RUN" if t.not_run else t.state
+        by[state] = by.get(state, 0) + 1
     best, baseline = best_and_baseline(trials)
     running, durations = [], []
     for ft, rec in zip(frozen, trials):
@@ -104,12 +108,12 @@ def snapshot(study: optuna.Study) -> Snapshot:
                     reports=len(steps),
                 )
             )
-        elif ft.state.is_finished():
+        elif ft.state.is_finished() and not rec.not_run:  # a skipped suggestion's instant says nothing of a trial's
             seconds = _seconds_of(ft, rec)
             if seconds is not None:
                 durations.append(seconds)
     return Snapshot(
-        total=len(trials) - by.get("WAITING", 0),
+        total=len(trials) - by.get("WAITING", 0) - by.get("NOT_RUN", 0),
         complete=by.get("COMPLETE", 0),
         failed=by.get("FAIL", 0),
         pruned=by.get("PRUNED", 0),
@@ -118,6 +122,7 @@ def snapshot(study: optuna.Study) -> Snapshot:
         baseline=baseline.value if baseline is not None else None,
         running_trials=tuple(running),
         durations=tuple(durations),
+        not_run=by.get("NOT_RUN", 0),
     )
 
 
@@ -280,9 +285,11 @@ def progress_line(
     total = f"/{target}" if target is not None else ""
     longest = max((e for t in snap.running_trials if (e := t.elapsed(now)) is not None), default=None)
     running = f"{snap.running} running" + (f", longest {_duration(longest)}" if longest is not None else "")
+    not_run = f", not run {snap.not_run} (predicted too slow)" if snap.not_run else ""
     return (
         f"trials {snap.finished}{total} done ({running}) | best {_fmt(snap.best, unit)} | "
-        f"baseline {_fmt(snap.baseline, unit)} | failed {snap.failed}, pruned {snap.pruned} | {_duration(elapsed)}{eta}"
+        f"baseline {_fmt(snap.baseline, unit)} | failed {snap.failed}, pruned {snap.pruned}{not_run} | "
+        f"{_duration(elapsed)}{eta}"
     )
 
 
@@ -342,6 +349,7 @@ class _LiveView:
             (str(snap.failed), "red" if snap.failed else ""),
             "  pruned ",
             str(snap.pruned),
+            f"  not run {snap.not_run}" if snap.not_run else "",
             f"  {_duration(elapsed)} elapsed",
             "" if m.stopping else ("  ~" + _duration(left) + " left") if left is not None else "  estimating time left",
         )

@@ -47,6 +47,7 @@ from .trial import (
     best_and_baseline,
     crossed_from,
     crossed_role,
+    not_run_numbers,
     read,
     records,
     write_to_storage,
@@ -648,7 +649,10 @@ def cross_defaults_if_due(
     crossing (``benchmarks/deformable.py``)."""
     if space.first_deformable() is None:
         return []
-    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in trials)
+    skipped = not_run_numbers(trials, n_trials)  # as the budget counts them: a share of the registrations run
+    finished = sum(
+        t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) and t.number not in skipped for t in trials
+    )
     marks = [max(1, round(f * n_trials)) for f in CROSS_AT] if n_trials else [CROSS_EVERY * (i + 1) for i in range(2)]
     crossed = {n for t in trials if (n := crossed_from(read(t, "role") or SUGGESTED)[1]) is not None}
     if len(crossed) >= sum(finished >= m for m in marks):  # on every ask: decided before reading any record

@@ -41,6 +41,7 @@ from .study import (
     pid_alive,
     storage_errors,
 )
+from .trial import not_run_numbers
 
 log = logging.getLogger(__name__)
 
@@ -286,14 +287,16 @@ def run_trials(
 def budget_spent(trials: Sequence[FrozenTrial], n_trials: int) -> bool:
     """Whether a worker may ask for no more trials. The budget counts trials asked for (not the queued ones); a
     dead worker's trial, failed and queued again, gives its place to its retry, which runs even once the count is
-    reached (other workers may have filled the budget before the death was seen): nothing a user asked for is lost."""
+    reached (other workers may have filled the budget before the death was seen): nothing a user asked for is lost.
+    A suggestion never run for its predicted cost gives its place too (``trial.not_run_numbers``)."""
     retried = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
+    free = retried | not_run_numbers(trials, n_trials)
     counted, retry_waiting = 0, False
     for t in trials:
         if t.state == TrialState.WAITING:
             if "retry_of" in t.user_attrs:
                 counted, retry_waiting = counted + 1, True
-        elif t.number not in retried:
+        elif t.number not in free:
             counted += 1
     return counted >= n_trials and not retry_waiting
 

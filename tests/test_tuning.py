@@ -455,8 +455,9 @@ def test_time_limits_come_from_the_predicted_cost_and_spare_the_baseline(tmp_pat
 
 
 def test_a_trial_predicted_over_budget_is_not_run_but_the_default_point_is(tmp_path: Path, monkeypatch) -> None:
-    """With a budget, a suggested trial predicted far past its share is pruned unrun, with the reason; the default
-    point (TPE's anchor, run before the model has learnt from this study) runs under its time limit instead."""
+    """With a budget, a suggested trial predicted far past its share is pruned unrun, with the reason, and gives its
+    place in --trials to another (up to --trials of them); the default point (TPE's anchor, run before the model has
+    learnt from this study) runs under its time limit instead."""
     import autoreg.objective as objective
 
     monkeypatch.setattr(objective, "OVER_BUDGET_FACTOR", 1e-9)  # every prediction is over budget
@@ -467,9 +468,12 @@ def test_a_trial_predicted_over_budget_is_not_run_but_the_default_point_is(tmp_p
     assert [t.user_attrs.get("role") for t in trials[:2]] == ["baseline", "default"]
     assert [t.state for t in trials[:2]] == [TrialState.COMPLETE] * 2
     assert trials[1].user_attrs["time_limit_s"] == objective.MIN_LIMIT_S  # the limit still holds it
+    assert len(trials) == 4 + 4  # two run, four not run and free, two not run and counted
     for t in trials[2:]:
         assert t.state == TrialState.PRUNED and "runtime_s" in t.user_attrs
+        assert t.user_attrs["pruned_at"].startswith("not run: predicted"), t.user_attrs["pruned_at"]
         assert "over 1e-09x the trial budget" in t.user_attrs["pruned_at"], t.user_attrs["pruned_at"]
+    assert "6 not run: predicted too slow for their share of --timeout" in run.out
 
 
 @pytest.mark.slow

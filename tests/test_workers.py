@@ -253,6 +253,29 @@ def test_a_dead_worker_s_retry_takes_its_trial_s_place_in_the_budget() -> None:
     assert not budget_spent([*died, trial(3, TrialState.COMPLETE, retry_of=2)], 4)
 
 
+def test_a_suggestion_never_run_for_its_cost_gives_its_place_in_the_budget_up_to_the_budget() -> None:
+    from optuna.trial import create_trial
+
+    from autoreg.trial import NOT_RUN
+    from autoreg.workers import budget_spent
+
+    def trial(number: int, pruned_at: str | None = None) -> optuna.trial.FrozenTrial:
+        state = TrialState.PRUNED if pruned_at else TrialState.COMPLETE
+        t = create_trial(
+            state=state, value=None if pruned_at else 1.0, user_attrs={"pruned_at": pruned_at} if pruned_at else {}
+        )
+        t.number = number
+        return t
+
+    ran = [trial(0), trial(1, "time limit 60 s"), trial(2, "stage 1 level 0")]  # pruned after running: they count
+    assert budget_spent(ran, 3)
+    skipped = [trial(3 + i, f"{NOT_RUN}: predicted 90 s, over 3x the trial budget (20 s)") for i in range(3)]
+    assert not budget_spent([*ran, *skipped], 4)  # three registrations run of four: one more is asked for
+    assert budget_spent([*ran, *skipped, trial(6)], 4)
+    # at most the budget's own count of them is free: a space whose every point is too slow still ends
+    assert budget_spent([trial(0), *skipped, trial(6, f"{NOT_RUN}: predicted 90 s")], 2)
+
+
 def test_a_heartbeat_that_loses_its_database_stops_quietly() -> None:
     """The beat runs in its own thread: an uncaught error there would print a traceback beside the one-line error."""
     import threading

@@ -194,6 +194,22 @@ def test_snapshot_reads_running_trials_and_durations() -> None:
     assert 65 <= t.elapsed() < 65 + 30
 
 
+def test_a_suggestion_not_run_for_its_cost_is_neither_a_finished_trial_nor_a_duration() -> None:
+    """It ran no registration and gives its place in --trials to another (``workers.budget_spent``): the count and
+    the time-left estimate leave it out, the line names it."""
+    from autoreg.trial import NOT_RUN
+
+    study = watched_study()
+    skipped = frozen(5, TrialState.PRUNED, seconds=0.01, ago=5)
+    skipped.set_user_attr("pruned_at", f"{NOT_RUN}: predicted 90 s, over 3x the trial budget (20 s)")
+    study.add_trial(skipped)
+    snap = snapshot(study)
+    assert (snap.finished, snap.pruned, snap.not_run, snap.total) == (4, 1, 1, 5)
+    assert snap.durations == (10.0, 10.0, 4.0, 2.0)
+    line = progress_line(snap, target=10, start_finished=0, elapsed=60.0, timeout=None)
+    assert "trials 4/10 done" in line and "pruned 1, not run 1 (predicted too slow)" in line
+
+
 def test_report_steps_read_back_as_rungs_or_pairs() -> None:
     snap = snapshot(watched_study())
     (t,) = snap.running_trials

@@ -211,6 +211,8 @@ class SearchSpace:
         bspline = ((f"{s}.transform.kind", ("bspline",)),)
         displacement = ((f"{s}.transform.kind", ("displacement",)),)
         plo, phi = self.points_range()
+        # a displacement field samples densely (``field_sampling``): the sampling is searched for the other kinds
+        not_field = ((f"{s}.transform.kind", (*LINEAR_KINDS, "bspline")),)
         out = [Dim(f"{s}.transform.kind", choices=DEFORMABLE_KINDS)] if kind == "deformable" else []
         out += [
             Dim(f"{s}.pyramid.levels", low=1, high=self.max_levels, integer=True),
@@ -231,9 +233,9 @@ class SearchSpace:
             Dim(
                 f"{s}.sampling.strategy",
                 choices=("none", "regular", "random") if self.dense_affordable else ("regular", "random"),
-                when=((f"{s}.metric.kind", tuple(k for k in METRIC_KINDS if k != "ants_nc")),),
+                when=((f"{s}.metric.kind", tuple(k for k in METRIC_KINDS if k != "ants_nc")),) + not_field,
             ),
-            Dim(f"{s}.sampling.points", low=plo, high=phi, integer=True, log=True, when=sampled),
+            Dim(f"{s}.sampling.points", low=plo, high=phi, integer=True, log=True, when=sampled + not_field),
             # a displacement field always descends the gradient (ITK's local-support updates): not searched
             Dim(opt, choices=BSPLINE_OPTIMIZERS, when=bspline) if deformable else Dim(opt, choices=LINEAR_OPTIMIZERS),
             Dim(f"{s}.optimizer.number_of_iterations", low=20, high=500, integer=True, log=True),
@@ -410,9 +412,12 @@ class SearchSpace:
                 variance_for_update_field=round(float(get(f"{s}.transform.variance_for_update_field")), 4),
                 variance_for_total_field=round(float(get(f"{s}.transform.variance_for_total_field")), 4),
             )
-        strategy = "none" if metric_kind == "ants_nc" or demons else get(f"{s}.sampling.strategy")
+        field = kind == "displacement" and not demons
+        strategy = "none" if metric_kind == "ants_nc" or demons else None if field else get(f"{s}.sampling.strategy")
         sampling: dict[str, Any] = {"strategy": strategy}
-        if strategy != "none":
+        if field:
+            sampling = self.field_sampling().model_dump(exclude_none=True)
+        elif strategy != "none":
             points = int(get(f"{s}.sampling.points"))
             if parameters is not None:  # a dense BSpline Jacobian: bounded seconds per iteration
                 points = min(points, int(MAX_SAMPLE_PARAMETERS / parameters))
@@ -615,7 +620,16 @@ class SearchSpace:
         image is more than that."""
         if stage.sampling.strategy != "none" or self.dense_affordable:
             return stage
-        return stage.model_copy(update={"sampling": Sampling(strategy="regular", points=self.points_range()[1])})
+        return stage.model_copy(update={"sampling": self.field_sampling()})
+
+    def field_sampling(self) -> Sampling:
+        """A displacement field's sampling: every voxel of a level, up to the most points a level may sample. A field
+        moves only where it is sampled, and its samples cost little next to smoothing it: on mmdef3d's finer level
+        1,000 points took 10.7 s where 185,700 took 13.9, and ended at 2.68 mm against 0.46; from the landmarks' affine on
+        ki67 and rat kidney 60,000 to 3,000 points ended 0.05-0.8 px above every voxel."""
+        if self.dense_affordable:
+            return Sampling(strategy="none")
+        return Sampling(strategy="regular", points=self.points_range()[1])
 
     # --- overrides ----------------------------------------------------------------------------------------------
 

@@ -212,6 +212,30 @@ def test_sampling_points_cover_what_the_metric_needs(fp_name: str, stages: tuple
         assert lowered  # the rule is exercised
 
 
+@pytest.mark.parametrize("fp_name", ["2d-512x384", "3d-256x256x200"])
+def test_a_displacement_field_samples_every_voxel_a_level_may_and_does_not_search_its_sampling(fp_name: str) -> None:
+    """A field moves only where it is sampled, and its samples cost little next to smoothing it
+    (``SearchSpace.field_sampling``); the linear stage before it still searches its sampling."""
+    space = SearchSpace(fingerprint=FINGERPRINTS[fp_name](), stages=("affine", "deformable"))
+    assert (space.field_sampling().strategy == "none") == space.dense_affordable
+    fields = 0
+    for trial, recipe in draws(space, 200):
+        assert ("stage0.sampling.strategy" in trial.params) == (recipe.stages[0].metric.kind != "ants_nc")
+        stage = recipe.stages[1]
+        if stage.kind == "displacement" and stage.optimizer.kind != "demons":
+            fields += 1
+            assert stage.sampling == space.field_sampling()
+            assert not any(name.startswith("stage1.sampling.") for name in trial.params)
+    assert fields
+    with pytest.raises(UserError, match="never used"):  # a search override that could not act says so
+        SearchSpace(
+            fingerprint=FINGERPRINTS[fp_name](),
+            stages=("affine", "displacement"),
+            overrides={"stage1.sampling.points": SearchOverride(low=1000, high=2000)},
+            source="PAIR.yaml",
+        )
+
+
 def test_sampling_fraction_examples() -> None:
     assert min_sampling_fraction((64, 64), 4, 50) == 1.0  # 16x16 = 256 voxels < 500 samples
     assert min_sampling_fraction((256, 256), 1, None) == pytest.approx(MIN_SAMPLES / 65536)

@@ -487,8 +487,8 @@ def ants_field_stage(dim: int) -> Stage:
     voxel, shrink 4x2 with sigmas 2x1 voxels, as its 40x20x0 iterations leave the full-resolution level unrun,
     gradient step 0.2, update variance 3, total variance 0, 40 iterations, no gradient images: central differences,
     as antsRegistration differentiates and as the search always does). The notebook's field (``default_stage``)
-    barely moves from the landmarks' affine; this one closes most of SyN's gain there
-    (``benchmarks/landmark_floor.py``)."""
+    ends within 0.07 px of the landmarks' affine floor on the histology pairs when started from that affine; this one
+    ends 0.2-0.6 px below it, ANTs SyN 0.7-1.4 px below (``benchmarks/landmark_floor.py``)."""
     return Stage(
         transform=DisplacementTransform(variance_for_update_field=3.0, variance_for_total_field=0.0, gradient_step=0.2),
         metric=MattesMutualInformation(
@@ -506,10 +506,9 @@ DEFAULT_TOTAL_FIELD_VARIANCE = 1.0
 
 def default_field_stage(dim: int) -> Stage:
     """``ants_field_stage`` with each level's field composed after the coarser levels' and the total smoothed by
-    ``DEFAULT_TOTAL_FIELD_VARIANCE``: ANTs' own, continued down the pyramid unsmoothed, left 0.1-6.6 % of the voxels
+    ``DEFAULT_TOTAL_FIELD_VARIANCE``: ANTs' own, continued down the pyramid unsmoothed, left 0.03-1.7 % of the voxels
     folded from the landmarks' affine on the histology pairs (over a study's 0.1 % limit on three); this one folded
-    none and ended 0.2-0.4 px lower on three pairs, 0.02 higher on lesion; on afids 0.25 mm higher
-    (``benchmarks/landmark_floor.py``)."""
+    none and ended 0.2-0.6 px lower on all four; on afids 0.30 mm higher (``benchmarks/landmark_floor.py``)."""
     stage = ants_field_stage(dim)
     transform = stage.transform.model_copy(
         update={"across_levels": "compose", "variance_for_total_field": DEFAULT_TOTAL_FIELD_VARIANCE}
@@ -520,7 +519,7 @@ def default_field_stage(dim: int) -> Stage:
 def ants_syn_stage(dim: int) -> Stage:
     """``ants_field_stage`` moved by ANTs SyN's own symmetric scheme (both images toward a midpoint), its total field
     smoothed by ``DEFAULT_TOTAL_FIELD_VARIANCE``: from the landmarks' affine on the four histology pairs, 0 (SyN's own)
-    left up to 0.59 % of the voxels folded and ended 0.1-0.6 px higher (``benchmarks/landmark_floor.py``)."""
+    left 0.25-0.29 % of the voxels folded and ended 0.1-0.7 px higher (``benchmarks/landmark_floor.py``)."""
     stage = ants_field_stage(dim)
     transform = stage.transform.model_copy(
         update={"symmetric": True, "variance_for_total_field": DEFAULT_TOTAL_FIELD_VARIANCE}

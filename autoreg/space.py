@@ -317,7 +317,7 @@ class SearchSpace:
                 # gradient descent on the field: its step in level voxels (ANTs' gradientStep; ITK's own bound, a
                 # voxel of the field's grid, overshoots on coarse grids) and how levels carry the field
                 Dim(f"{s}.transform.gradient_step", low=0.1, high=1.0, log=True, when=not_demons),
-                # ANTs SyN's scheme, both images toward a midpoint: from the landmarks' affine 0.1-0.8 px below the
+                # ANTs SyN's scheme, both images toward a midpoint: from the landmarks' affine 0.2-1.4 px below the
                 # one-sided field on the four histology pairs at 2-4x its seconds; on afids 0.4 mm above
                 # (benchmarks/landmark_floor.py)
                 Dim(f"{s}.transform.symmetric", choices=(False, True), when=not_demons),
@@ -625,8 +625,8 @@ class SearchSpace:
     def field_sampling(self) -> Sampling:
         """A displacement field's sampling: every voxel of a level, up to the most points a level may sample. A field
         moves only where it is sampled, and its samples cost little next to smoothing it: on mmdef3d's finer level
-        1,000 points took 10.7 s where 185,700 took 13.9, and ended at 2.68 mm against 0.46; from the landmarks' affine on
-        ki67 and rat kidney 60,000 to 3,000 points ended 0.05-0.8 px above every voxel."""
+        1,000 points took 10.7 s where 185,700 took 13.9, and ended at 2.68 mm against 0.46; from the landmarks'
+        affine on ki67 and rat kidney 60,000 to 3,000 points ended 0.05-0.8 px above every voxel."""
         if self.dense_affordable:
             return Sampling(strategy="none")
         return Sampling(strategy="regular", points=self.points_range()[1])

@@ -321,7 +321,7 @@ def test_a_default_field_improves_the_landmarks_affine_on_a_real_histology_pair(
     """cd31 (2D histology, two stains), started from the least-squares affine of its landmarks: ANTs SyN's defaults
     moved by SyN's own scheme, or by ITK's descent with composed levels and a smoothed total (a study's two default
     field points), bring the landmarks closer than the best affine can, without folding (ANTs' one-sided field,
-    continued and unsmoothed, folded 2.2 % of the voxels here)."""
+    continued and unsmoothed, folded 1.0 % of the voxels here)."""
     import dataclasses
 
     from conftest import real_pair_yaml

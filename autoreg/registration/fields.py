@@ -278,7 +278,7 @@ def _run_symmetric(
     """ANTs SyN's symmetric scheme: both images move toward a midpoint, each along its own metric gradient by
     ``gradient_step`` voxels per iteration, so neither side alone carries the deformation; the field returned maps
     fixed to moving through the midpoint (the moving half after the inverse of the fixed half), on the level's grid.
-    From the landmarks' affine it ended 0.1-0.8 px below ITK's one-sided descent on the histology pairs
+    From the landmarks' affine it ended 0.2-1.4 px below ITK's one-sided descent on the histology pairs
     (``benchmarks/landmark_floor.py``)."""
     sigmas, _ = sigmas_of(stage, frame.k)
     t, o = stage.transform, stage.optimizer

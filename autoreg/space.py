@@ -412,18 +412,19 @@ class SearchSpace:
                 variance_for_update_field=round(float(get(f"{s}.transform.variance_for_update_field")), 4),
                 variance_for_total_field=round(float(get(f"{s}.transform.variance_for_total_field")), 4),
             )
-        field = kind == "displacement" and not demons
-        strategy = "none" if metric_kind == "ants_nc" or demons else None if field else get(f"{s}.sampling.strategy")
-        sampling: dict[str, Any] = {"strategy": strategy}
-        if field:
+        sampling: dict[str, Any]
+        if kind == "displacement" and not demons:
             sampling = self.field_sampling().model_dump(exclude_none=True)
-        elif strategy != "none":
-            points = int(get(f"{s}.sampling.points"))
-            if parameters is not None:  # a dense BSpline Jacobian: bounded seconds per iteration
-                points = min(points, int(MAX_SAMPLE_PARAMETERS / parameters))
-            # at least the samples the metric needs (a few thousand for 128 bins):
-            # fewer end in "joint PDF summed to zero"
-            sampling["points"] = max(points, samples_needed(bins))
+        else:
+            strategy = "none" if metric_kind == "ants_nc" or demons else get(f"{s}.sampling.strategy")
+            sampling = {"strategy": strategy}
+            if strategy != "none":
+                points = int(get(f"{s}.sampling.points"))
+                if parameters is not None:  # a dense BSpline Jacobian: bounded seconds per iteration
+                    points = min(points, int(MAX_SAMPLE_PARAMETERS / parameters))
+                # at least the samples the metric needs (a few thousand for 128 bins):
+                # fewer end in "joint PDF summed to zero"
+                sampling["points"] = max(points, samples_needed(bins))
         pyramid = self._suggest_pyramid(s, get, bins, field=kind == "displacement")
         if kind == "displacement" and not demons:
             transform["gradient_step"] = round(float(get(f"{s}.transform.gradient_step")), 4)

@@ -187,9 +187,7 @@ def one_case_3d(case: str, trials: int, jobs: int, timeout: float) -> dict:
     from autoreg.pipeline import Pipeline
     from autoreg.recipe import load_recipe
 
-    data = tune3d.DATA3D / case
-    if not (data / "pair.yaml").is_file():
-        make_3d_set.build(tune3d.DATA3D, only=[case])
+    data = make_3d_set.ensure(tune3d.DATA3D, case)
     study = tune3d.tune_case(case, trials=trials, jobs=jobs, timeout=timeout, prune=True, stages=STAGES_3D)
     folder = RESULTS / "tune3d" / f"{case}-{study['variant']}"
     row: dict = {

@@ -24,8 +24,9 @@ with no study:
    smoothing, one field continued down a pyramid that stops at half resolution), the same on to full resolution,
    with update variance 9 (inside the searched range), with its levels composed and its total smoothed by a
    variance of 1 (``recipe.default_field_stage``, a study's default point), the same differentiating through ITK's
-   Gaussian gradient images (SimpleITK's default, which antsRegistration and the search leave off), the notebook's field (``recipe.default_stage``), and the same defaults moved by SyN's symmetric scheme
-   (``recipe.ants_syn_stage``, total variance 1, and SyN's own 0), with their seconds and folded voxels.
+   Gaussian gradient images (SimpleITK's default, which antsRegistration and the search leave off), the notebook's
+   field (``recipe.default_stage``), and the same defaults moved by SyN's symmetric scheme (``recipe.ants_syn_stage``,
+   total variance 1, and SyN's own 0), with their seconds and folded voxels.
 
 Results go to ``benchmarks/results/landmark_floor.json``, the table to stdout.
 """
@@ -214,9 +215,7 @@ def load(name: str):
     from autoreg.config import load_config
     from autoreg.data import load_pair
 
-    if not (tune3d.DATA3D / name / "pair.yaml").is_file():
-        make_3d_set.build(tune3d.DATA3D, only=[name])
-    return load_pair(load_config(tune3d.DATA3D / name / "pair.yaml").pairs[0])
+    return load_pair(load_config(make_3d_set.ensure(tune3d.DATA3D, name) / "pair.yaml").pairs[0])
 
 
 def one_pair(name: str, syn: bool) -> dict:

@@ -537,6 +537,13 @@ def build(out: Path, seed: int = 0, shrink: int = 1, only: list[str] | None = No
     return {name: build_case(name, out, seed, shrink) for name in CASES if not only or name in only}
 
 
+def ensure(out: Path, name: str) -> Path:
+    """Case ``name``'s folder under ``out``, built (seed 0, full size) only when it holds no pair.yaml yet."""
+    if not (out / name / "pair.yaml").is_file():
+        build(out, only=[name])
+    return out / name
+
+
 # ------------------------------------------------------------------------------------------------ check
 
 

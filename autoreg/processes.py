@@ -9,16 +9,41 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
+#: How long ``kill`` waits for killed processes to be gone: a worker holding images takes a moment to free them.
+KILL_WAIT_S = 1.0
 
-def kill(pids: set[int]) -> None:
-    """SIGKILL each of ``pids`` that still exists."""
+
+def kill(pids: set[int], wait_s: float = KILL_WAIT_S) -> None:
+    """SIGKILL each of ``pids`` that still exists, then wait (up to ``wait_s``) until none of them runs, so that a
+    tune that returns has ended them rather than only signalled them."""
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.monotonic() + wait_s
+    while any(map(_running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` still runs: a zombie (dead, not yet reaped by its parent) does not."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        pass
+    if Path("/proc/self").is_dir():
+        return False
+    try:  # no /proc (macOS, BSD): a zombie still answers, so the wait may run to its end
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def pool_workers(me: int) -> set[int]:

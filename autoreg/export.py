@@ -28,6 +28,7 @@ def provenance_of(
         "storage": spec.display,
         "trial": trial.number,
         "role": trial.role,
+        **({"linear_from": trial.linear_from} if trial.linear_from is not None else {}),
         "objective": study.user_attrs.get("objective", "score"),
         "score": trial.value,
         "scores": trial.scores(),

@@ -30,7 +30,7 @@ from .recipe import Recipe, recipe_from_dict, recipe_to_dict
 from .registration import LevelRecord, register
 from .scoring import folding_fraction, has_deformable, holdout_metric, tre
 from .space import SearchSpace
-from .trial import BASELINE, FOLDING_CONSTRAINT, NOT_RUN, SUGGESTED, TIME_LIMIT, crossed_from, read, records, write
+from .trial import BASELINE, FOLDING_CONSTRAINT, NOT_RUN, SUGGESTED, TIME_LIMIT, linear_donor, read, records, write
 
 log = logging.getLogger(__name__)
 
@@ -248,8 +248,8 @@ class Objective:
     def recipe_for(self, trial: optuna.Trial) -> Recipe:
         # a crossed point registers with its donor's seed, so its linear stages repeat the donor's exactly (at one
         # thread): with other seeds the same default affine ended 4.56 to 5.34 px off on rat kidney
-        donor = crossed_from(read(trial, "role") or SUGGESTED)[1]
-        seed = trial_seed(self.cfg.seed, trial.number if donor is None else int(donor))
+        donor = linear_donor(trial)
+        seed = trial_seed(self.cfg.seed, trial.number if donor is None else donor)
         attached = read(trial, "recipe")
         # an enqueued recipe (the baseline, a user's) runs as it is and records no search parameters, so the
         # sampler never credits its score to a point of the space it did not run

@@ -64,6 +64,9 @@ class TrialRecord(BaseModel):
     #: ``default:<kind>`` (the default recipe as a point of this space), ``default:<kind>@<n>`` (that point's
     #: deformable stage on trial n's linear stages).
     role: str = SUGGESTED
+    #: A suggested trial drawn over the first deformable stage only, on trial n's linear stages and with its seed
+    #: (``study.condition_on_best_linear``).
+    linear_from: int | None = None
     #: The whole recipe that ran (any recipe format); every trial stores it, so export never re-derives it.
     recipe: dict[str, Any] | None = None
     seed: int | None = None
@@ -111,6 +114,11 @@ class TrialRecord(BaseModel):
     @property
     def complete(self) -> bool:
         return self.state == "COMPLETE" and self.value is not None and math.isfinite(self.value)
+
+    @property
+    def origin(self) -> str:
+        """The role as a reader needs it: a conditioned suggestion names the trial whose linear stages it took."""
+        return self.role if self.linear_from is None else f"{self.role}, linear stages of trial {self.linear_from}"
 
     @property
     def out_of_time(self) -> bool:
@@ -185,6 +193,16 @@ def crossed_from(role: str) -> tuple[str, str | None]:
     """``crossed_role`` read back: the way's role and the trial number it was crossed onto (None when not crossed)."""
     way, sep, number = role.partition(CROSSED_SEP)
     return way, number if sep else None
+
+
+def linear_donor(trial: optuna.Trial | FrozenTrial) -> int | None:
+    """The trial whose linear stages (and seed) this one repeats: a crossed point's or a conditioned suggestion's
+    donor; None for a trial that drew its own."""
+    crossed = crossed_from(read(trial, "role") or SUGGESTED)[1]
+    if crossed is not None:
+        return int(crossed)
+    donor = read(trial, "linear_from")
+    return None if donor is None else int(donor)
 
 
 def is_not_run(state: str, pruned_at: str | None) -> bool:

@@ -32,6 +32,7 @@ from .pipeline import Pipeline
 from .space import SearchSpace
 from .study import (
     StorageSpec,
+    condition_on_best_linear,
     cost_model,
     cross_defaults_if_due,
     fail_trials,
@@ -322,6 +323,11 @@ def ask_named(
         return None
     if space is not None and (queued := cross_defaults_if_due(study, space, trials, n_trials, linear_step)):
         log.info("queued %s: the default deformable ways on the best linear stages so far", ", ".join(queued))
+    elif (
+        space is not None
+        and (donor := condition_on_best_linear(study, space, trials, n_trials, linear_step)) is not None
+    ):
+        log.info("queued a suggestion of the deformable stage only, on trial %d's linear stages", donor)
     trial = study.ask()
     trial.set_user_attr("worker", worker)  # before anything can stop us: names who runs it
     return trial

@@ -2,7 +2,7 @@
 displacement field needs to be.
 
     python benchmarks/make_3d_set.py --only mmdef3d      # once, if benchmarks/data3d/mmdef3d is missing
-    python benchmarks/deformable3d.py [--threads 2] [--part cost|levels]
+    python benchmarks/deformable3d.py [--threads 2] [--part cost|levels|smoothing] [--recipe BEST.yaml]
 
 Part ``cost``. On mmdef3d's full-resolution level (182 x 218 x 182 voxels), one deformable stage is run for 2 and for 12 gradient
 descent iterations (convergence checks off) at several sample counts and grid sizes; the difference over 10 is the
@@ -16,6 +16,12 @@ voxels, Gaussian variances 4 and 2.3: a study's best trial of round 2), its disp
 settings varied: ``gradient_step`` (None: ITK's bound of one field voxel per update) and ``across_levels``
 (``continue`` one field, or ``compose`` a new one per level). TRE over every landmark (mm), seconds of the whole
 registration, and each displacement level's iterations, stop and TRE.
+
+Part ``smoothing``. A study's exported best recipe (``--recipe``; default: ``tune3d.py``'s mmdef3d
+``[affine, displacement]`` study's best.yaml) with its displacement stage's update variance (``transform.
+variance_for_update_field``, in field voxels) replaced by each of 1, 3, 9, 16 and 32: what the field's smoothing is
+worth from the study's own best affine, so how far a study that misses it lands from it. TRE over every landmark
+(mm), seconds of the whole registration, and each displacement level's iterations and TRE.
 
 Results go to ``benchmarks/results/deformable3d.json``.
 """
@@ -32,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, stamp  # noqa: E402
 
 CASE = Path(__file__).resolve().parent / "data3d" / "mmdef3d"
+STUDY_BEST = RESULTS / "tune3d" / "mmdef3d-prune-affine-displacement" / "best.yaml"
+UPDATE_VARIANCES = (1.0, 3.0, 9.0, 16.0, 32.0)
 OUT = RESULTS / "deformable3d.json"
 
 
@@ -165,6 +173,49 @@ def levels_part(pair, threads: int) -> list[dict]:
     return rows
 
 
+def smoothing_part(pair, threads: int, recipe_file: Path) -> list[dict]:
+    from autoreg.recipe import load_recipe
+    from autoreg.registration import register
+    from autoreg.scoring import transform_points, tre_stats
+
+    recipe = load_recipe(recipe_file)
+    index = next(i for i, s in enumerate(recipe.stages) if s.transform.kind == "displacement")
+    own = recipe.stages[index].transform.variance_for_update_field
+    print(f"# deformable3d smoothing: {recipe_file}, {threads} threads ({stamp()}, {machine()})")
+    print("| update variance | TRE mm | s | per level: iterations, TRE |")
+    print("|---:|---:|---:|---|")
+    rows = []
+    for variance in sorted({own, *UPDATE_VARIANCES}):
+        field = recipe.stages[index]
+        field = field.model_copy(
+            update={"transform": field.transform.model_copy(update={"variance_for_update_field": variance})}
+        )
+        stages = [*recipe.stages[:index], field, *recipe.stages[index + 1 :]]
+        levels: list = []
+        t0 = time.perf_counter()
+        result = register(
+            recipe.with_(stages=stages, threads=threads),
+            pair,
+            level_callback=lambda rec, get: levels.append(rec),  # noqa: B023
+        )
+        wall = time.perf_counter() - t0
+        tre = tre_stats(transform_points(result.transform, pair.fixed_points) - pair.moving_points, pair.fixed).mean
+        per_level = [(r.iterations, r.tre_mean) for r in levels if r.stage == index]
+        rows.append(
+            {
+                "variance_for_update_field": variance,
+                "own": variance == own,
+                "tre": tre,
+                "seconds": wall,
+                "levels": per_level,
+            }
+        )
+        shown = "; ".join(f"{i}, {t:.2f}" for i, t in per_level)
+        mark = " (the recipe's)" if variance == own else ""
+        print(f"| {variance:g}{mark} | {tre:.3f} | {wall:.1f} | {shown} |", flush=True)
+    return rows
+
+
 def cost_part(pair, threads: int) -> list[dict]:
     voxels = pair.fixed.GetNumberOfPixels()
     cases = [
@@ -202,7 +253,10 @@ def cost_part(pair, threads: int) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--part", choices=("cost", "levels"), default=None, help="one part only (default: both)")
+    parser.add_argument(
+        "--part", choices=("cost", "levels", "smoothing"), default=None, help="one part only (default: all)"
+    )
+    parser.add_argument("--recipe", type=Path, default=STUDY_BEST, help="part smoothing: the recipe whose field varies")
     args = parser.parse_args()
     if not (CASE / "pair.yaml").is_file():
         print(f"{CASE} is missing: run python benchmarks/make_3d_set.py --only mmdef3d first")
@@ -210,9 +264,19 @@ def main() -> int:
     from autoreg.config import load_config
     from autoreg.pipeline import Pipeline
 
-    pair = Pipeline(load_config(CASE / "pair.yaml")).pairs[0]
+    pair = Pipeline(load_config(CASE / "pair.yaml")).all_landmark_pairs[0]  # every landmark, not the selection
     saved = json.loads(OUT.read_text()) if OUT.exists() else {}
-    for part, run in (("levels", levels_part), ("cost", cost_part)):
+    parts = {
+        "levels": levels_part,
+        "cost": cost_part,
+        "smoothing": lambda pair, threads: smoothing_part(pair, threads, args.recipe),
+    }
+    for part, run in parts.items():
+        if part == "smoothing" and not args.recipe.is_file():
+            print(
+                f"{args.recipe} is missing: run python benchmarks/tune3d.py --only mmdef3d --stages affine+displacement"
+            )
+            continue
         if args.part in (None, part):
             saved[part] = {
                 "threads": args.threads,

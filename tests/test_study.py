@@ -253,3 +253,63 @@ def test_only_suggested_trials_are_stopped_by_the_pruner() -> None:
         objective = SimpleNamespace(prune=prune)
         assert not any(Objective.prunable(objective, t) for t in queued)
         assert Objective.prunable(objective, suggested) is prune
+
+
+def test_from_the_first_third_every_other_suggestion_draws_only_the_field_on_the_best_linear_stages() -> None:
+    """A two-stage suggestion whose affine draw is poor ends before its field is seen; so from the first crossing
+    mark on, every other suggestion is queued with the best linear stages so far fixed (and their trial as donor),
+    and the sampler draws its first deformable stage alone. Queued points run first; a conditioned trial repeats
+    its donor's linear stages, so it never becomes a donor itself."""
+    from pathlib import Path
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from autoreg.config import PairSpec
+    from autoreg.data import PairData
+    from autoreg.fingerprint import fingerprint_dataset
+    from autoreg.space import SearchSpace
+    from autoreg.study import condition_on_best_linear, crossing_donor
+    from autoreg.synthetic import make_pair
+    from autoreg.trial import TrialRecord, linear_donor
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pair = make_pair((64, 64), transform="affine", seed=2, n_landmarks=8)
+    spec = PairSpec(name="syn", fixed=Path("fixed"), moving=Path("moving"))
+    fp = fingerprint_dataset([PairData(spec, pair.fixed, pair.moving, pair.fixed_points, pair.moving_points)])
+    space = SearchSpace(fingerprint=fp, stages=("affine", "deformable"))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def condition() -> int | None:
+        return condition_on_best_linear(study, space, study.get_trials(deepcopy=False), 9)
+
+    def finish(value: float) -> optuna.trial.FrozenTrial:
+        trial = study.ask()
+        space.suggest(trial, seed=trial.number)
+        study.tell(trial, value)
+        return study.trials[trial.number]
+
+    finish(3.0)
+    assert condition() is None  # 1 of 9 finished: not yet a third
+    best = finish(1.0)
+    finish(2.0)  # three finished: the mark; the trial to ask is number 3, odd: drawn whole
+    assert condition() is None
+    finish(2.5)
+    assert condition() == best.number  # number 4, even: conditioned on the best so far
+    assert condition() is None  # it waits to be asked: nothing more is queued
+    conditioned = finish(0.5)
+    assert linear_donor(conditioned) == best.number
+    assert TrialRecord.of(conditioned).origin == f"suggested, linear stages of trial {best.number}"
+    linear = {k: v for k, v in best.params.items() if not k.startswith("stage1.")}
+    assert linear and conditioned.params.items() >= linear.items()
+    assert any(k.startswith("stage1.") for k in conditioned.params)  # the field was drawn
+    # the conditioned trial scored best, but its linear stages are its donor's: the donor stays the donor
+    assert crossing_donor([TrialRecord.of(t) for t in study.trials], None).number == best.number
+    finish(1.5)  # number 5, odd
+    for role in ("default:displacement@1", "default:bspline@1"):
+        study.enqueue_trial({}, user_attrs={"role": role})
+    assert len(study.trials) % 2 == 0 and study.get_trials(states=(TrialState.WAITING,))
+    assert condition() is None  # queued points run first
+    finish(0.9)
+    finish(0.8)
+    assert condition() == best.number  # number 8

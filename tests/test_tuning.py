@@ -1020,16 +1020,17 @@ def test_check_refuses_overrides_that_would_fail_every_trial(tmp_path: Path) -> 
 
 
 def test_a_crossed_point_repeats_its_donor_s_linear_stages_exactly(tmp_path: Path) -> None:
-    """A default way crossed onto a trial registers with that trial's seed, so its linear stages end where the
-    donor's did (one thread: bit-identical), and the donor is the trial whose linear stages ended best."""
+    """A default way crossed onto a trial, and a suggestion conditioned on it, register with that trial's seed, so
+    their linear stages end where the donor's did (one thread: bit-identical), and the donor is the trial whose
+    linear stages ended best."""
 
     from autoreg.objective import RUNGS, report_step
-    from autoreg.trial import crossed_from
+    from autoreg.trial import crossed_from, linear_donor
 
     end_of_affine = report_step(0, 2, 0, len(RUNGS) - 1)
 
     def donor_of(t: FrozenTrial) -> FrozenTrial:
-        return trials[int(crossed_from(t.user_attrs["role"])[1])]
+        return trials[linear_donor(t)]
 
     def linear(t: FrozenTrial) -> list[tuple]:
         return [
@@ -1038,19 +1039,22 @@ def test_a_crossed_point_repeats_its_donor_s_linear_stages_exactly(tmp_path: Pat
 
     # one thread per trial: on more, ITK's Mattes metric sums in the order its threads arrive (benchmarks/threads.py)
     pair = write_study_files(tmp_path / "data", stages=("affine", "deformable"), extra={"deterministic": True})
-    run = tune(pair, tmp_path / "study", "--trials", 9, "--jobs", 1, "-q")
+    n_trials = 16  # 5 default points, 4 crossed at 5 finished, suggestions (10 conditioned), 4 crossed at 11
+    run = tune(pair, tmp_path / "study", "--trials", n_trials, "--jobs", 1, "-q")
     assert run.code == 0, run.err
     trials = {t.number: t for t in trials_of(tmp_path / "study")}
-    crossed = [t for t in trials.values() if crossed_from(t.user_attrs["role"])[1] is not None]
-    assert crossed, [t.user_attrs["role"] for t in trials.values()]
+    crossed = [t for t in trials.values() if crossed_from(t.user_attrs.get("role", ""))[1] is not None]
+    assert crossed, [t.user_attrs.get("role") for t in trials.values()]
+    conditioned = [t for t in trials.values() if "linear_from" in t.user_attrs]
+    assert conditioned and not any("role" in t.user_attrs for t in conditioned)  # suggested: prunable, priced
     first = min(t.number for t in crossed)
-    for t in crossed:
+    for t in crossed + conditioned:
         donor = donor_of(t)
         assert t.user_attrs["seed"] == donor.user_attrs["seed"]
         assert linear(t) == linear(donor)
         assert t.params.items() >= {k: v for k, v in donor.params.items() if k.startswith("stage0.")}.items()
-    # the first donor, chosen once a third of the 9 had finished: of those 3, the one whose affine ended lowest
+    # the first donor, chosen once a third of the trials had finished: of those, the one whose affine ended lowest
     donor = donor_of(trials[first])
     by_end = sorted((t for t in trials.values() if t.datetime_complete), key=lambda t: t.datetime_complete)
-    before = [t for t in by_end[:3] if t.params and end_of_affine in t.intermediate_values]
+    before = [t for t in by_end[: round(n_trials / 3)] if t.params and end_of_affine in t.intermediate_values]
     assert donor.intermediate_values[end_of_affine] == min(t.intermediate_values[end_of_affine] for t in before)

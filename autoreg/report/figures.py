@@ -56,7 +56,7 @@ def _seconds(v: float | None) -> str:
 
 def trial_hover(t: TrialRecord) -> str:
     """A trial's hover text: its role, and its measured and predicted cost where recorded."""
-    parts = [f"trial {t.number} ({t.role})"]
+    parts = [f"trial {t.number} ({t.origin})"]
     if t.runtime_s is not None or t.predicted_s is not None or t.time_limit_s is not None:
         parts.append(
             f"runtime {_seconds(t.runtime_s)}, predicted {_seconds(t.predicted_s)}, limit {_seconds(t.time_limit_s)}"

@@ -77,7 +77,7 @@ def summary_cards(data: ReportData) -> list[Card]:
     b, best = data.baseline, data.best
     unit = f" {data.objective_unit}" if data.objective_unit else ""
     if best is not None:
-        cards.append(Card(f"best {data.objective}", fmt(best.value) + unit, f"trial {best.number} ({best.role})"))
+        cards.append(Card(f"best {data.objective}", fmt(best.value) + unit, f"trial {best.number} ({best.origin})"))
     if b is not None:
         cards.append(
             Card(
@@ -113,7 +113,7 @@ def trial_table(data: ReportData) -> tuple[list[str], list[list[Any]]]:
     extra = [f for f in TRIAL_COST_FIELDS if any(getattr(t, f) is not None for t in data.trials)]
     header = ["trial", "state", "role", data.objective_label, *extra, "reason"]
     rows = [
-        [t.number, t.state.lower(), t.role, t.value, *(getattr(t, f) for f in extra), t.reason or ""]
+        [t.number, t.state.lower(), t.origin, t.value, *(getattr(t, f) for f in extra), t.reason or ""]
         for t in data.trials
     ]
     return header, rows

@@ -53,6 +53,9 @@ MAX_LEVELS = 5
 MAX_SAMPLES = 250_000
 #: The finest level a displacement field's pyramid may stop at (1: full resolution).
 FINEST_SHRINKS = (1, 2)
+#: The most a displacement field's updates are smoothed (Gaussian variance in field voxels; ANTs' default is 3):
+#: from the landmarks' affine, 9 ended below 3 on the histology pairs (``benchmarks/landmark_floor.py``).
+UPDATE_VARIANCE_MAX = 16.0
 MIN_CONTROL_POINT_VOXELS = 4
 #: ITKv4's BSpline Jacobian is dense: each sample costs ~30 ns per grid parameter per iteration. Grids stay below
 #: this many parameters (32 cells a side in 2D, 12 in 3D) ...
@@ -299,9 +302,7 @@ class SearchSpace:
             not_demons = displacement + ((f"{s}.optimizer.demons", (False,)),)
             out += [
                 Dim(f"{s}.transform.grid_spacing", low=1.0, high=4.0, log=True, when=displacement),
-                # up to 16: from the landmarks' affine, 9 ended below ANTs' 3 on the histology pairs
-                # (benchmarks/landmark_floor.py)
-                Dim(f"{s}.transform.variance_for_update_field", low=0.0, high=16.0, when=displacement),
+                Dim(f"{s}.transform.variance_for_update_field", low=0.0, high=UPDATE_VARIANCE_MAX, when=displacement),
                 Dim(f"{s}.transform.variance_for_total_field", low=0.0, high=3.0, when=displacement),
                 # ANTs SyN's pyramid ends at half resolution (40x20x0 iterations): from the landmarks' affine, as good a
                 # field on histology at a third of the seconds (benchmarks/landmark_floor.py)
@@ -569,7 +570,8 @@ class SearchSpace:
     def default_points(self) -> list[tuple[str, dict[str, Any]]]:
         """The default recipe as points of the space, role -> params: one per way its first ``deformable`` or
         ``displacement`` stage may go (bspline, a field by gradient descent after ANTs SyN's defaults with its levels
-        composed and its total smoothed, the same by SyN's symmetric scheme, a field by Demons).
+        composed and its total smoothed, the same with its updates smoothed the most the search allows, the first by
+        SyN's symmetric scheme, a field by Demons).
 
         The baseline runs as it is and teaches the sampler nothing; its points do, and each way is tried once before
         TPE narrows (in a 60-trial study of ratkidney without them, TPE never came near the default; on ki67, a study
@@ -583,6 +585,8 @@ class SearchSpace:
                 "displacement": self.affordable(default_field_stage(self.dim)),
             }
             ways = {kind: first[kind] for kind in DEFORMABLE_KINDS if kind in choices}
+            if "displacement" in ways and (smooth := self._smoothest_field(index, ways["displacement"])) is not None:
+                ways["smooth"] = smooth
             if "displacement" in ways and True in self._possible(f"stage{index}.transform.symmetric"):
                 ways["symmetric"] = self.affordable(ants_syn_stage(self.dim))
             if "displacement" in ways and True in self._possible(f"stage{index}.optimizer.demons"):
@@ -597,6 +601,25 @@ class SearchSpace:
             role = DEFAULT_POINT if len(ways) == 1 else f"{DEFAULT_POINT}:{name}"
             out.append((role, self.point_of(Recipe(stages=tuple(stages)))))
         return out
+
+    def _smoothest_field(self, index: int, field: Stage) -> Stage | None:
+        """The default field with its update smoothing at the top of the range searched (None where that is no
+        smoother): the best smoothing of a field depends on the deformation, not on the images' size or spacing, and
+        TPE narrows around the points it is shown, so it is shown both ends. From a study's own best affine, the default
+        field ended at 0.53 mm with ANTs' variance 3 and at 0.29 with 16 on mmdef3d (a smooth synthetic field), and at
+        3.12 against 3.30 mm on afids (``benchmarks/deformable3d.py --part smoothing``)."""
+        top = self._high(f"stage{index}.transform.variance_for_update_field")
+        if top is None or top <= field.transform.variance_for_update_field:
+            return None
+        transform = field.transform.model_copy(update={"variance_for_update_field": top})
+        return field.model_copy(update={"transform": transform})
+
+    def _high(self, name: str) -> float | None:
+        """The top of a numeric parameter's searched range, overrides applied (None where it is not searched)."""
+        d, ov = self._dims.get(name), self.overrides.get(name)
+        if d is None or d.high is None or (ov is not None and (ov.drop or ov.fixed or ov.choices is not None)):
+            return None
+        return float(ov.high if ov is not None and ov.high is not None else d.high)
 
     def crossed_points(self, params: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         """Each default way of the first deformable stage on the other stages of ``params`` (a finished trial's

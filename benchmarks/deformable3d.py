@@ -2,7 +2,8 @@
 displacement field needs to be.
 
     python benchmarks/make_3d_set.py --only mmdef3d      # once, if benchmarks/data3d/mmdef3d is missing
-    python benchmarks/deformable3d.py [--threads 2] [--part cost|levels|smoothing] [--recipe BEST.yaml]
+    python benchmarks/deformable3d.py [--threads 2] [--part cost|levels|smoothing] [--case mmdef3d|afids]
+                                      [--recipe BEST.yaml]
 
 Part ``cost``. On mmdef3d's full-resolution level (182 x 218 x 182 voxels), one deformable stage is run for 2 and for 12 gradient
 descent iterations (convergence checks off) at several sample counts and grid sizes; the difference over 10 is the
@@ -17,8 +18,8 @@ settings varied: ``gradient_step`` (None: ITK's bound of one field voxel per upd
 (``continue`` one field, or ``compose`` a new one per level). TRE over every landmark (mm), seconds of the whole
 registration, and each displacement level's iterations, stop and TRE.
 
-Part ``smoothing``. A study's exported best recipe (``--recipe``; default: ``tune3d.py``'s mmdef3d
-``[affine, displacement]`` study's best.yaml) with its displacement stage's update variance (``transform.
+Part ``smoothing``. A study's exported best recipe (``--recipe``; default: ``tune3d.py``'s ``[affine,
+displacement]`` study's best.yaml of ``--case``, mmdef3d unless named) with its displacement stage's update variance (``transform.
 variance_for_update_field``, in field voxels) replaced by each of 1, 3, 9, 16 and 32: what the field's smoothing is
 worth from the study's own best affine, so how far a study that misses it lands from it. TRE over every landmark
 (mm), seconds of the whole registration, and each displacement level's iterations and TRE.
@@ -37,8 +38,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, stamp  # noqa: E402
 
-CASE = Path(__file__).resolve().parent / "data3d" / "mmdef3d"
-STUDY_BEST = RESULTS / "tune3d" / "mmdef3d-prune-affine-displacement" / "best.yaml"
+DATA3D = Path(__file__).resolve().parent / "data3d"
+CASE = DATA3D / "mmdef3d"
 UPDATE_VARIANCES = (1.0, 3.0, 9.0, 16.0, 32.0)
 OUT = RESULTS / "deformable3d.json"
 
@@ -250,42 +251,50 @@ def cost_part(pair, threads: int) -> list[dict]:
     return rows
 
 
+def case_pair(folder: Path):
+    """A 3D case's pair with every landmark (not a study's selection set)."""
+    from autoreg.config import load_config
+    from autoreg.pipeline import Pipeline
+
+    return Pipeline(load_config(folder / "pair.yaml")).all_landmark_pairs[0]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--part", choices=("cost", "levels", "smoothing"), default=None, help="one part only (default: all)"
     )
-    parser.add_argument("--recipe", type=Path, default=STUDY_BEST, help="part smoothing: the recipe whose field varies")
+    parser.add_argument("--case", choices=("mmdef3d", "afids"), default="mmdef3d", help="part smoothing: the 3D case")
+    parser.add_argument("--recipe", type=Path, default=None, help="part smoothing: the recipe whose field varies")
     args = parser.parse_args()
-    if not (CASE / "pair.yaml").is_file():
-        print(f"{CASE} is missing: run python benchmarks/make_3d_set.py --only mmdef3d first")
-        return 0
-    from autoreg.config import load_config
-    from autoreg.pipeline import Pipeline
-
-    pair = Pipeline(load_config(CASE / "pair.yaml")).all_landmark_pairs[0]  # every landmark, not the selection
+    recipe = args.recipe or RESULTS / "tune3d" / f"{args.case}-prune-affine-displacement" / "best.yaml"
     saved = json.loads(OUT.read_text()) if OUT.exists() else {}
     parts = {
-        "levels": levels_part,
-        "cost": cost_part,
-        "smoothing": lambda pair, threads: smoothing_part(pair, threads, args.recipe),
+        "levels": lambda threads: levels_part(case_pair(CASE), threads),
+        "cost": lambda threads: cost_part(case_pair(CASE), threads),
+        "smoothing": lambda threads: smoothing_part(case_pair(DATA3D / args.case), threads, recipe),
     }
     for part, run in parts.items():
-        if part == "smoothing" and not args.recipe.is_file():
+        if args.part not in (None, part):
+            continue
+        case = DATA3D / args.case if part == "smoothing" else CASE
+        if not (case / "pair.yaml").is_file():
+            print(f"{case} is missing: run python benchmarks/make_3d_set.py --only {case.name} first")
+            continue
+        if part == "smoothing" and not recipe.is_file():
             print(
-                f"{args.recipe} is missing: run python benchmarks/tune3d.py --only mmdef3d --stages affine+displacement"
+                f"{recipe} is missing: run python benchmarks/tune3d.py --only {args.case} --stages affine+displacement"
             )
             continue
-        if args.part in (None, part):
-            saved[part] = {
-                "threads": args.threads,
-                "machine": machine(),
-                "stamp": stamp(),
-                "rows": run(pair, args.threads),
-            }
-            OUT.parent.mkdir(parents=True, exist_ok=True)
-            OUT.write_text(json.dumps(saved, indent=2))
+        saved[part if part != "smoothing" else f"smoothing-{args.case}"] = {
+            "threads": args.threads,
+            "machine": machine(),
+            "stamp": stamp(),
+            "rows": run(args.threads),
+        }
+        OUT.parent.mkdir(parents=True, exist_ok=True)
+        OUT.write_text(json.dumps(saved, indent=2))
     return 0
 
 

@@ -35,6 +35,7 @@ from autoreg.space import (
     MAX_SAMPLE_PARAMETERS,
     MAX_SAMPLES,
     MIN_CONTROL_POINT_VOXELS,
+    UPDATE_VARIANCE_MAX,
     SearchSpace,
     shrink_schedule,
 )
@@ -423,7 +424,13 @@ def test_a_study_without_a_deformable_choice_has_one_default_point(stages: tuple
 def test_a_deformable_stage_has_a_default_point_per_way() -> None:
     space = SearchSpace(fingerprint=FINGERPRINTS["2d-512x384"](), stages=("affine", "deformable"))
     points = dict(space.default_points())
-    assert list(points) == ["default:bspline", "default:displacement", "default:symmetric", "default:demons"]
+    assert list(points) == [
+        "default:bspline",
+        "default:displacement",
+        "default:smooth",
+        "default:symmetric",
+        "default:demons",
+    ]
     bspline = _drawn_from(space, points["default:bspline"])
     assert bspline.kinds == ("affine", "bspline") and bspline.stages[1].optimizer.kind == "lbfgsb"
     assert bspline.stages[1].transform.control_point_spacing == pytest.approx(384 / 8)
@@ -442,6 +449,12 @@ def test_a_deformable_stage_has_a_default_point_per_way() -> None:
     assert (
         field.stages[1].transform.variance_for_total_field > 0 == ants_field_stage(2).transform.variance_for_total_field
     )
+    # the same field with its updates smoothed the most the search allows: TPE is shown both ends of that range
+    smooth = _drawn_from(space, points["default:smooth"])
+    assert smooth.stages[1].transform == field.stages[1].transform.model_copy(
+        update={"variance_for_update_field": UPDATE_VARIANCE_MAX}
+    )
+    assert recipe_to_dict(smooth)["stages"][1]["optimizer"] == recipe_to_dict(field)["stages"][1]["optimizer"]
     # SyN's scheme on the same defaults, its total field smoothed (SyN's own, unsmoothed, folds)
     syn = _drawn_from(space, points["default:symmetric"])
     assert syn.stages[1].transform == ants_syn_stage(2).transform
@@ -455,8 +468,18 @@ def test_a_deformable_stage_has_a_default_point_per_way() -> None:
     assert recipe_to_dict(demons)["stages"][0] == recipe_to_dict(field)["stages"][0]
     # a displacement stage: gradient descent and Demons
     space = SearchSpace(fingerprint=FINGERPRINTS["2d-64"](), stages=("affine", "displacement"))
-    roles = ["default:displacement", "default:symmetric", "default:demons"]
+    roles = ["default:displacement", "default:smooth", "default:symmetric", "default:demons"]
     assert [role for role, _ in space.default_points()] == roles
+    # a narrowed range moves the smooth way's variance to its top; a range that cannot be smoother has no such way
+    for high, smooth in ((8.0, 8.0), (3.0, None), (2.0, None)):
+        narrowed = SearchSpace(
+            fingerprint=FINGERPRINTS["2d-64"](),
+            stages=("affine", "displacement"),
+            overrides={"stage1.transform.variance_for_update_field": SearchOverride(low=0.0, high=high)},
+        )
+        points = dict(narrowed.default_points())
+        got = points.get("default:smooth", {}).get("stage1.transform.variance_for_update_field")
+        assert got == smooth, (high, list(points))
 
 
 def test_crossed_points_put_each_default_way_on_a_trial_s_linear_stages() -> None:
@@ -487,6 +510,7 @@ def test_default_points_leave_out_what_the_overrides_rule_out() -> None:
         "stage1.transform.kind": SearchOverride(choices=("displacement",)),
         "stage1.optimizer.demons": SearchOverride(value=False, fixed=True),
         "stage1.transform.symmetric": SearchOverride(value=False, fixed=True),
+        "stage1.transform.variance_for_update_field": SearchOverride(value=3.0, fixed=True),
         "stage0.optimizer.number_of_iterations": SearchOverride(low=20, high=50),
         "stage0.metric.kind": SearchOverride(value="correlation", fixed=True),
     }

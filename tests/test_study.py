@@ -170,7 +170,7 @@ def test_the_default_ways_run_again_on_the_best_suggested_linear_stages_at_each_
     assert cross() == []  # a third, but no suggested trial has finished: the default points' affine is the default
     best = finish(3.0)  # the best suggested trial, though the default point scores better
     ways = [role for role, _ in space.default_points() if role != "default:demons"]
-    assert len(ways) == 3
+    assert len(ways) == 4
     assert cross() == [f"{role}@{best}" for role in ways]
     assert cross() == []  # once per third
     waiting = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.WAITING]
@@ -180,13 +180,13 @@ def test_the_default_ways_run_again_on_the_best_suggested_linear_stages_at_each_
         fixed = t.system_attrs["fixed_params"]
         assert {k: v for k, v in fixed.items() if not k.startswith("stage1.")} == linear
         assert fixed["stage1.transform.kind"] in ("bspline", "displacement")
-    for value in (0.9, 0.8, 0.7):
+    for value in (0.9, 0.8, 0.7, 0.6):
         finish(value)  # the queued points run
     finish(4.0)
     assert cross() == []  # two thirds finished, but the best suggested trial is the one already crossed
     newer = finish(0.1)
     assert cross() == [f"{role}@{newer}" for role in ways]
-    for value in (0.9, 0.8, 0.7):
+    for value in (0.9, 0.8, 0.7, 0.6):
         finish(value)
     finish(0.05)
     assert cross() == []  # both thirds spent

@@ -1039,7 +1039,7 @@ def test_a_crossed_point_repeats_its_donor_s_linear_stages_exactly(tmp_path: Pat
 
     # one thread per trial: on more, ITK's Mattes metric sums in the order its threads arrive (benchmarks/threads.py)
     pair = write_study_files(tmp_path / "data", stages=("affine", "deformable"), extra={"deterministic": True})
-    n_trials = 16  # 5 default points, 4 crossed at 5 finished, suggestions (10 conditioned), 4 crossed at 11
+    n_trials = 20  # baseline and 5 default points, 1 suggestion, 5 crossed at 7 finished, 12 conditioned, ...
     run = tune(pair, tmp_path / "study", "--trials", n_trials, "--jobs", 1, "-q")
     assert run.code == 0, run.err
     trials = {t.number: t for t in trials_of(tmp_path / "study")}

@@ -644,8 +644,8 @@ def cross_defaults_if_due(
     linear stages so far (``crossing_donor``, ``SearchSpace.crossed_points``); returns the roles queued.
 
     The default points run on the SimpleITK default affine, 19-73 px off on three of the four histology pairs, so a
-    way's default met a good affine only by chance; crossed onto the best linear stages, the ways won 23 of 24
-    60-trial histology studies of six runs, with sums over the pairs of 28.5-30.6 px against 31.1-35.6 without
+    way's default met a good affine only by chance; crossed onto the best linear stages, the ways won 30 of 32
+    60-trial histology studies of eight runs, with sums over the pairs of 28.5-30.6 px against 31.1-35.6 without
     crossing (``benchmarks/deformable.py``)."""
     if space.first_deformable() is None:
         return []

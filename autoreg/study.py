@@ -829,6 +829,8 @@ def fail_trials(study: optuna.Study, trials: list[FrozenTrial], *, reason: str |
             again_attrs = attrs(recipe=t.recipe, role=t.role)
         else:
             again_attrs = attrs(role=t.role) if t.role != SUGGESTED else {}
+            if t.linear_from is not None:  # a conditioned suggestion: its donor's seed, so its linear stages again
+                again_attrs["linear_from"] = t.linear_from
         # a queued point whose worker died before suggesting it has its values only as Optuna's fixed params
         params = {**frozen.system_attrs.get("fixed_params", {}), **t.params}
         study.enqueue_trial(params, user_attrs=attrs(**again_attrs, retry_of=t.number))

@@ -96,11 +96,18 @@ def test_a_trial_whose_worker_died_before_naming_itself_is_retried_by_the_next_a
 
 @pytest.mark.parametrize(
     "role, runs_as_is",
-    [("baseline", True), ("user:mine.yaml", True), ("default:bspline", False), ("warm:a.yaml", False)],
+    [
+        ("baseline", True),
+        ("user:mine.yaml", True),
+        ("default:bspline", False),
+        ("warm:a.yaml", False),
+        ("linear_from", False),
+    ],
 )
 def test_a_dead_worker_s_retry_runs_what_the_trial_ran(role: str, runs_as_is: bool) -> None:
     """A recipe run as it is is retried as it is; a point of the space (a default point, a warm start) is retried as
-    that point, so that the sampler sees it, and keeps its role, so that a resumed study does not queue it again."""
+    that point, so that the sampler sees it, and keeps its role, so that a resumed study does not queue it again; a
+    suggestion conditioned on another trial's linear stages keeps that donor (and so its seed)."""
     import optuna
     from optuna.trial import TrialState
 
@@ -110,14 +117,16 @@ def test_a_dead_worker_s_retry_runs_what_the_trial_ran(role: str, runs_as_is: bo
     study = optuna.create_study()
     recipe = {"autoreg_recipe": 2, "stages": []}
     params = {} if runs_as_is else {"x": 0.25}
-    study.enqueue_trial(params, user_attrs={"role": role, **({"recipe": recipe} if runs_as_is else {})})
+    user_attrs = {"linear_from": 7} if role == "linear_from" else {"role": role}
+    study.enqueue_trial(params, user_attrs={**user_attrs, **({"recipe": recipe} if runs_as_is else {})})
     first = study.ask()
     if not runs_as_is:
         first.suggest_float("x", 0, 1)
     first.set_user_attr("worker", "no-such-host-ever:1")
     assert reap_stale_trials(study, alone=True) == [first.number]
     [retry] = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.WAITING]
-    assert retry.user_attrs["role"] == role and retry.user_attrs["retry_of"] == first.number
+    assert {k: v for k, v in retry.user_attrs.items() if k not in ("retry_of", "recipe")} == user_attrs
+    assert retry.user_attrs["retry_of"] == first.number
     assert ("recipe" in retry.user_attrs) == runs_as_is
     again = study.ask()
     assert again.number == retry.number

@@ -35,9 +35,13 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         pass
-    if Path("/proc/self").is_dir():
-        return False
-    try:  # no /proc (macOS, BSD): a zombie still answers, so the wait may run to its end
+    # no /proc (macOS, BSD): a zombie still answers, so the wait may run to its end
+    return not Path("/proc/self").is_dir() and pid_alive(pid)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine with this pid exists."""
+    try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False

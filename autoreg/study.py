@@ -36,6 +36,7 @@ from .config import StudyConfig
 from .cost import CostModel
 from .errors import UserError, excerpt
 from .objective import RUNGS
+from .processes import pid_alive
 from .recipe import recipe_to_dict
 from .space import SearchSpace
 from .trial import (
@@ -753,17 +754,6 @@ def load_existing(cfg: StudyConfig, spec: StorageSpec) -> optuna.Study:
         raise UserError(f"no study named '{cfg.name}' in {spec.display}", file=cfg.path, key="name") from None
     check_identity(study, cfg)
     return study
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process of this machine with this pid exists."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def reap_stale_trials(study: optuna.Study, *, live_pids: set[int] = frozenset(), alone: bool = False) -> list[int]:

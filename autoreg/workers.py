@@ -29,6 +29,7 @@ from .artifacts import ArtifactRecorder
 from .config import StudyConfig
 from .objective import Budget, Objective
 from .pipeline import Pipeline
+from .processes import pid_alive
 from .space import SearchSpace
 from .study import (
     StorageSpec,
@@ -39,7 +40,6 @@ from .study import (
     make_pruner,
     make_sampler,
     open_storage,
-    pid_alive,
     storage_errors,
 )
 from .trial import not_run_numbers

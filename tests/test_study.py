@@ -134,20 +134,16 @@ def test_a_dead_worker_s_retry_runs_what_the_trial_ran(role: str, runs_as_is: bo
         assert again.suggest_float("x", 0, 1) == 0.25
 
 
-def test_the_default_ways_run_again_on_the_best_suggested_linear_stages_at_each_third() -> None:
-    """The default points ran on the default affine; once a third of the budget has finished, each default way is
-    queued on the best suggested trial's linear stages (where no level was reported: several pairs), once per third
-    and never twice for one trial."""
+def _two_stage_study():
+    """An ``[affine, deformable]`` space of a small synthetic pair, and an empty study drawing it at random."""
     from pathlib import Path
 
     import optuna
-    from optuna.trial import TrialState
 
     from autoreg.config import PairSpec
     from autoreg.data import PairData
     from autoreg.fingerprint import fingerprint_dataset
     from autoreg.space import SearchSpace
-    from autoreg.study import cross_defaults_if_due
     from autoreg.synthetic import make_pair
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -155,7 +151,18 @@ def test_the_default_ways_run_again_on_the_best_suggested_linear_stages_at_each_
     spec = PairSpec(name="syn", fixed=Path("fixed"), moving=Path("moving"))
     fp = fingerprint_dataset([PairData(spec, pair.fixed, pair.moving, pair.fixed_points, pair.moving_points)])
     space = SearchSpace(fingerprint=fp, stages=("affine", "deformable"))
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    return space, optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+
+
+def test_the_default_ways_run_again_on_the_best_suggested_linear_stages_at_each_third() -> None:
+    """The default points ran on the default affine; once a third of the budget has finished, each default way is
+    queued on the best suggested trial's linear stages (where no level was reported: several pairs), once per third
+    and never twice for one trial."""
+    from optuna.trial import TrialState
+
+    from autoreg.study import cross_defaults_if_due
+
+    space, study = _two_stage_study()
 
     def finish(value: float, role: str | None = None) -> int:
         trial = study.ask()
@@ -269,25 +276,13 @@ def test_from_the_first_third_every_other_suggestion_draws_only_the_field_on_the
     mark on, every other suggestion is queued with the best linear stages so far fixed (and their trial as donor),
     and the sampler draws its first deformable stage alone. Queued points run first; a conditioned trial repeats
     its donor's linear stages, so it never becomes a donor itself."""
-    from pathlib import Path
-
     import optuna
     from optuna.trial import TrialState
 
-    from autoreg.config import PairSpec
-    from autoreg.data import PairData
-    from autoreg.fingerprint import fingerprint_dataset
-    from autoreg.space import SearchSpace
     from autoreg.study import condition_on_best_linear, crossing_donor
-    from autoreg.synthetic import make_pair
     from autoreg.trial import TrialRecord, linear_donor
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    pair = make_pair((64, 64), transform="affine", seed=2, n_landmarks=8)
-    spec = PairSpec(name="syn", fixed=Path("fixed"), moving=Path("moving"))
-    fp = fingerprint_dataset([PairData(spec, pair.fixed, pair.moving, pair.fixed_points, pair.moving_points)])
-    space = SearchSpace(fingerprint=fp, stages=("affine", "deformable"))
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    space, study = _two_stage_study()
 
     def condition() -> int | None:
         return condition_on_best_linear(study, space, study.get_trials(deepcopy=False), 9)

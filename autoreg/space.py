@@ -345,8 +345,7 @@ class SearchSpace:
         if d.choices is not None or (ov is not None and ov.choices is not None):
             choices = ov.choices if ov is not None and ov.choices is not None else d.choices
             return trial.suggest_categorical(name, list(choices))
-        low = ov.low if ov is not None and ov.low is not None else d.low
-        high = ov.high if ov is not None and ov.high is not None else d.high
+        low, high = self._bounds(name)
         log = ov.log if ov is not None and ov.log is not None else d.log
         if d.integer:
             return trial.suggest_int(name, int(low), int(high), log=log)
@@ -619,7 +618,14 @@ class SearchSpace:
         d, ov = self._dims.get(name), self.overrides.get(name)
         if d is None or d.high is None or (ov is not None and (ov.drop or ov.fixed or ov.choices is not None)):
             return None
-        return float(ov.high if ov is not None and ov.high is not None else d.high)
+        return float(self._bounds(name)[1])
+
+    def _bounds(self, name: str) -> tuple[Any, Any]:
+        """A numeric parameter's (low, high): an override's where it narrows them, else the dimension's."""
+        d, ov = self._dims[name], self.overrides.get(name)
+        low = ov.low if ov is not None and ov.low is not None else d.low
+        high = ov.high if ov is not None and ov.high is not None else d.high
+        return low, high
 
     def crossed_points(self, params: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         """Each default way of the first deformable stage on the other stages of ``params`` (a finished trial's

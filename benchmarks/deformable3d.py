@@ -19,9 +19,9 @@ settings varied: ``gradient_step`` (None: ITK's bound of one field voxel per upd
 registration, and each displacement level's iterations, stop and TRE.
 
 Part ``smoothing``. A study's exported best recipe (``--recipe``; default: ``tune3d.py``'s ``[affine,
-displacement]`` study's best.yaml of ``--case``, mmdef3d unless named) with its displacement stage's update variance (``transform.
-variance_for_update_field``, in field voxels) replaced by each of 1, 3, 9, 16 and 32: what the field's smoothing is
-worth from the study's own best affine, so how far a study that misses it lands from it. TRE over every landmark
+displacement]`` study's best.yaml of ``--case``, mmdef3d unless named) with its displacement stage's update
+variance (``transform.variance_for_update_field``, in field voxels) replaced by each of 1, 3, 9, 16 and 32: what
+the field's smoothing is worth from the study's own best affine, so how far a study that misses it lands from it. TRE over every landmark
 (mm), seconds of the whole registration, and each displacement level's iterations and TRE.
 
 Results go to ``benchmarks/results/deformable3d.json``.
@@ -122,10 +122,22 @@ def displacement(shrinks: list[int], step: float | None, across: str) -> dict:
     }
 
 
-def levels_part(pair, threads: int) -> list[dict]:
-    from autoreg.recipe import recipe_from_dict
+def scored_run(recipe, pair, stage: int) -> tuple[float, float, list[tuple[int, float]]]:
+    """One registration: its mean TRE over the pair's landmarks, its seconds, and (iterations, TRE) per level of
+    ``stage``."""
     from autoreg.registration import register
     from autoreg.scoring import transform_points, tre_stats
+
+    levels: list = []
+    t0 = time.perf_counter()
+    result = register(recipe, pair, level_callback=lambda rec, get: levels.append(rec))
+    wall = time.perf_counter() - t0
+    tre = tre_stats(transform_points(result.transform, pair.fixed_points) - pair.moving_points, pair.fixed).mean
+    return tre, wall, [(r.iterations, r.tre_mean) for r in levels if r.stage == stage]
+
+
+def levels_part(pair, threads: int) -> list[dict]:
+    from autoreg.recipe import recipe_from_dict
 
     cases = [
         ([4], None, "continue"),
@@ -149,12 +161,7 @@ def levels_part(pair, threads: int) -> list[dict]:
             "seed": 1,
             "stages": [AFFINE, displacement(shrinks, step, across)],
         }
-        levels: list = []
-        t0 = time.perf_counter()
-        result = register(recipe_from_dict(data), pair, level_callback=lambda rec, get: levels.append(rec))  # noqa: B023
-        wall = time.perf_counter() - t0
-        tre = tre_stats(transform_points(result.transform, pair.fixed_points) - pair.moving_points, pair.fixed).mean
-        per_level = [(r.iterations, r.tre_mean) for r in levels if r.stage == 1]
+        tre, wall, per_level = scored_run(recipe_from_dict(data), pair, stage=1)
         rows.append(
             {
                 "shrinks": shrinks,
@@ -176,8 +183,6 @@ def levels_part(pair, threads: int) -> list[dict]:
 
 def smoothing_part(pair, threads: int, recipe_file: Path) -> list[dict]:
     from autoreg.recipe import load_recipe
-    from autoreg.registration import register
-    from autoreg.scoring import transform_points, tre_stats
 
     recipe = load_recipe(recipe_file)
     index = next(i for i, s in enumerate(recipe.stages) if s.transform.kind == "displacement")
@@ -192,16 +197,7 @@ def smoothing_part(pair, threads: int, recipe_file: Path) -> list[dict]:
             update={"transform": field.transform.model_copy(update={"variance_for_update_field": variance})}
         )
         stages = [*recipe.stages[:index], field, *recipe.stages[index + 1 :]]
-        levels: list = []
-        t0 = time.perf_counter()
-        result = register(
-            recipe.with_(stages=stages, threads=threads),
-            pair,
-            level_callback=lambda rec, get: levels.append(rec),  # noqa: B023
-        )
-        wall = time.perf_counter() - t0
-        tre = tre_stats(transform_points(result.transform, pair.fixed_points) - pair.moving_points, pair.fixed).mean
-        per_level = [(r.iterations, r.tre_mean) for r in levels if r.stage == index]
+        tre, wall, per_level = scored_run(recipe.with_(stages=stages, threads=threads), pair, stage=index)
         rows.append(
             {
                 "variance_for_update_field": variance,

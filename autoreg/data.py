@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .config import PairSpec
-from .errors import UserError
+from .errors import UserError, special_file
 from .landmarks import read_landmarks
 from .quiet import captured_stderr
 from .registration import as_scalar_float
@@ -97,6 +97,9 @@ def _read_any(path: Path, *, source: str, key: str) -> sitk.Image:
     """A file SimpleITK reads, or a folder holding one DICOM series, as a scalar float32 2D or 3D image."""
     if not path.exists():
         raise UserError(f"image file not found: {path}", file=source, key=key)
+    special = special_file(path)
+    if special:
+        raise UserError(f"{path} is {special}; expected an image file or a DICOM folder", file=source, key=key)
     if path.is_dir():
         image = _read_series(path, source=source, key=key)
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import reprlib
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,22 @@ def excerpt(value: Any, limit: int = EXCERPT_CHARS, *, quote: bool = True) -> st
 
 def _clamp(text: str, limit: int) -> str:
     return text if len(text) <= limit else f"{text[: limit // 2]} ... {text[-(limit // 2) :]}"
+
+
+def special_file(path: str | Path) -> str | None:
+    """What ``path`` is when it is a pipe, socket or device rather than a file or folder (reading one could block
+    forever or never end, like a FIFO without a writer or /dev/zero); None otherwise, or when it does not exist."""
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError:
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return None
 
 
 class UserError(Exception):

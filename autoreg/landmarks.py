@@ -32,10 +32,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from autoreg.errors import UserError
+from autoreg.errors import UserError, special_file
 
 __all__ = ["read_landmarks", "write_landmarks_csv"]
 
+#: Landmark files larger than this are refused before reading: a million 3D points in CSV take about 40 MB.
+MAX_LANDMARK_BYTES = 64_000_000
 #: Column order of a Slicer .fcsv file without a ``# columns =`` line (Slicer 4.6 and later).
 FCSV_DEFAULT_COLUMNS: tuple[str, ...] = (
     "id",
@@ -126,6 +128,14 @@ def _read_text(path: Path, key: str) -> str:
         )
     if path.is_dir():
         raise UserError("is a directory; expected a landmark file", file=path, key=key)
+    special = special_file(path)
+    if special:
+        raise UserError(f"is {special}; expected a landmark file", file=path, key=key)
+    size = path.stat().st_size
+    if size > MAX_LANDMARK_BYTES:
+        raise UserError(
+            f"is {size} bytes; expected a landmark file under {MAX_LANDMARK_BYTES} bytes", file=path, key=key
+        )
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError, excerpt
+from .errors import UserError, excerpt, special_file
 
 #: Larger files are refused unread: a PAIR.yaml or a recipe (with its provenance) is a few kB.
 MAX_BYTES = 2_000_000
@@ -142,6 +142,9 @@ def load_yaml_text(text: str, *, source: str | Path, what: str = "YAML") -> Any:
 def load_yaml_file(path: str | Path, *, what: str = "YAML", missing: str = "file not found") -> Any:
     """Read and parse a YAML file (size checked before reading); ``UserError`` for an unreadable file."""
     path = Path(path)
+    special = special_file(path)
+    if special:
+        raise UserError(f"is {special}; expected a {what} file", file=path)
     try:
         size = path.stat().st_size
         if path.is_file() and size > MAX_BYTES:

@@ -221,6 +221,10 @@ def _override(key: str, raw: Any, source: str) -> SearchOverride:
             raise UserError("low must not exceed high", file=source, key=f"search.{key}")
         return SearchOverride(low=raw.low, high=raw.high, log=raw.log)
     if isinstance(raw, list):
+        if not raw:
+            raise UserError(
+                "an empty list; expected at least one choice or value (or drop)", file=source, key=f"search.{key}"
+            )
         return SearchOverride(choices=tuple(raw))
     return SearchOverride(value=raw, fixed=True)
 

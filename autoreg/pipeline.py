@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import StudyConfig, load_config
-from .data import PairData, load_pair
+from .data import PairData, check_recipe_fits, load_pair
 from .errors import UserError
 from .fingerprint import DatasetFingerprint, fingerprint_dataset, provenance
 from .landmarks import MIN_LANDMARKS_TO_SPLIT, split_landmarks
@@ -49,6 +49,18 @@ def split_pair(pair: PairData, cfg: StudyConfig) -> PairData:
     )
 
 
+def _one_dimension(pairs: list[PairData], dim: int | None, cfg: StudyConfig) -> None:
+    """One recipe serves one dimension: a 3D pair in a study of 2D pairs (or the reverse) is a user error."""
+    for pair in pairs:
+        if dim is not None and pair.dim != dim:
+            raise UserError(
+                f"{pair.spec.fixed} is {pair.dim}D but the study's first pair is {dim}D; one study tunes one recipe, "
+                "for images of one dimension",
+                file=cfg.path,
+                key=pair.spec.key_of("fixed"),
+            )
+
+
 class Pipeline:
     """The chain for one PAIR.yaml; ``seed`` overrides the file's study seed (``tune --seed``)."""
 
@@ -61,8 +73,10 @@ class Pipeline:
 
     @cached_property
     def all_landmark_pairs(self) -> list[PairData]:
-        """The tuning pairs with every landmark (fingerprint, report pictures)."""
-        return [load_pair(p) for p in self.cfg.pairs]
+        """The tuning pairs with every landmark (fingerprint, report pictures), all of one dimension."""
+        pairs = [load_pair(p) for p in self.cfg.pairs]
+        _one_dimension(pairs, pairs[0].dim if pairs else None, self.cfg)
+        return pairs
 
     @cached_property
     def pairs(self) -> list[PairData]:
@@ -92,7 +106,9 @@ class Pipeline:
 
     @cached_property
     def holdout_pairs(self) -> list[PairData]:
-        return [load_pair(p) for p in self.cfg.holdout]
+        pairs = [load_pair(p) for p in self.cfg.holdout]
+        _one_dimension(pairs, self.all_landmark_pairs[0].dim if self.cfg.pairs else None, self.cfg)
+        return pairs
 
     @cached_property
     def fingerprint(self) -> DatasetFingerprint:
@@ -113,6 +129,7 @@ class Pipeline:
                     raise UserError(f"no recipe (*.yaml) in the folder {path}", file=self.cfg.path, key=key)
                 for file in files:
                     recipe = load_recipe(file)
+                    check_recipe_fits(recipe, self.all_landmark_pairs[:1], source=str(file))
                     if not fits_stages(recipe.kinds, self.cfg.stages):
                         raise UserError(
                             f"{file}: its stages {list(recipe.kinds)} do not fit the study's stages "

@@ -718,6 +718,7 @@ class SearchSpace:
                         file=self.source,
                         key=where,
                     )
+        self._check_fixed_shrink()
         try:  # field overrides must make a valid recipe
             self.suggest(_DefaultsTrial(self))
         except UserError as err:
@@ -741,6 +742,23 @@ class SearchSpace:
                     raise UserError(
                         f"{v!r} makes an invalid recipe ({err.detail})", file=self.source, key=f"search.{key}"
                     ) from None
+
+    def _check_fixed_shrink(self) -> None:
+        """A fixed pyramid must leave every level of the smallest fixed image an image ITK can smooth and sample."""
+        from .data import MIN_IMAGE_AXIS
+
+        shortest = min(min(p.fixed.size) for p in self.fingerprint.pairs)
+        for key, ov in self.overrides.items():
+            if not (key.endswith(".pyramid.shrink_factors") and ov.fixed and isinstance(ov.value, list)):
+                continue
+            numbers = [f for f in ov.value if isinstance(f, int) and not isinstance(f, bool)]
+            if numbers and shortest // max(numbers) < MIN_IMAGE_AXIS:
+                raise UserError(
+                    f"shrink factor {max(numbers)} leaves {shortest // max(numbers)} voxel(s) on the shortest axis "
+                    f"({shortest}) of the fixed images; expected at most {shortest // MIN_IMAGE_AXIS}",
+                    file=self.source,
+                    key=f"search.{key}",
+                )
 
     def _check_field_override(self, key: str, ov: SearchOverride) -> None:
         where = f"search.{key}"

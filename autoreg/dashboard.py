@@ -60,14 +60,15 @@ def make_dashboard_server(
     if not 0 < port < 65536:
         raise UserError(f"expected a port between 1 and 65535 (got {port})", key="--port")
     load_existing(cfg, spec)  # the study must exist: a typo must not start an empty dashboard
-    if host not in _LOCAL_HOSTS:
-        log.warning("serving on %s: anyone who can reach this address can read and change the study", host)
     app = wsgi(open_storage(spec), artifact_store=artifact_store(study_directory))
     log.info("artifacts from %s", artifact_dir(study_directory))
     try:
-        return make_server(
+        server = make_server(
             host, port, app, server_class=_Server6 if ":" in host else WSGIServer, handler_class=_Handler
         )
+        if host not in _LOCAL_HOSTS:  # said once the address is bound: an address that cannot be is one error line
+            log.warning("serving on %s: anyone who can reach this address can read and change the study", host)
+        return server
     except OSError as err:
         if err.errno == errno.EADDRINUSE:
             raise UserError(

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
+import re
 import secrets
 import socket
 import threading
@@ -44,8 +46,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .artifacts import ArtifactRecorder, artifact_store
-from .errors import UserError, excerpt
-from .study import INTERRUPTED, fail_trials, journal_lock, running_trials_of
+from .errors import UserError, excerpt, special_file
+from .study import INTERRUPTED, fail_trials, journal_lock, redact, running_trials_of
 from .tuning import TuneEvent
 from .workers import WorkerData, WorkerPlan, run_trials
 
@@ -215,24 +217,101 @@ def cluster_worker(plan: WorkerPlan, index: int, route: Route, data: WorkerData)
 # --- in the tune ----------------------------------------------------------------------------------------------
 
 
-def connect(address: str) -> Any:
-    """A client of the scheduler at ``address`` (``tcp://host:port``, or a scheduler file); one-line errors."""
+#: A scheduler address: ``[scheme://]host:port`` (a name, IPv4, or a bracketed IPv6 address), no user or password.
+_ADDRESS = re.compile(
+    r"^(?:(?P<scheme>[a-z][a-z0-9+.-]*)://)?(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})/?$"
+)
+#: A scheduler file larger than this is not one (Dask writes a few hundred bytes).
+_MAX_SCHEDULER_FILE = 1_000_000
+
+
+def scheduler_address(given: str) -> str:
+    """The scheduler address ``given``, or the one its scheduler file names, checked for form; one-line errors that
+    never quote a password."""
+    key = "--dask-scheduler"
+    shown = excerpt(redact(given), quote=False)
+    path = Path(given).expanduser()
+    if "://" not in given and (path.exists() or path.suffix == ".json" or os.sep in given):
+        if not path.is_file() or special_file(path):
+            raise UserError(
+                f"scheduler file {shown} not found (a file written by dask scheduler --scheduler-file)", key=key
+            )
+        try:
+            data = json.loads(path.read_bytes()[:_MAX_SCHEDULER_FILE])
+            address = data["address"]
+            if not isinstance(address, str):
+                raise TypeError(address)
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f'{shown} is not a Dask scheduler file (JSON with an "address")', key=key) from None
+    else:
+        address = given
+    match = _ADDRESS.match(address)
+    if match is None or not 0 < int(match["port"]) < 65536:
+        got = excerpt(redact(address), quote=False)
+        raise UserError(
+            f"expected a scheduler address such as tcp://10.0.0.5:8786, or a scheduler file (got {got})", key=key
+        )
+    return address
+
+
+def _greet(address: str) -> None:
+    """Ask ``address`` who it is before building a client: a client that fails to start leaves a half-built object
+    whose clean-up waits twice its timeout and prints a traceback; a plain request fails at once and cleanly."""
+    import asyncio
+
+    from distributed.core import rpc
+
+    async def identity() -> Any:
+        async with rpc(address, timeout=CONNECT_TIMEOUT_S) as scheduler:
+            return await asyncio.wait_for(scheduler.identity(), CONNECT_TIMEOUT_S)
+
+    match = _ADDRESS.match(address)
+    if match is not None and match["scheme"] in (None, "tcp", "tls"):  # refused at once, not after Dask's retries
+        try:
+            socket.create_connection((match["host"].strip("[]"), int(match["port"])), CONNECT_TIMEOUT_S).close()
+        except OSError as err:
+            reason = err.strerror or ("timed out" if isinstance(err, TimeoutError) else type(err).__name__)
+            raise UserError(
+                f"cannot reach the Dask scheduler at {excerpt(address, quote=False)} ({reason})", key="--dask-scheduler"
+            ) from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            answer = asyncio.run(identity())
+        why = None if isinstance(answer, dict) and answer.get("type") == "Scheduler" else "not a Dask scheduler"
+    except Exception as err:  # noqa: BLE001 - refused, timed out, or something that is not Dask answered
+        why = (
+            "timed out"
+            if isinstance(err, TimeoutError)
+            else str(err).strip().splitlines()[0]
+            if str(err).strip()
+            else type(err).__name__
+        )
+    if why:
+        raise UserError(
+            f"cannot reach the Dask scheduler at {excerpt(address, quote=False)} ({excerpt(why, 200, quote=False)})",
+            key="--dask-scheduler",
+        )
+
+
+def connect(given: str) -> Any:
+    """A client of the scheduler at ``given`` (``tcp://host:port``, or a scheduler file); one-line errors."""
     try:
         from distributed import Client
     except ImportError:
         raise UserError(
             "needs dask.distributed, which is not installed; pip install 'autoreg[dask]'", key="--dask-scheduler"
         ) from None
+    address = scheduler_address(given)
+    _greet(address)
     if not log.isEnabledFor(logging.INFO):  # without -v the tune says what went wrong in its own one line
         for name in ["distributed", *(n for n in logging.root.manager.loggerDict if n.startswith("distributed."))]:
             logging.getLogger(name).setLevel(logging.CRITICAL)  # Dask's config gives some their own levels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # version mismatches are the user's to see with -v
-            if Path(address).is_file():
-                return Client(scheduler_file=address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
             return Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
-    except Exception as err:  # noqa: BLE001 - refused, timed out, a bad address...
+    except Exception as err:  # noqa: BLE001 - something that answers, but not as a Dask scheduler
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
             f"cannot reach the Dask scheduler at {excerpt(address, quote=False)} ({excerpt(msg, 200, quote=False)})",

@@ -16,7 +16,7 @@ import SimpleITK as sitk
 
 from . import __version__
 from .config import SEED_LIMIT
-from .errors import RegistrationFailed, UserError, excerpt
+from .errors import RegistrationFailed, UserError, excerpt, special_file
 from .quiet import LIBRARY_LOG
 from .tuning import DEFAULT_TRIALS, MAX_JOBS, MAX_TRIALS
 
@@ -28,6 +28,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+#: What a shell reports for a command whose reader went away (``autoreg check ... | head -1``): 128 + SIGPIPE.
+EXIT_BROKEN_PIPE = 141
 
 log = logging.getLogger("autoreg")
 
@@ -305,7 +307,26 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if result.interrupted:
         _out("finished trials are kept; run the same command again to continue")
         return EXIT_INTERRUPTED
+    if best is None and snap.finished:
+        _err(f"registration failed: no trial of the study completed ({_why_none_completed(result.study)})")
+        return EXIT_FAILED
     return EXIT_OK
+
+
+def _why_none_completed(study) -> str:
+    """The commonest reasons the study's trials ended without a score, with their counts."""
+    from collections import Counter
+
+    from .trial import records
+
+    def reason(t) -> str:
+        if t.fail_reason:
+            return t.fail_reason
+        return f"pruned at {t.pruned_at.split(' (')[0]}" if t.pruned_at else "pruned"
+
+    ended = [t for t in records(study) if t.state in ("FAIL", "PRUNED")]
+    counts = Counter(reason(t) for t in ended)
+    return "; ".join(f"{why}: {n} of {len(ended)}" for why, n in counts.most_common(3))
 
 
 def _folding_summary(result: TuneResult, best: TrialRecord) -> None:
@@ -557,6 +578,18 @@ def _output_file(text: str) -> Path:
         raise argparse.ArgumentTypeError(
             f"expected a file in an existing folder; {excerpt(str(parent), quote=False)} is not a folder"
         )
+    special = special_file(path)
+    if special:
+        raise argparse.ArgumentTypeError(f"expected a file to write; {excerpt(text)} is {special}")
+    # written only at the end of the work: find out now whether it can be (a read-only folder, /proc...)
+    existed = path.exists()
+    try:
+        with path.open("a"):
+            pass
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot write {excerpt(text)} ({err.strerror})") from None
+    if not existed:
+        path.unlink(missing_ok=True)
     return path
 
 
@@ -725,7 +758,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=_whole(1, MAX_TRIALS), default=30, help="trials of each study (default 30)")
     p.add_argument("--jobs", type=_whole(1, MAX_JOBS), help="worker processes of each study (default 1)")
     p.add_argument("--seed", type=_whole(0, SEED_LIMIT - 1), default=0, help="fold assignment and study seed")
-    p.add_argument("--out", help="folder of the fold studies and crossval.json (default: beside the study)")
+    p.add_argument(
+        "--out", type=_folder, help="folder of the fold studies and crossval.json (default: beside the study)"
+    )
     p.add_argument("--no-own", action="store_true", help="skip tuning each pair alone (its own best, the reference)")
     p.add_argument("--json", type=_output_file, help="also write the results as JSON here")
     p.set_defaults(func=cmd_crossval)
@@ -802,6 +837,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             _err("interrupted")
             return EXIT_INTERRUPTED
+        except BrokenPipeError:
+            _stdout_gone()
+            return EXIT_BROKEN_PIPE
+        except OSError as err:  # the system refused a file or folder we were given (read-only, full, /proc...)
+            where = f"{excerpt(str(err.filename), quote=False)}: " if err.filename else ""
+            _err(f"error: {where}{err.strerror or err}")
+            return EXIT_USER_ERROR
+
+
+def _stdout_gone() -> None:
+    """Point stdout at /dev/null once its reader has gone, so that the interpreter's last flush says nothing."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError:
+        pass
 
 
 #: loky's resource tracker, started with the first worker pool, inherits this: after an interrupted tune leaves

@@ -417,7 +417,7 @@ def test_a_trial_timeout_prunes_trials_not_the_study(tmp_path: Path) -> None:
     """Time-limited trials are PRUNED (the sampler learns from them; it ignores FAILed ones), with the reason."""
     pair = write_study_files(tmp_path / "data", extra={"trial_timeout": 0.001})
     run = tune(pair, tmp_path / "study", "--trials", 3, "--jobs", 1, "-q")
-    assert run.code == 0, run.err
+    assert run.code == 1 and "no trial of the study completed (pruned at time limit 0.001 s: 3 of 3)" in run.err
     trials = trials_of(tmp_path / "study")
     assert len(trials) == 3
     assert all(t.state == TrialState.PRUNED for t in trials)

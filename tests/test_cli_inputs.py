@@ -1,0 +1,187 @@
+"""Inputs a sweep of every command found mishandled: each is one line on stderr and a non-zero exit, at once.
+
+Pipes and devices given as files (a hang or an endless read), outputs the system refuses, an empty choice list, a
+fixed pyramid finer than the images, pairs of two dimensions in one study, a study where nothing completed, a
+closed stdout, and scheduler addresses that are not one.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import quick_recipe
+
+from autoreg.recipe import save_recipe
+
+
+def _one_line(result, code: int, *fragments: str) -> str:
+    assert result.code == code, (result.code, result.out, result.err)
+    lines = result.err_lines
+    assert len(lines) == 1 and "Traceback" not in result.err, result.err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def _edit(path: Path, **changes) -> Path:
+    doc = yaml.safe_load(path.read_text())
+    doc.update(changes)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes need a POSIX system")
+@pytest.mark.parametrize("where", ["pair file", "image", "landmarks", "recipe"])
+def test_a_named_pipe_given_as_a_file_is_refused_without_reading_it(where, pair_yaml, run_cli, tmp_path) -> None:
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)  # no writer: opening it to read would wait forever
+    path = pair_yaml(stages=["rigid"])
+    if where == "pair file":
+        result = run_cli("check", pipe)
+    elif where == "image":
+        result = run_cli("check", _edit(path, fixed=str(pipe)))
+    elif where == "landmarks":
+        result = run_cli("check", _edit(path, landmarks={"fixed": str(pipe), "moving": str(pipe)}))
+    else:
+        result = run_cli(
+            "apply", pipe, "--fixed", path.parent / "fixed.png", "--moving", path.parent / "moving.png",
+            "--transform-out", tmp_path / "t.tfm",
+        )  # fmt: skip
+    _one_line(result, 2, "is a named pipe")
+
+
+def test_a_device_or_a_huge_file_as_landmarks_is_refused_before_reading(
+    pair_yaml, run_cli, tmp_path, monkeypatch
+) -> None:
+    path = pair_yaml(stages=["rigid"])
+    _one_line(run_cli("check", _edit(path, landmarks={"fixed": "/dev/zero", "moving": "/dev/zero"})), 2, "a device")
+    import autoreg.landmarks
+
+    big = tmp_path / "big.csv"
+    big.write_text("x,y\n" + "1,2\n" * 100)
+    monkeypatch.setattr(autoreg.landmarks, "MAX_LANDMARK_BYTES", 50)
+    _one_line(run_cli("check", _edit(path, landmarks={"fixed": str(big), "moving": str(big)})), 2, "under 50 bytes")
+
+
+def test_outputs_the_system_refuses_fail_before_any_work(pair_yaml, run_cli, tmp_path) -> None:
+    path = pair_yaml(stages=["rigid"])
+    recipe = tmp_path / "r.yaml"
+    save_recipe(quick_recipe(["rigid"], 2), recipe)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    t0 = time.perf_counter()
+    _one_line(run_cli("crossval", path, "--out", a_file), 2, "--out", "is a file")
+    _one_line(run_cli("crossval", path, "--out", "/dev/null"), 2, "--out")
+    if Path("/proc/self").is_dir():  # a folder where no file can be made
+        _one_line(run_cli("evaluate", recipe, path, "--json", "/proc/x.json"), 2, "--json", "cannot write")
+    assert time.perf_counter() - t0 < 30  # refused when the options are read, not after registering
+
+
+def test_an_empty_choice_list_names_its_key(pair_yaml, run_cli) -> None:
+    path = pair_yaml(stages=["affine"], extra={"search": {"stage0.sampling.strategy": []}})
+    _one_line(run_cli("check", path), 2, "search.stage0.sampling.strategy", "empty list")
+
+
+def test_a_fixed_pyramid_coarser_than_the_images_is_refused(pair_yaml, run_cli) -> None:
+    path = pair_yaml(stages=["affine"], extra={"search": {"stage0.pyramid.shrink_factors": [64, 32]}})
+    line = _one_line(run_cli("check", path), 2, "search.stage0.pyramid.shrink_factors", "shrink factor 64")
+    assert "at most 16" in line  # the synthetic 2D pair is 64 voxels across: 16 leaves 4
+    ok = pair_yaml(stages=["affine"], extra={"search": {"stage0.pyramid.shrink_factors": [16, 1]}})
+    assert run_cli("check", ok).code == 0
+
+
+def test_pairs_of_two_dimensions_in_one_study_are_refused(pair_yaml, run_cli, tmp_path) -> None:
+    two = pair_yaml(stages=["rigid"], folder="two")
+    three = pair_yaml(dim=3, stages=["rigid"], folder="three")
+    doc = {
+        "name": "mixed",
+        "pairs": [
+            {"name": "a", "fixed": str(two.parent / "fixed.png"), "moving": str(two.parent / "moving.png")},
+            {"name": "b", "fixed": str(three.parent / "fixed.nii.gz"), "moving": str(three.parent / "moving.nii.gz")},
+        ],
+        "stages": ["rigid"],
+    }
+    mixed = tmp_path / "mixed.yaml"
+    mixed.write_text(yaml.safe_dump(doc))
+    _one_line(run_cli("check", mixed), 2, "pairs[1].fixed", "is 3D but the study's first pair is 2D")
+    holdout = _edit(two, holdout=[doc["pairs"][1]])
+    _one_line(run_cli("check", holdout), 2, "holdout[0].fixed", "3D")
+
+
+def test_a_recipe_of_another_dimension_cannot_be_enqueued(pair_yaml, run_cli, tmp_path) -> None:
+    three = pair_yaml(dim=3, stages=["rigid"], folder="three")
+    tuned = tmp_path / "tuned3d.yaml"
+    assert run_cli("tune", three, "--trials", "1", "--jobs", "1", "-q").code == 0
+    assert run_cli("export", three, "-o", tuned).code == 0
+    two = pair_yaml(stages=["rigid"], folder="two", extra={"enqueue": [str(tuned)]})
+    _one_line(run_cli("check", two), 2, "tuned on 3D images")
+
+
+def test_a_tune_where_no_trial_completed_exits_1_with_the_reasons(pair_yaml, run_cli) -> None:
+    path = pair_yaml(stages=["rigid"], extra={"trial_timeout": 0.0001})
+    result = run_cli("tune", path, "--trials", "2", "--jobs", "1", "-q")
+    line = _one_line(result, 1, "no trial of the study completed", "time limit")
+    assert "2 of 2" in line
+    assert "best: no completed trial yet" in result.out
+
+
+def test_a_closed_stdout_ends_quietly(pair_yaml) -> None:
+    path = pair_yaml(stages=["rigid"])
+    code = f"import sys; from autoreg.cli import entry; sys.argv = ['autoreg', 'check', {str(path)!r}]; entry()"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # like `autoreg check PAIR.yaml | head -1`
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert "Traceback" not in err and err == "", err
+
+
+@pytest.mark.parametrize(
+    ("address", "fragment"),
+    [
+        ("bogus", "expected a scheduler address"),
+        ("tcp://127.0.0.1:99999", "expected a scheduler address"),
+        ("tcp://user:secret@127.0.0.1:8786", "tcp://user:***@127.0.0.1:8786"),
+        ("missing/scheduler.json", "scheduler file"),
+    ],
+)
+def test_a_scheduler_address_that_is_not_one_is_refused_at_once(address, fragment) -> None:
+    pytest.importorskip("distributed")
+    from autoreg.dask_cluster import connect
+    from autoreg.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        connect(address)
+    assert fragment in str(err.value) and "secret" not in str(err.value)
+
+
+def test_a_scheduler_file_that_is_not_one_and_a_closed_port(tmp_path) -> None:
+    pytest.importorskip("distributed")
+    import socket
+
+    from autoreg.dask_cluster import connect
+    from autoreg.errors import UserError
+
+    garbage = tmp_path / "scheduler.json"
+    garbage.write_bytes(b"\x00\xff not json")
+    with pytest.raises(UserError, match="not a Dask scheduler file"):
+        connect(str(garbage))
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match="cannot reach the Dask scheduler"):
+        connect(f"tcp://127.0.0.1:{port}")
+    assert time.perf_counter() - t0 < 10  # refused, not Dask's retries until its timeout
+
+
+def test_a_dashboard_host_that_cannot_be_bound_is_one_line(pair_yaml, run_cli) -> None:
+    path = pair_yaml(stages=["rigid"])
+    assert run_cli("tune", path, "--trials", "1", "--jobs", "1", "-q").code == 0
+    _one_line(run_cli("dashboard", path, "--host", "999.1.1.1", "--port", "18091"), 2, "--host", "cannot listen")

@@ -142,7 +142,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
         recipe = recipe.with_(threads=args.threads)
     if bool(args.fixed_landmarks) != bool(args.moving_landmarks):
         raise UserError("give both --fixed-landmarks and --moving-landmarks, or neither", key="--fixed-landmarks")
+    if Path(args.transform_out).suffix.lower() not in TRANSFORM_SUFFIXES:
+        raise UserError(f"expected a transform file ending in {', '.join(TRANSFORM_SUFFIXES)}", key="--transform-out")
     pair = load_images(args.fixed, args.moving, args.fixed_mask, args.moving_mask)
+    if args.image_out and pair.dim == 3 and Path(args.image_out).suffix.lower() in _EIGHT_BIT:
+        raise UserError(
+            f"{Path(args.image_out).suffix} holds 2D images but the fixed image is 3D; use .nii.gz, .nrrd or .mha",
+            key="--image-out",
+        )
     for warning in check_recipe_fits(recipe, [pair], source=args.recipe):
         _err(f"warning: {warning}")
     fp = mp = None
@@ -230,6 +237,8 @@ class _LevelProgress:
 
 
 _EIGHT_BIT = {".png", ".jpg", ".jpeg", ".bmp"}
+#: What ITK's transform writers recognise: text (.tfm, .txt), HDF5 (.h5, .hdf5), MATLAB (.mat, linear only), MINC.
+TRANSFORM_SUFFIXES = (".tfm", ".txt", ".h5", ".hdf5", ".mat", ".xfm")
 
 
 def write_warped(pair, transform: sitk.Transform, path: Path) -> None:
@@ -556,6 +565,13 @@ def _percent(text: str) -> float:
     return value
 
 
+def _storage_url_text(text: str) -> str:
+    """An ``argparse`` type: a storage URL or journal path, not blank (a blank one would mean the default silently)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a storage URL (e.g. postgresql://host/db) or a journal file path")
+    return text
+
+
 def _folder(text: str) -> Path:
     """An ``argparse`` type: a folder that exists or can be made (no file or device on its path)."""
     path = Path(text).expanduser()
@@ -602,7 +618,11 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--study-dir", type=_folder, help="folder of the study's files (default: studies/<name> beside PAIR.yaml)"
     )
-    p.add_argument("--storage", help="Optuna storage URL (e.g. postgresql://...) instead of the journal file")
+    p.add_argument(
+        "--storage",
+        type=_storage_url_text,
+        help="Optuna storage URL (e.g. postgresql://...) instead of the journal file",
+    )
 
 
 #: Each command's help ends with these command lines (the first one also goes into ``autoreg --help``).

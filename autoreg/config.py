@@ -270,12 +270,17 @@ def parse_pair_file(data: Any, path: Path) -> StudyConfig:
         seen[spec.name] = spec
 
     objective = raw.objective
-    if objective.kind == "tre":
-        missing = next((p for p in pairs if not p.has_landmarks), None)
-        if missing is not None:
-            raise UserError(
-                "objective 'tre' needs landmarks for every pair", file=source, key=missing.key_of("landmarks")
-            )
+    missing = next((p for p in pairs if not p.has_landmarks), None)
+    if objective.kind == "tre" and missing is not None:
+        raise UserError("objective 'tre' needs landmarks for every pair", file=source, key=missing.key_of("landmarks"))
+    given = next((p for p in pairs if p.has_landmarks), None)
+    if objective.kind == "auto" and missing is not None and given is not None:  # never drop given landmarks silently
+        raise UserError(
+            f"no landmarks, but {given.key_of('landmarks')} has them; give landmarks for every pair (TRE), or set "
+            "objective: {kind: holdout} to tune on the image metric",
+            file=source,
+            key=missing.key_of("landmarks"),
+        )
     search = {k: _override(k, v, source) for k, v in (raw.search or {}).items()}
     return StudyConfig(
         name=raw.name,

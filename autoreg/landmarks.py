@@ -189,7 +189,7 @@ def _slicer_to_dim(points: np.ndarray, dim: int | None, path: Path, key: str) ->
     if nonzero.size:
         first = int(nonzero[0])
         raise UserError(
-            f"point {first + 1} has z = {points[first, 2]!r}; 2D landmarks from a 3D Slicer file need z = 0 "
+            f"point {first + 1} has z = {float(points[first, 2]):.6g}; 2D landmarks from a 3D Slicer file need z = 0 "
             "for every point",
             file=path,
             key=key,

@@ -185,3 +185,46 @@ def test_a_dashboard_host_that_cannot_be_bound_is_one_line(pair_yaml, run_cli) -
     path = pair_yaml(stages=["rigid"])
     assert run_cli("tune", path, "--trials", "1", "--jobs", "1", "-q").code == 0
     _one_line(run_cli("dashboard", path, "--host", "999.1.1.1", "--port", "18091"), 2, "--host", "cannot listen")
+
+
+def test_apply_refuses_outputs_it_cannot_write_before_registering(pair_yaml, run_cli, tmp_path) -> None:
+    three = pair_yaml(dim=3, stages=["rigid"], folder="three")
+    recipe = tmp_path / "r3.yaml"
+    save_recipe(quick_recipe(["rigid"], 3), recipe)
+    images = ["--fixed", three.parent / "fixed.nii.gz", "--moving", three.parent / "moving.nii.gz"]
+    line = _one_line(
+        run_cli("apply", recipe, *images, "--transform-out", tmp_path / "t.tfm", "--image-out", tmp_path / "w.png"),
+        2,
+        "--image-out",
+    )
+    assert "3D" in line  # a PNG would have held the first slice only
+    _one_line(run_cli("apply", recipe, *images, "--transform-out", tmp_path / "t.xyz"), 2, "--transform-out", ".tfm")
+    assert not (tmp_path / "t.tfm").exists()
+
+
+def test_a_dataset_with_landmarks_on_some_pairs_only_is_refused(pair_yaml, run_cli, tmp_path) -> None:
+    one = pair_yaml(stages=["rigid"], folder="one")
+    two = pair_yaml(stages=["rigid"], folder="two", seed=1)
+
+    def entry(path: Path, landmarks: bool) -> dict:
+        out = {
+            "name": path.parent.name,
+            "fixed": str(path.parent / "fixed.png"),
+            "moving": str(path.parent / "moving.png"),
+        }
+        if landmarks:
+            out["landmarks"] = yaml.safe_load(path.read_text())["landmarks"]
+            out["landmarks"] = {k: str(path.parent / v) for k, v in out["landmarks"].items()}
+        return out
+
+    doc = {"name": "partial", "pairs": [entry(one, True), entry(two, False)], "stages": ["rigid"]}
+    partial = tmp_path / "partial.yaml"
+    partial.write_text(yaml.safe_dump(doc))
+    _one_line(run_cli("check", partial), 2, "pairs[1].landmarks", "pairs[0].landmarks has them", "kind: holdout")
+    partial.write_text(yaml.safe_dump({**doc, "objective": {"kind": "holdout"}}))
+    assert run_cli("check", partial).code == 0  # the holdout metric, asked for
+
+
+def test_a_blank_storage_is_not_the_default_journal(pair_yaml, run_cli) -> None:
+    path = pair_yaml(stages=["rigid"])
+    _one_line(run_cli("tune", path, "--storage", "", "--trials", "1"), 2, "--storage")

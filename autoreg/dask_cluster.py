@@ -258,6 +258,7 @@ def _greet(address: str) -> None:
     """Ask ``address`` who it is before building a client: a client that fails to start leaves a half-built object
     whose clean-up waits twice its timeout and prints a traceback; a plain request fails at once and cleanly."""
     import asyncio
+    from concurrent.futures import ThreadPoolExecutor
 
     from distributed.core import rpc
 
@@ -277,7 +278,9 @@ def _greet(address: str) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            answer = asyncio.run(identity())
+            # in a thread of its own: a notebook's thread already runs an event loop, where asyncio.run refuses
+            with ThreadPoolExecutor(1) as pool:
+                answer = pool.submit(asyncio.run, identity()).result()
         why = None if isinstance(answer, dict) and answer.get("type") == "Scheduler" else "not a Dask scheduler"
     except Exception as err:  # noqa: BLE001 - refused, timed out, or something that is not Dask answered
         why = (

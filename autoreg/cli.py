@@ -116,8 +116,36 @@ def cmd_check(args: argparse.Namespace) -> int:
         _out(f"starting point {point.role}: {' -> '.join(point.recipe.kinds)}")
     plan = pyramid_plan(fp)
     _out(f"\nthe search may use: {plan}")
+    baseline_s = _baseline_seconds(pipe)
+    if baseline_s is not None:
+        _out(
+            f"the baseline (trial 0, SimpleITK's default recipe) is predicted at about {_duration(baseline_s)} on one "
+            "thread; it runs to its end as the study's reference, unless --timeout ends the study first"
+        )
     _out(f"\nok ({n_warn} warning{'s' if n_warn != 1 else ''})")
     return EXIT_OK
+
+
+#: ``check`` says how long the baseline will take when the uncalibrated cost model puts it above this.
+SLOW_BASELINE_S = 60.0
+
+
+def _baseline_seconds(pipe) -> float | None:
+    """The baseline's seconds on one thread of this machine (measured coefficients, about 2 s to measure) where they
+    pass ``SLOW_BASELINE_S`` (asked only where the default coefficients say so): on a 303x363x146 CT-sized grid,
+    predicted at 16 minutes, it ran 19."""
+    from .cost import CostModel
+
+    recipe = pipe.space.baseline_recipe()
+    sizes = [p.fixed.GetSize() for p in pipe.pairs]
+    if CostModel().predict(recipe, sizes) < SLOW_BASELINE_S:
+        return None
+    seconds = CostModel.calibrate(1).predict(recipe, sizes)
+    return seconds if seconds >= SLOW_BASELINE_S else None
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def _x(values, spec: str = "d") -> str:

@@ -8,6 +8,7 @@ closed stdout, and scheduler addresses that are not one.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -228,3 +229,13 @@ def test_a_dataset_with_landmarks_on_some_pairs_only_is_refused(pair_yaml, run_c
 def test_a_blank_storage_is_not_the_default_journal(pair_yaml, run_cli) -> None:
     path = pair_yaml(stages=["rigid"])
     _one_line(run_cli("tune", path, "--storage", "", "--trials", "1"), 2, "--storage")
+
+
+def test_check_says_how_long_a_slow_baseline_will_take(pair_yaml, run_cli, monkeypatch) -> None:
+    import autoreg.cli
+
+    path = pair_yaml(dim=3, stages=["affine", "bspline"])
+    assert "the baseline (trial 0" not in run_cli("check", path).out  # a small volume: nothing to say
+    monkeypatch.setattr(autoreg.cli, "SLOW_BASELINE_S", 0.0)
+    out = run_cli("check", path).out
+    assert re.search(r"the baseline \(trial 0, SimpleITK's default recipe\) is predicted at about \d+ s", out), out

@@ -158,7 +158,7 @@ def _x(values, spec: str = "d") -> str:
 def cmd_apply(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .data import check_recipe_fits, load_images
+    from .data import check_recipe_fits, load_images, require_inside
     from .landmarks import read_landmarks
     from .quiet import captured_stderr
     from .recipe import load_recipe
@@ -186,6 +186,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
         mp = read_landmarks(args.moving_landmarks, image=pair.moving, dim=pair.dim, key="--moving-landmarks")
         if len(fp) != len(mp):
             raise UserError(f"{len(mp)} points but --fixed-landmarks has {len(fp)}", file=args.moving_landmarks)
+        require_inside(fp, pair.fixed, which="fixed", source=args.fixed_landmarks, key="--fixed-landmarks")
+        require_inside(mp, pair.moving, which="moving", source=args.moving_landmarks, key="--moving-landmarks")
         pair = replace(pair, fixed_points=fp, moving_points=mp)
     progress = _LevelProgress(recipe)
     try:

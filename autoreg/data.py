@@ -281,6 +281,20 @@ def outside_points(points: np.ndarray, image: sitk.Image, tolerance: float = _IN
     return out
 
 
+def require_inside(points: np.ndarray, image: sitk.Image, *, which: str, source: str | None, key: str) -> None:
+    """Landmarks off their image's grid are a user error (a wrong unit, origin or file), not a TRE to report."""
+    bad = outside_points(points, image)
+    if bad:
+        i = bad[0]
+        coords = ", ".join(f"{c:g}" for c in points[i])
+        raise UserError(
+            f"point {i + 1} ({coords}) lies outside the {which} image"
+            + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""),
+            file=source,
+            key=key,
+        )
+
+
 def _read_points(path: Path, image: sitk.Image, dim: int, *, source: str, key: str) -> np.ndarray:
     """``read_landmarks``, its errors re-worded to name PAIR.yaml and the key first, then the landmark file."""
     try:
@@ -322,17 +336,8 @@ def _load_pair_cached(spec: PairSpec) -> PairData:
             )
         if len(fixed_points) == 0:
             raise UserError("no landmarks in the file", file=src, key=kf)
-        for pts, img, key, which in ((fixed_points, fixed, kf, "fixed"), (moving_points, moving, km, "moving")):
-            bad = outside_points(pts, img)
-            if bad:
-                i = bad[0]
-                coords = ", ".join(f"{c:g}" for c in pts[i])
-                raise UserError(
-                    f"point {i + 1} ({coords}) lies outside the {which} image"
-                    + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""),
-                    file=src,
-                    key=key,
-                )
+        require_inside(fixed_points, fixed, which="fixed", source=src, key=kf)
+        require_inside(moving_points, moving, which="moving", source=src, key=km)
     fixed_mask = moving_mask = fixed_cov = moving_cov = None
     if spec.fixed_mask is not None:
         fixed_mask, fixed_cov = read_mask(spec.fixed_mask, fixed, source=src, key=spec.key_of("masks.fixed"))

@@ -239,3 +239,16 @@ def test_check_says_how_long_a_slow_baseline_will_take(pair_yaml, run_cli, monke
     monkeypatch.setattr(autoreg.cli, "SLOW_BASELINE_S", 0.0)
     out = run_cli("check", path).out
     assert re.search(r"the baseline \(trial 0, SimpleITK's default recipe\) is predicted at about \d+ s", out), out
+
+
+def test_apply_refuses_landmarks_off_the_images_as_tune_does(pair_yaml, run_cli, tmp_path) -> None:
+    path = pair_yaml(stages=["rigid"])
+    recipe = tmp_path / "r.yaml"
+    save_recipe(quick_recipe(["rigid"], 2), recipe)
+    far = tmp_path / "far.csv"
+    far.write_text("x,y\n1000,1000\n1010,1000\n")
+    result = run_cli(
+        "apply", recipe, "--fixed", path.parent / "fixed.png", "--moving", path.parent / "moving.png",
+        "--transform-out", tmp_path / "t.tfm", "--fixed-landmarks", far, "--moving-landmarks", far,
+    )  # fmt: skip
+    _one_line(result, 2, "--fixed-landmarks", "lies outside the fixed image (and 1 more)")

@@ -17,6 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .data import MaskCoverage, PairData
+from .registration.initializer import centred
 from .scoring import overlap_fraction, tre
 
 MIN_AXIS_VOXELS = 16
@@ -106,15 +107,11 @@ class PairFingerprint:
         return asdict(self)
 
 
-def _centered(pair: PairData, how) -> sitk.Transform:
-    return sitk.CenteredTransformInitializer(pair.fixed, pair.moving, sitk.AffineTransform(pair.dim), how)
-
-
 def fingerprint_pair(pair: PairData) -> PairFingerprint:
     """Measure one pair: geometry, intensities, overlap and TRE after each initializer, warnings."""
     fixed, moving = image_info(pair.fixed), image_info(pair.moving)
-    geo = _centered(pair, sitk.CenteredTransformInitializerFilter.GEOMETRY)
-    mom = _centered(pair, sitk.CenteredTransformInitializerFilter.MOMENTS)
+    geo = centred(pair.fixed, pair.moving, "geometry")
+    mom = centred(pair.fixed, pair.moving, "moments")
     ov_geo = overlap_fraction(geo, pair.fixed, pair.moving, pair.fixed_mask)
     ov_mom = overlap_fraction(mom, pair.fixed, pair.moving, pair.fixed_mask)
     warnings: list[str] = []

@@ -14,7 +14,7 @@ from conftest import pair_data, quick_recipe, synthetic_pair
 
 from autoreg.cost import CostModel
 from autoreg.errors import RegistrationFailed
-from autoreg.recipe import Initializer, RotationSearch
+from autoreg.recipe import Initializer, Recipe, RotationSearch
 from autoreg.registration import refine_bspline, register, search_grid
 from autoreg.registration.frame import frame_of
 from autoreg.registration.method import LevelTracker
@@ -107,6 +107,56 @@ def test_a_registration_does_not_depend_on_what_its_process_registered_before(sh
     assert proc.returncode == 0, proc.stderr
     alone, _, after = map(float, proc.stdout.split())
     assert after == alone
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_the_moments_start_does_not_depend_on_filters_run_before_on_the_same_images(dim: int) -> None:
+    """ITK's moments initializer weighs only an image's requested region, which BinShrink (a coarse level, the
+    overlay of an improving trial) crops to a multiple of its factor: a study's best then started elsewhere when
+    ``apply`` ran it (0.034 against 0.044 px on an 80x80 pair). The centres of mass are now taken over every voxel."""
+    from autoreg.registration.initializer import centred
+
+    pair = pair_data(synthetic_pair(dim, "affine"))
+    fixed, moving = pair.fixed, pair.moving
+    assert all(n % 3 for n in fixed.GetSize())  # BinShrink by 3 crops these grids
+
+    def fresh(image: sitk.Image) -> sitk.Image:
+        out = sitk.GetImageFromArray(sitk.GetArrayFromImage(image))
+        out.CopyInformation(image)
+        return out
+
+    how = sitk.CenteredTransformInitializerFilter.MOMENTS
+    itk = sitk.AffineTransform(
+        sitk.CenteredTransformInitializer(fresh(fixed), fresh(moving), sitk.AffineTransform(dim), how)
+    )
+    before = centred(fixed, moving, "moments")
+    sitk.BinShrink(moving, [3] * dim)
+    sitk.BinShrink(fixed, [3] * dim)
+    after = centred(fixed, moving, "moments")
+    for t in (before, after):
+        assert np.allclose(t.GetCenter(), itk.GetCenter(), atol=1e-9)
+        assert np.allclose(t.GetTranslation(), itk.GetTranslation(), atol=1e-9)
+    stale = sitk.AffineTransform(sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(dim), how))
+    assert not np.allclose(stale.GetTranslation(), itk.GetTranslation(), atol=1e-6)  # what ITK itself does
+
+
+def test_a_moments_start_repeats_after_a_registration_cut_at_its_coarse_level() -> None:
+    """One worker's trials in a row: a trial pruned after its shrink-3 level must not move the next one's start."""
+    from autoreg.errors import RegistrationPruned
+
+    pair = pair_data(synthetic_pair(2, "rigid"))
+    recipe = quick_recipe(["rigid"], 2).with_(initializer=Initializer(kind="moments"), threads=1, deterministic=True)
+    coarse = quick_recipe(["rigid"], 2, shrink=(3, 1), sigmas=(1.0, 0.0)).with_(threads=1).model_dump()
+    coarse["stages"][0]["pyramid"]["shrink_images"] = True  # prepared levels: BinShrink of the pair's own images
+    coarse = Recipe.model_validate(coarse)
+    alone = register(recipe, pair).transform.GetParameters()
+
+    def prune(record, _transform) -> None:
+        raise RegistrationPruned(record.stage, record.level)
+
+    with pytest.raises(RegistrationPruned):
+        register(coarse, pair, level_callback=prune)
+    assert register(recipe, pair).transform.GetParameters() == alone
 
 
 def test_prepared_levels_are_new_images_for_every_registration() -> None:

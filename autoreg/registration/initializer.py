@@ -44,19 +44,44 @@ def initial_linear(recipe: Any, frame: Frame, seed: int, clock: Clock | None = N
     return starts[int(np.argmin(values))]
 
 
+def centre_of_mass(image: sitk.Image) -> tuple[float, ...]:
+    """The intensity-weighted centre of the whole image, in physical coordinates. ITK's moments calculator weighs
+    only the image's requested region, which a filter run on the same image before (``BinShrink`` crops it to a
+    multiple of its factor) leaves behind: the same registration then started elsewhere, depending on what its
+    process had run before (0.034 against 0.044 px on an 80x80 pair)."""
+    values = sitk.GetArrayViewFromImage(image)
+    total = float(values.sum(dtype=np.float64))
+    if total == 0.0:
+        raise RuntimeError("moments initializer: Total mass of the image was zero")
+    index = []
+    for axis in range(values.ndim):  # ITK's index order (x, y, z) is numpy's axes reversed
+        others = tuple(a for a in range(values.ndim) if a != values.ndim - 1 - axis)
+        marginal = values.sum(axis=others, dtype=np.float64)
+        index.append(float(np.dot(marginal, np.arange(marginal.size)) / total))
+    return image.TransformContinuousIndexToPhysicalPoint(index)
+
+
+def centred(fixed: sitk.Image, moving: sitk.Image, kind: str) -> sitk.AffineTransform:
+    """The identity matrix about the fixed image's centre (``geometry``: of its grid, ``moments``: of its mass),
+    shifted onto the moving image's: SimpleITK's CenteredTransformInitializer, with the moments taken over every
+    voxel."""
+    dim = fixed.GetDimension()
+    if kind == "geometry":
+        how = sitk.CenteredTransformInitializerFilter.GEOMETRY
+        return sitk.AffineTransform(sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(dim), how))
+    f, m = centre_of_mass(fixed), centre_of_mass(moving)
+    out = sitk.AffineTransform(dim)
+    out.SetCenter(f)
+    out.SetTranslation([b - a for a, b in zip(f, m)])
+    return out
+
+
 def _start(kind: str, recipe: Any, frame: Frame, first_linear: Any, seed: int, clock: Clock) -> Linear:
     clock.check()
     if kind == "none":
         state = Linear.identity(frame.dim, frame.center())
     else:
-        how = (
-            sitk.CenteredTransformInitializerFilter.GEOMETRY
-            if kind == "geometry"
-            else sitk.CenteredTransformInitializerFilter.MOMENTS
-        )
-        state = Linear.of(
-            sitk.CenteredTransformInitializer(frame.fixed, frame.moving, sitk.AffineTransform(frame.dim), how)
-        )
+        state = Linear.of(centred(frame.fixed, frame.moving, kind))
     search = getattr(recipe.initializer, "rotation_search", None)
     if search is not None and first_linear is not None and first_linear.transform.kind != "translation":
         state = rotation_search(search, frame, state, first_linear, seed, clock)

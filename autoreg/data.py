@@ -19,7 +19,7 @@ from .config import PairSpec
 from .errors import UserError, special_file
 from .landmarks import read_landmarks
 from .quiet import captured_stderr
-from .registration import as_scalar_float
+from .registration import as_scalar_float, mask_on_grid
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def place_mask(
     if n_mask == 0:
         raise UserError(f"mask {what} is empty (no voxel > 0)", file=source, key=key)
     identity = sitk.Transform(image.GetDimension(), sitk.sitkIdentity)
-    on_grid = sitk.Resample(binary, image, identity, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    on_grid = mask_on_grid(binary, image)
     n_on_grid = int(np.count_nonzero(sitk.GetArrayViewFromImage(on_grid)))
     domain = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
     domain.CopyInformation(image)
@@ -415,10 +415,25 @@ def _worst_ratio(a: Sequence[float], b: Sequence[float]) -> float:
     return max(max(x / y, y / x) if x > 0 and y > 0 else float("inf") for x, y in zip(a, b))
 
 
+def tuned_masks(provenance: Any) -> str:
+    """Which masks the study behind a recipe registered with, in words ("fixed and moving masks"; "" for none)."""
+    fingerprint = _get(provenance, "fingerprint") if isinstance(provenance, dict) else None
+    pairs = _get(fingerprint, "pairs") if isinstance(fingerprint, dict) else None
+    kinds = {
+        which
+        for p in (pairs if isinstance(pairs, list) else [])
+        if isinstance(p, dict) and isinstance(p.get("masks"), dict)
+        for which in ("fixed", "moving")
+        if which in p["masks"]
+    }
+    ordered = [k for k in ("fixed", "moving") if k in kinds]
+    return f"{' and '.join(ordered)} mask{'s' if len(ordered) > 1 else ''}" if ordered else ""
+
+
 def check_recipe_fits(recipe: Any, pairs: Sequence[PairData], *, source: str) -> list[str]:
-    """Refuse a recipe made for another dimension (its provenance, a stage's BSpline mesh_size); return one warning
-    line per pair whose fixed image differs more than ``FIT_WARN_RATIO`` x in spacing or size on some axis from every
-    fixed image the recipe was tuned on."""
+    """Refuse a recipe made for another dimension (its provenance, a stage's BSpline mesh_size); return warning
+    lines: the recipe was tuned with masks and a pair has none, and one per pair whose fixed image differs more than
+    ``FIT_WARN_RATIO`` x in spacing or size on some axis from every fixed image the recipe was tuned on."""
     provenance = _get(recipe, "provenance")
     fingerprint = _get(provenance, "fingerprint") if isinstance(provenance, dict) else None
     tuned_dim = _get(fingerprint, "dim") if isinstance(fingerprint, dict) else None
@@ -439,6 +454,13 @@ def check_recipe_fits(recipe: Any, pairs: Sequence[PairData], *, source: str) ->
                 )
     tuned = [(sp, sz) for sp, sz in _tuned_fixed_images(provenance) if len(sp) == len(sz)]
     warnings = []
+    masked = tuned_masks(provenance)
+    unmasked = [p for p in pairs if p.fixed_mask is None and p.moving_mask is None]
+    if masked and unmasked:
+        warnings.append(
+            f"{source}: the recipe was tuned with {masked}, but {unmasked[0].spec.fixed} is registered without any; "
+            "give them (--fixed-mask, --moving-mask, or masks: in PAIR.yaml) to register as it was tuned"
+        )
     for pair in pairs:
         spacing, size = pair.fixed.GetSpacing(), pair.fixed.GetSize()
         near = [(sp, sz) for sp, sz in tuned if len(sp) == pair.dim]

@@ -253,4 +253,11 @@ def provenance(pairs: list[PairData], fp: DatasetFingerprint) -> dict:
                 "tre_before": p.tre_identity,
             }
         )
+        masks = {
+            which: {"file": path.name, "sha256": file_digest(path)}
+            for which, path in (("fixed", pair.spec.fixed_mask), ("moving", pair.spec.moving_mask))
+            if path is not None
+        }
+        if masks:
+            out[-1]["masks"] = masks
     return {"dim": fp.dim, "pairs": out}

@@ -15,6 +15,7 @@ import json
 import re
 
 from . import registration
+from .data import tuned_masks
 from .recipe import Recipe
 
 #: An import of one engine module by another (one line, or a parenthesised list over several).
@@ -41,6 +42,8 @@ _MAIN = '''
 RECIPE = json.loads(
     {recipe_json!r}
 )
+#: The masks of the pairs the recipe was tuned on, as its provenance lists them ("" where none).
+TUNED_WITH_MASKS = {tuned_with_masks!r}
 
 
 def _namespace(value):
@@ -63,12 +66,21 @@ def main(argv=None):
     parser.add_argument("moving")
     parser.add_argument("transform_out", help="output transform, maps fixed physical points to moving ones")
     parser.add_argument("--image-out", help="the moving image resampled onto the fixed grid")
+    parser.add_argument("--fixed-mask", help="voxels > 0 are registered (placed by their physical geometry)")
+    parser.add_argument("--moving-mask", help="voxels > 0 are registered (placed by their physical geometry)")
     args = parser.parse_args(argv)
     fixed = as_scalar_float(sitk.ReadImage(args.fixed))
     moving = as_scalar_float(sitk.ReadImage(args.moving))
+    masks = {{
+        which: mask_on_grid(sitk.ReadImage(path), image) if path else None
+        for which, path, image in (("fixed", args.fixed_mask, fixed), ("moving", args.moving_mask, moving))
+    }}
+    if TUNED_WITH_MASKS and not any(masks.values()):
+        print(f"warning: the recipe was tuned with {{TUNED_WITH_MASKS}}; give them (--fixed-mask, --moving-mask) "
+              "to register as it was tuned", file=sys.stderr)
     pair = SimpleNamespace(
-        fixed=fixed, moving=moving, fixed_mask=None, moving_mask=None, fixed_points=None, moving_points=None,
-        dim=fixed.GetDimension(), name="pair",
+        fixed=fixed, moving=moving, fixed_mask=masks["fixed"], moving_mask=masks["moving"], fixed_points=None,
+        moving_points=None, dim=fixed.GetDimension(), name="pair",
     )
     try:
         result = register(_namespace(RECIPE), pair)
@@ -95,9 +107,9 @@ def recipe_to_script(recipe: Recipe) -> str:
     header = (
         "#!/usr/bin/env python3\n"
         "# Exported by autoreg: a SimpleITK registration recipe as a standalone script (SimpleITK + numpy only).\n"
-        "# Usage: python recipe.py FIXED MOVING TRANSFORM_OUT [--image-out WARPED]\n"
+        "# Usage: python recipe.py FIXED MOVING TRANSFORM_OUT [--image-out WARPED] [--fixed-mask M] [--moving-mask M]\n"
         f"# Study {prov.get('study', '?')}, trial {prov.get('trial', '?')}, score {prov.get('score', '?')}; "
         f"versions {json.dumps(prov.get('versions', {}))}\n"
     )
-    main = _MAIN.format(recipe_json=json.dumps(data, sort_keys=False))
+    main = _MAIN.format(recipe_json=json.dumps(data, sort_keys=False), tuned_with_masks=tuned_masks(prov))
     return header + engine + "\nimport json  # noqa: E402\n" + main

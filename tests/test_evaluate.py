@@ -55,6 +55,42 @@ def test_exported_script_reproduces_apply(stages, pair_yaml, run_cli, tmp_path: 
     np.testing.assert_array_equal(a, b)
 
 
+def test_the_script_registers_with_the_masks_the_study_used_and_warns_without_them(
+    pair_yaml, run_cli, tmp_path: Path
+) -> None:
+    """A recipe tuned with a mask reproduces only with that mask: the script takes it, and says so when it is left out
+    (as apply does); the mask on a sub-box grid lands by its physical geometry in both."""
+    pair = pair_yaml(transform="affine", stages=["affine"], extra={**FAST, "deterministic": True})
+    mask = sitk.Image(40, 40, sitk.sitkUInt8) + 1
+    mask.SetOrigin((10.0, 12.0))  # a sub-box of the 64x64 fixed image
+    sitk.WriteImage(mask, str(pair.parent / "mask.nrrd"))
+    doc = yaml.safe_load(pair.read_text())
+    pair.write_text(yaml.safe_dump({**doc, "masks": {"fixed": "mask.nrrd"}}))
+    study = tmp_path / "study"
+    assert run_cli("tune", pair, "--trials", 2, "--jobs", 1, "--study-dir", study, "-q").code == 0
+    assert run_cli("export", pair, "--study-dir", study, "-o", tmp_path / "r.yaml", "--repeats", 0).code == 0
+    assert yaml.safe_load((tmp_path / "r.yaml").read_text())["provenance"]["fingerprint"]["pairs"][0]["masks"]["fixed"]
+    res = run_cli("export", pair, "--study-dir", study, "-o", tmp_path / "r.py", "--format", "python", "--repeats", 0)
+    assert res.code == 0, res.err
+    fixed, moving = pair.parent / "fixed.png", pair.parent / "moving.png"
+
+    def script(*extra: str) -> subprocess.CompletedProcess:
+        out = [sys.executable, "-I", str(tmp_path / "r.py"), str(fixed), str(moving), str(tmp_path / "s.tfm"), *extra]
+        return subprocess.run(out, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+
+    bare = script()
+    assert bare.returncode == 0 and "tuned with fixed mask" in bare.stderr, bare.stderr
+    masked = script("--fixed-mask", str(pair.parent / "mask.nrrd"))
+    assert masked.returncode == 0 and masked.stderr == "", masked.stderr
+    files = ["--fixed", fixed, "--moving", moving, "--transform-out", tmp_path / "a.tfm"]
+    res = run_cli("apply", tmp_path / "r.yaml", *files, "--fixed-mask", pair.parent / "mask.nrrd")
+    assert res.code == 0 and res.err == "", res.err
+    a = _params(sitk.ReadTransform(str(tmp_path / "a.tfm")))
+    np.testing.assert_array_equal(a, _params(sitk.ReadTransform(str(tmp_path / "s.tfm"))))
+    res = run_cli("apply", tmp_path / "r.yaml", *files)
+    assert res.code == 0 and "tuned with fixed mask" in res.err
+
+
 def test_evaluate_deterministic_repeats_are_identical_and_random_ones_spread(
     pair_yaml, run_cli, tmp_path: Path
 ) -> None:

@@ -15,6 +15,7 @@ from .core import (
     failure_reason,
     itk_seed,
     itk_threads,
+    mask_on_grid,
     threads_of,
 )
 from .engine import register
@@ -38,6 +39,7 @@ __all__ = [
     "RegistrationPruned",
     "RegistrationResult",
     "as_scalar_float",
+    "mask_on_grid",
     "bspline_mesh",
     "bspline_schedule",
     "compose",

@@ -141,6 +141,14 @@ def as_scalar_float(image: sitk.Image) -> sitk.Image:
     return sitk.Cast(image, sitk.sitkFloat32)
 
 
+def mask_on_grid(mask: sitk.Image, image: sitk.Image) -> sitk.Image:
+    """A mask (voxels > 0) on its image's grid by physical geometry: nearest neighbour, identity, 0 outside; so a mask
+    drawn on a sub-box or on another grid lands where it belongs (autoreg's readers and the exported script)."""
+    binary = sitk.Cast(as_scalar_float(mask) > 0, sitk.sitkUInt8)
+    identity = sitk.Transform(image.GetDimension(), sitk.sitkIdentity)
+    return sitk.Resample(binary, image, identity, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+
+
 # --- failure reasons ---------------------------------------------------------------------------------------------
 
 _REASONS = [

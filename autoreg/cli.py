@@ -356,11 +356,13 @@ def _why_none_completed(study) -> str:
     """The commonest reasons the study's trials ended without a score, with their counts."""
     from collections import Counter
 
-    from .trial import records
+    from .trial import TIME_LIMIT, records
 
     def reason(t) -> str:
         if t.fail_reason:
             return t.fail_reason
+        if t.pruned_at and t.pruned_at.startswith(TIME_LIMIT):
+            return f"cut at its {TIME_LIMIT}"  # whatever the limit was: one reason
         return f"pruned at {t.pruned_at.split(' (')[0]}" if t.pruned_at else "pruned"
 
     ended = [t for t in records(study) if t.state in ("FAIL", "PRUNED")]

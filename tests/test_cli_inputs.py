@@ -127,7 +127,7 @@ def test_a_recipe_of_another_dimension_cannot_be_enqueued(pair_yaml, run_cli, tm
 def test_a_tune_where_no_trial_completed_exits_1_with_the_reasons(pair_yaml, run_cli) -> None:
     path = pair_yaml(stages=["rigid"], extra={"trial_timeout": 0.0001})
     result = run_cli("tune", path, "--trials", "2", "--jobs", "1", "-q")
-    line = _one_line(result, 1, "no trial of the study completed", "time limit")
+    line = _one_line(result, 1, "no trial of the study completed (cut at its time limit: 2 of 2)")
     assert "2 of 2" in line
     assert "best: no completed trial yet" in result.out
 

@@ -254,6 +254,16 @@ def scheduler_address(given: str) -> str:
     return address
 
 
+def _unreachable(address: str, err: BaseException | str) -> UserError:
+    """The one line for a scheduler that does not answer as one: the address, and the first line of why."""
+    why = err if isinstance(err, str) else "timed out" if isinstance(err, TimeoutError) else str(err).strip()
+    why = why.splitlines()[0] if why else type(err).__name__
+    return UserError(
+        f"cannot reach the Dask scheduler at {excerpt(address, quote=False)} ({excerpt(why, 200, quote=False)})",
+        key="--dask-scheduler",
+    )
+
+
 def _greet(address: str) -> None:
     """Ask ``address`` who it is before building a client: a client that fails to start leaves a half-built object
     whose clean-up waits twice its timeout and prints a traceback; a plain request fails at once and cleanly."""
@@ -271,30 +281,17 @@ def _greet(address: str) -> None:
         try:
             socket.create_connection((match["host"].strip("[]"), int(match["port"])), CONNECT_TIMEOUT_S).close()
         except OSError as err:
-            reason = err.strerror or ("timed out" if isinstance(err, TimeoutError) else type(err).__name__)
-            raise UserError(
-                f"cannot reach the Dask scheduler at {excerpt(address, quote=False)} ({reason})", key="--dask-scheduler"
-            ) from None
+            raise _unreachable(address, err.strerror or err) from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # in a thread of its own: a notebook's thread already runs an event loop, where asyncio.run refuses
             with ThreadPoolExecutor(1) as pool:
                 answer = pool.submit(asyncio.run, identity()).result()
-        why = None if isinstance(answer, dict) and answer.get("type") == "Scheduler" else "not a Dask scheduler"
     except Exception as err:  # noqa: BLE001 - refused, timed out, or something that is not Dask answered
-        why = (
-            "timed out"
-            if isinstance(err, TimeoutError)
-            else str(err).strip().splitlines()[0]
-            if str(err).strip()
-            else type(err).__name__
-        )
-    if why:
-        raise UserError(
-            f"cannot reach the Dask scheduler at {excerpt(address, quote=False)} ({excerpt(why, 200, quote=False)})",
-            key="--dask-scheduler",
-        )
+        raise _unreachable(address, err) from None
+    if not (isinstance(answer, dict) and answer.get("type") == "Scheduler"):
+        raise _unreachable(address, "not a Dask scheduler")
 
 
 def connect(given: str) -> Any:
@@ -315,11 +312,7 @@ def connect(given: str) -> Any:
             warnings.simplefilter("ignore")  # version mismatches are the user's to see with -v
             return Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
     except Exception as err:  # noqa: BLE001 - something that answers, but not as a Dask scheduler
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"cannot reach the Dask scheduler at {excerpt(address, quote=False)} ({excerpt(msg, 200, quote=False)})",
-            key="--dask-scheduler",
-        ) from None
+        raise _unreachable(address, err) from None
 
 
 def _name(*parts: str) -> str:

@@ -112,3 +112,18 @@ def machine() -> str:
 
 def stamp() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def saved_results(path: Path) -> dict:
+    """A benchmark's saved results by pair (empty before its first run): each run replaces only the pairs it ran."""
+    import json
+
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_results(path: Path, saved: dict) -> None:
+    """Write the results after every pair, so that an interrupted run keeps what it measured."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(saved, indent=2), encoding="utf-8")

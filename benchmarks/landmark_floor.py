@@ -34,14 +34,13 @@ Results go to ``benchmarks/results/landmark_floor.json``, the table to stdout.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HISTOLOGY, RESULTS, machine, require_shared_data, stamp  # noqa: E402
+from common import HISTOLOGY, RESULTS, machine, require_shared_data, save_results, saved_results, stamp  # noqa: E402
 
 #: The 3D set's case with a known deformation (``make_3d_set.py``, built when missing): its landmarks are exact.
 MMDEF3D = "mmdef3d"
@@ -306,15 +305,14 @@ def main() -> int:
     parser.add_argument("--no-syn", action="store_true", help="leave out ANTs SyN from the landmarks' affine")
     parser.add_argument("--report", action="store_true", help="only print the table of the saved results")
     args = parser.parse_args()
-    saved = json.loads(OUT.read_text()) if OUT.exists() else {}
+    saved = saved_results(OUT)
     if not args.report:
         require_shared_data()
         print(f"# landmark_floor ({stamp()}, {machine()})", flush=True)
         for name in PAIRS:
             if args.only in name:
                 saved[name] = one_pair(name, syn=not args.no_syn)
-                OUT.parent.mkdir(parents=True, exist_ok=True)
-                OUT.write_text(json.dumps(saved, indent=2), encoding="utf-8")
+                save_results(OUT, saved)
     rows = [saved[n] for n in PAIRS if n in saved]
     print(table(rows))
     print()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HISTOLOGY, RESULTS, SHARED_DATA, machine, require_shared_data, stamp  # noqa: E402
+from common import HISTOLOGY, RESULTS, SHARED_DATA, machine, require_shared_data, save_results, saved_results, stamp  # noqa: E402
 
 OUT = RESULTS / "syn_variants.json"
 LONG = {"reg_iterations": (80, 60, 40, 20)}
@@ -146,15 +145,14 @@ def main() -> int:
     parser.add_argument("--only", default="")
     parser.add_argument("--report", action="store_true", help="only print the table of the saved results")
     args = parser.parse_args()
-    saved = json.loads(OUT.read_text()) if OUT.exists() else {}
+    saved = saved_results(OUT)
     if not args.report:
         require_shared_data()
         print(f"# syn_variants ({stamp()}, {machine()})", flush=True)
     for name in HISTOLOGY:
         if args.only in name and not args.report:
             saved[name] = one_pair(name)
-            OUT.parent.mkdir(parents=True, exist_ok=True)
-            OUT.write_text(json.dumps(saved, indent=2), encoding="utf-8")
+            save_results(OUT, saved)
     print(table([saved[n] for n in HISTOLOGY if n in saved]))
     return 0
 

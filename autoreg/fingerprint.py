@@ -107,6 +107,19 @@ class PairFingerprint:
         return asdict(self)
 
 
+def _repeated_rows(fixed: np.ndarray, moving: np.ndarray) -> list[tuple[int, int]]:
+    """(earlier, later) row pairs whose fixed and moving points are both the same."""
+    seen: dict[bytes, int] = {}
+    out = []
+    for i, row in enumerate(np.hstack([fixed, moving])):
+        key = np.round(row, 9).tobytes()
+        if key in seen:
+            out.append((seen[key], i))
+        else:
+            seen[key] = i
+    return out
+
+
 def fingerprint_pair(pair: PairData) -> PairFingerprint:
     """Measure one pair: geometry, intensities, overlap and TRE after each initializer, warnings."""
     fixed, moving = image_info(pair.fixed), image_info(pair.moving)
@@ -154,6 +167,12 @@ def fingerprint_pair(pair: PairData) -> PairFingerprint:
             warnings.append(f"{len(near)} fixed landmark(s) lie near the image border (first: point {near[0] + 1})")
         if n < pair.dim + 1:
             warnings.append(f"only {n} landmarks: too few to tell an affine error from noise")
+        twice = _repeated_rows(pair.fixed_points, pair.moving_points)
+        if twice:
+            warnings.append(
+                f"{len(twice)} landmark row(s) repeat an earlier one in both files (first: row {twice[0][1] + 1} = row "
+                f"{twice[0][0] + 1}): a copied row weighs that point twice in the TRE"
+            )
     return PairFingerprint(
         name=pair.name,
         dim=pair.dim,

@@ -252,3 +252,14 @@ def test_apply_refuses_landmarks_off_the_images_as_tune_does(pair_yaml, run_cli,
         "--transform-out", tmp_path / "t.tfm", "--fixed-landmarks", far, "--moving-landmarks", far,
     )  # fmt: skip
     _one_line(result, 2, "--fixed-landmarks", "lies outside the fixed image (and 1 more)")
+
+
+def test_check_warns_about_a_landmark_row_copied_in_both_files(pair_yaml, run_cli) -> None:
+    path = pair_yaml(stages=["rigid"])
+    for which in ("fixed", "moving"):
+        csv = path.parent / yaml.safe_load(path.read_text())["landmarks"][which]
+        lines = csv.read_text().splitlines()
+        csv.write_text("\n".join([*lines, lines[3]]) + "\n")  # row 3 again, at the end of both files
+    result = run_cli("check", path)
+    assert result.code == 0
+    assert "1 landmark row(s) repeat an earlier one in both files (first: row 21 = row 3)" in result.out

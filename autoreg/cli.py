@@ -132,8 +132,8 @@ SLOW_BASELINE_S = 60.0
 
 def _baseline_seconds(pipe) -> float | None:
     """The baseline's seconds on one thread of this machine (measured coefficients, about 2 s to measure) where they
-    pass ``SLOW_BASELINE_S`` (asked only where the default coefficients say so): on a 303x363x146 CT-sized grid,
-    predicted at 16 minutes, it ran 19."""
+    pass ``SLOW_BASELINE_S`` (asked only where the default coefficients say so): on a CT-sized grid it takes many
+    minutes (``benchmarks/ct_sized.py`` measures it against this prediction)."""
     from .cost import CostModel
 
     recipe = pipe.space.baseline_recipe()

@@ -205,6 +205,16 @@ def _single_slice_as_2d(image: sitk.Image) -> sitk.Image:
     return sitk.Extract(image, size, (0, 0, 0), sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOIDENTITY)
 
 
+def _same_dimension(fixed: sitk.Image, moving: sitk.Image, *, source: str | None, key: str) -> None:
+    if fixed.GetDimension() != moving.GetDimension():
+        raise UserError(
+            f"fixed image is {fixed.GetDimension()}D but moving image is {moving.GetDimension()}D (a volume one slice "
+            "thick is read as a 2D image)",
+            file=source,
+            key=key,
+        )
+
+
 def read_image(path: Path, *, source: str, key: str, pixel=sitk.sitkFloat32) -> sitk.Image:
     """Read one image to register as a scalar image of ``pixel`` type (colour becomes luminance), checked for use."""
     image = _single_slice_as_2d(_read_any(path, source=source, key=key))
@@ -315,12 +325,7 @@ def _load_pair_cached(spec: PairSpec) -> PairData:
     src = spec.source
     fixed = read_image(spec.fixed, source=src, key=spec.key_of("fixed"))
     moving = read_image(spec.moving, source=src, key=spec.key_of("moving"))
-    if fixed.GetDimension() != moving.GetDimension():
-        raise UserError(
-            f"fixed image is {fixed.GetDimension()}D but moving image is {moving.GetDimension()}D",
-            file=src,
-            key=spec.key_of("moving"),
-        )
+    _same_dimension(fixed, moving, source=src, key=spec.key_of("moving"))
     dim = fixed.GetDimension()
     fixed_points = moving_points = None
     if spec.has_landmarks:
@@ -360,8 +365,7 @@ def load_images(
     )
     f = read_image(spec.fixed, source="", key="--fixed")
     m = read_image(spec.moving, source="", key="--moving")
-    if f.GetDimension() != m.GetDimension():
-        raise UserError(f"fixed image is {f.GetDimension()}D but moving image is {m.GetDimension()}D", key="--moving")
+    _same_dimension(f, m, source=None, key="--moving")
     fm = mm = fc = mc = None
     if spec.fixed_mask is not None:
         fm, fc = read_mask(spec.fixed_mask, f, source="", key="--fixed-mask")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -43,6 +44,20 @@ def test_a_named_pipe_given_as_a_file_is_refused_without_reading_it(where, pair_
     pipe = tmp_path / "pipe"
     os.mkfifo(pipe)  # no writer: opening it to read would wait forever
     path = pair_yaml(stages=["rigid"])
+
+    def blocked(signum, frame):
+        raise TimeoutError(f"the {where} pipe was opened for reading")
+
+    previous = signal.signal(signal.SIGALRM, blocked)  # a regression fails here instead of hanging the suite
+    signal.alarm(20)
+    try:
+        _run_with_pipe(where, pipe, path, run_cli, tmp_path)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _run_with_pipe(where: str, pipe: Path, path: Path, run_cli, tmp_path: Path) -> None:
     if where == "pair file":
         result = run_cli("check", pipe)
     elif where == "image":

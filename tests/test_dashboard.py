@@ -146,10 +146,15 @@ def test_dashboard_lists_the_study_and_its_trials_while_tune_runs(tmp_path: Path
             detail, trial = found["detail"], found["trial"]
             assert len(detail["trials"]) > 0
             assert detail["objective_names"] == ["tre_mean"]
-            # the dotted, readable parameter names (the default recipe, trial 0, may have no params of its own)
+            # the dotted, readable parameter names (the default recipe, trial 0, may have no params of its own; a
+            # running trial shows the parameters drawn so far, so only finished ones)
             with_params = wait_for(
-                "a trial with parameters",
-                lambda: [t for t in get_json(f"{base}/api/studies/{study_id}")["trials"] if t["params"]],
+                "a finished trial with parameters",
+                lambda: [
+                    t
+                    for t in get_json(f"{base}/api/studies/{study_id}")["trials"]
+                    if t["params"] and t["state"] == "Complete"
+                ],
                 procs=(tune, dash),
                 logs=logs,
             )

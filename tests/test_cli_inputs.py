@@ -31,6 +31,12 @@ def _one_line(result, code: int, *fragments: str) -> str:
     return lines[0]
 
 
+def _rigid_recipe(folder: Path, dim: int) -> Path:
+    recipe = folder / f"rigid{dim}d.yaml"
+    save_recipe(quick_recipe(["rigid"], dim), recipe)
+    return recipe
+
+
 def _edit(path: Path, **changes) -> Path:
     doc = yaml.safe_load(path.read_text())
     doc.update(changes)
@@ -87,8 +93,7 @@ def test_a_device_or_a_huge_file_as_landmarks_is_refused_before_reading(
 
 def test_outputs_the_system_refuses_fail_before_any_work(pair_yaml, run_cli, tmp_path) -> None:
     path = pair_yaml(stages=["rigid"])
-    recipe = tmp_path / "r.yaml"
-    save_recipe(quick_recipe(["rigid"], 2), recipe)
+    recipe = _rigid_recipe(tmp_path, 2)
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     t0 = time.perf_counter()
@@ -205,8 +210,7 @@ def test_a_dashboard_host_that_cannot_be_bound_is_one_line(pair_yaml, run_cli) -
 
 def test_apply_refuses_outputs_it_cannot_write_before_registering(pair_yaml, run_cli, tmp_path) -> None:
     three = pair_yaml(dim=3, stages=["rigid"], folder="three")
-    recipe = tmp_path / "r3.yaml"
-    save_recipe(quick_recipe(["rigid"], 3), recipe)
+    recipe = _rigid_recipe(tmp_path, 3)
     images = ["--fixed", three.parent / "fixed.nii.gz", "--moving", three.parent / "moving.nii.gz"]
     line = _one_line(
         run_cli("apply", recipe, *images, "--transform-out", tmp_path / "t.tfm", "--image-out", tmp_path / "w.png"),
@@ -258,8 +262,7 @@ def test_check_says_how_long_a_slow_baseline_will_take(pair_yaml, run_cli, monke
 
 def test_apply_refuses_landmarks_off_the_images_as_tune_does(pair_yaml, run_cli, tmp_path) -> None:
     path = pair_yaml(stages=["rigid"])
-    recipe = tmp_path / "r.yaml"
-    save_recipe(quick_recipe(["rigid"], 2), recipe)
+    recipe = _rigid_recipe(tmp_path, 2)
     far = tmp_path / "far.csv"
     far.write_text("x,y\n1000,1000\n1010,1000\n")
     result = run_cli(

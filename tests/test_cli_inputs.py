@@ -205,7 +205,7 @@ def test_a_scheduler_file_that_is_not_one_and_a_closed_port(tmp_path) -> None:
 def test_a_dashboard_host_that_cannot_be_bound_is_one_line(pair_yaml, run_cli) -> None:
     path = pair_yaml(stages=["rigid"])
     assert run_cli("tune", path, "--trials", "1", "--jobs", "1", "-q").code == 0
-    _one_line(run_cli("dashboard", path, "--host", "999.1.1.1", "--port", "18091"), 2, "--host", "cannot listen")
+    _one_line(run_cli("dashboard", path, "--host", "192.0.2.1", "--port", "18091"), 2, "--host", "cannot listen")
 
 
 def test_apply_refuses_outputs_it_cannot_write_before_registering(pair_yaml, run_cli, tmp_path) -> None:

@@ -399,10 +399,11 @@ def open_storage(spec: StorageSpec) -> optuna.storages.BaseStorage:
         raise UserError(
             f"storage {redact(url)} needs {driver}, which is not installed{hint}", key="--storage"
         ) from None
-    except Exception as err:  # noqa: BLE001 - connection refused, bad credentials...
+    except Exception as err:  # noqa: BLE001 - connection refused, bad credentials, a folder that cannot be made...
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
-            f"cannot open storage {redact(url)} ({excerpt(redact(msg, url), 200, quote=False)})", key="--storage"
+            f"cannot open storage {redact(url)} ({excerpt(redact(msg, url), 200, quote=False)})",
+            key="--study-dir" if spec.local_journal else "--storage",  # the default journal lives in the study folder
         ) from None
 
 

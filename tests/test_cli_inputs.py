@@ -281,3 +281,9 @@ def test_check_warns_about_a_landmark_row_copied_in_both_files(pair_yaml, run_cl
     result = run_cli("check", path)
     assert result.code == 0
     assert "1 landmark row(s) repeat an earlier one in both files (first: row 21 = row 3)" in result.out
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc, a folder where no folder can be made")
+def test_a_study_folder_that_cannot_be_made_names_study_dir(pair_yaml, run_cli) -> None:
+    path = pair_yaml(stages=["rigid"])
+    _one_line(run_cli("tune", path, "--study-dir", "/proc/no_study_here", "--trials", "1", "-q"), 2, "--study-dir")

@@ -709,6 +709,13 @@ class SearchSpace:
                 and (ov.low is not None or ov.high is not None)
             ):
                 raise UserError("low/high given for a parameter with choices", file=self.source, key=where)
+            bounds = [v for v in (ov.low, ov.high, *values) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            if d.log and any(v <= 0 for v in bounds):  # Optuna cannot draw it, and no recipe could use it
+                raise UserError(
+                    f"expected values above 0 (it is drawn on a log scale; got {min(bounds):g})",
+                    file=self.source,
+                    key=where,
+                )
             for other, allowed in d.when:
                 possible = self._possible(other)
                 if possible and not set(possible) & set(allowed):

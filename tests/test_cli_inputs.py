@@ -287,3 +287,9 @@ def test_check_warns_about_a_landmark_row_copied_in_both_files(pair_yaml, run_cl
 def test_a_study_folder_that_cannot_be_made_names_study_dir(pair_yaml, run_cli) -> None:
     path = pair_yaml(stages=["rigid"])
     _one_line(run_cli("tune", path, "--study-dir", "/proc/no_study_here", "--trials", "1", "-q"), 2, "--study-dir")
+
+
+def test_a_log_scaled_range_must_be_above_zero(pair_yaml, run_cli) -> None:
+    """A learning rate from -1 to 0 was accepted; Optuna then failed every trial that drew it."""
+    path = pair_yaml(stages=["affine"], extra={"search": {"stage0.optimizer.learning_rate": {"low": -1, "high": 0}}})
+    _one_line(run_cli("check", path), 2, "search.stage0.optimizer.learning_rate", "above 0")

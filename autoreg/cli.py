@@ -302,7 +302,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from .tuning import run_tune
 
     def show(event) -> None:
-        if not args.quiet or event.kind in ("reaped", "cluster"):
+        if not args.quiet or event.kind in ("reaped", "requeued", "cluster"):
             _out(event.text)
 
     result = run_tune(
@@ -323,10 +323,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
         f"{'interrupted' if result.interrupted else 'done'}: {snap.finished} trials ({snap.complete} complete, "
         f"{snap.failed} failed, {snap.pruned} pruned"
         f"{f', {snap.not_run} not run: predicted too slow for their share of --timeout' if snap.not_run else ''}"
+        f"{f', {snap.interrupted} interrupted' if snap.interrupted else ''}"
         f"), {result.seconds:.1f} s this run"
     )
     if result.aborted:
         _out(f"trial(s) {result.aborted} did not stop within {_grace()} s of Ctrl-C: failed as interrupted")
+    if result.cut_by_skips:
+        _out(
+            f"the study reached --trials {result.target} early: {snap.not_run} suggestions were predicted too slow for "
+            f"their share of the time left, and at most {result.target} of them give their place to another; a longer "
+            "--timeout or fewer --trials gives each trial more time"
+        )
     metric, unit = result.metric, result.unit
     _out(
         f"best {metric}: {_valued(best.value, unit)} (trial {best.number})" if best else "best: no completed trial yet"

@@ -47,7 +47,8 @@ from typing import TYPE_CHECKING, Any
 
 from .artifacts import ArtifactRecorder, artifact_store
 from .errors import UserError, excerpt, special_file
-from .study import INTERRUPTED, fail_trials, journal_lock, redact, running_trials_of
+from .study import fail_trials, journal_lock, redact, running_trials_of
+from .trial import INTERRUPTED
 from .tuning import TuneEvent
 from .workers import WorkerData, WorkerPlan, run_trials
 

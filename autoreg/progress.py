@@ -72,6 +72,9 @@ class Snapshot:
     #: Suggestions never run for their predicted cost (``trial.NOT_RUN``): not in ``pruned``, ``total`` or ``finished``,
     #: as they are not in the count of ``--trials``.
     not_run: int = 0
+    #: Trials stopped by Ctrl-C (``trial.INTERRUPTED``): not in ``failed``, ``total`` or ``finished``, as they give
+    #: their place in ``--trials`` to another.
+    interrupted: int = 0
 
     @property
     def finished(self) -> int:
@@ -91,7 +94,7 @@ def snapshot(study: optuna.Study) -> Snapshot:
     trials = [TrialRecord.of(t) for t in frozen]
     by: dict[str, int] = {}
     for t in trials:
-        state = "NOT_RUN" if t.not_run else t.state
+        state = "NOT_RUN" if t.not_run else "INTERRUPTED" if t.interrupted else t.state
         by[state] = by.get(state, 0) + 1
     best, baseline = best_and_baseline(trials)
     running, durations = [], []
@@ -108,12 +111,12 @@ def snapshot(study: optuna.Study) -> Snapshot:
                     reports=len(steps),
                 )
             )
-        elif ft.state.is_finished() and not rec.not_run:  # a skipped suggestion's instant says nothing of a trial's
+        elif ft.state.is_finished() and not (rec.not_run or rec.interrupted):  # neither says how long a trial takes
             seconds = _seconds_of(ft, rec)
             if seconds is not None:
                 durations.append(seconds)
     return Snapshot(
-        total=len(trials) - by.get("WAITING", 0) - by.get("NOT_RUN", 0),
+        total=len(trials) - by.get("WAITING", 0) - by.get("NOT_RUN", 0) - by.get("INTERRUPTED", 0),
         complete=by.get("COMPLETE", 0),
         failed=by.get("FAIL", 0),
         pruned=by.get("PRUNED", 0),
@@ -123,6 +126,7 @@ def snapshot(study: optuna.Study) -> Snapshot:
         running_trials=tuple(running),
         durations=tuple(durations),
         not_run=by.get("NOT_RUN", 0),
+        interrupted=by.get("INTERRUPTED", 0),
     )
 
 
@@ -286,6 +290,7 @@ def progress_line(
     longest = max((e for t in snap.running_trials if (e := t.elapsed(now)) is not None), default=None)
     running = f"{snap.running} running" + (f", longest {_duration(longest)}" if longest is not None else "")
     not_run = f", not run {snap.not_run} (predicted too slow)" if snap.not_run else ""
+    not_run += f", interrupted {snap.interrupted}" if snap.interrupted else ""
     return (
         f"trials {snap.finished}{total} done ({running}) | best {_fmt(snap.best, unit)} | "
         f"baseline {_fmt(snap.baseline, unit)} | failed {snap.failed}, pruned {snap.pruned}{not_run} | "
@@ -350,6 +355,7 @@ class _LiveView:
             "  pruned ",
             str(snap.pruned),
             f"  not run {snap.not_run}" if snap.not_run else "",
+            f"  interrupted {snap.interrupted}" if snap.interrupted else "",
             f"  {_duration(elapsed)} elapsed",
             "" if m.stopping else ("  ~" + _duration(left) + " left") if left is not None else "  estimating time left",
         )

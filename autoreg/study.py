@@ -48,6 +48,7 @@ from .trial import (
     best_and_baseline,
     crossed_from,
     crossed_role,
+    interrupted_numbers,
     not_run_numbers,
     read,
     records,
@@ -675,7 +676,7 @@ def cross_defaults_if_due(
 def _finished_and_marks(trials: Sequence[FrozenTrial], n_trials: int | None) -> tuple[int, list[int]]:
     """How many trials have finished, as the budget counts them (a share of the registrations run), and the counts
     at which the default ways are crossed (``CROSS_AT``)."""
-    skipped = not_run_numbers(trials, n_trials)
+    skipped = not_run_numbers(trials, n_trials) | interrupted_numbers(trials)
     finished = sum(
         t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) and t.number not in skipped for t in trials
     )
@@ -787,16 +788,13 @@ def running_trials_of(study: optuna.Study, workers: set[str]) -> list[FrozenTria
     ]
 
 
-#: Why a trial was failed by someone other than its worker: the worker died, or the user stopped the tune.
-INTERRUPTED = "interrupted"
-
-
 def fail_trials(study: optuna.Study, trials: list[FrozenTrial], *, reason: str | None = None) -> list[int]:
     """Fail trials that their workers can no longer finish; returns their numbers.
 
     Without ``reason`` the worker died: each trial is queued again once (``retry_of``); a retry whose worker died
     too is failed for good, since a recipe that crashes its worker would otherwise crash every retry (and, with
-    loky, the other workers' trials with it). With a ``reason`` (Ctrl-C: ``INTERRUPTED``) nothing is queued again.
+    loky, the other workers' trials with it). With a ``reason`` (Ctrl-C: ``INTERRUPTED``) nothing is queued now:
+    the next tune queues the interrupted points again (``queue_interrupted_again``).
     A trial that finished meanwhile is left as it is."""
     storage = study._storage  # noqa: SLF001 - Optuna has no public call to fail another process's trial
     failed = []
@@ -812,20 +810,42 @@ def fail_trials(study: optuna.Study, trials: list[FrozenTrial], *, reason: str |
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # its worker finished it after all
         failed.append(t.number)
-        if reason is not None or again:
-            continue
-        # a recipe run as it is (the baseline, a user's) runs again as it is; a point of the space (suggested, a warm
-        # start, a default point) is replayed from its params, so that the sampler sees the retry too
-        if t.role == BASELINE or t.role.startswith(USER_PREFIX):
-            again_attrs = attrs(recipe=t.recipe, role=t.role)
-        else:
-            again_attrs = attrs(role=t.role) if t.role != SUGGESTED else {}
-            if t.linear_from is not None:  # a conditioned suggestion: its donor's seed, so its linear stages again
-                again_attrs["linear_from"] = t.linear_from
-        # a queued point whose worker died before suggesting it has its values only as Optuna's fixed params
-        params = {**frozen.system_attrs.get("fixed_params", {}), **t.params}
-        study.enqueue_trial(params, user_attrs=attrs(**again_attrs, retry_of=t.number))
+        if reason is None and not again:
+            _queue_again(study, frozen)
     return failed
+
+
+def queue_interrupted_again(study: optuna.Study) -> list[str]:
+    """Under the budget lock, as a tune starts: queue once more every queued point (the baseline, a user's recipe,
+    a warm start, a default or crossed point) that an earlier tune's Ctrl-C stopped; returns their roles. They are
+    the study's fixed plan: without this, a baseline interrupted once stayed 'fail (interrupted)' for good.
+    Interrupted suggestions are not queued: the sampler suggests anew (both give their place in ``--trials``)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
+    queued = []
+    for frozen in trials:
+        t = TrialRecord.of(frozen)
+        if not t.interrupted or t.role == SUGGESTED or t.number in retried:
+            continue
+        _queue_again(study, frozen)
+        queued.append(t.role)
+    return queued
+
+
+def _queue_again(study: optuna.Study, frozen: FrozenTrial) -> None:
+    """Queue a trial that did not finish to run once more as it was (``retry_of`` names it)."""
+    t = TrialRecord.of(frozen)
+    # a recipe run as it is (the baseline, a user's) runs again as it is; a point of the space (suggested, a warm
+    # start, a default point) is replayed from its params, so that the sampler sees the retry too
+    if t.role == BASELINE or t.role.startswith(USER_PREFIX):
+        again_attrs = attrs(recipe=t.recipe, role=t.role)
+    else:
+        again_attrs = attrs(role=t.role) if t.role != SUGGESTED else {}
+        if t.linear_from is not None:  # a conditioned suggestion: its donor's seed, so its linear stages again
+            again_attrs["linear_from"] = t.linear_from
+    # a queued point whose worker died before suggesting it has its values only as Optuna's fixed params
+    params = {**frozen.system_attrs.get("fixed_params", {}), **t.params}
+    study.enqueue_trial(params, user_attrs=attrs(**again_attrs, retry_of=t.number))
 
 
 @functools.lru_cache(maxsize=4)

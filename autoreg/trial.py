@@ -30,6 +30,9 @@ TIME_LIMIT = "time limit"
 #: How ``pruned_at`` begins for a suggested trial never run: its predicted seconds were far over its share of the
 #: study's time. It ran no registration, so it does not count toward ``--trials`` (``not_run_numbers``).
 NOT_RUN = "not run"
+#: ``fail_reason`` of a trial stopped by the user (Ctrl-C) or its tune's end: it measured nothing, so it gives its
+#: place in ``--trials`` (``interrupted_numbers``), and a queued point is queued again by the next tune.
+INTERRUPTED = "interrupted"
 #: Statistics of a finished trial, each the mean over its pairs (``folding_fraction``: the worst pair).
 SCORE_KEYS = (
     "tre_mean",
@@ -131,6 +134,11 @@ class TrialRecord(BaseModel):
         return is_not_run(self.state, self.pruned_at)
 
     @property
+    def interrupted(self) -> bool:
+        """Failed because its tune was stopped, not because of its recipe."""
+        return self.state == "FAIL" and self.fail_reason == INTERRUPTED
+
+    @property
     def reason(self) -> str | None:
         """Why a trial failed or was pruned, in a few words (None for the others)."""
         if self.state == "FAIL":
@@ -216,6 +224,11 @@ def not_run_numbers(trials: Iterable[FrozenTrial], n_trials: int | None) -> set[
     60 suggestions were skipped so, and the studies ended at 7.7 of their 10 minutes having run 34 registrations."""
     numbers = [t.number for t in trials if is_not_run(t.state.name, t.user_attrs.get("pruned_at"))]
     return set(numbers if n_trials is None else numbers[:n_trials])
+
+
+def interrupted_numbers(trials: Iterable[FrozenTrial]) -> set[int]:
+    """The trials stopped by their tune (``INTERRUPTED``): they give their place in ``--trials`` to another."""
+    return {t.number for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("fail_reason") == INTERRUPTED}
 
 
 def write_to_storage(storage: optuna.storages.BaseStorage, trial_id: int, **attrs: Any) -> None:

@@ -55,10 +55,11 @@ MAX_JOBS = 256
 @dataclass(frozen=True)
 class TuneEvent:
     """Something a user of a running tune should see, as one line. ``kind``: ``started`` (the study, its storage and
-    workers), ``progress`` (a live line), ``reaped`` (trials of dead workers failed and queued again), ``cluster``
-    (what the Dask cluster reaches and does). ``str(event)`` is the line."""
+    workers), ``progress`` (a live line), ``reaped`` (trials of dead workers failed and queued again), ``requeued``
+    (queued points an earlier Ctrl-C stopped, queued again), ``cluster`` (what the Dask cluster reaches and does).
+    ``str(event)`` is the line."""
 
-    kind: Literal["started", "progress", "reaped", "cluster"]
+    kind: Literal["started", "progress", "reaped", "requeued", "cluster"]
     text: str
 
     def __str__(self) -> str:
@@ -101,6 +102,14 @@ class TuneResult:
     workers: str = ""
     #: The unit of a TRE score (px or mm, ``progress.score_unit``); None for a relative TRE or a holdout metric.
     unit: str | None = None
+    #: The study's trial count this run worked toward (``--trials``, or the default without ``--timeout``).
+    target: int | None = None
+
+    @property
+    def cut_by_skips(self) -> bool:
+        """The count was reached because suggestions were predicted too slow for their share of the time left: at
+        most ``target`` of them give their place (``trial.not_run_numbers``), so that an unaffordable space ends."""
+        return not self.interrupted and self.target is not None and self.snapshot.not_run >= self.target
 
     @property
     def metric(self) -> str:
@@ -266,7 +275,13 @@ class _Tune:
         console: Console | None,
     ) -> TuneResult:
         from .progress import ProgressMonitor, score_unit, snapshot
-        from .study import best_and_baseline_of, reap_stale_trials, storage_lost, take_launch_number
+        from .study import (
+            best_and_baseline_of,
+            queue_interrupted_again,
+            reap_stale_trials,
+            storage_lost,
+            take_launch_number,
+        )
         from .workers import StopRequest, WorkerPlan, budget_lock
 
         study, cfg, directory = self.study, self.cfg, self.directory
@@ -281,6 +296,9 @@ class _Tune:
         lock_path = str(directory / "trials.lock")
         with budget_lock(lock_path):  # two tunes started together get different numbers, hence sampler streams
             launch = take_launch_number(study)
+            requeued = queue_interrupted_again(study)
+        if requeued:
+            self.emit(TuneEvent("requeued", f"queued again, as Ctrl-C stopped them before: {', '.join(requeued)}"))
         target = trials if trials is not None else (None if timeout else DEFAULT_TRIALS)
         plan = WorkerPlan(
             cfg=cfg,
@@ -379,6 +397,7 @@ class _Tune:
             holdout=holdout,
             workers=runner.describe(),
             unit=unit,
+            target=target,
         )
 
     def _holdout(self, best: TrialRecord) -> list[HoldoutScore]:
@@ -495,7 +514,8 @@ class LocalRunner:
         outlive the tune by its watcher's interval). The in-process worker's trial is failed the same way; its
         thread stops at the registration's next iteration, or with the process."""
         from .processes import is_own, kill, pool_workers
-        from .study import INTERRUPTED, fail_trials, running_trials_of
+        from .study import fail_trials, running_trials_of
+        from .trial import INTERRUPTED
 
         host, me = socket.gethostname(), os.getpid()
         pool = pool_workers(me) if self.jobs > 1 else set()

@@ -42,7 +42,7 @@ from .study import (
     open_storage,
     storage_errors,
 )
-from .trial import not_run_numbers
+from .trial import INTERRUPTED, interrupted_numbers, not_run_numbers
 
 log = logging.getLogger(__name__)
 
@@ -289,9 +289,10 @@ def budget_spent(trials: Sequence[FrozenTrial], n_trials: int) -> bool:
     """Whether a worker may ask for no more trials. The budget counts trials asked for (not the queued ones); a
     dead worker's trial, failed and queued again, gives its place to its retry, which runs even once the count is
     reached (other workers may have filled the budget before the death was seen): nothing a user asked for is lost.
-    A suggestion never run for its predicted cost gives its place too (``trial.not_run_numbers``)."""
+    A suggestion never run for its predicted cost gives its place too (``trial.not_run_numbers``), and so does a trial
+    stopped by Ctrl-C (``trial.interrupted_numbers``)."""
     retried = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
-    free = retried | not_run_numbers(trials, n_trials)
+    free = retried | not_run_numbers(trials, n_trials) | interrupted_numbers(trials)
     counted, retry_waiting = 0, False
     for t in trials:
         if t.state == TrialState.WAITING:
@@ -352,7 +353,7 @@ def run_one(
             raise
         except BaseException:
             try:
-                trial.set_user_attr("fail_reason", "interrupted")
+                trial.set_user_attr("fail_reason", INTERRUPTED)
                 study.tell(trial, state=TrialState.FAIL)
             finally:
                 raise

@@ -474,6 +474,7 @@ def test_a_trial_predicted_over_budget_is_not_run_but_the_default_point_is(tmp_p
         assert t.user_attrs["pruned_at"].startswith("not run: predicted"), t.user_attrs["pruned_at"]
         assert "over 1e-09x the trial budget" in t.user_attrs["pruned_at"], t.user_attrs["pruned_at"]
     assert "6 not run: predicted too slow for their share of --timeout" in run.out
+    assert "the study reached --trials 4 early: 6 suggestions were predicted too slow" in run.out  # why it ended
 
 
 @pytest.mark.slow
@@ -758,13 +759,46 @@ def test_interrupt_in_a_trial_fails_it_and_exits_130(tuned: Tuned, tmp_path: Pat
     monkeypatch.setattr(Objective, "__call__", call)
     run = tune(tuned.pair, study_dir, "--trials", 20, "--jobs", 1, "--seed", 3)
     assert run.code == 130, run.err
-    assert "interrupted: 10 trials" in run.out and "finished trials are kept" in run.out
+    assert "interrupted: 9 trials" in run.out and ", 1 interrupted)" in run.out
+    assert "finished trials are kept" in run.out
     assert "Traceback" not in run.err
     trials = trials_of(study_dir)
     assert len(trials) == 10
     assert trials[9].state == TrialState.FAIL and trials[9].user_attrs["fail_reason"] == "interrupted"
     assert all(t.state.is_finished() for t in trials)
     _kept(before, trials)
+
+
+def test_a_baseline_stopped_by_ctrl_c_runs_again_and_gives_its_place(tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C during the baseline: the next tune queues it again (it stayed 'fail (interrupted)' for good before) and
+    the interrupted trial does not count toward --trials."""
+    from autoreg.objective import Objective
+
+    pair = write_study_files(tmp_path / "data")
+    study_dir = tmp_path / "study"
+    real_call = Objective.__call__
+
+    def stopped(self, trial):
+        trial.set_user_attr("worker", self.worker)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Objective, "__call__", stopped)
+    first = tune(pair, study_dir, "--trials", 4, "--jobs", 1, "--seed", 3)
+    assert first.code == 130, first.err
+    assert "interrupted: 0 trials" in first.out and ", 1 interrupted)" in first.out
+    monkeypatch.setattr(Objective, "__call__", real_call)
+    again = tune(pair, study_dir, "--trials", 4, "--jobs", 1, "--seed", 3)
+    assert again.code == 0, again.err
+    assert "queued again, as Ctrl-C stopped them before: baseline" in again.out
+    assert "fail (interrupted)" not in again.out and "baseline (SimpleITK-notebooks default) tre_mean: " in again.out
+    trials = trials_of(study_dir)
+    assert trials[0].user_attrs["fail_reason"] == "interrupted"
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == 0]
+    assert len(retry) == 1 and retry[0].user_attrs["role"] == "baseline" and retry[0].state == TrialState.COMPLETE
+    assert stripped(retry[0].user_attrs["recipe"]) == stripped(trials[0].user_attrs["recipe"])
+    ran = [t for t in trials if t.number != 0]
+    assert len(ran) == 4 and all(t.state.is_finished() for t in ran)  # the interrupted one gave its place
+    assert "done: 4 trials" in again.out
 
 
 @pytest.mark.slow

@@ -665,7 +665,7 @@ def cross_defaults_if_due(
     too_slow = {crossed_from(r.role)[0] for r in records_ if r.out_of_time}
     queued = []
     for role, params in space.crossed_points(donor.params):
-        if role in too_slow:
+        if role in too_slow or role == donor.role:  # a way's default point as donor: crossed, it would repeat itself
             continue
         name = crossed_role(role, donor.number)
         study.enqueue_trial(params, user_attrs=attrs(role=name), skip_if_exists=True)

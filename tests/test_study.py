@@ -208,6 +208,33 @@ def test_the_default_ways_run_again_on_the_best_suggested_linear_stages_at_each_
     assert cross() == []  # both thirds spent
 
 
+def test_a_default_point_whose_linear_stages_ended_best_is_not_crossed_onto_itself() -> None:
+    """Its way crossed onto its own linear stages (and seed) would run the same registration again: a 3D study spent
+    99 s of 400 on such a copy."""
+    from autoreg.objective import RUNGS, report_step
+    from autoreg.study import cross_defaults_if_due
+
+    space, study = _two_stage_study()
+    step = report_step(0, 2, 0, len(RUNGS) - 1)
+
+    def finish(value: float, linear: float, role: str | None = None) -> int:
+        trial = study.ask()
+        if role:
+            trial.set_user_attr("role", role)
+        space.suggest(trial, seed=trial.number)
+        trial.report(linear, step)
+        study.tell(trial, value)
+        return trial.number
+
+    donor = finish(1.0, 0.5, role="default:bspline")
+    finish(2.0, 3.0, role="default:displacement")
+    finish(3.0, 4.0)
+    queued = cross_defaults_if_due(study, space, study.get_trials(deepcopy=False), 9, step)
+    ways = [role for role, _ in space.default_points()]
+    assert "default:bspline" in ways
+    assert queued == [f"{role}@{donor}" for role in ways if role != "default:bspline"]
+
+
 def test_the_donor_of_the_crossed_linear_stages_is_the_trial_whose_linear_stages_ended_best() -> None:
     """Any trial of the space whose levels were reported may give its linear stages, a default point included (its
     affine is the default one, but its seed made it a different result); not the baseline (a recipe run as it is,

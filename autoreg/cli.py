@@ -346,7 +346,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
             f"never saw ({_valued(best.tre_mean, unit)} on those it selected with)"
         )
     if base is not None:
-        _out(f"baseline (SimpleITK-notebooks default) {metric}: {_baseline_summary(base, unit)}")
+        worse = _worse_than_before(base.value, result.before, unit)
+        _out(f"baseline (SimpleITK-notebooks default) {metric}: {_baseline_summary(base, unit)}{worse}")
+    if result.before is not None:
+        _out(f"before registration (the identity) {metric}: {_valued(result.before, unit)}")
+        if best is not None and best.value > result.before:
+            _err(f"warning: no trial ended below the {metric} before registration: every recipe made it worse")
     for h in result.holdout:
         _out(f"holdout {h.name}: {h.metric} {f'{h.value:.4g}' if h.value is not None else f'failed ({h.failure})'}")
     _out(f"study: {result.directory} (storage {result.storage.display})")
@@ -401,6 +406,13 @@ def _grace() -> str:
 def _valued(value: float, unit: str | None) -> str:
     """A score with its unit where it has one (``progress.score_unit``)."""
     return f"{value:.4g} {unit}" if unit else f"{value:.4g}"
+
+
+def _worse_than_before(value: float | None, before: float | None, unit: str | None) -> str:
+    """A note for a score above the value with no registration: a reference that did harm is no reference."""
+    if value is None or before is None or value <= before:
+        return ""
+    return f", worse than before registration ({_valued(before, unit)})"
 
 
 def _baseline_summary(base, unit: str | None = None) -> str:

@@ -104,6 +104,8 @@ class TuneResult:
     unit: str | None = None
     #: The study's trial count this run worked toward (``--trials``, or the default without ``--timeout``).
     target: int | None = None
+    #: The study's value with no registration (``objective.value_before``); None for the holdout metric.
+    before: float | None = None
 
     @property
     def cut_by_skips(self) -> bool:
@@ -274,6 +276,7 @@ class _Tune:
         live: bool,
         console: Console | None,
     ) -> TuneResult:
+        from .objective import value_before
         from .progress import ProgressMonitor, score_unit, snapshot
         from .study import (
             best_and_baseline_of,
@@ -314,7 +317,8 @@ class _Tune:
             launch=launch,
             launcher_pid=os.getpid(),
         )
-        unit = score_unit(str(study.user_attrs.get("objective", cfg.score_name)), self.pipe.pairs[0].fixed)
+        metric = str(study.user_attrs.get("objective", cfg.score_name))
+        unit = score_unit(metric, self.pipe.pairs[0].fixed)
         runner: Runner
         if dask_scheduler:
             from .dask_cluster import DaskRunner
@@ -398,6 +402,7 @@ class _Tune:
             workers=runner.describe(),
             unit=unit,
             target=target,
+            before=value_before(self.pipe.pairs, metric),
         )
 
     def _holdout(self, best: TrialRecord) -> list[HoldoutScore]:

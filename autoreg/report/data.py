@@ -26,6 +26,7 @@ from .. import __version__
 from ..artifacts import artifact_store, load_transform, tre_rows
 from ..data import PairData
 from ..images import physical_unit, view_pngs
+from ..objective import value_before
 from ..recipe import recipe_from_dict, recipe_to_yaml
 from ..trial import TrialRecord, best_and_baseline, records
 
@@ -102,6 +103,8 @@ class ReportData:
     transform_source: str = ""
     #: Per pair, the landmarks the search never saw (``pipeline.Pipeline.split``), as the study recorded it.
     split: dict[str, Any] = field(default_factory=dict)
+    #: The study's value with no registration (``objective.value_before``), when every pair's landmarks loaded.
+    before: float | None = None
     #: ``autoreg crossval``'s results for this study (``crossval.json`` in its folder), when it ran.
     crossval: dict[str, Any] | None = None
     created: str | None = None
@@ -247,10 +250,11 @@ def report_data(
     names = list(pair_names) if pair_names is not None else [p.name for p in pairs]
     importances, note = param_importances(copy)
     tables, images = pair_results(pairs, transforms or {}, baseline_transforms) if pairs else ([], [])
+    objective = str(study.user_attrs.get("objective", "score"))
     return ReportData(
         study=copy,
         study_name=study.study_name,
-        objective=str(study.user_attrs.get("objective", "score")),
+        objective=objective,
         stages=stages,
         pair_names=names,
         trials=trials,
@@ -267,6 +271,7 @@ def report_data(
         images=images,
         unit=common_unit(p.fixed for p in pairs),
         transform_source=transform_source,
+        before=value_before(pairs, objective) if pairs and len(pairs) == len(names) else None,
         created=study.user_attrs.get("created"),
         generated=datetime.now(UTC).isoformat(timespec="seconds"),
         versions={"autoreg": __version__, "optuna": optuna.__version__, "SimpleITK": sitk.Version.VersionString()},

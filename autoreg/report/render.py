@@ -97,12 +97,24 @@ def summary_cards(data: ReportData) -> list[Card]:
         )
     elif any("note" in v for v in data.split.values()):
         cards.append(Card("honest score", "-", "too few landmarks to keep some aside"))
+    if data.before is not None:
+        worse = best is not None and best.value > data.before
+        cards.append(
+            Card(
+                f"before registration {data.objective}",
+                fmt(data.before) + unit,
+                "the identity, on the landmarks the search selects with"
+                + ("; no trial ended below it" if worse else ""),
+            )
+        )
     if best is not None and b is not None and finite(b.value) and best.value and best.value > 0:
+        harm = data.before is not None and b.value > data.before
         cards.append(
             Card(
                 "improvement",
                 f"{b.value / best.value:.3g}×",
-                f"{(1 - best.value / b.value) * 100:.1f} % lower than the default",
+                f"{(1 - best.value / b.value) * 100:.1f} % lower than the default"
+                + (", which ended worse than before registration" if harm else ""),
             )
         )
     return cards

@@ -28,9 +28,20 @@ from .data import PairData
 from .errors import RegistrationFailed, RegistrationPruned
 from .recipe import Recipe, recipe_from_dict, recipe_to_dict
 from .registration import LevelRecord, register
+from .registration.core import NO_OVERLAP
 from .scoring import folding_fraction, has_deformable, holdout_metric, tre
 from .space import SearchSpace
-from .trial import BASELINE, FOLDING_CONSTRAINT, NOT_RUN, SUGGESTED, TIME_LIMIT, linear_donor, read, records, write
+from .trial import (
+    BASELINE,
+    FOLDING_CONSTRAINT,
+    NOT_RUN,
+    SUGGESTED,
+    TIME_LIMIT,
+    linear_donor,
+    read,
+    records,
+    write,
+)
 
 log = logging.getLogger(__name__)
 
@@ -396,6 +407,9 @@ class Objective:
                     pruned_at=f"{TIME_LIMIT} {limit:.3g} s ({err.detail})" if limit is not None else TIME_LIMIT,
                 )
                 raise optuna.TrialPruned(TIME_LIMIT) from None
+            if err.reason == NO_OVERLAP:  # diverged: pruned at the level it reported, so the sampler learns to avoid it
+                write(trial, runtime_s=round(time.perf_counter() - t0, 4), pruned_at=f"{NO_OVERLAP} ({err.detail})")
+                raise optuna.TrialPruned(NO_OVERLAP) from None
             return self._fail(trial, err.reason, err.detail, t0)
         except MemoryError as err:
             return self._fail(trial, "out of memory", str(err), t0)

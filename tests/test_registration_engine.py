@@ -159,6 +159,51 @@ def test_a_moments_start_repeats_after_a_registration_cut_at_its_coarse_level() 
     assert register(recipe, pair).transform.GetParameters() == alone
 
 
+def test_an_optimizer_that_steps_the_images_apart_fails_with_no_overlap() -> None:
+    """Plain gradient descent with a step far too long for the pair: the first level ends with the fixed image mapped
+    off the moving one. It fails there, with the reason, instead of ending 'complete' at a TRE larger than the image
+    (a 3D rigid trial did at 6878 mm on a 182 mm brain, another ran on through its deformable stage)."""
+    from autoreg.recipe import GradientDescent
+
+    pair = pair_data(synthetic_pair(2, "rigid"))
+    base = quick_recipe(["rigid"], 2, shrink=(2, 1), sigmas=(1.0, 0.0))
+    wild = GradientDescent(learning_rate=1e3, number_of_iterations=50, estimate_learning_rate="never", scales="none")
+    recipe = base.model_copy(update={"stages": (base.stages[0].model_copy(update={"optimizer": wild}),)})
+    levels = []
+    with pytest.raises(RegistrationFailed) as info:
+        register(recipe, pair, level_callback=lambda record, _tx: levels.append(record))
+    assert info.value.reason == "no overlap"
+    assert "after stage 0 level 0" in info.value.detail and "(100% at the start)" in info.value.detail
+    assert (
+        len(levels) == 1
+        and levels[0].tre_mean
+        > 10 * tre(sitk.Transform(2, sitk.sitkIdentity), pair.fixed_points, pair.moving_points, pair.fixed).mean
+    )  # the level's record (and the objective's report of it) is kept
+    assert register(base, pair).levels  # the same pair with a sane step registers
+
+
+def test_overlap_is_the_share_of_the_fixed_image_or_its_mask_mapped_inside_the_moving_image() -> None:
+    from types import SimpleNamespace
+
+    from autoreg.registration.frame import Frame
+
+    fixed = sitk.Image([40, 20], sitk.sitkFloat32)
+    fixed.SetSpacing((0.5, 0.5))
+    mask = sitk.Image([40, 20], sitk.sitkUInt8)
+    mask[0:10, 0:20] = 1  # the left quarter
+    mask.CopyInformation(fixed)
+    none = {"moving_mask": None, "fixed_points": None, "moving_points": None}
+    plain = Frame(SimpleNamespace(fixed=fixed, moving=fixed, fixed_mask=None, **none))
+    masked = Frame(SimpleNamespace(fixed=fixed, moving=fixed, fixed_mask=mask, **none))
+    width = 40 * plain.fixed.GetSpacing()[0]  # in the normalised frame
+    for frame in (plain, masked):
+        assert frame.overlap(sitk.Transform(2, sitk.sitkIdentity)) == 1.0
+        assert frame.overlap(sitk.TranslationTransform(2, (10 * width, 0.0))) == 0.0
+    assert plain.overlap(sitk.TranslationTransform(2, (width / 2, 0.0))) == pytest.approx(0.5)
+    assert masked.overlap(sitk.TranslationTransform(2, (width / 2, 0.0))) == 1.0  # the left quarter lands inside
+    assert masked.overlap(sitk.TranslationTransform(2, (-width / 2, 0.0))) == 0.0
+
+
 def test_prepared_levels_are_new_images_for_every_registration() -> None:
     pair = pair_data(synthetic_pair(2, "affine"))
     levels = frame_of(pair).levels

@@ -372,6 +372,37 @@ def test_a_failing_user_recipe_is_recorded_and_the_study_goes_on(tmp_path: Path)
     assert all(t.state == TrialState.COMPLETE for t in others), [(t.number, t.state) for t in others]
 
 
+def test_a_recipe_that_steps_the_images_apart_is_pruned_with_the_reason(tmp_path: Path) -> None:
+    """Pruned at the level it reported (the sampler learns from pruned trials, not failed ones), not 'complete' at a
+    TRE larger than the image: plain gradient descent with a step far too long (the engine's test of it)."""
+    from conftest import quick_recipe, synthetic_pair
+
+    from autoreg.recipe import GradientDescent, save_recipe
+
+    data = tmp_path / "data"
+    paths = write_pair(synthetic_pair(2, "rigid"), data, fmt="nii.gz")
+    base = quick_recipe(["rigid"], 2, shrink=(2, 1), sigmas=(1.0, 0.0))
+    wild = GradientDescent(learning_rate=1e3, number_of_iterations=50, estimate_learning_rate="never", scales="none")
+    save_recipe(
+        base.model_copy(update={"stages": (base.stages[0].model_copy(update={"optimizer": wild}),)}), data / "wild.yaml"
+    )
+    doc = {
+        "name": "syn",
+        "fixed": paths["fixed"].name,
+        "moving": paths["moving"].name,
+        "landmarks": {"fixed": paths["fixed_landmarks"].name, "moving": paths["moving_landmarks"].name},
+        "stages": ["rigid"],
+        "enqueue": ["wild.yaml"],
+    }
+    (data / "PAIR.yaml").write_text(yaml.safe_dump(doc), encoding="utf-8")
+    run = tune(data / "PAIR.yaml", tmp_path / "study", "--trials", 3, "--jobs", 1, "-q")
+    assert run.code == 0, run.err
+    wild_trial = trials_of(tmp_path / "study")[1]
+    assert wild_trial.user_attrs["role"] == "user:wild.yaml" and wild_trial.state == TrialState.PRUNED
+    assert wild_trial.user_attrs["pruned_at"].startswith("no overlap (after stage 0 level 0 ")
+    assert wild_trial.intermediate_values  # the level it ended was reported
+
+
 #: A displacement stage without any smoothing and a fixed step: its field folds (about 14 % of the voxels here).
 _FOLDS = """
 autoreg_recipe: 2

@@ -151,6 +151,10 @@ def mask_on_grid(mask: sitk.Image, image: sitk.Image) -> sitk.Image:
 
 # --- failure reasons ---------------------------------------------------------------------------------------------
 
+#: Why a registration whose optimizer stepped the images apart stopped (``frame.NO_OVERLAP_SHARE``); a study prunes
+#: such a trial at that level rather than fail it, since its sampler learns from pruned trials, not failed ones.
+NO_OVERLAP = "no overlap"
+
 _REASONS = [
     (re.compile(r"joint pdf summed to zero", re.I), "joint PDF summed to zero"),
     (

@@ -30,7 +30,7 @@ from .core import (
     threads_of,
 )
 from .fields import field_grid, run_field
-from .frame import Frame, Linear, all_parameters, compose, frame_of, unscale_transform
+from .frame import NO_OVERLAP_SHARE, Frame, Linear, all_parameters, compose, frame_of, unscale_transform
 from .initializer import initial_linear
 from .method import LevelTracker, close, execute, prepared_level, stage_method
 from .pyramid import (
@@ -94,6 +94,7 @@ def _run(
 ) -> RegistrationResult:
     linear = initial_linear(recipe, frame, seed, clock)
     initial = linear.as_affine()
+    min_overlap = NO_OVERLAP_SHARE * frame.overlap(initial)
     result = RegistrationResult(transform=initial, initial_transform=initial)
     current_linear: sitk.Transform = initial
     deformables: list[sitk.Transform] = []
@@ -111,7 +112,7 @@ def _run(
         else:
             raise RegistrationFailed("unsupported stage", f"stage {index} is {kind!r}")
         need = _level_need(cost, stage, frame, optimized, factors)
-        tracker = LevelTracker(stage, index, frame, moving_initial, level_callback, clock, need)
+        tracker = LevelTracker(stage, index, frame, moving_initial, level_callback, clock, need, min_overlap)
         try:
             if kind == "displacement":
                 optimized, stop = run_field(stage, index, frame, moving_initial, tracker, seed, threads, clock)

@@ -165,6 +165,15 @@ class Linear:
         return sitk.AffineTransform(tuple(self.matrix.ravel()), tuple(self.translation), tuple(self.center))
 
 
+#: Points per axis of the lattice over the fixed image on which ``Frame.overlap`` is measured (by dimension): a few
+#: hundred points, milliseconds per level.
+OVERLAP_LATTICE = {2: 24, 3: 10}
+#: A level that ends with less than this share of the overlap the registration started from has diverged: the
+#: optimizer stepped the images apart (a rigid stage ended at 6878 mm TRE on a 182 mm brain, another went on through
+#: its deformable stage at 316 mm). No registration that works loses nine tenths of its overlap.
+NO_OVERLAP_SHARE = 0.1
+
+
 class Frame:
     """A pair in the normalised frame, with landmarks for per-level TRE and its prepared pyramid levels."""
 
@@ -187,6 +196,29 @@ class Frame:
             return None
         mapped = np.array([tx.TransformPoint(tuple(map(float, p))) for p in self.fixed_points])
         return float(np.mean(np.linalg.norm(mapped - self.moving_points, axis=1)) / self.k)
+
+    @functools.cached_property
+    def lattice(self) -> np.ndarray:
+        """Points spread over the fixed image (inside its mask, where the mask holds enough of them), physical."""
+        n = OVERLAP_LATTICE.get(self.dim, 8)
+        size = np.asarray(self.fixed.GetSize(), dtype=float)
+        axes = [(np.arange(n) + 0.5) / n * s - 0.5 for s in size]
+        grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, self.dim)
+        if self.fixed_mask is not None:
+            voxels = np.clip(np.rint(grid).astype(int), 0, size.astype(int) - 1)
+            inside = sitk.GetArrayViewFromImage(self.fixed_mask)[tuple(voxels[:, ::-1].T)] > 0
+            if inside.sum() >= n:
+                grid = grid[inside]
+        return np.array([self.fixed.TransformContinuousIndexToPhysicalPoint(tuple(map(float, c))) for c in grid])
+
+    def overlap(self, tx: sitk.Transform) -> float:
+        """The share of ``lattice`` that ``tx`` (of the normalised frame) maps inside the moving image's voxels."""
+        mapped = np.array([tx.TransformPoint(tuple(point)) for point in self.lattice])
+        m = self.moving
+        to_index = np.linalg.inv(np.asarray(m.GetDirection()).reshape(self.dim, self.dim) * np.asarray(m.GetSpacing()))
+        index = (mapped - np.asarray(m.GetOrigin())) @ to_index.T
+        top = np.asarray(m.GetSize(), dtype=float) - 0.5
+        return float(np.mean(np.all((index >= -0.5) & (index <= top), axis=1)))
 
     def center(self) -> np.ndarray:
         return np.asarray(

@@ -11,8 +11,8 @@ from typing import Any
 
 import SimpleITK as sitk
 
-from .core import Clock, Halt, LevelRecord, RegistrationPruned, itk_seed
-from .frame import compose, unscale_transform
+from .core import NO_OVERLAP, Clock, Halt, LevelRecord, RegistrationFailed, RegistrationPruned, itk_seed
+from .frame import NO_OVERLAP_SHARE, compose, unscale_transform
 from .pyramid import inside_share, sampling_fraction
 
 INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
@@ -163,8 +163,12 @@ class LevelTracker:
         callback,
         clock: Clock,
         level_need: Callable[[int], float] | None = None,
+        min_overlap: float = 0.0,
     ):
         self.stage, self.index, self.frame = stage, index, frame
+        #: A level ending with less of the fixed image inside the moving one than this has diverged (``Frame.overlap``).
+        self.min_overlap = min_overlap
+        self.failed: RegistrationFailed | None = None
         self.moving_initial, self.callback, self.clock = moving_initial, callback, clock
         #: Seconds a level needs before its first iteration ends (ITK's pyramid asks at each level's start).
         self.level_need = level_need
@@ -258,6 +262,17 @@ class LevelTracker:
             except RegistrationPruned as err:
                 self.pruned = err
                 raise StopExecute() from None
+        if self.min_overlap > 0.0 and (share := self.frame.overlap(tx)) < self.min_overlap:
+            self.failed = RegistrationFailed(
+                NO_OVERLAP,
+                f"after stage {self.index} level {lvl} {share:.1%} of the fixed image maps inside the moving image "
+                f"({self.min_overlap / NO_OVERLAP_SHARE:.0%} at the start): the optimizer diverged",
+            )
+            raise StopExecute() from None
+
+    def stopped(self) -> Exception | None:
+        """What stopped the stage from inside a level's end: the callback's prune, or a lost overlap."""
+        return self.pruned or self.failed
 
     def setup_rate(self) -> float | None:
         """Seconds of setup per voxel measured at the last level (to predict whether the next one fits the clock)."""
@@ -300,8 +315,8 @@ def execute(rm: sitk.ImageRegistrationMethod, tracker: LevelTracker, fixed: sitk
     try:
         rm.Execute(fixed, moving)
     except RuntimeError:
-        if tracker.pruned is not None:
-            raise tracker.pruned from None
+        if tracker.stopped() is not None:
+            raise tracker.stopped() from None
         if tracker.halt is not None:
             raise tracker.halt from None
         raise
@@ -313,8 +328,8 @@ def close(tracker: LevelTracker, stop: str) -> None:
     try:
         tracker.close_level(tracker.final_transform(), stop)
     except StopExecute:
-        assert tracker.pruned is not None
-        raise tracker.pruned from None
+        assert tracker.stopped() is not None
+        raise tracker.stopped() from None
 
 
 def prepared_level(

@@ -140,11 +140,14 @@ class TrialRecord(BaseModel):
 
     @property
     def reason(self) -> str | None:
-        """Why a trial failed or was pruned, in a few words (None for the others)."""
+        """Why a trial failed, was pruned or cannot be the best (it folds past the study's limit), in a few words
+        (None for the others)."""
         if self.state == "FAIL":
             return self.fail_reason or "no reason recorded"
         if self.state == "PRUNED":
             return f"pruned at {self.pruned_at}" if self.pruned_at else "pruned"
+        if self.state == "COMPLETE" and not self.feasible:
+            return "infeasible: folds past the study's max_folding_percent"
         return None
 
     def scores(self) -> dict[str, float]:

@@ -230,6 +230,9 @@ def test_report_data_matches_the_study(reported: Reported) -> None:
 
 
 def test_failed_and_pruned_trials_are_grouped_by_reason() -> None:
+    from autoreg.report.render import trial_table
+    from autoreg.trial import FOLDING_CONSTRAINT
+
     study = optuna.create_study(study_name="groups", direction="minimize")
     dist = {"x": FloatDistribution(0, 1)}
     study.add_trial(create_trial(params={"x": 0.5}, distributions=dist, value=3.0, user_attrs={"role": "baseline"}))
@@ -248,15 +251,27 @@ def test_failed_and_pruned_trials_are_grouped_by_reason() -> None:
             user_attrs={"pruned_at": "stage 0 level 0"},
         )
     )
+    few = report_data(study)
+    assert few.importances is None and "at least 2 completed trials" in (few.importance_note or "")
+    assert "at least 2 completed trials" in render_html(few)
+    folded = create_trial(  # complete but over the folding limit: it can never be the best, and the report says why
+        params={"x": 0.2}, distributions=dist, value=0.5, user_attrs={"folding_fraction": 0.179}
+    )
+    folded.set_constraint(FOLDING_CONSTRAINT, 17.8)
+    study.add_trial(folded)
     data = report_data(study)
     assert [(g.state, g.reason, g.trials) for g in data.groups] == [
         ("FAIL", "joint PDF summed to zero", (1, 2)),
+        ("COMPLETE", "infeasible: folds past the study's max_folding_percent", (5,)),
         ("FAIL", "time limit", (3,)),
         ("PRUNED", "pruned at stage 0 level 0", (4,)),
     ]
-    assert data.importances is None and "at least 2 completed trials" in (data.importance_note or "")
+    assert data.best is not None and data.best.number == 0
     text = render_html(data)
-    assert "joint PDF summed to zero" in text and "at least 2 completed trials" in text
+    assert "joint PDF summed to zero" in text
+    assert "<td>infeasible</td>" in text
+    header, rows = trial_table(data)
+    assert header[4] == "folded (%)" and rows[5][4] == pytest.approx(17.9) and rows[0][4] is None
 
 
 def test_every_text_is_escaped() -> None:

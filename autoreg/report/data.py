@@ -136,10 +136,10 @@ def snapshot(study: optuna.Study) -> optuna.Study:
 
 
 def reason_groups(trials: Iterable[TrialRecord]) -> list[ReasonGroup]:
-    """Failed and pruned trials grouped by state and reason, the largest group first."""
+    """Failed, pruned and infeasible trials grouped by state and reason, the largest group first."""
     groups: dict[tuple[str, str], list[int]] = defaultdict(list)
     for t in trials:
-        if t.state in ("FAIL", "PRUNED") and t.reason:
+        if t.reason:
             groups[(t.state, t.reason)].append(t.number)
     return sorted(
         (ReasonGroup(s, r, tuple(n)) for (s, r), n in groups.items()), key=lambda g: (-len(g.trials), g.state, g.reason)

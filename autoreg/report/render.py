@@ -121,11 +121,21 @@ def summary_cards(data: ReportData) -> list[Card]:
 
 
 def trial_table(data: ReportData) -> tuple[list[str], list[list[Any]]]:
-    """Every trial: number, state, role, value, the cost fields any trial recorded, and why it failed or was pruned."""
+    """Every trial: number, state, role, value, its folding (deformable studies), the cost fields any trial recorded,
+    and why it failed, was pruned or is infeasible."""
     extra = [f for f in TRIAL_COST_FIELDS if any(getattr(t, f) is not None for t in data.trials)]
-    header = ["trial", "state", "role", data.objective_label, *extra, "reason"]
+    folds = any(t.folding_fraction is not None for t in data.trials)  # a deformable study: how much each one folds
+    header = ["trial", "state", "role", data.objective_label, *(["folded (%)"] if folds else []), *extra, "reason"]
     rows = [
-        [t.number, t.state.lower(), t.origin, t.value, *(getattr(t, f) for f in extra), t.reason or ""]
+        [
+            t.number,
+            t.state.lower(),
+            t.origin,
+            t.value,
+            *([None if t.folding_fraction is None else 100 * t.folding_fraction] if folds else []),
+            *(getattr(t, f) for f in extra),
+            t.reason or "",
+        ]
         for t in data.trials
     ]
     return header, rows

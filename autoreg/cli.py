@@ -114,7 +114,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         _out(f"landmarks of {name}: {split.get('note') or counts}")
     for point in starting:
         _out(f"starting point {point.role}: {' -> '.join(point.recipe.kinds)}")
-    plan = pyramid_plan(fp)
+    plan = pyramid_plan(fp, pipe.cfg.stages)
     _out(f"\nthe search may use: {plan}")
     baseline_s = _baseline_seconds(pipe)
     if baseline_s is not None:

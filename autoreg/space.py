@@ -20,6 +20,7 @@ Ranges follow from the fingerprint (see ``fingerprint`` for the rules):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -897,13 +898,16 @@ def build_space(cfg: StudyConfig, fingerprint: DatasetFingerprint) -> SearchSpac
     return SearchSpace(fingerprint=fingerprint, stages=cfg.stages, overrides=dict(cfg.search), source=str(cfg.path))
 
 
-def pyramid_plan(fingerprint: DatasetFingerprint) -> str:
-    """One line for ``autoreg check``: the pyramids and sampling the search may use on these data."""
+def pyramid_plan(fingerprint: DatasetFingerprint, stages: Sequence[str] = ("affine",)) -> str:
+    """One line for ``autoreg check``: the pyramids and sampling the search may use on these data (and the BSpline
+    grid, where ``stages`` may draw one)."""
     space = SearchSpace(fingerprint=fingerprint, stages=("affine",))
     plo, phi = space.points_range()
-    clo, chi = space.cp_spacing_range()
-    return (
+    line = (
         f"1..{space.max_levels} pyramid levels, coarsest shrink <= {space.max_shrink} "
-        f"(e.g. {list(shrink_schedule(space.max_shrink, space.max_levels))}); {plo}..{phi} sample points per level; "
-        f"BSpline control points every {clo:.3g}..{chi:.3g} voxels"
+        f"(e.g. {list(shrink_schedule(space.max_shrink, space.max_levels))}); {plo}..{phi} sample points per level"
     )
+    if any(kind in ("bspline", "deformable") for kind in stages):
+        clo, chi = space.cp_spacing_range()
+        line += f"; BSpline control points every {clo:.3g}..{chi:.3g} voxels"
+    return line

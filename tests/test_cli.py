@@ -49,6 +49,7 @@ def test_check_prints_the_fingerprint_2d(pair_yaml, run_cli) -> None:
     assert "spacing 1x1" in out
     assert "stages: rigid -> affine; objective: TRE" in out
     assert "deepest pyramid: shrink 4" in out  # 64 voxels / 16
+    assert "BSpline control points" not in out  # a linear study draws no grid
     assert "landmarks: 20;" in out
     # the TRE before registration is the identity's mean landmark distance
     pair = load_pair(load_config(path).pairs[0])
@@ -64,6 +65,7 @@ def test_check_3d_without_landmarks(pair_yaml, run_cli) -> None:
     assert "objective: holdout NMI" in result.out
     assert "landmarks: none" in result.out
     assert "deepest pyramid: shrink 2" in result.out
+    assert "; BSpline control points every " in result.out
 
 
 def test_check_a_real_pair(shared_data: Path, tmp_path: Path, run_cli) -> None:

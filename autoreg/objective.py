@@ -37,6 +37,7 @@ from .trial import (
     NOT_RUN,
     SUGGESTED,
     TIME_LIMIT,
+    first_run,
     linear_donor,
     read,
     records,
@@ -268,7 +269,7 @@ class Objective:
         # a crossed point registers with its donor's seed, so its linear stages repeat the donor's exactly (at one
         # thread): with other seeds the same default affine ended 4.56 to 5.34 px off on rat kidney
         donor = linear_donor(trial)
-        seed = trial_seed(self.cfg.seed, trial.number if donor is None else donor)
+        seed = trial_seed(self.cfg.seed, first_run(trial) if donor is None else donor)
         attached = read(trial, "recipe")
         # an enqueued recipe (the baseline, a user's) runs as it is and records no search parameters, so the
         # sampler never credits its score to a point of the space it did not run

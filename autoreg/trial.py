@@ -216,6 +216,20 @@ def linear_donor(trial: optuna.Trial | FrozenTrial) -> int | None:
     return None if donor is None else int(donor)
 
 
+def first_run(trial: optuna.Trial) -> int:
+    """The number of the first run of what ``trial`` retries (its own when it retries nothing): a retry registers
+    with its original's seed, so that it repeats that registration. A baseline stopped by Ctrl-C and run again on its
+    retry's own seed ended at 9.26 mm where the same study's baseline had ended at 0.447."""
+    number, retried = trial.number, read(trial, "retry_of")
+    if retried is None:
+        return number
+    earlier = {t.number: t for t in trial.study.get_trials(deepcopy=False)}
+    while retried is not None:
+        number = int(retried)
+        retried = earlier[number].user_attrs.get("retry_of") if number in earlier else None
+    return number
+
+
 def is_not_run(state: str, pruned_at: str | None) -> bool:
     """Whether a trial in ``state`` with ``pruned_at`` was skipped for its predicted seconds (``NOT_RUN``)."""
     return state == "PRUNED" and (pruned_at or "").startswith(NOT_RUN)

@@ -869,6 +869,7 @@ def test_a_baseline_stopped_by_ctrl_c_runs_again_and_gives_its_place(tmp_path: P
     retry = [t for t in trials if t.user_attrs.get("retry_of") == 0]
     assert len(retry) == 1 and retry[0].user_attrs["role"] == "baseline" and retry[0].state == TrialState.COMPLETE
     assert stripped(retry[0].user_attrs["recipe"]) == stripped(trials[0].user_attrs["recipe"])
+    assert retry[0].user_attrs["seed"] == trial_seed(3, 0)  # the registration trial 0 would have run
     ran = [t for t in trials if t.number != 0]
     assert len(ran) == 4 and all(t.state.is_finished() for t in ran)  # the interrupted one gave its place
     assert "done: 4 trials" in again.out

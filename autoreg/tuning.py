@@ -376,6 +376,10 @@ class _Tune:
                 except KeyboardInterrupt:  # a second Ctrl-C: no grace
                     interrupted = True
                     aborted = runner.abort()
+                if stop() and not aborted:
+                    # the workers may have ended without finishing their trials: a pool worker hit by the Ctrl-C
+                    # broke loky's pool in a cross-validation's second fold, and its trial stayed RUNNING
+                    aborted = runner.abort()
         finally:
             stop.uninstall()
             if plan.stop_file:
@@ -514,11 +518,12 @@ class LocalRunner:
         return self._done.wait(timeout)
 
     def abort(self) -> list[int]:
-        """Kill this tune's worker processes, busy or idle, then fail the trials they were running 'interrupted' (in
+        """Kill this tune's worker processes, busy or idle, then fail the trials they (or workers of this machine that
+        are gone) were running 'interrupted' (in
         that order: a dead worker writes nothing after the tune, and an idle one cannot start a trial meanwhile nor
         outlive the tune by its watcher's interval). The in-process worker's trial is failed the same way; its
         thread stops at the registration's next iteration, or with the process."""
-        from .processes import is_own, kill, pool_workers
+        from .processes import is_own, kill, pid_alive, pool_workers
         from .study import fail_trials, running_trials_of
         from .trial import INTERRUPTED
 
@@ -526,7 +531,8 @@ class LocalRunner:
         pool = pool_workers(me) if self.jobs > 1 else set()
         kill(pool)
         pids = {w: int(w.rpartition(":")[2]) for w in _workers_on(host, self.study)}
-        ours = {w: pid for w, pid in pids.items() if pid in pool or is_own(pid, me)}
+        # a worker already gone (loky ends a pool that a Ctrl-C broke) cannot finish its trial either
+        ours = {w: pid for w, pid in pids.items() if pid in pool or is_own(pid, me) or not pid_alive(pid)}
         running = running_trials_of(self.study, set(ours))
         kill(set(ours.values()) - pool - {me})
         failed = fail_trials(self.study, running, reason=INTERRUPTED)

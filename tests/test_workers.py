@@ -304,3 +304,23 @@ def test_a_heartbeat_that_loses_its_database_stops_quietly() -> None:
     finally:
         threading.excepthook = previous
     assert seen == []
+
+
+def test_ctrl_c_fails_the_trial_of_a_worker_that_is_already_gone(tmp_path) -> None:
+    """A Ctrl-C that broke loky's pool (a cross-validation's second fold) ended the worker with its trial RUNNING,
+    and the tune returned without failing it; ``abort`` now fails a gone worker's trial 'interrupted' too."""
+    import socket
+    from types import SimpleNamespace
+
+    from autoreg.tuning import LocalRunner
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    study = optuna.create_study()
+    trial = study.ask()
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{gone.pid}")
+    runner = LocalRunner(SimpleNamespace(), study, jobs=1, timeout=None)
+    runner._done.set()
+    assert runner.abort() == [trial.number]
+    frozen = study.trials[trial.number]
+    assert frozen.state == TrialState.FAIL and frozen.user_attrs["fail_reason"] == "interrupted"

@@ -506,16 +506,20 @@ def cmd_crossval(args: argparse.Namespace) -> int:
     cfg = load_config(args.pair)
     out = Path(args.out) if args.out else study_dir(cfg, None) / "crossval"
     folds = args.folds or len(cfg.pairs)
-    result = crossval(
-        cfg.path,
-        folds=folds,
-        trials=args.trials,
-        jobs=args.jobs or 1,
-        seed=args.seed,
-        out_dir=out,
-        own=not args.no_own,
-        progress=_out,
-    )
+    try:
+        result = crossval(
+            cfg.path,
+            folds=folds,
+            trials=args.trials,
+            jobs=args.jobs or 1,
+            seed=args.seed,
+            out_dir=out,
+            own=not args.no_own,
+            progress=_out,
+        )
+    except KeyboardInterrupt:
+        _out(f"interrupted: the folds' finished trials are kept in {out}; run the same command again to continue")
+        return EXIT_INTERRUPTED
     for line in table(result):
         _out(line)
     _out(f"results: {out / 'crossval.json'}" + (f" and {args.json}" if args.json else ""))

@@ -323,7 +323,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         f"{'interrupted' if result.interrupted else 'done'}: {snap.finished} trials ({snap.complete} complete, "
         f"{snap.failed} failed, {snap.pruned} pruned"
         f"{f', {snap.not_run} not run: predicted too slow for their share of --timeout' if snap.not_run else ''}"
-        f"{f', {snap.interrupted} interrupted' if snap.interrupted else ''}"
+        f"{f', {snap.interrupted} interrupted by Ctrl-C or the --timeout, not counted' if snap.interrupted else ''}"
         f"), {result.seconds:.1f} s this run"
     )
     if result.aborted:

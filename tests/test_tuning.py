@@ -465,6 +465,39 @@ def test_a_trial_timeout_prunes_trials_not_the_study(tmp_path: Path) -> None:
     assert not (tmp_path / "best.yaml").exists()
 
 
+def test_a_trial_cut_by_the_study_s_end_is_interrupted_not_pruned(tmp_path: Path, monkeypatch) -> None:
+    """A trial whose limit is the study's end (--timeout), not its own, and that runs into it, says nothing of its
+    recipe: FAIL 'interrupted' (the sampler ignores it, it gives its place, a queued point runs again next time)
+    rather than PRUNED. Registrations after the baseline here run until their limit."""
+    import autoreg.objective as objective
+    from autoreg.errors import RegistrationFailed
+
+    real, calls = objective.score_pair, []
+
+    def slow(recipe, pair, *args, **kwargs):
+        calls.append(kwargs["time_limit"])
+        if len(calls) == 1:  # the baseline
+            return real(recipe, pair, *args, **kwargs)
+        time.sleep(kwargs["time_limit"])
+        raise RegistrationFailed("time limit", "stopped in stage 0 level 0")
+
+    monkeypatch.setattr(objective, "score_pair", slow)
+    pair = write_study_files(tmp_path / "data", extra={"trial_timeout": None})
+    run = tune(pair, tmp_path / "study", "--trials", 5, "--jobs", 1, "--timeout", 2, "-q")
+    trials = trials_of(tmp_path / "study")
+    assert trials[0].state == TrialState.COMPLETE
+    assert len(trials) >= 2 and f", {len(trials) - 1} interrupted by Ctrl-C or the --timeout, not counted)" in run.out
+    for cut in trials[1:]:  # own limits of at least 5 s: the study's end (2 s) came first
+        assert cut.state == TrialState.FAIL and cut.user_attrs["fail_reason"] == "interrupted", cut.user_attrs
+        assert cut.user_attrs["fail_detail"].startswith("the study's --timeout ended it after ")
+    # a trial cut by its own limit is judged by it: PRUNED
+    short = write_study_files(tmp_path / "short", extra={"trial_timeout": 0.2})
+    calls.clear()
+    assert tune(short, tmp_path / "short_study", "--trials", 2, "--jobs", 1, "--timeout", 600, "-q").code == 0
+    own = trials_of(tmp_path / "short_study")[1]
+    assert own.state == TrialState.PRUNED and own.user_attrs["pruned_at"].startswith("time limit 0.2 s")
+
+
 def test_time_limits_come_from_the_predicted_cost_and_spare_the_baseline(tmp_path: Path, monkeypatch) -> None:
     """Every trial records its predicted and measured seconds; its limit is a multiple of the prediction. The
     baseline (the reference of every study) has no automatic limit."""
@@ -832,7 +865,7 @@ def test_interrupt_in_a_trial_fails_it_and_exits_130(tuned: Tuned, tmp_path: Pat
     monkeypatch.setattr(Objective, "__call__", call)
     run = tune(tuned.pair, study_dir, "--trials", 20, "--jobs", 1, "--seed", 3)
     assert run.code == 130, run.err
-    assert "interrupted: 9 trials" in run.out and ", 1 interrupted)" in run.out
+    assert "interrupted: 9 trials" in run.out and ", 1 interrupted by Ctrl-C or the --timeout, not counted)" in run.out
     assert "finished trials are kept" in run.out
     assert "Traceback" not in run.err
     trials = trials_of(study_dir)
@@ -858,7 +891,8 @@ def test_a_baseline_stopped_by_ctrl_c_runs_again_and_gives_its_place(tmp_path: P
     monkeypatch.setattr(Objective, "__call__", stopped)
     first = tune(pair, study_dir, "--trials", 4, "--jobs", 1, "--seed", 3)
     assert first.code == 130, first.err
-    assert "interrupted: 0 trials" in first.out and ", 1 interrupted)" in first.out
+    assert "interrupted: 0 trials" in first.out
+    assert ", 1 interrupted by Ctrl-C or the --timeout, not counted)" in first.out
     monkeypatch.setattr(Objective, "__call__", real_call)
     again = tune(pair, study_dir, "--trials", 4, "--jobs", 1, "--seed", 3)
     assert again.code == 0, again.err

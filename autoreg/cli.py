@@ -434,7 +434,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_best, write_export
 
     cfg, directory, spec = _open_study_args(args)
-    text, trial = export_best(cfg, spec, fmt=args.format, repeats=args.repeats, within=args.within)
+    text, trial, lucky = export_best(cfg, spec, fmt=args.format, repeats=args.repeats, within=args.within)
     out = Path(args.output)
     try:
         write_export(out, text)
@@ -442,6 +442,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError(f"cannot write ({err.strerror})", file=out) from None
     speed = f", {trial.runtime_s:.3g} s per run" if args.within is not None and trial.runtime_s else ""
     _out(f"trial {trial.number} (score {trial.value:.4g}{speed}) written to {out} as {args.format}")
+    if lucky:
+        _err(f"warning: {lucky}")
     return EXIT_OK
 
 

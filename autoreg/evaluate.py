@@ -30,9 +30,10 @@ def spread(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"mean": None, "std": None, "min": None, "max": None, "range": None}
     a = np.asarray(values, dtype=float)
+    same = bool(np.all(a == a[0]))  # identical repeats: their mean is that value, with no rounding spread
     return {
-        "mean": float(a.mean()),
-        "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+        "mean": float(a[0]) if same else float(a.mean()),
+        "std": 0.0 if same or len(a) < 2 else float(a.std(ddof=1)),
         "min": float(a.min()),
         "max": float(a.max()),
         "range": float(a.max() - a.min()),

@@ -169,6 +169,23 @@ def test_export_stores_the_measured_spread(pair_yaml, run_cli, tmp_path: Path) -
     assert set(spread["overall"]) >= {"mean", "std", "min", "max"}
 
 
+def test_a_best_whose_score_does_not_repeat_is_exported_with_a_warning() -> None:
+    from autoreg.evaluate import spread
+    from autoreg.export import lucky_draw
+    from autoreg.trial import TrialRecord
+
+    best = TrialRecord(number=14, state="COMPLETE", value=0.0715)
+    measured = {"repeats": 5, "overall": spread([0.0715, 0.29, 0.20, 43.2, 10.5])}
+    line = lucky_draw(best, measured, "tre_mean")
+    assert line is not None and line.startswith("trial 14 scored 0.0715, but 5 repeats") and "max 43.2" in line
+    assert lucky_draw(best, {"repeats": 3, "overall": spread([0.07, 0.08, 0.075])}, "tre_mean") is None
+    assert "failed in every one of 3 repeats" in lucky_draw(best, {"repeats": 3, "overall": spread([])}, "tre_mean")
+    assert lucky_draw(best, measured, "relative_tre") is None  # repeats are scored in TRE: not comparable
+    # identical repeats have no spread, not a rounding one (three equal values gave std 6.8e-17)
+    same = spread([0.1] * 3)  # numpy: std 1.7e-17
+    assert same["std"] == 0.0 and same["mean"] == 0.1
+
+
 def test_holdout_pairs_are_scored_not_tuned(pair_yaml, run_cli, tmp_path: Path) -> None:
     pair = pair_yaml(transform="affine", stages=["affine"], extra=FAST)
     doc = yaml.safe_load(pair.read_text())

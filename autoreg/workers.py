@@ -129,7 +129,11 @@ class StopRequest:
         self._previous = None
 
     def install(self) -> None:
+        """Take SIGINT, unless it was ignored when the process started (``cmd &`` in a script): as Python itself
+        does, an ignored SIGINT stays ignored (it was honoured only once a tune had started, 3 s in)."""
         if threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+                return
             self._previous = signal.signal(signal.SIGINT, self._on_sigint)
 
     def uninstall(self) -> None:

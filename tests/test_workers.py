@@ -324,3 +324,23 @@ def test_ctrl_c_fails_the_trial_of_a_worker_that_is_already_gone(tmp_path) -> No
     assert runner.abort() == [trial.number]
     frozen = study.trials[trial.number]
     assert frozen.state == TrialState.FAIL and frozen.user_attrs["fail_reason"] == "interrupted"
+
+
+def test_an_ignored_sigint_stays_ignored() -> None:
+    """``cmd &`` in a script starts it with SIGINT ignored; a tune must not start honouring it part-way."""
+    from autoreg.workers import StopRequest
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stop = StopRequest()
+        stop.install()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        stop.uninstall()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        stop.install()
+        assert signal.getsignal(signal.SIGINT) == stop._on_sigint
+        stop.uninstall()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)

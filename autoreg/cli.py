@@ -81,7 +81,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     starting = pipe.starting_points
     fp = fingerprint_dataset([*pipe.all_landmark_pairs, *pipe.holdout_pairs])
     _out(f"study {cfg.name}: {len(cfg.pairs)} pair(s)" + (f", {len(cfg.holdout)} holdout" if cfg.holdout else ""))
-    _out(f"stages: {' -> '.join(cfg.stages)}; objective: {'TRE' if cfg.uses_landmarks else 'holdout NMI'}")
+    objective = (
+        "holdout NMI" if not cfg.uses_landmarks else "TRE relative to before registration" if cfg.relative else "TRE"
+    )
+    _out(f"stages: {' -> '.join(cfg.stages)}; objective: {objective} ({cfg.score_name})")
     n_warn = 0
     for p in fp.pairs:
         _out(f"\npair {p.name} ({p.dim}D)")

@@ -67,10 +67,15 @@ def write_study_files(
     size: tuple[int, ...] = (64, 64),
     seed: int = 1,
     extra: dict[str, Any] | None = None,
+    pair: Any = None,
 ) -> Path:
-    """A synthetic pair (PNG + landmark CSVs) and a PAIR.yaml next to it; returns the yaml's path."""
+    """A synthetic pair (PNG + landmark CSVs; ``pair`` instead of the cached one of ``size`` and ``seed``, as NIfTI)
+    and a PAIR.yaml next to it; returns the yaml's path."""
     folder.mkdir(parents=True, exist_ok=True)
-    paths = write_pair(_pair(size, seed), folder, fmt="png" if len(size) == 2 else "nii.gz")
+    if pair is not None:
+        paths = write_pair(pair, folder, fmt="nii.gz")
+    else:
+        paths = write_pair(_pair(size, seed), folder, fmt="png" if len(size) == 2 else "nii.gz")
     doc: dict[str, Any] = {
         "name": name,
         "fixed": paths["fixed"].name,
@@ -380,22 +385,14 @@ def test_a_recipe_that_steps_the_images_apart_is_pruned_with_the_reason(tmp_path
     from autoreg.recipe import GradientDescent, save_recipe
 
     data = tmp_path / "data"
-    paths = write_pair(synthetic_pair(2, "rigid"), data, fmt="nii.gz")
+    data.mkdir()
     base = quick_recipe(["rigid"], 2, shrink=(2, 1), sigmas=(1.0, 0.0))
     wild = GradientDescent(learning_rate=1e3, number_of_iterations=50, estimate_learning_rate="never", scales="none")
     save_recipe(
         base.model_copy(update={"stages": (base.stages[0].model_copy(update={"optimizer": wild}),)}), data / "wild.yaml"
     )
-    doc = {
-        "name": "syn",
-        "fixed": paths["fixed"].name,
-        "moving": paths["moving"].name,
-        "landmarks": {"fixed": paths["fixed_landmarks"].name, "moving": paths["moving_landmarks"].name},
-        "stages": ["rigid"],
-        "enqueue": ["wild.yaml"],
-    }
-    (data / "PAIR.yaml").write_text(yaml.safe_dump(doc), encoding="utf-8")
-    run = tune(data / "PAIR.yaml", tmp_path / "study", "--trials", 3, "--jobs", 1, "-q")
+    pair = write_study_files(data, stages=("rigid",), pair=synthetic_pair(2, "rigid"), extra={"enqueue": ["wild.yaml"]})
+    run = tune(pair, tmp_path / "study", "--trials", 3, "--jobs", 1, "-q")
     assert run.code == 0, run.err
     wild_trial = trials_of(tmp_path / "study")[1]
     assert wild_trial.user_attrs["role"] == "user:wild.yaml" and wild_trial.state == TrialState.PRUNED
@@ -566,17 +563,8 @@ def test_a_baseline_that_made_the_alignment_worse_is_called_so(tmp_path: Path) -
     """At 0.002 mm spacing SimpleITK's default smooths by sigmas of 2 and 1 mm (1000 and 500 voxels) and ends above
     the TRE before registration (as it did on a histology pair at that spacing); the summary and the report say so
     rather than claim an improvement over the default alone."""
-    data = tmp_path / "data"
-    paths = write_pair(make_pair((96, 96), seed=1, spacing=(0.002, 0.002), magnitude=0.5), data, fmt="nii.gz")
-    doc = {
-        "name": "syn",
-        "fixed": paths["fixed"].name,
-        "moving": paths["moving"].name,
-        "landmarks": {"fixed": paths["fixed_landmarks"].name, "moving": paths["moving_landmarks"].name},
-        "stages": ["affine"],
-    }
-    pair = data / "PAIR.yaml"
-    pair.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    small = make_pair((96, 96), seed=1, spacing=(0.002, 0.002), magnitude=0.5)
+    pair = write_study_files(tmp_path / "data", pair=small, extra={"trial_timeout": None})
     run = tune(pair, tmp_path / "study", "--trials", 3, "--jobs", 1)
     assert run.code == 0, run.err
     before = next(ln for ln in run.out.splitlines() if ln.startswith("before registration (the identity) tre_mean: "))

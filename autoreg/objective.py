@@ -228,9 +228,9 @@ class Objective:
             limit = min(limit, max(MIN_LIMIT_S, OVER_BUDGET_FACTOR * self.budget.per_trial_s))
         return limit
 
-    def time_limit(self, trial: optuna.Trial, predicted: float | None) -> float | None:
-        """The trial's own limit, never past the study's end."""
-        limit = self.own_limit(trial, predicted)
+    def time_limit(self, own: float | None) -> float | None:
+        """A trial's own limit (``own_limit``), never past the study's end."""
+        limit = own
         if self.budget.deadline is not None:
             left = max(0.001, self.budget.deadline - time.time())
             limit = left if limit is None else min(limit, left)
@@ -341,7 +341,7 @@ class Objective:
             return self._fail(trial, "invalid recipe", str(err), t0)
         predicted = self.predict(trial, recipe)
         own = self.own_limit(trial, predicted)
-        limit = self.time_limit(trial, predicted)
+        limit = self.time_limit(own)
         # the study's end, not the trial's own limit, bounds it (the baseline's cut is reported as its result)
         study_ends_it = limit is not None and (own is None or limit < own) and read(trial, "role") != BASELINE
         write(

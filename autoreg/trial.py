@@ -136,7 +136,7 @@ class TrialRecord(BaseModel):
     @property
     def interrupted(self) -> bool:
         """Failed because its tune was stopped, not because of its recipe."""
-        return self.state == "FAIL" and self.fail_reason == INTERRUPTED
+        return is_interrupted(self.state, self.fail_reason)
 
     @property
     def reason(self) -> str | None:
@@ -245,7 +245,12 @@ def not_run_numbers(trials: Iterable[FrozenTrial], n_trials: int | None) -> set[
 
 def interrupted_numbers(trials: Iterable[FrozenTrial]) -> set[int]:
     """The trials stopped by their tune (``INTERRUPTED``): they give their place in ``--trials`` to another."""
-    return {t.number for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("fail_reason") == INTERRUPTED}
+    return {t.number for t in trials if is_interrupted(t.state.name, t.user_attrs.get("fail_reason"))}
+
+
+def is_interrupted(state: str, fail_reason: str | None) -> bool:
+    """Whether a trial in ``state`` with ``fail_reason`` was stopped by its tune (``INTERRUPTED``)."""
+    return state == "FAIL" and fail_reason == INTERRUPTED
 
 
 def write_to_storage(storage: optuna.storages.BaseStorage, trial_id: int, **attrs: Any) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .registration import bspline_mesh, itk_threads, level_sizes, search_work
+from .registration import BEST_STARTS, bspline_mesh, itk_threads, level_sizes, search_work
 from .registration.pyramid import sampled_points
 
 #: Function evaluations per iteration, by optimizer (line searches evaluate several times).
@@ -77,7 +77,8 @@ class CostModel:
         search = recipe.initializer.rotation_search
         if search is not None:
             evaluations, points = search_work(search, size)
-            seconds += evaluations * points * self.linear_s_per_sample * 0.5  # values only, no derivatives
+            starts = len(BEST_STARTS) if recipe.initializer.kind == "best" else 1  # each start searches
+            seconds += starts * evaluations * points * self.linear_s_per_sample * 0.5  # values only, no derivatives
         for stage in recipe.stages:
             seconds += self._stage(stage, size)
         return seconds

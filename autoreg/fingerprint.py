@@ -26,6 +26,9 @@ MIN_SAMPLES_PER_BIN = 10
 MIN_SAMPLES = 256
 ANISOTROPY_WARN = 3.0
 SMALL_OVERLAP_WARN = 0.5
+#: ``check`` warns when the identity's TRE is this many times below both centred starts' (the headers align the
+#: images, as one scanner's PET and CT, and centring their different fields of view would move them apart).
+HEADERS_BETTER = 2.0
 #: Landmarks closer than this fraction of the extent (or 3 voxels) to an image border are flagged.
 BORDER_FRACTION = 0.02
 #: A mask with less than this share of its voxels inside its image is flagged (wrong origin or spacing?).
@@ -162,6 +165,12 @@ def fingerprint_pair(pair: PairData) -> PairFingerprint:
         tre_id = tre(identity, pair.fixed_points, pair.moving_points, pair.fixed).mean
         tre_geo = tre(geo, pair.fixed_points, pair.moving_points, pair.fixed).mean
         tre_mom = tre(mom, pair.fixed_points, pair.moving_points, pair.fixed).mean
+        if HEADERS_BETTER * tre_id < min(tre_geo, tre_mom):
+            warnings.append(
+                f"the headers align the images better than centring them (TRE {tre_id:.4g} as they are, "
+                f"{tre_geo:.4g} after geometry, {tre_mom:.4g} after moments): initializer.kind none or best starts "
+                "where the headers put them"
+            )
         near = _near_border(pair.fixed_points, pair.fixed)
         if near:
             warnings.append(f"{len(near)} fixed landmark(s) lie near the image border (first: point {near[0] + 1})")

@@ -423,3 +423,23 @@ def test_apply_shows_a_line_per_level_once_it_runs_long(pair_yaml, run_cli, tmp_
     ]
     assert all(", TRE " in line for line in levels)
     assert lines.index(levels[-1]) < next(i for i, line in enumerate(lines) if line.startswith("registered in"))
+
+
+def test_check_says_when_the_headers_align_the_images_better_than_centring(pair_yaml, run_cli) -> None:
+    """A moving image cut out of the fixed one where it lies (one scanner's CT and a smaller PET field of view):
+    centring their grids or masses moves them apart, and ``check`` names the initializers that keep them."""
+    path = pair_yaml(dim=3, transform="translation", stages=("affine",), size=(48, 48, 48))
+    folder = path.parent
+    doc = yaml.safe_load(path.read_text())
+    fixed = sitk.ReadImage(str(folder / doc["fixed"]))
+    sitk.WriteImage(sitk.RegionOfInterest(fixed, [24, 24, 24], [20, 20, 20]), str(folder / doc["moving"]))
+    inside = [fixed.TransformIndexToPhysicalPoint((i, j, k)) for i in (24, 32, 40) for j in (24, 40) for k in (24, 40)]
+    for key in ("fixed", "moving"):  # the same points: as the headers place them, the images are aligned
+        np.savetxt(folder / doc["landmarks"][key], inside, delimiter=",", header="x,y,z", comments="")
+    result = run_cli("check", path)
+    assert result.code == 0, result.err
+    assert "warning: the headers align the images better than centring them (TRE 0 as they are," in result.out
+    assert "initializer.kind none or best starts where the headers put them" in result.out
+    # the synthetic pair as made: centred grids are as good as the headers, no warning
+    plain = pair_yaml(dim=3, transform="translation", stages=("affine",), size=(48, 48, 48), folder="plain")
+    assert "the headers align" not in run_cli("check", plain).out

@@ -405,8 +405,9 @@ def test_a_budgeted_search_recovers_a_large_rotation() -> None:
 
 
 def _displaced_pairs():
-    """Two pairs that need different starts: the fixed image on a canvas twice as wide (geometric centres 48 px
-    apart, centres of mass aligned), and with a bright corner (centre of mass moved, geometry aligned)."""
+    """Three pairs that need different starts: the fixed image on a canvas twice as wide (geometric centres 48 px
+    apart, centres of mass aligned), with a bright corner (centre of mass moved, geometry aligned), and a corner of it
+    cut out where it lies (the headers align them, as one scanner's PET and CT; both centres are moved)."""
     from autoreg.data import PairData
 
     base = pair_data(synthetic_pair(2, "translation", size=(96, 96)))
@@ -415,21 +416,37 @@ def _displaced_pairs():
     array[:20, :20] = array.max() * 3
     corner = sitk.GetImageFromArray(array)
     corner.CopyInformation(base.fixed)
+    cut = sitk.RegionOfInterest(base.fixed, [56, 56], [36, 36])  # keeps its place: the origin moves with the cut
+    inside = [p for p in base.fixed_points if all(36 + 6 <= c <= 92 - 6 for c in p)]
+    points = np.asarray(inside)
     return {
-        name: PairData(base.spec, base.fixed, moving, base.fixed_points, base.fixed_points)
-        for name, moving in (("wide canvas", wide), ("bright corner", corner))
+        "wide canvas": PairData(base.spec, base.fixed, wide, base.fixed_points, base.fixed_points),
+        "bright corner": PairData(base.spec, base.fixed, corner, base.fixed_points, base.fixed_points),
+        "a cut where it lies": PairData(base.spec, base.fixed, cut, points, points),
     }
 
 
 def test_initializer_best_takes_the_start_the_metric_prefers_on_each_pair() -> None:
     tres = {}
+    kinds = ("geometry", "moments", "none")
     for name, pair in _displaced_pairs().items():
-        for kind in ("geometry", "moments", "best"):
+        for kind in (*kinds, "best"):
             recipe = quick_recipe(["rigid"], 2, deterministic=True, shrink=(1,), sigmas=(0.0,), iterations=30)
             tres[name, kind] = _tre(register(recipe.with_(initializer=Initializer(kind=kind)), pair).transform, pair)
     assert tres["wide canvas", "geometry"] > 20 and tres["bright corner", "moments"] > 0.1  # each start fails once
-    for name in ("wide canvas", "bright corner"):
-        assert tres[name, "best"] == min(tres[name, "geometry"], tres[name, "moments"]) < 0.05
+    assert min(tres["a cut where it lies", k] for k in ("geometry", "moments")) > 0.1  # centring moves it away
+    for name in ("wide canvas", "bright corner", "a cut where it lies"):
+        assert tres[name, "best"] == min(tres[name, k] for k in kinds) < 0.05
+
+
+def test_the_centre_of_mass_of_an_image_in_hounsfield_units_is_its_body_s() -> None:
+    """Air at -1024 HU would weigh as negative mass and push the centre away from the body."""
+    from autoreg.registration.initializer import centre_of_mass
+
+    array = np.full((64, 64), -1024.0, np.float32)
+    array[10:20, 40:50] = 40.0  # soft tissue: its centre is x 44.5, y 14.5
+    image = sitk.GetImageFromArray(array)
+    assert np.allclose(centre_of_mass(image), (44.5, 14.5))
 
 
 # --- a real 3D pair ---------------------------------------------------------------------------------------------

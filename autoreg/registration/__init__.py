@@ -20,13 +20,14 @@ from .core import (
 )
 from .engine import register
 from .frame import Frame, Linear, compose, frame_of, frame_scale, scale_image, unscale_transform
-from .initializer import initial_linear, search_grid, search_work
+from .initializer import BEST_STARTS, initial_linear, search_grid, search_work
 from .pyramid import bspline_mesh, bspline_schedule, level_sizes, refine_bspline, sampling_fraction
 
 #: The engine's modules in the order a standalone script defines them.
 ENGINE_MODULES = ("core", "frame", "pyramid", "method", "initializer", "fields", "engine")
 
 __all__ = [
+    "BEST_STARTS",
     "ENGINE_MODULES",
     "LINEAR_KINDS",
     "Clock",

@@ -27,15 +27,18 @@ log = logging.getLogger(__name__)
 SEARCH_AXIS_VOXELS = 48
 #: Sample points of a budgeted search (the whole level when it has fewer).
 SEARCH_POINTS = 8192
+#: The starts ``initializer.kind: best`` weighs, each with the rotation search where the recipe has one.
+BEST_STARTS = ("geometry", "moments", "none")
 
 
 def initial_linear(recipe: Any, frame: Frame, seed: int, clock: Clock | None = None) -> Linear:
     """The initializer: centres (geometry/moments) or identity, then the optional coarse rotation search; ``best``
-    runs both centres and keeps the start that the first linear stage's metric prefers."""
+    runs all three and keeps the start that the first linear stage's metric prefers (the identity keeps what the
+    headers say, which is right for images of one scanner's frame, such as PET/CT, whose fields of view differ)."""
     clock = clock or Clock()
     init = recipe.initializer
     first_linear = next((s for s in recipe.stages if s.transform.kind in LINEAR_KINDS), None)
-    kinds = ("geometry", "moments") if init.kind == "best" else (init.kind,)
+    kinds = BEST_STARTS if init.kind == "best" else (init.kind,)
     starts = [_start(kind, recipe, frame, first_linear, seed, clock) for kind in kinds]
     if len(starts) == 1 or first_linear is None:
         return starts[0]
@@ -45,11 +48,14 @@ def initial_linear(recipe: Any, frame: Frame, seed: int, clock: Clock | None = N
 
 
 def centre_of_mass(image: sitk.Image) -> tuple[float, ...]:
-    """The intensity-weighted centre of the whole image, in physical coordinates. ITK's moments calculator weighs
-    only the image's requested region, which a filter run on the same image before (``BinShrink`` crops it to a
-    multiple of its factor) leaves behind: the same registration then started elsewhere, depending on what its
-    process had run before (0.034 against 0.044 px on an 80x80 pair)."""
+    """The intensity-weighted centre of the whole image, in physical coordinates, weighed from the image's minimum
+    where that is negative. ITK's moments calculator weighs only the image's requested region, which a filter run on
+    the same image before (``BinShrink`` crops it to a multiple of its factor) leaves behind: the same registration
+    then started elsewhere, depending on what its process had run before (0.034 against 0.044 px on an 80x80 pair)."""
     values = sitk.GetArrayViewFromImage(image)
+    low = float(values.min())
+    if low < 0.0:  # mass cannot be negative: CT's -1024 HU air would pull the centre away from the body
+        values = values.astype(np.float64) - low
     total = float(values.sum(dtype=np.float64))
     if total == 0.0:
         raise RuntimeError("moments initializer: Total mass of the image was zero")

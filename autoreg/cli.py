@@ -166,7 +166,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from .quiet import captured_stderr
     from .recipe import load_recipe
     from .registration import register
-    from .scoring import tre
+    from .scoring import folding_fraction, has_deformable, tre
 
     recipe = load_recipe(args.recipe)
     if args.threads is not None:
@@ -213,6 +213,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
             f"  TRE mean {before.mean:.4g} -> {after.mean:.4g} "
             f"(median {after.median:.4g}, p90 {after.p90:.4g}, max {after.max:.4g})"
         )
+    if has_deformable(result.transform):
+        folded = folding_fraction(result.transform, pair.fixed)
+        _out(f"  folded: {100 * folded:.3g} % of the fixed grid (Jacobian determinant <= 0)")
     if args.image_out:
         write_warped(pair, result.transform, Path(args.image_out))
         _out(f"  warped moving image written to {args.image_out}")
@@ -482,6 +485,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             notes.append("holdout")
         if p.name in tuned_on:
             notes.append("tuned on")
+        if p.folding is not None:
+            limit = cfg.objective.max_folding_percent
+            over = f", over objective.max_folding_percent ({limit:g} %)" if 100 * p.folding > limit else ""
+            notes.append(f"folds {100 * p.folding:.3g} % of the fixed grid{over}")
         if p.failures:
             notes.append(f"{len(p.failures)} failed: {'; '.join(sorted(set(p.failures)))}")
         _out(

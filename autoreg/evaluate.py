@@ -24,6 +24,12 @@ class PairEvaluation:
     def spread(self) -> dict[str, float | None]:
         return spread(self.values)
 
+    @property
+    def folding(self) -> float | None:
+        """The largest share of the fixed grid any repeat folded (None: no deformable transform)."""
+        folds = [s["folding_fraction"] for s in self.stats if "folding_fraction" in s]
+        return max(folds) if folds else None
+
 
 def spread(values: list[float]) -> dict[str, float | None]:
     """Mean, standard deviation (ddof 1) and range of repeated scores."""
@@ -63,7 +69,10 @@ class Evaluation:
             "repeats": self.repeats,
             "deterministic": self.deterministic,
             "overall": self.overall,
-            "pairs": {p.name: {**p.spread, "values": p.values, "failures": p.failures} for p in self.pairs},
+            "pairs": {
+                p.name: {**p.spread, "values": p.values, "failures": p.failures, "folding_fraction_max": p.folding}
+                for p in self.pairs
+            },
         }
 
 
@@ -83,7 +92,7 @@ def evaluate(
         for r in range(repeats):
             seed = recipe.seed if deterministic else repeat_seed(recipe.seed, r)
             try:
-                ps, _ = score_pair(recipe, pair, use_landmarks and pair.has_landmarks, seed=seed)
+                ps, _ = score_pair(recipe, pair, use_landmarks and pair.has_landmarks, seed=seed, folding=True)
             except RegistrationFailed as err:
                 ev.failures.append(err.reason)
                 continue

@@ -232,3 +232,35 @@ def test_evaluate_on_a_real_pair_is_deterministic(shared_data: Path, run_cli, tm
     e = json.loads((tmp_path / "e.json").read_text())
     values = e["pairs"]["t1pd"]["values"]
     assert values[0] == values[1] and values[0] < 1.0  # multi-modal translation recovered to < 1 px
+
+
+def test_apply_and_evaluate_report_the_folding_of_a_deformable_recipe(pair_yaml, run_cli, tmp_path: Path) -> None:
+    """The share of the fixed grid a deformable result folds, as the study measures it: printed by apply, the largest
+    over the repeats by evaluate (text and JSON); a linear recipe has none to report."""
+    from autoreg.data import load_images
+    from autoreg.scoring import folding_fraction
+
+    pair = pair_yaml(transform="affine", stages=["affine", "bspline"], extra={**FAST, "deterministic": True})
+    study = tmp_path / "study"
+    assert run_cli("tune", pair, "--trials", 2, "--jobs", 1, "--study-dir", study, "-q").code == 0
+    assert run_cli("export", pair, "--study-dir", study, "-o", tmp_path / "r.yaml", "--repeats", 0).code == 0
+    fixed, moving = pair.parent / "fixed.png", pair.parent / "moving.png"
+    res = run_cli(
+        "apply", tmp_path / "r.yaml", "--fixed", fixed, "--moving", moving, "--transform-out", tmp_path / "t.h5"
+    )
+    assert res.code == 0, res.err
+    folded = folding_fraction(sitk.ReadTransform(str(tmp_path / "t.h5")), load_images(fixed, moving).fixed)
+    assert f"  folded: {100 * folded:.3g} % of the fixed grid (Jacobian determinant <= 0)" in res.out
+    res = run_cli(
+        "evaluate", tmp_path / "r.yaml", pair, "--deterministic", "--repeats", 2, "--json", tmp_path / "e.json"
+    )
+    assert res.code == 0, res.err
+    assert f"folds {100 * folded:.3g} % of the fixed grid" in res.out
+    assert json.loads((tmp_path / "e.json").read_text())["pairs"]["syn"]["folding_fraction_max"] == folded
+    linear = yaml.safe_load((tmp_path / "r.yaml").read_text())
+    linear["stages"] = linear["stages"][:1]
+    (tmp_path / "linear.yaml").write_text(yaml.safe_dump(linear))
+    res = run_cli(
+        "apply", tmp_path / "linear.yaml", "--fixed", fixed, "--moving", moving, "--transform-out", tmp_path / "l.tfm"
+    )
+    assert res.code == 0 and "folded" not in res.out, res.err

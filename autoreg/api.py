@@ -108,14 +108,14 @@ def images_pair(fixed: Any, moving: Any, fixed_mask: Any = None, moving_mask: An
 
 
 def _image(image: Any, key: str) -> sitk.Image:
-    from .data import MIN_IMAGE_AXIS, _single_slice_as_2d, check_intensities
-    from .registration import as_scalar_float
+    from .data import MIN_IMAGE_AXIS, check_intensities
+    from .registration import as_scalar_float, single_slice_as_2d
 
     if not isinstance(image, sitk.Image):
         raise UserError(f"expected a SimpleITK image (got {type(image).__name__})", key=key)
     if image.GetDimension() not in (2, 3):
         raise UserError(f"the image is {image.GetDimension()}D; expected a 2D or 3D image", key=key)
-    image = _single_slice_as_2d(as_scalar_float(image))
+    image = single_slice_as_2d(as_scalar_float(image))
     if min(image.GetSize()) < MIN_IMAGE_AXIS:
         raise UserError(
             f"the image has size {image.GetSize()}; every axis needs at least {MIN_IMAGE_AXIS} voxels", key=key

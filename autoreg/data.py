@@ -19,7 +19,7 @@ from .config import PairSpec
 from .errors import UserError, special_file
 from .landmarks import read_landmarks
 from .quiet import captured_stderr
-from .registration import as_scalar_float, mask_on_grid
+from .registration import as_scalar_float, in_pixels, mask_on_grid, single_slice_as_2d
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ def _read_any(path: Path, *, source: str, key: str) -> sitk.Image:
             raise UserError(f"cannot read image {path} ({reason})", file=source, key=key) from None
     if image.GetDimension() not in (2, 3):
         raise UserError(f"{path} is {image.GetDimension()}D; expected a 2D or 3D image", file=source, key=key)
+    image = in_pixels(image, str(path))
     ncomp = image.GetNumberOfComponentsPerPixel()
     if ncomp > 1:
         log.info("%s has %d components; registering its luminance", path, ncomp)
@@ -193,18 +194,6 @@ def check_intensities(image: sitk.Image, *, what: str, source: str = "", key: st
         )
 
 
-def _single_slice_as_2d(image: sitk.Image) -> sitk.Image:
-    """A 3D image one slice thick (a single DICOM file, a 2D NIfTI) as the 2D image it is; others unchanged."""
-    if image.GetDimension() != 3 or image.GetSize()[2] != 1:
-        return image
-    size = (*image.GetSize()[:2], 0)
-    d = np.asarray(image.GetDirection()).reshape(3, 3)[:2, :2]
-    if np.allclose(d.T @ d, np.eye(2), atol=1e-6):
-        return sitk.Extract(image, size, (0, 0, 0), sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX)
-    # an oblique slice: its in-plane axes have no 2D direction; keep its in-plane spacing, drop its orientation
-    return sitk.Extract(image, size, (0, 0, 0), sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOIDENTITY)
-
-
 def _same_dimension(fixed: sitk.Image, moving: sitk.Image, *, source: str | None, key: str) -> None:
     if fixed.GetDimension() != moving.GetDimension():
         raise UserError(
@@ -217,7 +206,7 @@ def _same_dimension(fixed: sitk.Image, moving: sitk.Image, *, source: str | None
 
 def read_image(path: Path, *, source: str, key: str, pixel=sitk.sitkFloat32) -> sitk.Image:
     """Read one image to register as a scalar image of ``pixel`` type (colour becomes luminance), checked for use."""
-    image = _single_slice_as_2d(_read_any(path, source=source, key=key))
+    image = single_slice_as_2d(_read_any(path, source=source, key=key))
     if min(image.GetSize()) < MIN_IMAGE_AXIS:
         raise UserError(
             f"{path} has size {image.GetSize()}; every axis needs at least {MIN_IMAGE_AXIS} voxels",
@@ -234,7 +223,7 @@ def place_mask(
     """The mask (voxels > 0) resampled onto its image's grid by physical geometry: nearest neighbour, identity
     transform, 0 outside. A mask may cover a sub-box of its image; one that is empty or misses the image is refused."""
     if image.GetDimension() == 2:
-        mask = _single_slice_as_2d(mask)
+        mask = single_slice_as_2d(mask)
     if mask.GetDimension() != image.GetDimension():
         raise UserError(
             f"mask {what} is {mask.GetDimension()}D but its image is {image.GetDimension()}D", file=source, key=key
@@ -297,9 +286,11 @@ def require_inside(points: np.ndarray, image: sitk.Image, *, which: str, source:
     if bad:
         i = bad[0]
         coords = ", ".join(f"{c:g}" for c in points[i])
+        spacing = "x".join(f"{v:.4g}" for v in image.GetSpacing())
         raise UserError(
             f"point {i + 1} ({coords}) lies outside the {which} image"
-            + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""),
+            + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+            + f", which spans {_bounds(image)} at spacing {spacing}: landmarks are physical coordinates",
             file=source,
             key=key,
         )

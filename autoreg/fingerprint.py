@@ -135,7 +135,8 @@ def fingerprint_pair(pair: PairData) -> PairFingerprint:
         ratio = max(info.spacing) / min(info.spacing)
         if ratio > ANISOTROPY_WARN:
             warnings.append(
-                f"{which} spacing {info.spacing} is anisotropic ({ratio:.1f}:1); shrink factors apply to every axis"
+                f"{which} spacing {_fmt(info.spacing)} is anisotropic ({ratio:.1f}:1); "
+                "shrink factors apply to every axis"
             )
         if info.intensity_p99 <= info.intensity_p01:
             warnings.append(f"{which} image is nearly constant (1st and 99th intensity percentiles are equal)")

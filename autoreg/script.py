@@ -57,6 +57,16 @@ def _namespace(value):
     return value
 
 
+def _read(path):
+    """An image file as autoreg reads it: a JPEG in pixels, as PNG loads."""
+    return in_pixels(sitk.ReadImage(path), path)
+
+
+def _mask_for(mask, image):
+    """A mask one slice thick is the 2D mask of a 2D image (autoreg's ``place_mask``)."""
+    return single_slice_as_2d(mask) if image.GetDimension() == 2 else mask
+
+
 def main(argv=None):
     import argparse
     from types import SimpleNamespace
@@ -69,10 +79,9 @@ def main(argv=None):
     parser.add_argument("--fixed-mask", help="voxels > 0 are registered (placed by their physical geometry)")
     parser.add_argument("--moving-mask", help="voxels > 0 are registered (placed by their physical geometry)")
     args = parser.parse_args(argv)
-    fixed = as_scalar_float(sitk.ReadImage(args.fixed))
-    moving = as_scalar_float(sitk.ReadImage(args.moving))
+    fixed, moving = (as_scalar_float(single_slice_as_2d(_read(path))) for path in (args.fixed, args.moving))
     masks = {{
-        which: mask_on_grid(sitk.ReadImage(path), image) if path else None
+        which: mask_on_grid(_mask_for(_read(path), image), image) if path else None
         for which, path, image in (("fixed", args.fixed_mask, fixed), ("moving", args.moving_mask, moving))
     }}
     if TUNED_WITH_MASKS and not any(masks.values()):

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import SimpleITK as sitk
 import yaml
 from conftest import quick_recipe
 
@@ -269,7 +270,52 @@ def test_apply_refuses_landmarks_off_the_images_as_tune_does(pair_yaml, run_cli,
         "apply", recipe, "--fixed", path.parent / "fixed.png", "--moving", path.parent / "moving.png",
         "--transform-out", tmp_path / "t.tfm", "--fixed-landmarks", far, "--moving-landmarks", far,
     )  # fmt: skip
-    _one_line(result, 2, "--fixed-landmarks", "lies outside the fixed image (and 1 more)")
+    _one_line(
+        result,
+        2,
+        "--fixed-landmarks",
+        "lies outside the fixed image (and 1 more), which spans [-0.5, 63.5] x [-0.5, 63.5]",
+    )
+
+
+def _jpeg_at_72_dpi(png: Path, jpg: Path) -> None:
+    """The PNG as a JPEG whose JFIF header says 72 dots per inch (SimpleITK writes none; photo tools write 72)."""
+    sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(png)), sitk.sitkUInt8), str(jpg))
+    data = bytearray(jpg.read_bytes())
+    at = data.find(b"JFIF\x00")
+    data[at + 7] = 1  # density in dots per inch
+    data[at + 8 : at + 12] = (72).to_bytes(2, "big") * 2
+    jpg.write_bytes(bytes(data))
+    assert sitk.ReadImage(str(jpg)).GetSpacing() == pytest.approx((25.4 / 72,) * 2)  # what ITK makes of it
+
+
+def test_a_jpeg_s_print_resolution_is_not_its_pixel_size(pair_yaml, run_cli, tmp_path) -> None:
+    """A JPEG registers in pixels, as a PNG does (its dpi is a print size): its pixel landmarks fit, the TRE is in px,
+    and apply and the exported script read it the same way."""
+    path = pair_yaml(stages=["rigid"], extra={"trial_timeout": 30})
+    folder = path.parent
+    for which in ("fixed", "moving"):
+        _jpeg_at_72_dpi(folder / f"{which}.png", folder / f"{which}.jpg")
+    _edit(path, fixed="fixed.jpg", moving="moving.jpg")
+    result = run_cli("check", path)
+    assert result.code == 0, result.err
+    assert "spacing 1x1" in result.out and "0.3528" not in result.out, result.out
+    study = tmp_path / "study"
+    assert run_cli("tune", path, "--trials", 1, "--jobs", 1, "--study-dir", study, "-q").code == 0
+    assert run_cli("export", path, "--study-dir", study, "-o", tmp_path / "r.py", "--format", "python").code == 0
+    assert run_cli("export", path, "--study-dir", study, "-o", tmp_path / "r.yaml").code == 0
+    files = [folder / "fixed.jpg", folder / "moving.jpg"]
+    res = run_cli(
+        "apply", tmp_path / "r.yaml", "--fixed", files[0], "--moving", files[1], "--transform-out", tmp_path / "a.tfm"
+    )
+    assert res.code == 0, res.err
+    proc = subprocess.run(
+        [sys.executable, "-I", str(tmp_path / "r.py"), *map(str, files), str(tmp_path / "s.tfm")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    a, b = (sitk.ReadTransform(str(tmp_path / f)) for f in ("a.tfm", "s.tfm"))
+    assert a.TransformPoint((20.0, 30.0)) == pytest.approx(b.TransformPoint((20.0, 30.0)), abs=1e-6)
 
 
 def test_check_warns_about_a_landmark_row_copied_in_both_files(pair_yaml, run_cli) -> None:

@@ -13,9 +13,11 @@ from .core import (
     RegistrationResult,
     as_scalar_float,
     failure_reason,
+    in_pixels,
     itk_seed,
     itk_threads,
     mask_on_grid,
+    single_slice_as_2d,
     threads_of,
 )
 from .engine import register
@@ -47,6 +49,7 @@ __all__ = [
     "failure_reason",
     "frame_of",
     "frame_scale",
+    "in_pixels",
     "initial_linear",
     "itk_seed",
     "itk_threads",
@@ -57,6 +60,7 @@ __all__ = [
     "scale_image",
     "search_grid",
     "search_work",
+    "single_slice_as_2d",
     "threads_of",
     "unscale_transform",
 ]

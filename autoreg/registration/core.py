@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import SimpleITK as sitk
 
 LINEAR_KINDS = ("translation", "rigid", "similarity", "affine")
@@ -139,6 +140,32 @@ def as_scalar_float(image: sitk.Image) -> sitk.Image:
         else:
             image = sum(channels[1:], channels[0]) / float(ncomp)
     return sitk.Cast(image, sitk.sitkFloat32)
+
+
+#: Picture files whose resolution tag ITK reads as spacing though it is a print size (JFIF density, in dots per inch):
+#: PNG and BMP load in pixels whatever theirs says, and a JPEG loads the same way here.
+PRINT_RESOLUTION_SUFFIXES = (".jpg", ".jpeg")
+
+
+def in_pixels(image: sitk.Image, path: str) -> sitk.Image:
+    """A JPEG in pixels (spacing 1, origin 0), as PNG and BMP load: its 72 dpi would read as 0.35 mm pixels."""
+    dim = image.GetDimension()
+    if dim == 2 and str(path).lower().endswith(PRINT_RESOLUTION_SUFFIXES):
+        image.SetSpacing((1.0,) * dim)
+        image.SetOrigin((0.0,) * dim)
+    return image
+
+
+def single_slice_as_2d(image: sitk.Image) -> sitk.Image:
+    """A 3D image one slice thick (a single DICOM file, a 2D NIfTI) as the 2D image it is; others unchanged."""
+    if image.GetDimension() != 3 or image.GetSize()[2] != 1:
+        return image
+    size = (*image.GetSize()[:2], 0)
+    d = np.asarray(image.GetDirection()).reshape(3, 3)[:2, :2]
+    if np.allclose(d.T @ d, np.eye(2), atol=1e-6):
+        return sitk.Extract(image, size, (0, 0, 0), sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX)
+    # an oblique slice: its in-plane axes have no 2D direction; keep its in-plane spacing, drop its orientation
+    return sitk.Extract(image, size, (0, 0, 0), sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOIDENTITY)
 
 
 def mask_on_grid(mask: sitk.Image, image: sitk.Image) -> sitk.Image:

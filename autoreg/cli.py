@@ -30,6 +30,8 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 #: What a shell reports for a command whose reader went away (``autoreg check ... | head -1``): 128 + SIGPIPE.
 EXIT_BROKEN_PIPE = 141
+#: A failed registration's detail (where it stopped, ITK's message) is cut to this many characters of its line.
+FAILURE_DETAIL_CHARS = 300
 
 log = logging.getLogger("autoreg")
 
@@ -918,8 +920,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except UserError as err:
             _err(f"error: {err}")
             return EXIT_USER_ERROR
-        except RegistrationFailed as err:
-            _err(f"registration failed: {err.reason}")
+        except RegistrationFailed as err:  # where and why, on one line (ITK's own text can run over several)
+            detail = " ".join(err.detail.split())[:FAILURE_DETAIL_CHARS] if err.detail != err.reason else ""
+            _err(f"registration failed: {err.reason}" + (f" ({detail})" if detail else ""))
             return EXIT_FAILED
         except KeyboardInterrupt:
             _err("interrupted")

@@ -342,6 +342,24 @@ def test_apply_that_fails_exits_1_with_the_reason(tmp_path: Path, pair_yaml, run
     _assert_one_line_error(result, 1, "registration failed", "samples")
 
 
+def test_apply_says_why_a_registration_failed_on_one_line(tmp_path: Path, pair_yaml, run_cli) -> None:
+    """A step far too long for the pair steps the images apart: apply gives the reason and ITK's detail, one line."""
+    from autoreg.recipe import GradientDescent
+
+    folder = pair_yaml(stages=["rigid"]).parent
+    base = quick_recipe(["rigid"], 2, shrink=(2, 1), sigmas=(1.0, 0.0))
+    wild = GradientDescent(learning_rate=1e3, number_of_iterations=50, estimate_learning_rate="never", scales="none")
+    recipe = base.model_copy(update={"stages": (base.stages[0].model_copy(update={"optimizer": wild}),)})
+    save_recipe(recipe, tmp_path / "r.yaml")
+    files = ["--fixed", folder / "fixed.png", "--moving", folder / "moving.png", "--transform-out", tmp_path / "t.tfm"]
+    _assert_one_line_error(
+        run_cli("apply", tmp_path / "r.yaml", *files),
+        1,
+        "registration failed: too few samples inside the moving image",
+        "(All samples map outside moving image buffer. The images do not sufficiently overlap.",
+    )
+
+
 def test_load_images_reads_what_apply_reads(pair_yaml) -> None:
     folder = pair_yaml().parent
     pair = load_images(folder / "fixed.png", folder / "moving.png")

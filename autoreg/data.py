@@ -326,7 +326,8 @@ def _load_pair_cached(spec: PairSpec) -> PairData:
         moving_points = _read_points(spec.moving_landmarks, moving, dim, source=src, key=km)
         if len(fixed_points) != len(moving_points):
             raise UserError(
-                f"{len(moving_points)} points but landmarks.fixed has {len(fixed_points)}; row i must match row i",
+                f"{spec.moving_landmarks} has {len(moving_points)} points but {kf} ({spec.fixed_landmarks}) has "
+                f"{len(fixed_points)}; row i of one must be the same point as row i of the other",
                 file=src,
                 key=km,
             )

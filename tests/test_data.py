@@ -443,3 +443,15 @@ def test_check_says_when_the_headers_align_the_images_better_than_centring(pair_
     # the synthetic pair as made: centred grids are as good as the headers, no warning
     plain = pair_yaml(dim=3, transform="translation", stages=("affine",), size=(48, 48, 48), folder="plain")
     assert "the headers align" not in run_cli("check", plain).out
+
+
+def test_landmark_files_of_different_lengths_are_both_named(pair_yaml, run_cli) -> None:
+    path = pair_yaml()
+    fixed_csv = path.parent / yaml.safe_load(path.read_text())["landmarks"]["fixed"]
+    rows = fixed_csv.read_text().splitlines()
+    fixed_csv.write_text("\n".join(rows[:-1]) + "\n")  # one point short
+    result = run_cli("check", path)
+    assert result.code == 2 and len(result.err_lines) == 1, result.err
+    n = len(rows) - 1
+    assert f"landmarks.moving: {path.parent / 'moving_landmarks.csv'} has {n} points but landmarks.fixed" in result.err
+    assert f"({fixed_csv}) has {n - 1}; row i of one must be the same point as row i of the other" in result.err

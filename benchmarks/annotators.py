@@ -74,9 +74,9 @@ def split(errors: np.ndarray, apart: np.ndarray) -> dict:
 def affine_fit(f: np.ndarray, m: np.ndarray):
     """The least-squares affine map of f onto m, as a SimpleITK transform (fixed -> moving points)."""
     import SimpleITK as sitk
+    from landmark_floor import _affine_fit
 
-    design = np.hstack([f, np.ones((len(f), 1))])
-    coef, *_ = np.linalg.lstsq(design, m, rcond=None)
+    coef = _affine_fit(f, m)
     return sitk.AffineTransform(coef[:2].T.ravel().tolist(), coef[2].tolist())
 
 

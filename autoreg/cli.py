@@ -96,7 +96,10 @@ def cmd_check(args: argparse.Namespace) -> int:
                 f"  intensity [{info.intensity_min:.4g}, {info.intensity_max:.4g}] (1-99%: {info.intensity_p01:.4g}"
                 f"..{info.intensity_p99:.4g})"
             )
-        _out(f"  overlap after initialization: geometry {p.overlap_geometry:.0%}, moments {p.overlap_moments:.0%}")
+        _out(
+            f"  overlap after initialization: geometry {p.overlap_geometry:.0%}, moments {p.overlap_moments:.0%}, "
+            f"as the headers place them {p.overlap_identity:.0%} (the fixed image's share inside the moving one)"
+        )
         for which, cov in (("fixed", p.fixed_mask_coverage), ("moving", p.moving_mask_coverage)):
             if cov is not None:
                 _out(

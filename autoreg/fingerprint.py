@@ -98,6 +98,7 @@ class PairFingerprint:
     max_shrink: int
     overlap_geometry: float
     overlap_moments: float
+    overlap_identity: float
     n_landmarks: int = 0
     tre_identity: float | None = None
     tre_geometry: float | None = None
@@ -130,6 +131,8 @@ def fingerprint_pair(pair: PairData) -> PairFingerprint:
     mom = centred(pair.fixed, pair.moving, "moments")
     ov_geo = overlap_fraction(geo, pair.fixed, pair.moving, pair.fixed_mask)
     ov_mom = overlap_fraction(mom, pair.fixed, pair.moving, pair.fixed_mask)
+    identity = sitk.Transform(pair.dim, sitk.sitkIdentity)
+    ov_id = overlap_fraction(identity, pair.fixed, pair.moving, pair.fixed_mask)
     warnings: list[str] = []
     for which, info in (("fixed", fixed), ("moving", moving)):
         ratio = max(info.spacing) / min(info.spacing)
@@ -146,10 +149,10 @@ def fingerprint_pair(pair: PairData) -> PairFingerprint:
             f"physical extents differ a lot (fixed {_fmt(fixed.extent)} vs moving {_fmt(moving.extent)}): "
             "check that both images use the same unit"
         )
-    if max(ov_geo, ov_mom) < SMALL_OVERLAP_WARN:
+    if max(ov_geo, ov_mom, ov_id) < SMALL_OVERLAP_WARN:
         warnings.append(
-            f"small overlap after initialization (geometry {ov_geo:.0%}, moments {ov_mom:.0%}): "
-            "check origins and directions"
+            f"small overlap after initialization (geometry {ov_geo:.0%}, moments {ov_mom:.0%}, as the headers place "
+            f"them {ov_id:.0%}): check origins and directions"
         )
     for which, cov in (("fixed", pair.fixed_mask_coverage), ("moving", pair.moving_mask_coverage)):
         if cov is not None and cov.inside_image < MASK_INSIDE_WARN:
@@ -162,7 +165,6 @@ def fingerprint_pair(pair: PairData) -> PairFingerprint:
     if pair.has_landmarks:
         assert pair.fixed_points is not None and pair.moving_points is not None
         n = len(pair.fixed_points)
-        identity = sitk.Transform(pair.dim, sitk.sitkIdentity)
         tre_id = tre(identity, pair.fixed_points, pair.moving_points, pair.fixed).mean
         tre_geo = tre(geo, pair.fixed_points, pair.moving_points, pair.fixed).mean
         tre_mom = tre(mom, pair.fixed_points, pair.moving_points, pair.fixed).mean
@@ -191,6 +193,7 @@ def fingerprint_pair(pair: PairData) -> PairFingerprint:
         max_shrink=max_shrink(fixed.size),
         overlap_geometry=ov_geo,
         overlap_moments=ov_mom,
+        overlap_identity=ov_id,
         n_landmarks=n,
         tre_identity=tre_id,
         tre_geometry=tre_geo,

@@ -4,6 +4,7 @@ where the point is a real process (no hang)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -440,6 +441,8 @@ def test_check_says_when_the_headers_align_the_images_better_than_centring(pair_
     assert result.code == 0, result.err
     assert "warning: the headers align the images better than centring them (TRE 0 as they are," in result.out
     assert "initializer.kind none or best starts where the headers put them" in result.out
+    overlap = re.search(r"as the headers place them (\d+)%", result.out)
+    assert overlap and 0 < int(overlap[1]) < 50, result.out  # the fixed image's share inside the smaller moving one
     # the synthetic pair as made: centred grids are as good as the headers, no warning
     plain = pair_yaml(dim=3, transform="translation", stages=("affine",), size=(48, 48, 48), folder="plain")
     assert "the headers align" not in run_cli("check", plain).out

@@ -73,8 +73,9 @@ class _RedactingFilter(logging.Filter):
 def cmd_check(args: argparse.Namespace) -> int:
     """Everything ``tune`` would refuse is refused here, before any trial: the file, the data, the search overrides,
     the recipes to enqueue or warm-start from."""
-    from .fingerprint import fingerprint_dataset, max_shrink
+    from .fingerprint import fingerprint_dataset
     from .pipeline import Pipeline
+    from .registration import axis_factors
     from .space import pyramid_plan
 
     pipe = Pipeline.load(args.pair)
@@ -113,7 +114,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             )
         else:
             _out("  landmarks: none (the objective is the holdout metric)")
-        _out(f"  deepest pyramid: shrink {max_shrink(p.fixed.size)} (keeps >= 16 voxels on the shortest axis)")
+        factors = axis_factors(p.fixed.spacing, p.max_shrink, p.fixed.size)
+        per_axis = "" if len(set(factors)) == 1 else f", per axis {'x'.join(map(str, factors))}"
+        _out(f"  deepest pyramid: shrink {p.max_shrink}{per_axis} (keeps >= 16 voxels on every axis it shrinks)")
         for w in p.warnings:
             n_warn += 1
             _out(f"  warning: {w}")

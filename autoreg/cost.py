@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .registration import BEST_STARTS, bspline_mesh, itk_threads, level_sizes, search_work
+from .registration import BEST_STARTS, axis_factors, bspline_mesh, itk_threads, level_sizes, search_work
 from .registration.pyramid import sampled_points
 
 #: Function evaluations per iteration, by optimizer (line searches evaluate several times).
@@ -67,11 +67,17 @@ class CostModel:
 
     # --- prediction ----------------------------------------------------------------------------------------
 
-    def predict(self, recipe: Any, fixed_sizes: Sequence[tuple[int, ...]]) -> float:
-        """Seconds to register every pair (given by its fixed image's size) with ``recipe``, at most."""
-        return sum(self.predict_pair(recipe, size) for size in fixed_sizes)
+    def predict(
+        self,
+        recipe: Any,
+        fixed_sizes: Sequence[tuple[int, ...]],
+        spacings: Sequence[tuple[float, ...]] | None = None,
+    ) -> float:
+        """Seconds to register every pair (given by its fixed image's size and spacing) with ``recipe``, at most."""
+        spacings = spacings or [None] * len(fixed_sizes)
+        return sum(self.predict_pair(recipe, size, spacing) for size, spacing in zip(fixed_sizes, spacings))
 
-    def predict_pair(self, recipe: Any, size: tuple[int, ...]) -> float:
+    def predict_pair(self, recipe: Any, size: tuple[int, ...], spacing: tuple[float, ...] | None = None) -> float:
         full = float(np.prod(size))
         seconds = self.setup_s_per_voxel * full  # the centres' initializer: one pass over the images
         search = recipe.initializer.rotation_search
@@ -80,20 +86,21 @@ class CostModel:
             starts = len(BEST_STARTS) if recipe.initializer.kind == "best" else 1  # each start searches
             seconds += starts * evaluations * points * self.linear_s_per_sample * 0.5  # values only, no derivatives
         for stage in recipe.stages:
-            seconds += self._stage(stage, size)
+            seconds += self._stage(stage, size, spacing or (1.0,) * len(size))
         return seconds
 
-    def _stage(self, stage: Any, size: tuple[int, ...]) -> float:
+    def _stage(self, stage: Any, size: tuple[int, ...], spacing: tuple[float, ...]) -> float:
         p = stage.pyramid
         iterations = stage.optimizer.number_of_iterations or UNBOUNDED_ITERATIONS
         meshes = _bspline_meshes(stage, size) if stage.transform.kind == "bspline" else None
         seconds = 0.0
-        for level, level_size in enumerate(level_sizes(_Size(size), p.shrink_factors)):
+        grid = _Size(size, spacing)
+        for level, level_size in enumerate(level_sizes(grid, p.shrink_factors, prepared=p.shrink_images)):
             voxels = int(np.prod(level_size))
             parameters = len(size) * int(np.prod([m + 3 for m in meshes[level]])) if meshes else None
             if stage.transform.kind == "displacement":  # the field's grid is the level's sampling domain
-                grid = max(p.shrink_factors[level], getattr(stage.transform, "grid_spacing", 1.0))
-                voxels = int(np.prod([max(1, round(n / grid)) for n in size]))
+                step = getattr(stage.transform, "grid_spacing", 1.0)
+                voxels = _field_voxels(size, spacing, p.shrink_factors[level], step)
                 parameters = len(size) * voxels
             setup, iteration = self.level_seconds(
                 stage,
@@ -198,11 +205,23 @@ class CostModel:
 class _Size:
     """Just enough of an image for ``level_sizes``."""
 
-    def __init__(self, size: tuple[int, ...]):
+    def __init__(self, size: tuple[int, ...], spacing: tuple[float, ...] | None = None):
         self.size = tuple(size)
+        self.spacing = tuple(spacing) if spacing is not None else (1.0,) * len(self.size)
 
     def GetSize(self) -> tuple[int, ...]:  # noqa: N802 - SimpleITK's name
         return self.size
+
+    def GetSpacing(self) -> tuple[float, ...]:  # noqa: N802 - SimpleITK's name
+        return self.spacing
+
+
+def _field_voxels(size: tuple[int, ...], spacing: tuple[float, ...], shrink: int, grid_spacing: float) -> int:
+    """Voxels of a displacement field's grid at a level, as ``fields.field_grid`` lays it out: in the normalised
+    frame (a voxel measures about one unit), as fine as the level's voxels but no finer than ``grid_spacing``."""
+    voxel = np.asarray(spacing, float) / float(np.exp(np.mean(np.log(spacing))))
+    step = np.maximum(voxel * axis_factors(voxel, shrink), grid_spacing)
+    return int(np.prod([max(1, round(n * v / st)) for n, v, st in zip(size, voxel, step)]))
 
 
 def _bspline_meshes(stage: Any, size: tuple[int, ...]) -> list[list[int]]:

@@ -2,8 +2,9 @@
 
 Rules (principles, not tuned to any dataset):
 
-* A pyramid level must keep at least ``MIN_AXIS_VOXELS`` voxels on the image's shortest axis: below that,
-  smoothing and a BSpline grid of even a few cells have nothing left to resolve.
+* A pyramid level must keep at least ``MIN_AXIS_VOXELS`` voxels on every axis it shrinks: below that, smoothing
+  and a BSpline grid of even a few cells have nothing left to resolve. A prepared level shrinks each axis to about
+  the same voxel size (``registration.axis_factors``), so a thick-slice axis is shrunk less and limits it less.
 * The metric must see at least ``MIN_SAMPLES_PER_BIN`` samples per histogram bin at the coarsest level,
   otherwise the joint histogram is mostly empty ("joint PDF summed to zero"); ``min_sampling_fraction`` turns
   that into the least sampling percentage for a given shrink factor and bin count.
@@ -17,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .data import MaskCoverage, PairData
+from .registration import axis_factors
 from .registration.initializer import centred
 from .scoring import overlap_fraction, tre
 
@@ -66,13 +68,23 @@ def image_info(image: sitk.Image) -> ImageInfo:
     )
 
 
-def max_shrink(size: tuple[int, ...]) -> int:
-    """The largest shrink factor that keeps ``MIN_AXIS_VOXELS`` on the shortest axis."""
-    return max(1, int(min(size) // MIN_AXIS_VOXELS))
+def max_shrink(size: tuple[int, ...], spacing: tuple[float, ...] | None = None) -> int:
+    """The largest shrink of a prepared level that keeps ``MIN_AXIS_VOXELS`` on every axis it shrinks
+    (``axis_factors``): the shortest axis's for isotropic voxels; a thick-slice axis, shrunk less, limits it less."""
+    spacing = spacing or (1.0,) * len(size)
+    best = 1
+    for shrink in range(2, max(size) // MIN_AXIS_VOXELS + 1):
+        factors = axis_factors(spacing, shrink, size)
+        if any(f > 1 and n // f < MIN_AXIS_VOXELS for n, f in zip(size, factors)):
+            break
+        best = shrink
+    return best
 
 
-def level_voxels(size: tuple[int, ...], shrink: int) -> int:
-    return int(np.prod([max(1, n // shrink) for n in size]))
+def level_voxels(size: tuple[int, ...], shrink: int, spacing: tuple[float, ...] | None = None) -> int:
+    """Voxels of a prepared level (``axis_factors``; unit spacing: ``shrink`` on every axis)."""
+    factors = axis_factors(spacing or (1.0,) * len(size), shrink, size)
+    return int(np.prod([max(1, n // f) for n, f in zip(size, factors)]))
 
 
 def samples_needed(bins: int | None) -> int:
@@ -138,8 +150,8 @@ def fingerprint_pair(pair: PairData) -> PairFingerprint:
         ratio = max(info.spacing) / min(info.spacing)
         if ratio > ANISOTROPY_WARN:
             warnings.append(
-                f"{which} spacing {_fmt(info.spacing)} is anisotropic ({ratio:.1f}:1); "
-                "shrink factors apply to every axis"
+                f"{which} spacing {_fmt(info.spacing)} is anisotropic ({ratio:.1f}:1); the search's levels shrink "
+                "its coarse axes less, a recipe on ITK's own pyramid (shrink_images: false) shrinks every axis alike"
             )
         if info.intensity_p99 <= info.intensity_p01:
             warnings.append(f"{which} image is nearly constant (1st and 99th intensity percentiles are equal)")
@@ -190,7 +202,7 @@ def fingerprint_pair(pair: PairData) -> PairFingerprint:
         dim=pair.dim,
         fixed=fixed,
         moving=moving,
-        max_shrink=max_shrink(fixed.size),
+        max_shrink=max_shrink(fixed.size, fixed.spacing),
         overlap_geometry=ov_geo,
         overlap_moments=ov_mom,
         overlap_identity=ov_id,
@@ -235,7 +247,16 @@ class DatasetFingerprint:
 
     @property
     def smallest_size(self) -> tuple[int, ...]:
-        return min((p.fixed.size for p in self.pairs), key=lambda s: int(np.prod(s)))
+        return self._smallest.size
+
+    @property
+    def smallest_spacing(self) -> tuple[float, ...]:
+        """The spacing of the smallest fixed image (whose levels bound the pyramid's samples)."""
+        return self._smallest.spacing
+
+    @property
+    def _smallest(self):
+        return min((p.fixed for p in self.pairs), key=lambda info: int(np.prod(info.size)))
 
     @property
     def voxel_size(self) -> float:

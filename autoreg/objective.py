@@ -203,7 +203,9 @@ class Objective:
         """Seconds the trial should take: the cost model, corrected by the trials this study finished."""
         if self.cost is None:
             return None
-        raw = self.cost.predict(recipe, [p.fixed.GetSize() for p in self.pairs]) * self.cfg.objective.repeats
+        fixed = [p.fixed for p in self.pairs]
+        raw = self.cost.predict(recipe, [f.GetSize() for f in fixed], [f.GetSpacing() for f in fixed])
+        raw *= self.cfg.objective.repeats
         done = [
             t
             for t in records(trial.study, states=(optuna.trial.TrialState.COMPLETE,))

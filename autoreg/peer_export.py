@@ -22,6 +22,7 @@ from .recipe import DisplacementTransform, Recipe, Stage
 from .registration import (
     LINEAR_KINDS,
     RegistrationFailed,
+    axis_factors,
     bspline_schedule,
     frame_scale,
     itk_seed,
@@ -97,14 +98,12 @@ def _levels(stage: Stage) -> int:
 
 
 def _level_voxels(stage: Stage, geometry: Geometry) -> list[int]:
-    return [math.prod(size) for size in level_sizes(geometry, stage.pyramid.shrink_factors)]
+    p = stage.pyramid
+    return [math.prod(size) for size in level_sizes(geometry, p.shrink_factors, prepared=p.shrink_images)]
 
 
 def _sample_fractions(stage: Stage, geometry: Geometry) -> list[float]:
-    return [
-        sampling_fraction(stage.sampling, math.prod(size))
-        for size in level_sizes(geometry, stage.pyramid.shrink_factors)
-    ]
+    return [sampling_fraction(stage.sampling, voxels) for voxels in _level_voxels(stage, geometry)]
 
 
 def _coarse_shrink(recipe: Recipe, geometry: Geometry) -> int:
@@ -436,7 +435,10 @@ def _elastix_pyramid(stage: Stage, geometry: Geometry, put, notes: list[str]) ->
     p = stage.pyramid
     dim = geometry.dim
     sigmas = [[s * (sp if p.sigma_units == "voxel" else 1.0) for sp in geometry.spacing] for s in p.smoothing_sigmas]
-    fixed_rescale = [f for f in p.shrink_factors for _ in range(dim)]
+    if p.shrink_images:  # prepared levels: each axis to about the same voxel size
+        fixed_rescale = [a for f in p.shrink_factors for a in axis_factors(geometry.spacing, f, geometry.size)]
+    else:
+        fixed_rescale = [f for f in p.shrink_factors for _ in range(dim)]
     moving_rescale = fixed_rescale if p.shrink_images else [1] * len(fixed_rescale)
     put("FixedImagePyramid", "FixedGenericImagePyramid")
     put("MovingImagePyramid", "MovingGenericImagePyramid")

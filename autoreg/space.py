@@ -9,7 +9,8 @@ and can also fix any other recipe field (``stage0.interpolator: bspline``).
 
 Ranges follow from the fingerprint (see ``fingerprint`` for the rules):
 
-* the coarsest shrink never leaves fewer than 16 voxels on the shortest axis of the smallest pair, nor fewer voxels
+* the coarsest shrink never leaves fewer than 16 voxels on an axis it shrinks (a thick-slice axis is shrunk less:
+  ``registration.axis_factors``) of the smallest pair, nor fewer voxels
   than the metric needs samples;
 * a stage samples a number of points per level, on a log range from what the metric needs to ``MAX_SAMPLES`` (cost,
   not accuracy, beyond that), capped by each level's voxels;
@@ -448,8 +449,8 @@ class SearchSpace:
             levels = int(get(f"{s}.pyramid.levels"))
             coarsest = int(get(f"{s}.pyramid.coarsest_shrink")) if levels > 1 else 1
             # no level so coarse that it holds fewer voxels than the metric needs samples ("joint PDF summed to zero")
-            size = self.fingerprint.smallest_size
-            while coarsest > 1 and level_voxels(size, coarsest) < samples_needed(bins):
+            size, spacing = self.fingerprint.smallest_size, self.fingerprint.smallest_spacing
+            while coarsest > 1 and level_voxels(size, coarsest, spacing) < samples_needed(bins):
                 coarsest -= 1
             # a field may stop above full resolution, as ANTs SyN's does, below a coarser level
             finest = int(get(f"{s}.pyramid.finest_shrink")) if field and levels > 1 else 1

@@ -68,6 +68,21 @@ def test_check_3d_without_landmarks(pair_yaml, run_cli) -> None:
     assert "; BSpline control points every " in result.out
 
 
+def test_check_names_the_per_axis_shrink_of_thick_slices(pair_yaml, run_cli) -> None:
+    """48 x 48 x 6 voxels of 1 x 1 x 8 mm: the deepest level shrinks the thin axes only."""
+    path = pair_yaml(dim=3, stages=["affine"], landmarks=False, size=(48, 48, 48))
+    for name in ("fixed.nii.gz", "moving.nii.gz"):
+        image = sitk.ReadImage(str(path.parent / name))
+        sitk.WriteImage(
+            sitk.Resample(image, [48, 48, 6], sitk.Transform(), sitk.sitkLinear, (0.0, 0.0, 3.5), (1.0, 1.0, 8.0)),
+            str(path.parent / name),
+        )
+    result = run_cli("check", path)
+    assert result.code == 0, result.err
+    assert "deepest pyramid: shrink 3, per axis 3x3x1 (keeps >= 16 voxels on every axis it shrinks)" in result.out
+    assert "is anisotropic (8.0:1); the search's levels shrink its coarse axes less" in result.out
+
+
 def test_check_a_real_pair(shared_data: Path, tmp_path: Path, run_cli) -> None:
     folder = shared_data / "itk_brain_pd_shift13x17"
     path = real_pair_yaml(folder, tmp_path / "PAIR.yaml", name="itk_brain_pd", stages=["translation"])

@@ -491,3 +491,53 @@ def test_prepared_pyramid_on_a_real_3d_brain(shared_data: Path) -> None:
     assert [r.samples for r in result.levels] == [5000, 5000, 5000]
     before = tre(sitk.Transform(3, sitk.sitkIdentity), pair.fixed_points, pair.moving_points, pair.fixed).mean
     assert _tre(result.transform, pair) < before + 1.0  # inter-subject: no worse than the brains' own alignment
+
+
+# --- thick slices: prepared levels shrink each axis to about the same voxel size ------------------------------
+
+
+def test_axis_factors_shrink_a_thick_slice_axis_less_and_isotropic_voxels_alike() -> None:
+    from autoreg.registration import axis_factors
+
+    assert axis_factors((1.0, 1.0, 1.0), 4) == [4, 4, 4]
+    assert axis_factors((0.3, 0.3, 6.0), 4) == [4, 4, 1]
+    assert axis_factors((0.3, 0.3, 6.0), 40) == [40, 40, 2]
+    assert axis_factors((3.0, 3.0, 60.0), 40) == [40, 40, 2]  # ratios, not millimetres: spacing-invariant
+    assert axis_factors((0.3, 0.3, 6.0), 40, size=(160, 160, 1)) == [40, 40, 1]  # never past the axis
+
+
+def _slab(pair):
+    """A synthetic 3D pair resampled onto 64 x 64 x 8 voxels of 1 x 1 x 8 mm: the same physical content and
+    landmarks, sampled as thick slices."""
+    from autoreg.data import PairData
+
+    def slab(image: sitk.Image) -> sitk.Image:
+        return sitk.Resample(image, [64, 64, 8], sitk.Transform(), sitk.sitkLinear, (0.0, 0.0, 3.5), (1.0, 1.0, 8.0))
+
+    return PairData(pair.spec, slab(pair.fixed), slab(pair.moving), pair.fixed_points, pair.moving_points)
+
+
+def test_prepared_levels_of_thick_slices_keep_their_slices_and_register() -> None:
+    """At shrink 4 the slab's level is 16 x 16 x 8 voxels of 4 x 4 x 8 mm, where one factor for every axis made it
+    16 x 16 x 2 (32 mm slices); the prepared pyramid registers it, and the cost model sees the same level sizes."""
+    from autoreg.cost import CostModel
+    from autoreg.registration import frame_of, level_sizes
+
+    pair = _slab(pair_data(synthetic_pair(3, "translation", size=(64, 64, 64))))
+    frame = frame_of(pair)
+    assert frame.levels.shrunk("fixed", 4).GetSize() == (16, 16, 8)
+    assert frame.levels.shrunk("moving", 4).GetSize() == (16, 16, 8)
+    assert level_sizes(pair.fixed, [4, 2, 1], prepared=True) == [(16, 16, 8), (32, 32, 8), (64, 64, 8)]
+    assert level_sizes(pair.fixed, [4, 2, 1]) == [(16, 16, 2), (32, 32, 4), (64, 64, 8)]  # ITK's own pyramid
+    recipe = quick_recipe(["translation"], 3, shrink=(4, 2, 1), sigmas=(2.0, 1.0, 0.0), deterministic=True)
+    stage = recipe.stages[0]
+    prepared = recipe.with_(
+        stages=[stage.model_copy(update={"pyramid": stage.pyramid.model_copy(update={"shrink_images": True})})]
+    )
+    levels = []
+    result = register(prepared, pair, level_callback=lambda record, _tx: levels.append(record.voxels))
+    assert levels == [16 * 16 * 8, 32 * 32 * 8, 64 * 64 * 8]
+    assert _tre(result.transform, pair) < 0.2 * _tre(sitk.Transform(3, sitk.sitkIdentity), pair)
+    model = CostModel()
+    slab = model.predict_pair(prepared, (64, 64, 8), (1.0, 1.0, 8.0))
+    assert slab > model.predict_pair(prepared, (64, 64, 8))  # unit spacing would shrink the slices too

@@ -26,6 +26,7 @@ from autoreg.fingerprint import (
     DatasetFingerprint,
     fingerprint_dataset,
     level_voxels,
+    max_shrink,
     min_sampling_fraction,
     samples_needed,
 )
@@ -131,6 +132,25 @@ def test_coarsest_level_keeps_16_voxels_on_the_shortest_axis(fp_name: str, stage
             seen.add(shrinks[0])
     if space.max_shrink >= 2:
         assert max(seen) > 1  # the search does use pyramids
+
+
+def test_a_thick_slice_volume_gets_a_pyramid_that_keeps_its_slices() -> None:
+    """160 x 160 x 10 voxels of 0.3 x 0.3 x 6 mm: one factor for every axis left it no pyramid (10 slices); a
+    prepared level shrinks the thin axes only, to 16 voxels (shrink 10: 10 x 10 x 1)."""
+    from autoreg.registration import axis_factors
+
+    base = synthetic_fingerprint((32, 32, 32)).pairs[0]
+    size, spacing = (160, 160, 10), (0.3, 0.3, 6.0)
+    info = dataclasses.replace(base.fixed, size=size, spacing=spacing, extent=(48.0, 48.0, 60.0))
+    pair = dataclasses.replace(base, fixed=info, moving=info, max_shrink=max_shrink(size, spacing))
+    space = SearchSpace(fingerprint=DatasetFingerprint((pair,)), stages=("affine",))
+    assert space.max_shrink == 10 and max_shrink(size) == 1  # without its spacing: the 10 slices allow none
+    coarsest = set()
+    for _, recipe in draws(space, 60):
+        first = recipe.stages[0].pyramid.shrink_factors[0]
+        coarsest.add(first)
+        assert all(n // f >= MIN_AXIS_VOXELS or f == 1 for n, f in zip(size, axis_factors(spacing, first, size)))
+    assert max(coarsest) > 2
 
 
 def test_shrink_schedule() -> None:

@@ -23,7 +23,7 @@ from .core import (
 from .engine import register
 from .frame import Frame, Linear, compose, frame_of, frame_scale, scale_image, unscale_transform
 from .initializer import BEST_STARTS, initial_linear, search_grid, search_work
-from .pyramid import bspline_mesh, bspline_schedule, level_sizes, refine_bspline, sampling_fraction
+from .pyramid import axis_factors, bspline_mesh, bspline_schedule, level_sizes, refine_bspline, sampling_fraction
 
 #: The engine's modules in the order a standalone script defines them.
 ENGINE_MODULES = ("core", "frame", "pyramid", "method", "initializer", "fields", "engine")
@@ -42,6 +42,7 @@ __all__ = [
     "RegistrationPruned",
     "RegistrationResult",
     "as_scalar_float",
+    "axis_factors",
     "mask_on_grid",
     "bspline_mesh",
     "bspline_schedule",

@@ -158,7 +158,7 @@ def _level_need(
 
         return need_field
     shrinks = list(stage.pyramid.shrink_factors)
-    sizes = level_sizes(frame.fixed, shrinks)
+    sizes = level_sizes(frame.fixed, shrinks, prepared=stage.pyramid.shrink_images)
     full = int(np.prod(frame.fixed.GetSize()))
     base = optimized.GetNumberOfParameters()
 

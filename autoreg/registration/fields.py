@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from .core import Clock, Halt, itk_seed
 from .frame import Frame
 from .method import LevelTracker, changed, close, execute, prepared_level, stage_method
-from .pyramid import inside_share, sampled_points, sampling_fraction, sigmas_of
+from .pyramid import axis_factors, inside_share, sampled_points, sampling_fraction, sigmas_of
 
 
 def field_grid(frame: Frame, stage: Any, shrink: int) -> tuple[list[int], list[float], list[float]]:
@@ -22,7 +22,7 @@ def field_grid(frame: Frame, stage: Any, shrink: int) -> tuple[list[int], list[f
     grid = t.grid_spacing * (frame.k if t.spacing_units == "mm" else 1.0)
     fixed = frame.fixed
     voxel = np.asarray(fixed.GetSpacing(), float)
-    spacing = np.maximum(voxel * shrink, grid)
+    spacing = np.maximum(voxel * axis_factors(voxel, shrink), grid)
     extent = np.asarray(fixed.GetSize()) * voxel
     size = np.maximum(1, np.round(extent / spacing)).astype(int)
     spacing = extent / size  # the field spans exactly the fixed image's extent

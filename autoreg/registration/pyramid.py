@@ -15,9 +15,23 @@ import numpy as np
 import SimpleITK as sitk
 
 
-def level_sizes(image: sitk.Image, shrink_factors) -> list[tuple[int, ...]]:
-    """The grid size of each pyramid level (ITK's shrink: ``max(1, n // s)`` voxels per axis)."""
-    return [tuple(max(1, n // s) for n in image.GetSize()) for s in shrink_factors]
+def axis_factors(spacing, shrink: int, size=None) -> list[int]:
+    """A prepared level's shrink per axis: every axis to about ``shrink`` times the finest voxel, so that an axis
+    already coarser is shrunk less (nnU-Net plans its pooling so): 0.3 x 0.3 x 6 mm at shrink 4 is 4, 4, 1, where
+    one factor for every axis left a 10-slice slab no pyramid at all. Isotropic voxels: ``shrink`` on every axis."""
+    finest = min(spacing)
+    factors = [max(1, int(round(shrink * finest / s))) for s in spacing]
+    return factors if size is None else [min(f, int(n)) for f, n in zip(factors, size)]
+
+
+def level_sizes(image: sitk.Image, shrink_factors, prepared: bool = False) -> list[tuple[int, ...]]:
+    """The grid size of each pyramid level: ITK's shrink (``max(1, n // s)`` voxels on every axis), or with
+    ``prepared`` the prepared levels' shrink per axis (``axis_factors``)."""
+    size = image.GetSize()
+    if not prepared:
+        return [tuple(max(1, n // s) for n in size) for s in shrink_factors]
+    spacing = image.GetSpacing()
+    return [tuple(max(1, n // f) for n, f in zip(size, axis_factors(spacing, s, size))) for s in shrink_factors]
 
 
 def sampling_fraction(sampling: Any, voxels: int, inside: float = 1.0) -> float:
@@ -57,11 +71,13 @@ class LevelImages:
         self.frame = frame
 
     def factors(self, which: str, shrink: int) -> list[int]:
-        """Per-axis shrink of ``which`` image so that its level voxels are about the fixed level's size."""
+        """Per-axis shrink of ``which`` image: the fixed one's by ``axis_factors``, the moving one's so that its level
+        voxels are about ``shrink`` times the fixed image's finest voxel (one unit for isotropic voxels)."""
+        fixed = self.frame.fixed
         if which.startswith("fixed"):
-            return [shrink] * self.frame.dim
+            return axis_factors(fixed.GetSpacing(), shrink, fixed.GetSize())
         image = self.frame.moving
-        target = shrink  # a fixed voxel measures one unit in the normalised frame
+        target = shrink * min(fixed.GetSpacing())
         return [max(1, min(n, int(round(target / s)))) for n, s in zip(image.GetSize(), image.GetSpacing())]
 
     def image(self, which: str, shrink: int, sigma: float) -> sitk.Image:

@@ -140,3 +140,22 @@ def versions() -> dict[str, str]:
     except Exception:  # noqa: BLE001 - only a label
         pass
     return out
+
+
+def run_child(cmd: list[str], tool: str, timeout: float) -> dict:
+    """A peer's run in its own process (``cmd`` prints one JSON line): its result, or ``failed`` with the reason,
+    so that a peer that crashes (itk-elastix can) or hangs is recorded, not fatal."""
+    import json
+    import subprocess
+
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"tool": tool, "failed": f"over {timeout:.0f} s (killed)"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        why = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        if proc.returncode < 0:
+            why = f"crashed (signal {-proc.returncode})"
+        return {"tool": tool, "failed": why[:200]}
+    return json.loads(lines[-1])

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -138,6 +137,8 @@ def run_one(tool: str, name: str, stages: list[str], threads: int, direction: st
 
 
 def run_isolated(tool: str, name: str, stages: list[str], threads: int, timeout: float, direction: str = "fwd") -> dict:
+    import peer_tools
+
     cmd = [
         sys.executable,
         __file__,
@@ -150,17 +151,7 @@ def run_isolated(tool: str, name: str, stages: list[str], threads: int, timeout:
         "--direction",
         direction,
     ]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"tool": tool, "failed": f"over {timeout:.0f} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        why = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-        if proc.returncode < 0:
-            why = f"crashed (signal {-proc.returncode})"
-        return {"tool": tool, "failed": why[:200]}
-    return json.loads(lines[-1])
+    return peer_tools.run_child(cmd, tool, timeout)
 
 
 def cell(row: dict | None, key: str) -> str:

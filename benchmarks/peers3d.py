@@ -144,22 +144,14 @@ def run_isolated(tool: str, case: Path, threads: int, timeout: float) -> dict:
 
 
 def _run_isolated(tool: str, case: Path, threads: int, timeout: float) -> dict:
+    import peer_tools
+
     if tool.startswith("default"):  # defaultN, or defaultN+STAGE+STAGE for other stages than the case's
         threads_text, *stages = tool.removeprefix("default").split("+")
         return {**run_default(case, int(threads_text), timeout, stages or None), "tool": tool}
     cmd = [sys.executable, __file__, "--one", tool, str(case), "--threads", str(threads)]
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"tool": tool, "failed": f"over {timeout:.0f} s (killed)"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        why = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-        if proc.returncode < 0:
-            why = f"crashed (signal {-proc.returncode})"
-        return {"tool": tool, "failed": why[:200], "wall_s": time.perf_counter() - t0}
-    return {**json.loads(lines[-1]), "wall_s": time.perf_counter() - t0}
+    return {**peer_tools.run_child(cmd, tool, timeout), "wall_s": time.perf_counter() - t0}
 
 
 def before(case: Path) -> dict:

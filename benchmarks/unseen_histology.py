@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -190,18 +189,10 @@ def peer(tool: str, pair_yaml: Path, stages: list[str], threads: int) -> dict:
 
 
 def peer_isolated(tool: str, pair_yaml: Path, stages: list[str], threads: int = 2, timeout: float = 900) -> dict:
+    import peer_tools
+
     cmd = [sys.executable, __file__, "--one", tool, str(pair_yaml), "+".join(stages), "--threads", str(threads)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"tool": tool, "failed": f"over {timeout:.0f} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        why = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-        if proc.returncode < 0:
-            why = f"crashed (signal {-proc.returncode})"
-        return {"tool": tool, "failed": why[:200]}
-    return json.loads(lines[-1])
+    return peer_tools.run_child(cmd, tool, timeout)
 
 
 def study_summary(trials) -> dict:

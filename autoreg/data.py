@@ -19,7 +19,14 @@ from .config import PairSpec
 from .errors import UserError, special_file
 from .landmarks import read_landmarks
 from .quiet import captured_stderr
-from .registration import as_scalar_float, in_pixels, mask_on_grid, single_slice_as_2d
+from .registration import (
+    SLICE_PLANE_KEY,
+    as_scalar_float,
+    in_pixels,
+    mask_on_grid,
+    single_slice_as_2d,
+    slice_plane,
+)
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +212,11 @@ def _same_dimension(fixed: sitk.Image, moving: sitk.Image, *, source: str | None
 
 
 def read_image(path: Path, *, source: str, key: str, pixel=sitk.sitkFloat32) -> sitk.Image:
-    """Read one image to register as a scalar image of ``pixel`` type (colour becomes luminance), checked for use."""
-    image = single_slice_as_2d(_read_any(path, source=source, key=key))
+    """Read one image to register as a scalar image of ``pixel`` type (colour becomes luminance), checked for use; a
+    volume one slice thick is its 2D slice, which keeps the slice's plane for 3D landmarks (``SLICE_PLANE_KEY``)."""
+    raw = _read_any(path, source=source, key=key)
+    plane = slice_plane(raw)
+    image = single_slice_as_2d(raw)
     if min(image.GetSize()) < MIN_IMAGE_AXIS:
         raise UserError(
             f"{path} has size {image.GetSize()}; every axis needs at least {MIN_IMAGE_AXIS} voxels",
@@ -214,7 +224,10 @@ def read_image(path: Path, *, source: str, key: str, pixel=sitk.sitkFloat32) -> 
             key=key,
         )
     check_intensities(image, what=str(path), source=source, key=key)
-    return sitk.Cast(image, pixel)
+    image = sitk.Cast(image, pixel)
+    if plane is not None:
+        image.SetMetaData(SLICE_PLANE_KEY, " ".join(repr(v) for v in plane))
+    return image
 
 
 def place_mask(

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from autoreg.errors import UserError, special_file
+from autoreg.registration.core import SLICE_PLANE_KEY
 
 __all__ = ["read_landmarks", "write_landmarks_csv"]
 
@@ -84,14 +85,18 @@ def read_landmarks(
     path = Path(path)
     text = _read_text(path, key)
     name = path.name.lower()
+    plane = _plane_of(image) if dim == 2 else None
+    slicer_dim = None if plane is not None else dim  # on a slice's plane, Slicer's 3D points are read whole first
     if name.endswith(".fcsv"):
-        points = _parse_fcsv(text, path, key, dim)
+        points = _parse_fcsv(text, path, key, slicer_dim)
     elif name.endswith(".json"):
-        points = _parse_markups_json(text, path, key, dim)
+        points = _parse_markups_json(text, path, key, slicer_dim)
     elif name.endswith(".csv"):
         points = _parse_csv(text, path, key)
     else:
         points = _parse_elastix(text, path, key, image)
+    if plane is not None and points.shape[1] == 3:
+        points = _on_plane(points, plane, path, key)
     if dim is not None and points.shape[1] != dim:
         raise UserError(
             f"has {points.shape[1]}D points; expected {dim}D landmarks",
@@ -179,6 +184,29 @@ def _nonempty(points: list[list[float]], path: Path, key: str) -> np.ndarray:
     if not points:
         raise UserError("holds no points; expected at least one landmark", file=path, key=key)
     return np.asarray(points, dtype=np.float64)
+
+
+def _plane_of(image: Any) -> tuple[float, float] | None:
+    """(z, thickness) of the slice a 2D image was read from (``data.read_image``), if it was one."""
+    if image is None or not hasattr(image, "HasMetaDataKey") or not image.HasMetaDataKey(SLICE_PLANE_KEY):
+        return None
+    z, thickness = (float(v) for v in image.GetMetaData(SLICE_PLANE_KEY).split())
+    return z, thickness
+
+
+def _on_plane(points: np.ndarray, plane: tuple[float, float], path: Path, key: str) -> np.ndarray:
+    """3D points on a one-slice volume's plane (within half its thickness) as the slice's 2D points."""
+    z, thickness = plane
+    off = np.flatnonzero(np.abs(points[:, 2] - z) > thickness / 2)
+    if off.size:
+        first = int(off[0])
+        raise UserError(
+            f"point {first + 1} has z = {float(points[first, 2]):.6g}, off the image's one slice at z = {z:.6g} "
+            f"({thickness:.4g} thick)",
+            file=path,
+            key=key,
+        )
+    return points[:, :2].copy()
 
 
 def _slicer_to_dim(points: np.ndarray, dim: int | None, path: Path, key: str) -> np.ndarray:

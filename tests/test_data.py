@@ -19,7 +19,7 @@ from conftest import quick_recipe
 
 from autoreg import cli
 from autoreg.config import load_config
-from autoreg.data import check_recipe_fits, load_images, load_pair, place_mask
+from autoreg.data import _load_pair_cached, check_recipe_fits, load_images, load_pair, place_mask
 from autoreg.errors import UserError
 from autoreg.recipe import save_recipe
 from autoreg.registration import register
@@ -458,3 +458,34 @@ def test_landmark_files_of_different_lengths_are_both_named(pair_yaml, run_cli) 
     n = len(rows) - 1
     assert f"landmarks.moving: {path.parent / 'moving_landmarks.csv'} has {n} points but landmarks.fixed" in result.err
     assert f"({fixed_csv}) has {n - 1}; row i of one must be the same point as row i of the other" in result.err
+
+
+def test_3d_landmarks_on_a_one_slice_volume_are_its_2d_points(pair_yaml, run_cli, tmp_path) -> None:
+    """A 2D pair saved as volumes one slice thick at z = 5 mm (a single DICOM file, a 2D NIfTI): its landmarks, placed
+    in 3D (3D Slicer's), lie on that plane and are read as the slice's 2D points; a point off the slice is refused."""
+    path = pair_yaml(stages=["rigid"])
+    folder = path.parent
+    doc = yaml.safe_load(path.read_text())
+    for which in ("fixed", "moving"):
+        image = sitk.JoinSeries(sitk.ReadImage(str(folder / doc[which])))  # 64 x 64 x 1
+        image.SetSpacing((1.0, 1.0, 3.0))
+        image.SetOrigin((0.0, 0.0, 5.0))
+        sitk.WriteImage(image, str(folder / f"{which}.nii.gz"))
+        points = np.loadtxt(folder / doc["landmarks"][which], delimiter=",", skiprows=1)
+        flat = np.column_stack([points, np.full(len(points), 5.0)])
+        np.savetxt(folder / f"{which}3d.csv", flat, delimiter=",", header="x,y,z", comments="")
+    _edit(
+        path, fixed="fixed.nii.gz", moving="moving.nii.gz", landmarks={"fixed": "fixed3d.csv", "moving": "moving3d.csv"}
+    )
+    pair = load_pair(load_config(path).pairs[0])
+    assert pair.dim == 2 and pair.fixed_points.shape[1] == 2
+    np.testing.assert_allclose(
+        pair.fixed_points, np.loadtxt(folder / doc["landmarks"]["fixed"], delimiter=",", skiprows=1)
+    )
+    assert run_cli("check", path).code == 0
+    off = np.loadtxt(folder / "moving3d.csv", delimiter=",", skiprows=1)
+    off[2, 2] = 9.0  # 4 mm off a slice 3 mm thick
+    np.savetxt(folder / "moving3d.csv", off, delimiter=",", header="x,y,z", comments="")
+    _load_pair_cached.cache_clear()  # the same spec, a changed file
+    result = run_cli("check", path)
+    assert result.code == 2 and "point 3 has z = 9, off the image's one slice at z = 5 (3 thick)" in result.err

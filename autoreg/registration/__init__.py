@@ -4,6 +4,7 @@ standalone script."""
 
 from .core import (
     LINEAR_KINDS,
+    SLICE_PLANE_KEY,
     Clock,
     Halt,
     LevelCallback,
@@ -18,6 +19,7 @@ from .core import (
     itk_threads,
     mask_on_grid,
     single_slice_as_2d,
+    slice_plane,
     threads_of,
 )
 from .engine import register
@@ -41,6 +43,7 @@ __all__ = [
     "RegistrationFailed",
     "RegistrationPruned",
     "RegistrationResult",
+    "SLICE_PLANE_KEY",
     "as_scalar_float",
     "axis_factors",
     "mask_on_grid",
@@ -62,6 +65,7 @@ __all__ = [
     "search_grid",
     "search_work",
     "single_slice_as_2d",
+    "slice_plane",
     "threads_of",
     "unscale_transform",
 ]

@@ -156,6 +156,21 @@ def in_pixels(image: sitk.Image, path: str) -> sitk.Image:
     return image
 
 
+#: Metadata a 2D image read from a one-slice volume keeps: the slice's plane ``z`` and thickness, so that 3D
+#: landmarks placed on that slice (3D Slicer's) can be read as the 2D points they are.
+SLICE_PLANE_KEY = "autoreg.slice_plane"
+
+
+def slice_plane(image: sitk.Image) -> tuple[float, float] | None:
+    """(z, thickness) of a volume one slice thick whose slice lies across z (None for any other image)."""
+    if image.GetDimension() != 3 or image.GetSize()[2] != 1:
+        return None
+    normal = np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]
+    if not np.allclose(np.abs(normal), (0.0, 0.0, 1.0), atol=1e-6):
+        return None
+    return float(image.GetOrigin()[2]), float(image.GetSpacing()[2])
+
+
 def single_slice_as_2d(image: sitk.Image) -> sitk.Image:
     """A 3D image one slice thick (a single DICOM file, a 2D NIfTI) as the 2D image it is; others unchanged."""
     if image.GetDimension() != 3 or image.GetSize()[2] != 1:

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .registration import BEST_STARTS, axis_factors, bspline_mesh, itk_threads, level_sizes, search_work
+from .registration import BEST_STARTS, bspline_mesh, itk_threads, level_sizes, search_work
+from .registration.fields import field_shape
 from .registration.pyramid import sampled_points
 
 #: Function evaluations per iteration, by optimizer (line searches evaluate several times).
@@ -217,11 +218,9 @@ class _Size:
 
 
 def _field_voxels(size: tuple[int, ...], spacing: tuple[float, ...], shrink: int, grid_spacing: float) -> int:
-    """Voxels of a displacement field's grid at a level, as ``fields.field_grid`` lays it out: in the normalised
-    frame (a voxel measures about one unit), as fine as the level's voxels but no finer than ``grid_spacing``."""
+    """Voxels of a displacement field's grid at a level, in the normalised frame (a voxel measures about one unit)."""
     voxel = np.asarray(spacing, float) / float(np.exp(np.mean(np.log(spacing))))
-    step = np.maximum(voxel * axis_factors(voxel, shrink), grid_spacing)
-    return int(np.prod([max(1, round(n * v / st)) for n, v, st in zip(size, voxel, step)]))
+    return int(np.prod(field_shape(size, voxel, shrink, grid_spacing)))
 
 
 def _bspline_meshes(stage: Any, size: tuple[int, ...]) -> list[list[int]]:

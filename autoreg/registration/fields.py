@@ -15,6 +15,14 @@ from .method import LevelTracker, changed, close, execute, prepared_level, stage
 from .pyramid import axis_factors, inside_share, sampled_points, sampling_fraction, sigmas_of
 
 
+def field_shape(size, voxel, shrink: int, grid: float) -> list[int]:
+    """Field voxels per axis at a level: as fine as the level's voxels (``axis_factors``), no finer than ``grid``
+    (both in the units of ``voxel``, the fixed image's spacing); the cost model sizes fields by it too."""
+    voxel = np.asarray(voxel, float)
+    step = np.maximum(voxel * axis_factors(voxel, shrink), grid)
+    return [int(n) for n in np.maximum(1, np.round(np.asarray(size) * voxel / step))]
+
+
 def field_grid(frame: Frame, stage: Any, shrink: int) -> tuple[list[int], list[float], list[float]]:
     """(size, origin, spacing) of a displacement field covering the fixed image at one level: as fine as the level's
     voxels, but no finer than the stage's ``grid_spacing`` (in the normalised frame a fixed voxel is one unit)."""
@@ -22,10 +30,8 @@ def field_grid(frame: Frame, stage: Any, shrink: int) -> tuple[list[int], list[f
     grid = t.grid_spacing * (frame.k if t.spacing_units == "mm" else 1.0)
     fixed = frame.fixed
     voxel = np.asarray(fixed.GetSpacing(), float)
-    spacing = np.maximum(voxel * axis_factors(voxel, shrink), grid)
-    extent = np.asarray(fixed.GetSize()) * voxel
-    size = np.maximum(1, np.round(extent / spacing)).astype(int)
-    spacing = extent / size  # the field spans exactly the fixed image's extent
+    size = np.asarray(field_shape(fixed.GetSize(), voxel, shrink, grid))
+    spacing = np.asarray(fixed.GetSize()) * voxel / size  # the field spans exactly the fixed image's extent
     # the first field voxel's centre, half a field voxel inside the fixed image's edge, along the image's axes
     start = -0.5 * voxel + 0.5 * spacing
     direction = np.asarray(fixed.GetDirection()).reshape(fixed.GetDimension(), fixed.GetDimension())
